@@ -1,0 +1,284 @@
+"""Model specs: what a Meta Llama checkpoint is, and which MaxText model it becomes.
+
+Three sources of truth meet here and must agree:
+
+* ``params.json`` gives the dimensions (but lies about kv heads for 405B MP16, where it says 16 and
+  the model has 8: Meta repeated each kv head across two shards);
+* the ``--model_name`` / ``--model_path`` flags name the family (which decides the rope layout and
+  the MaxText model name) and the SKU (which decides the shard count);
+* MaxText's model configs, for the published sizes, give the real number of kv heads.
+
+The shard headers are checked against the resulting :class:`ModelSpec` in :mod:`rayconv.source.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from typing import Any, Mapping
+
+from rayconv.errors import SpecError
+
+#: ``--model_name`` values (the tutorial's spelling) → MaxText model-name prefix.
+FAMILIES: dict[str, str] = {
+    "llama-2": "llama2",
+    "llama-3": "llama3",
+    "llama-3.1": "llama3.1",
+    "llama-3.3": "llama3.3",
+}
+
+#: Families whose Meta .pth q/k weights are reordered (even head_dim indices, then odd) to match
+#: MaxText's default half-split rope. llama3.1/3.3 keep Meta's interleaved order: MaxText uses its
+#: LLaMA rotary embedding for them (maxtext-format.md §1.4).
+ROPE_PERMUTED_FAMILIES = frozenset({"llama-2", "llama-3"})
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownSize:
+    """A published size: MaxText's config values plus Meta's default shard count."""
+
+    size: str
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    default_shards: int
+
+
+#: family → published sizes (MaxText ``configs/models/*.yml``; Meta's release layouts).
+KNOWN_SIZES: dict[str, tuple[KnownSize, ...]] = {
+    "llama-2": (
+        KnownSize("7b", 4096, 32, 32, 32, 1),
+        KnownSize("13b", 5120, 40, 40, 40, 2),
+        KnownSize("70b", 8192, 80, 64, 8, 8),
+    ),
+    "llama-3": (
+        KnownSize("8b", 4096, 32, 32, 8, 1),
+        KnownSize("70b", 8192, 80, 64, 8, 8),
+    ),
+    "llama-3.1": (
+        KnownSize("8b", 4096, 32, 32, 8, 1),
+        KnownSize("70b", 8192, 80, 64, 8, 8),
+        KnownSize("405b", 16384, 126, 128, 8, 16),
+    ),
+    "llama-3.3": (KnownSize("70b", 8192, 80, 64, 8, 8),),
+}
+
+_DESCRIPTOR = re.compile(
+    r"^(?:meta-)?llama-?(?P<version>\d(?:\.\d)?)-(?P<size>\d+)b(?P<suffix>-instruct|-chat)?"
+    r"(?::(?P<variant>[a-z0-9-]+))?$",
+    re.IGNORECASE,
+)
+_VARIANT = re.compile(r"^(?P<dtype>bf16)-mp(?P<mp>\d+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Descriptor:
+    """A Meta model descriptor such as ``Llama3.1-405B-Instruct:bf16-mp16``."""
+
+    text: str
+    family: str
+    size: str
+    instruct: bool
+    shards: int | None
+
+    @classmethod
+    def parse(cls, text: str) -> "Descriptor":
+        match = _DESCRIPTOR.match(text.strip())
+        if not match:
+            raise SpecError(
+                f"--model_path {text!r} is not a Meta model descriptor "
+                "(expected e.g. Llama3.1-405B-Instruct:bf16-mp16, Llama3.1-8B, Llama-2-7b)"
+            )
+        family = f"llama-{match['version']}"
+        if family not in FAMILIES:
+            raise SpecError(f"--model_path {text!r}: Llama {match['version']} is not supported "
+                            f"(supported: {', '.join(FAMILIES)})")
+        size = f"{match['size']}b"
+        shards: int | None = None
+        variant = match["variant"]
+        if variant:
+            parsed = _VARIANT.match(variant.lower())
+            if not parsed:
+                raise SpecError(
+                    f"--model_path {text!r}: variant {variant!r} is not supported; only bf16 "
+                    "checkpoints (e.g. :bf16-mp16, :bf16-mp8) convert bit-exactly; the FP8 SKU does not"
+                )
+            shards = int(parsed["mp"])
+        else:
+            known = _known_size(family, size)
+            if known is None:
+                raise SpecError(f"--model_path {text!r}: {family} has no published {size} model")
+            if family == "llama-3.1" and size == "405b":
+                raise SpecError(
+                    f"--model_path {text!r} is Meta's FP8 405B SKU; rayconv converts the bf16 SKUs "
+                    "(Llama3.1-405B[-Instruct]:bf16-mp16 or :bf16-mp8)"
+                )
+            shards = known.default_shards
+        return cls(text=text, family=family, size=size, instruct=bool(match["suffix"]), shards=shards)
+
+
+def _known_size(family: str, size: str) -> KnownSize | None:
+    return next((k for k in KNOWN_SIZES.get(family, ()) if k.size == size), None)
+
+
+def ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Meta's FeedForward width: int(2/3 · 4·dim), times the multiplier, rounded up to multiple_of."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything the planner needs to know about one source checkpoint.
+
+    ``n_kv_heads`` is the model's real kv-head count (MaxText's); ``params_kv_heads`` is what
+    params.json says, which differs for 405B MP16.
+    """
+
+    family: str
+    maxtext_name: str
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    params_kv_heads: int
+    vocab_size: int
+    ffn_dim: int
+    norm_eps: float
+    rope_theta: float
+    use_scaled_rope: bool
+    n_shards: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def rope_permuted(self) -> bool:
+        return self.family in ROPE_PERMUTED_FAMILIES
+
+    @property
+    def kv_step(self) -> int:
+        """Shard stride for wk/wv: 405B MP16 stores each kv head twice (shards 2j, 2j+1)."""
+        return max(1, self.n_shards // self.n_kv_heads)
+
+    @property
+    def embedding_split_axis(self) -> int:
+        """llama-2 shards tok_embeddings on dim 1 (ParallelEmbedding); llama-3+ on the vocab axis."""
+        return 1 if self.family == "llama-2" else 0
+
+    @property
+    def query_scale_divisor(self) -> float:
+        """sqrt(head_dim) rounded to bf16, as MaxText's llama_or_mistral_ckpt divides the query by it."""
+        import ml_dtypes
+        import numpy as np
+
+        return float(np.asarray(math.sqrt(self.head_dim), dtype=ml_dtypes.bfloat16))
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "ModelSpec":
+        return cls(**data)
+
+
+def _require(params: Mapping[str, Any], key: str, source: str) -> Any:
+    if key not in params:
+        raise SpecError(f"{source} has no {key!r}")
+    return params[key]
+
+
+def resolve_spec(
+    params: Mapping[str, Any],
+    *,
+    n_shards: int,
+    vocab_size: int | None,
+    model_name: str | None,
+    descriptor: Descriptor | None,
+    kv_heads_override: int | None = None,
+    source: str = "params.json",
+) -> ModelSpec:
+    """Combine params.json, the CLI's model flags and the shard count into one ModelSpec.
+
+    ``vocab_size`` is the vocabulary seen in the shards; it is used when params.json says -1
+    (Meta's llama-2 release does) and must agree with params.json otherwise.
+    """
+    family = model_name
+    if descriptor is not None:
+        if family is not None and family != descriptor.family:
+            raise SpecError(f"--model_name {family} disagrees with --model_path {descriptor.text} "
+                            f"({descriptor.family})")
+        family = descriptor.family
+    if family is None:
+        raise SpecError("say which model this is: --model_name (llama-2, llama-3, llama-3.1, llama-3.3) "
+                        "or --model_path (e.g. Llama3.1-405B-Instruct:bf16-mp16)")
+    if family not in FAMILIES:
+        raise SpecError(f"unknown --model_name {family!r} (supported: {', '.join(FAMILIES)})")
+
+    dim = int(_require(params, "dim", source))
+    n_layers = int(_require(params, "n_layers", source))
+    n_heads = int(_require(params, "n_heads", source))
+    params_kv = int(params.get("n_kv_heads") or n_heads)
+    if dim % n_heads:
+        raise SpecError(f"{source}: dim {dim} is not a multiple of n_heads {n_heads}")
+    declared_vocab = int(params.get("vocab_size", -1))
+    if declared_vocab <= 0:
+        if vocab_size is None:
+            raise SpecError(f"{source} has vocab_size {declared_vocab} and the shards do not say")
+        declared_vocab = vocab_size
+    elif vocab_size is not None and vocab_size != declared_vocab:
+        raise SpecError(f"{source} says vocab_size {declared_vocab} but the shards hold {vocab_size} rows "
+                        "of tok_embeddings")
+
+    if descriptor is not None and descriptor.shards is not None and descriptor.shards != n_shards:
+        raise SpecError(f"--model_path {descriptor.text} expects {descriptor.shards} shards "
+                        f"(consolidated.00.pth … consolidated.{descriptor.shards - 1:02d}.pth), found {n_shards}")
+
+    by_dims = next((k for k in KNOWN_SIZES[family] if (k.dim, k.n_layers, k.n_heads) == (dim, n_layers, n_heads)),
+                   None)
+    size = descriptor.size if descriptor is not None else (by_dims.size if by_dims else None)
+    known = _known_size(family, size) if size else None
+
+    n_kv = params_kv
+    if known is not None and known.n_kv_heads < params_kv:
+        # 405B MP16: params.json counts the repeated copies; MaxText's config has the real heads.
+        n_kv = known.n_kv_heads
+    if kv_heads_override is not None:
+        n_kv = kv_heads_override
+    if n_heads % n_kv:
+        raise SpecError(f"{source}: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv}")
+    if n_kv < n_shards and n_shards % n_kv:
+        raise SpecError(f"{n_shards} shards cannot hold {n_kv} kv heads evenly")
+
+    maxtext_name = f"{FAMILIES[family]}-{size}" if size else f"{FAMILIES[family]}-custom"
+    return ModelSpec(
+        family=family,
+        maxtext_name=maxtext_name,
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        params_kv_heads=params_kv,
+        vocab_size=declared_vocab,
+        ffn_dim=ffn_dim(dim, int(params.get("multiple_of", 256)), params.get("ffn_dim_multiplier")),
+        norm_eps=float(params.get("norm_eps", 1e-5)),
+        rope_theta=float(params.get("rope_theta", 10000.0)),
+        use_scaled_rope=bool(params.get("use_scaled_rope", False)),
+        n_shards=n_shards,
+    )
+
+
+def load_params(text: str, source: str = "params.json") -> dict[str, Any]:
+    try:
+        params = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{source} is not valid JSON: {exc}") from None
+    if not isinstance(params, dict):
+        raise SpecError(f"{source} is not a JSON object")
+    return params

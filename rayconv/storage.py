@@ -1,0 +1,135 @@
+"""One interface over local directories and gs:// buckets, built on tensorstore's kvstore.
+
+Everything rayconv reads or writes outside the tensor arrays (params.json, ledgers, Orbax JSON
+metadata, commit markers) goes through :class:`Location`, so the commit protocol is written once and
+local FS and GCS differ only in the kvstore spec. Tensor arrays use :meth:`Location.kvstore_spec`
+directly in their tensorstore specs. GCS credentials come from the environment (ADC / Workload
+Identity, resolved by tensorstore); ``TENSORSTORE_GCS_HTTP_URL`` points it at an emulator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import posixpath
+from typing import Any
+
+import tensorstore as ts
+
+from rayconv.errors import OutputError
+
+
+@dataclasses.dataclass(frozen=True)
+class Location:
+    """A directory-like prefix: ``/abs/path`` or ``gs://bucket/prefix``."""
+
+    scheme: str  # "file" or "gs"
+    bucket: str  # "" for file
+    path: str  # absolute path (file) or object prefix without leading slash (gs)
+
+    @classmethod
+    def parse(cls, uri: str) -> "Location":
+        uri = str(uri)
+        if uri.startswith("gs://"):
+            rest = uri[len("gs://"):]
+            bucket, _, prefix = rest.partition("/")
+            if not bucket:
+                raise OutputError(f"{uri!r} names no bucket")
+            return cls("gs", bucket, prefix.strip("/"))
+        if "://" in uri:
+            raise OutputError(f"unsupported location {uri!r} (use a local path or gs://bucket/path)")
+        return cls("file", "", os.path.abspath(os.path.expanduser(uri)))
+
+    @property
+    def is_local(self) -> bool:
+        return self.scheme == "file"
+
+    @property
+    def uri(self) -> str:
+        if self.is_local:
+            return self.path
+        return f"gs://{self.bucket}/{self.path}" if self.path else f"gs://{self.bucket}"
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def join(self, *parts: str) -> "Location":
+        path = posixpath.join(self.path, *parts) if self.path else posixpath.join(*parts)
+        return dataclasses.replace(self, path=path)
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path.rstrip("/"))
+
+    @property
+    def parent(self) -> "Location":
+        return dataclasses.replace(self, path=posixpath.dirname(self.path.rstrip("/")))
+
+    def kvstore_spec(self) -> dict[str, Any]:
+        """Tensorstore kvstore spec for this prefix (a directory: path ends with '/')."""
+        if self.is_local:
+            return {"driver": "file", "path": self.path.rstrip("/") + "/"}
+        return {"driver": "gcs", "bucket": self.bucket, "path": (self.path.rstrip("/") + "/") if self.path else ""}
+
+    def _kvstore(self) -> ts.KvStore:
+        return ts.KvStore.open(self.kvstore_spec()).result()
+
+    # Small-object operations. Keys are relative to this location.
+    def read_bytes(self, key: str) -> bytes | None:
+        result = self._kvstore().read(key).result()
+        return bytes(result.value) if result.state == "value" else None
+
+    def read_range(self, key: str, start: int, stop: int) -> bytes:
+        result = self._kvstore().read(key, byte_range=ts.KvStore.ByteRange(start, stop)).result()
+        return bytes(result.value)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        if self.is_local:
+            os.makedirs(os.path.dirname(os.path.join(self.path, key)), exist_ok=True)
+        self._kvstore().write(key, data).result()
+
+    def exists(self, key: str = "") -> bool:
+        if not key:
+            return bool(self.list_keys())
+        return self._kvstore().read(key, byte_range=ts.KvStore.ByteRange(0, 0)).result().state == "value"
+
+    def list_keys(self, prefix: str = "") -> list[str]:
+        if self.is_local and not os.path.isdir(self.path):
+            return []
+        store = self._kvstore()
+        keys = store.list(ts.KvStore.KeyRange(prefix, prefix + "\xff") if prefix else None).result()
+        return sorted(k.decode() if isinstance(k, bytes) else k for k in keys)
+
+    def size(self, key: str) -> int | None:
+        """Object size in bytes, or None when it does not exist (reads the whole object for gs://)."""
+        if self.is_local:
+            path = os.path.join(self.path, key)
+            return os.path.getsize(path) if os.path.isfile(path) else None
+        data = self.read_bytes(key)
+        return None if data is None else len(data)
+
+    def delete_all(self) -> None:
+        """Remove everything under this prefix."""
+        if self.is_local:
+            import shutil
+
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        self._kvstore().delete_range(ts.KvStore.KeyRange()).result()
+
+    def rename(self, target: "Location") -> None:
+        """Atomic directory rename; only local filesystems have one."""
+        if not (self.is_local and target.is_local):
+            raise OutputError("rename is only atomic on a local filesystem")
+        os.makedirs(os.path.dirname(target.path), exist_ok=True)
+        os.replace(self.path, target.path)
+
+    def check_writable(self) -> None:
+        """Fail early, with one line, when the output cannot be written."""
+        probe = ".rayconv-write-probe"
+        try:
+            self.write_bytes(probe, b"ok")
+            self._kvstore().delete(probe).result() if not self.is_local else os.remove(os.path.join(self.path, probe))
+        except (OSError, ValueError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise OutputError(f"cannot write to {self.uri}: {reason}") from None

@@ -1,0 +1,189 @@
+"""Synthetic Meta-format Llama checkpoints: any dims, seeded bf16 weights, sharded as Meta shards.
+
+The shards are written with ``torch.save`` so they are the real container format (zip, 64-byte
+aligned STORED records, pickle protocol 2). The split rules follow Meta's model-parallel layout
+(llama-models ``checkpoint.py``): wq/wk/wv/w1/w3/output split on dim 0, wo/w2 on dim 1,
+tok_embeddings on dim 0 (llama-3+) or dim 1 (llama-2), norms replicated. When there are more shards
+than kv heads each kv head is repeated across ``n_shards // n_kv_heads`` consecutive shards and
+params.json reports ``n_kv_heads = n_shards``, exactly like the 405B MP16 release.
+
+Every slice is generated from its own seed, so a shard is produced without materialising the
+model and generating a multi-GB checkpoint needs memory for one shard only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+import ml_dtypes
+import numpy as np
+
+from rayconv.models import ffn_dim
+
+BF16 = ml_dtypes.bfloat16
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticModel:
+    """Dimensions of a synthetic checkpoint. ``n_kv_heads`` is the real (MaxText) kv-head count."""
+
+    family: str = "llama-3.1"
+    dim: int = 256
+    n_layers: int = 2
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    vocab_size: int = 512
+    multiple_of: int = 64
+    ffn_dim_multiplier: float | None = 1.3
+    n_shards: int = 1
+    seed: int = 0
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    #: Norms in shards 1.. differ slightly from shard 0, as reported for real Llama 3 shards;
+    #: converters must take shard 0's copy.
+    norm_jitter: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        return ffn_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+    @property
+    def params_kv_heads(self) -> int:
+        return max(self.n_kv_heads, self.n_shards)
+
+    def params_json(self) -> dict:
+        params = {
+            "dim": self.dim,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.params_kv_heads,
+            "vocab_size": self.vocab_size,
+            "multiple_of": self.multiple_of,
+            "norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "use_scaled_rope": self.family in ("llama-3.1", "llama-3.3"),
+        }
+        if self.ffn_dim_multiplier is not None:
+            params["ffn_dim_multiplier"] = self.ffn_dim_multiplier
+        return params
+
+    def validate(self) -> None:
+        mp = self.n_shards
+        problems = []
+        if self.dim % self.n_heads:
+            problems.append("dim must be a multiple of n_heads")
+        if self.n_heads % mp:
+            problems.append("n_heads must be a multiple of n_shards")
+        if self.n_kv_heads % mp and mp % self.n_kv_heads:
+            problems.append("n_kv_heads and n_shards must divide one another")
+        if self.ffn_dim % mp:
+            problems.append(f"ffn dim {self.ffn_dim} must be a multiple of n_shards")
+        split = self.dim if self.family == "llama-2" else self.vocab_size
+        if split % mp:
+            problems.append("the embedding's split axis must be a multiple of n_shards")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def nbytes(self) -> int:
+        """Approximate total size of the shards (bf16, including repeated kv heads)."""
+        e, m, d = self.dim, self.ffn_dim, self.head_dim
+        kv_rows = max(self.n_kv_heads, self.n_shards) * d
+        per_layer = 2 * e * e + 2 * kv_rows * e + 3 * e * m + 2 * e * self.n_shards
+        return 2 * (self.n_layers * per_layer + 2 * self.vocab_size * e + e * self.n_shards)
+
+
+#: Named shapes. ``demo`` is the embedded default input of ``rayconv convert``: Llama-3.1-shaped,
+#: 16 shards with the 405B kv-head repetition, head_dim 128, a few hundred MB.
+PRESETS: dict[str, SyntheticModel] = {
+    "demo": SyntheticModel(family="llama-3.1", dim=2048, n_layers=4, n_heads=16, n_kv_heads=8,
+                           vocab_size=16032, multiple_of=256, ffn_dim_multiplier=1.2, n_shards=16),
+    # The 405B MP16 layout scaled down (16 shards, 128 heads, 8 kv heads) to ~2 GB, as in the
+    # MaxText reference measurements (maxtext-reference-runs.md).
+    "405b-2gb": SyntheticModel(family="llama-3.1", dim=2048, n_layers=18, n_heads=128, n_kv_heads=8,
+                               vocab_size=32064, multiple_of=256, ffn_dim_multiplier=1.2, n_shards=16),
+}
+
+
+def _rng(model: SyntheticModel, *key: object) -> np.random.Generator:
+    digest = zlib.crc32(repr((model.seed,) + key).encode())
+    return np.random.default_rng([model.seed, digest])
+
+
+def _weights(model: SyntheticModel, shape: tuple[int, ...], *key: object) -> np.ndarray:
+    values = _rng(model, *key).standard_normal(shape, dtype=np.float32)
+    values *= 0.02
+    return values.astype(BF16)
+
+
+def _norm(model: SyntheticModel, shard: int, *key: object) -> np.ndarray:
+    values = 1.0 + 0.1 * _rng(model, *key).standard_normal((model.dim,), dtype=np.float32)
+    if model.norm_jitter and shard:
+        values[shard % model.dim] += np.float32(0.25)
+    return values.astype(BF16)
+
+
+def shard_tensors(model: SyntheticModel, shard: int) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (Meta key, bf16 array) for one shard, in Meta's key order."""
+    mp, e, d = model.n_shards, model.dim, model.head_dim
+    m, v = model.ffn_dim, model.vocab_size
+    if model.family == "llama-2":
+        yield "tok_embeddings.weight", _weights(model, (v, e // mp), "tok", shard)
+    else:
+        yield "tok_embeddings.weight", _weights(model, (v // mp, e), "tok", shard)
+    kv_step = max(1, mp // model.n_kv_heads)
+    kv_rows = max(1, model.n_kv_heads // mp) * d
+    for layer in range(model.n_layers):
+        p = f"layers.{layer}."
+        yield p + "attention.wq.weight", _weights(model, (model.n_heads // mp * d, e), "wq", layer, shard)
+        yield p + "attention.wk.weight", _weights(model, (kv_rows, e), "wk", layer, shard // kv_step)
+        yield p + "attention.wv.weight", _weights(model, (kv_rows, e), "wv", layer, shard // kv_step)
+        yield p + "attention.wo.weight", _weights(model, (e, model.n_heads // mp * d), "wo", layer, shard)
+        yield p + "feed_forward.w1.weight", _weights(model, (m // mp, e), "w1", layer, shard)
+        yield p + "feed_forward.w2.weight", _weights(model, (e, m // mp), "w2", layer, shard)
+        yield p + "feed_forward.w3.weight", _weights(model, (m // mp, e), "w3", layer, shard)
+        yield p + "attention_norm.weight", _norm(model, shard, "attention_norm", layer)
+        yield p + "ffn_norm.weight", _norm(model, shard, "ffn_norm", layer)
+    yield "norm.weight", _norm(model, shard, "norm")
+    yield "output.weight", _weights(model, (v // mp, e), "output", shard)
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checkpoint(model: SyntheticModel, out_dir: str | Path, *, checklist: bool = True) -> Path:
+    """Write ``consolidated.NN.pth`` shards, ``params.json`` and ``checklist.chk`` into out_dir."""
+    import torch
+
+    model.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "params.json").write_text(json.dumps(model.params_json()))
+    (out / "tokenizer.model").write_bytes(b"synthetic tokenizer placeholder\n")
+    names = ["params.json", "tokenizer.model"]
+    for shard in range(model.n_shards):
+        state = {
+            key: torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
+            for key, array in shard_tensors(model, shard)
+        }
+        name = f"consolidated.{shard:02d}.pth"
+        torch.save(state, out / name)
+        names.append(name)
+        del state
+    if checklist:
+        lines = [f"{_md5(out / name)}  {name}\n" for name in names]
+        (out / "checklist.chk").write_text("".join(lines))
+    return out
