@@ -10,13 +10,46 @@ Identity, resolved by tensorstore); ``TENSORSTORE_GCS_HTTP_URL`` points it at an
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import posixpath
+import threading
 from typing import Any
 
 import tensorstore as ts
 
 from rayconv.errors import OutputError
+
+_kvstores: dict[str, ts.KvStore] = {}
+_kvstores_lock = threading.Lock()
+_kvstores_pid = os.getpid()
+_context: ts.Context | None = None
+
+
+def open_kvstore(spec: dict[str, Any]) -> ts.KvStore:
+    """Open (once per process) a kvstore; all share one tensorstore Context, so GCS request
+    concurrency and connection pools are shared rather than created per call."""
+    global _context, _kvstores_pid
+    key = json.dumps(spec, sort_keys=True)
+    with _kvstores_lock:
+        if _kvstores_pid != os.getpid():  # forked: tensorstore handles do not survive a fork
+            _kvstores.clear()
+            _context, _kvstores_pid = None, os.getpid()
+        store = _kvstores.get(key)
+        if store is None:
+            if _context is None:
+                _context = ts.Context()
+            store = ts.KvStore.open(spec, context=_context).result()
+            _kvstores[key] = store
+        return store
+
+
+def _prefix_range(prefix: str) -> ts.KvStore.KeyRange:
+    """All keys starting with ``prefix`` (byte-wise successor as the exclusive end)."""
+    low = prefix.encode()
+    high = low.rstrip(b"\xff")
+    high = high[:-1] + bytes([high[-1] + 1]) if high else b""
+    return ts.KvStore.KeyRange(low, high)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +105,7 @@ class Location:
         return {"driver": "gcs", "bucket": self.bucket, "path": (self.path.rstrip("/") + "/") if self.path else ""}
 
     def _kvstore(self) -> ts.KvStore:
-        return ts.KvStore.open(self.kvstore_spec()).result()
+        return open_kvstore(self.kvstore_spec())
 
     # Small-object operations. Keys are relative to this location.
     def read_bytes(self, key: str) -> bytes | None:
@@ -80,7 +113,9 @@ class Location:
         return bytes(result.value) if result.state == "value" else None
 
     def read_range(self, key: str, start: int, stop: int) -> bytes:
-        result = self._kvstore().read(key, byte_range=ts.KvStore.ByteRange(start, stop)).result()
+        result = self._kvstore().read(key, byte_range=slice(start, stop)).result()
+        if result.state != "value":
+            raise OutputError(f"missing {self.join(key).uri}")
         return bytes(result.value)
 
     def write_bytes(self, key: str, data: bytes) -> None:
@@ -91,22 +126,26 @@ class Location:
     def exists(self, key: str = "") -> bool:
         if not key:
             return bool(self.list_keys())
-        return self._kvstore().read(key, byte_range=ts.KvStore.ByteRange(0, 0)).result().state == "value"
+        if self.is_local:
+            return os.path.isfile(os.path.join(self.path, key))
+        return self._kvstore().read(key, byte_range=slice(0, 0)).result().state == "value"
 
     def list_keys(self, prefix: str = "") -> list[str]:
         if self.is_local and not os.path.isdir(self.path):
             return []
         store = self._kvstore()
-        keys = store.list(ts.KvStore.KeyRange(prefix, prefix + "\xff") if prefix else None).result()
+        keys = store.list(_prefix_range(prefix) if prefix else None).result()
         return sorted(k.decode() if isinstance(k, bytes) else k for k in keys)
 
     def size(self, key: str) -> int | None:
-        """Object size in bytes, or None when it does not exist (reads the whole object for gs://)."""
+        """Object size in bytes, or None when it does not exist (gs://: object metadata only)."""
         if self.is_local:
             path = os.path.join(self.path, key)
             return os.path.getsize(path) if os.path.isfile(path) else None
-        data = self.read_bytes(key)
-        return None if data is None else len(data)
+        from rayconv.source.gcs import object_info
+
+        info = object_info(self.bucket, self.join(key).path)
+        return None if info is None else info["size"]
 
     def delete_all(self) -> None:
         """Remove everything under this prefix."""

@@ -1,0 +1,29 @@
+"""Ray actor classes (kept apart so importing rayconv does not import ray)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import ray
+
+from rayconv.plan import Unit
+from rayconv.worker import JobContext, run_unit
+
+
+@ray.remote
+class ConverterWorker:
+    """Holds the job context; converts one unit per call and returns its receipt as a dict."""
+
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+
+    def run(self, unit: Unit) -> dict[str, Any]:
+        return run_unit(self.ctx, unit).to_json()
+
+
+@ray.remote
+class Committer:
+    """The reducer: assembles and commits an output tree from the recorded child databases."""
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)

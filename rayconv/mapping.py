@@ -1,0 +1,217 @@
+"""Meta → MaxText: where each tensor goes (a table) and how it is changed (small pure functions).
+
+Every Meta tensor is treated as one *global matrix* G, the concatenation of its shards along the
+split axis (after kv-head de-duplication). Work is done on row blocks of G, and a row block always
+spans G's full width, so:
+
+* a block of a dim-0-split tensor (wq, wk, wv, w1, w3, output, llama-3 tok_embeddings) lies in one
+  shard and is one contiguous byte range of that shard;
+* a block of a dim-1-split tensor (wo, w2, llama-2 tok_embeddings) is the same rows of every shard,
+  concatenated;
+* every block holds whole contraction axes of its output kernel, so int8 per-channel scales are
+  computed exactly within the block (wo/w2 contract over the split axis, hence blocks across shards).
+
+``to_layer_block`` turns a block into the matching region of the *per-layer* MaxText array; the
+scanned layout is the same region with the layer axis inserted at position 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import ml_dtypes
+import numpy as np
+
+from rayconv.models import ModelSpec
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+Region = tuple[slice, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One row of the mapping table."""
+
+    meta: str  # Meta key; "{}" is the layer index
+    target: tuple[str, ...]  # path under params/params/decoder (or top level), "layers" for per-layer
+    split: int | None  # shard split axis of the Meta tensor; None = replicated (take shard 0)
+    transform: str  # name in TRANSFORMS
+    quantized: bool = False  # an int8-quantized DenseGeneral kernel
+    contraction: tuple[int, ...] = (0,)  # kernel axes DenseGeneral contracts (per-layer array)
+
+    @property
+    def per_layer(self) -> bool:
+        return "{}" in self.meta
+
+    def key(self, layer: int | None) -> str:
+        return self.meta.format(layer) if self.per_layer else self.meta
+
+
+ATTN = ("decoder", "layers", "self_attention")
+MLP = ("decoder", "layers", "mlp")
+
+#: The mapping, top to bottom. Embedding split axis depends on the family (see ``rules``).
+RULES: tuple[Rule, ...] = (
+    Rule("tok_embeddings.weight", ("token_embedder", "embedding"), 0, "embedding"),
+    Rule("layers.{}.attention.wq.weight", ATTN + ("query", "kernel"), 0, "query", True),
+    Rule("layers.{}.attention.wk.weight", ATTN + ("key", "kernel"), 0, "key", True),
+    Rule("layers.{}.attention.wv.weight", ATTN + ("value", "kernel"), 0, "value", True),
+    Rule("layers.{}.attention.wo.weight", ATTN + ("out", "kernel"), 1, "out", True, (0, 1)),
+    Rule("layers.{}.feed_forward.w1.weight", MLP + ("wi_0", "kernel"), 0, "wi", True),
+    Rule("layers.{}.feed_forward.w3.weight", MLP + ("wi_1", "kernel"), 0, "wi", True),
+    Rule("layers.{}.feed_forward.w2.weight", MLP + ("wo", "kernel"), 1, "wo", True),
+    Rule("layers.{}.attention_norm.weight", ("decoder", "layers", "pre_self_attention_layer_norm", "scale"), None,
+         "norm"),
+    Rule("layers.{}.ffn_norm.weight", ("decoder", "layers", "post_self_attention_layer_norm", "scale"), None, "norm"),
+    Rule("norm.weight", ("decoder", "decoder_norm", "scale"), None, "norm"),
+    Rule("output.weight", ("decoder", "logits_dense", "kernel"), 0, "logits"),
+)
+
+
+def rules(spec: ModelSpec) -> tuple[Rule, ...]:
+    return tuple(
+        dataclasses.replace(r, split=spec.embedding_split_axis) if r.transform == "embedding" else r for r in RULES
+    )
+
+
+def global_shape(rule: Rule, spec: ModelSpec) -> tuple[int, ...]:
+    """Shape of G: the Meta tensor with all shards concatenated and kv heads de-duplicated."""
+    e, d = spec.dim, spec.head_dim
+    return {
+        "embedding": (spec.vocab_size, e),
+        "logits": (spec.vocab_size, e),
+        "query": (spec.n_heads * d, e),
+        "key": (spec.n_kv_heads * d, e),
+        "value": (spec.n_kv_heads * d, e),
+        "out": (e, spec.n_heads * d),
+        "wi": (spec.ffn_dim, e),
+        "wo": (e, spec.ffn_dim),
+        "norm": (e,),
+    }[rule.transform]
+
+
+def shard_shape(rule: Rule, spec: ModelSpec) -> tuple[int, ...]:
+    """Shape of the tensor as stored in each consolidated.NN.pth."""
+    shape = list(global_shape(rule, spec))
+    if rule.split is None:
+        return tuple(shape)
+    if rule.transform in ("key", "value"):
+        shape[0] = max(spec.n_kv_heads // spec.n_shards, 1) * spec.head_dim
+        return tuple(shape)
+    shape[rule.split] //= spec.n_shards
+    return tuple(shape)
+
+
+def source_shards(rule: Rule, spec: ModelSpec) -> int:
+    """How many distinct shards make up G (fewer than n_shards when kv heads are repeated)."""
+    if rule.split is None:
+        return 1
+    if rule.transform in ("key", "value"):
+        return spec.n_shards // spec.kv_step
+    return spec.n_shards
+
+
+def layer_shape(rule: Rule, spec: ModelSpec) -> tuple[int, ...]:
+    """Shape of the MaxText array for one layer (the unscanned leaf)."""
+    e, d, m, v = spec.dim, spec.head_dim, spec.ffn_dim, spec.vocab_size
+    return {
+        "embedding": (v, e),
+        "logits": (e, v),
+        "query": (e, spec.n_heads, d),
+        "key": (e, spec.n_kv_heads, d),
+        "value": (e, spec.n_kv_heads, d),
+        "out": (spec.n_heads, d, e),
+        "wi": (e, m),
+        "wo": (m, e),
+        "norm": (e,),
+    }[rule.transform]
+
+
+def row_quantum(rule: Rule, spec: ModelSpec) -> int:
+    """Row blocks of G must be multiples of this (whole heads for q/k/v, so chunks hold whole heads)."""
+    return spec.head_dim if rule.transform in ("query", "key", "value") else 1
+
+
+def permute_rope(kernel: np.ndarray) -> np.ndarray:
+    """Meta's interleaved rope pairs → MaxText's half-split layout: even head_dim indices, then odd."""
+    return np.concatenate((kernel[..., 0::2], kernel[..., 1::2]), axis=-1)
+
+
+def scale_query(kernel: np.ndarray, divisor: float) -> np.ndarray:
+    """bf16(float32(w) / float32(bf16(sqrt(head_dim)))), as llama_or_mistral_ckpt computes it."""
+    return (kernel.astype(np.float32) / np.float32(divisor)).astype(BF16)
+
+
+def _heads(block: np.ndarray, row0: int, spec: ModelSpec, *, permute: bool) -> tuple[np.ndarray, Region]:
+    d = spec.head_dim
+    e = block.shape[1]
+    kernel = block.T.reshape(e, block.shape[0] // d, d)
+    if permute:
+        kernel = permute_rope(kernel)
+    h0 = row0 // d
+    return kernel, (slice(None), slice(h0, h0 + kernel.shape[1]), slice(None))
+
+
+def _query(block, row0, spec):
+    kernel, region = _heads(block, row0, spec, permute=spec.rope_permuted)
+    return scale_query(kernel, spec.query_scale_divisor), region
+
+
+def _key(block, row0, spec):
+    kernel, region = _heads(block, row0, spec, permute=spec.rope_permuted)
+    return np.ascontiguousarray(kernel), region
+
+
+def _value(block, row0, spec):
+    kernel, region = _heads(block, row0, spec, permute=False)
+    return np.ascontiguousarray(kernel), region
+
+
+def _out(block, row0, spec):
+    # G = wo [E, H·D]; out[h, d, e] = wo[e, h·D + d]
+    rows = block.shape[0]
+    kernel = block.reshape(rows, spec.n_heads, spec.head_dim).transpose(1, 2, 0)
+    return np.ascontiguousarray(kernel), (slice(None), slice(None), slice(row0, row0 + rows))
+
+
+def _transposed(block, row0, spec):
+    # wi: G = w1 [M, E] → [E, M]; wo: G = w2 [E, M] → [M, E]; logits: G = output [V, E] → [E, V]
+    return np.ascontiguousarray(block.T), (slice(None), slice(row0, row0 + block.shape[0]))
+
+
+def _rows(block, row0, spec):
+    return block, (slice(row0, row0 + block.shape[0]), slice(None))
+
+
+def _norm(block, row0, spec):
+    return block, (slice(None),)
+
+
+TRANSFORMS: dict[str, Callable[[np.ndarray, int, ModelSpec], tuple[np.ndarray, Region]]] = {
+    "embedding": _rows,
+    "logits": _transposed,
+    "query": _query,
+    "key": _key,
+    "value": _value,
+    "out": _out,
+    "wi": _transposed,
+    "wo": _transposed,
+    "norm": _norm,
+}
+
+
+def to_layer_block(rule: Rule, block: np.ndarray, row0: int, spec: ModelSpec) -> tuple[np.ndarray, Region]:
+    """Rows [row0, row0+len(block)) of G → (array, region) of the per-layer MaxText array."""
+    if block.dtype != BF16:
+        raise ValueError(f"{rule.meta}: expected bfloat16, got {block.dtype}")
+    return TRANSFORMS[rule.transform](block, row0, spec)
+
+
+def scanned(array: np.ndarray, region: Region, layer: int) -> tuple[np.ndarray, Region]:
+    """The same block in the scanned array: layer axis inserted at position 1 (param_scan_axis)."""
+    return np.expand_dims(array, 1), region[:1] + (slice(layer, layer + 1),) + region[1:]
+
+
+def scanned_shape(shape: tuple[int, ...], n_layers: int) -> tuple[int, ...]:
+    return shape[:1] + (n_layers,) + shape[1:]

@@ -1,0 +1,315 @@
+"""The conversion plan: every output array, and the work units that fill them.
+
+A plan is pure data, built from the model spec and the shard indexes before anything runs, so
+``rayconv plan`` prints exactly what ``rayconv convert`` executes. A *piece* is one row block of one
+Meta tensor's global matrix (see :mod:`rayconv.mapping`): its byte ranges, and the chunk-aligned
+region it fills in each output array. A *unit* is a run of pieces executed by one task that writes
+one OCDBT database per output; units are idempotent (re-running one rewrites the same chunks with
+the same bytes) and their receipts are what the ledger records.
+
+Chunking is chosen so that every chunk is written by exactly one piece: the chunk extent along the
+row axis equals the piece height, and all other axes are whole (the layer axis of scanned arrays
+has extent 1). No chunk is ever read-modified-written, so writers never coordinate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from rayconv import mapping
+from rayconv.mapping import Rule
+from rayconv.models import ModelSpec
+from rayconv.source.pth import TensorInfo
+
+KINDS = ("scanned", "unscanned", "int8")
+
+#: Transform name → (axis of the per-layer array that G's rows map to, rows per index on it).
+ROW_AXIS: dict[str, tuple[int, str]] = {
+    "embedding": (0, "one"),
+    "logits": (1, "one"),
+    "query": (1, "head"),
+    "key": (1, "head"),
+    "value": (1, "head"),
+    "out": (2, "one"),
+    "wi": (1, "one"),
+    "wo": (1, "one"),
+}
+
+
+def block_region(rule: Rule, spec: ModelSpec, row0: int, row1: int) -> tuple[tuple[int, int], ...]:
+    """Region (start, stop per axis) of the per-layer array filled by rows [row0, row1) of G."""
+    shape = mapping.layer_shape(rule, spec)
+    region = [(0, n) for n in shape]
+    if rule.transform in ROW_AXIS:
+        axis, unit = ROW_AXIS[rule.transform]
+        div = spec.head_dim if unit == "head" else 1
+        region[axis] = (row0 // div, row1 // div)
+    return tuple(region)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySpec:
+    """One leaf array of an output tree."""
+
+    path: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: str  # "bfloat16" | "int8" | "int4" | "int64"
+    chunks: tuple[int, ...]
+
+    @property
+    def param_name(self) -> str:
+        return ".".join(self.path)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(_np_dtype(self.dtype)).itemsize
+
+
+def _np_dtype(name: str) -> Any:
+    import ml_dtypes
+
+    return {"bfloat16": ml_dtypes.bfloat16, "int4": ml_dtypes.int4}.get(name, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Read:
+    """One contiguous byte range of one shard: rows [row0, row1) of a tensor."""
+
+    shard: int
+    tensor: str
+    offset: int
+    length: int
+    rows: tuple[int, int]
+    shape: tuple[int, ...]  # shape of the rows read
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """Rows [row0, row1) of one Meta tensor's global matrix G, for one layer."""
+
+    rule: int  # index into mapping.rules(spec)
+    layer: int | None
+    row0: int
+    row1: int
+    reads: tuple[Read, ...]  # concatenated along axis 1 (dim-1 split) or a single read
+    duplicates: tuple[Read, ...] = ()  # repeated kv heads that must equal reads[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.length for r in self.reads)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    id: str
+    pieces: tuple[Piece, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.pieces)
+
+    @property
+    def read_bytes(self) -> int:
+        return self.nbytes + sum(r.length for p in self.pieces for r in p.duplicates)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    spec: ModelSpec
+    shards: tuple[str, ...]  # source uri per shard index
+    kinds: tuple[str, ...]
+    quantize_type: str | None
+    piece_rows: dict[int, int]  # rule index → rows per piece
+    units: tuple[Unit, ...]
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        return mapping.rules(self.spec)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(u.read_bytes for u in self.units)
+
+    def arrays(self, kind: str) -> list[ArraySpec]:
+        return output_arrays(self, kind)
+
+    def fingerprint(self) -> str:
+        """Identifies the work: same fingerprint ⇒ a ledger's receipts are valid for this plan."""
+        payload = json.dumps(
+            {"spec": self.spec.to_json(), "kinds": self.kinds, "q": self.quantize_type,
+             "rows": sorted(self.piece_rows.items()), "units": [(u.id, len(u.pieces)) for u in self.units]},
+            sort_keys=True,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _divisor_rows(total: int, quantum: int, row_bytes: int, budget: int) -> int:
+    """Largest block height that divides ``total``, is a multiple of ``quantum`` and fits the budget."""
+    best = quantum
+    for rows in range(quantum, total + 1, quantum):
+        if total % rows == 0 and rows * row_bytes <= budget:
+            best = rows
+    return best
+
+
+def piece_rows(rule: Rule, spec: ModelSpec, budget: int) -> int:
+    shape = mapping.global_shape(rule, spec)
+    if rule.split is None:
+        return shape[0]
+    quantum = mapping.row_quantum(rule, spec)
+    width = shape[1] * 2  # bf16 bytes per row of G
+    per_shard = shape[0] // mapping.source_shards(rule, spec) if rule.split == 0 else shape[0]
+    return _divisor_rows(per_shard, quantum, width, budget)
+
+
+def _layers(rule: Rule, spec: ModelSpec) -> Sequence[int | None]:
+    return range(spec.n_layers) if rule.per_layer else (None,)
+
+
+def build_pieces(spec: ModelSpec, indexes: Sequence[dict[str, TensorInfo]], budget: int) -> tuple[
+        dict[int, int], list[Piece]]:
+    """Cut every tensor of every layer into budget-sized row blocks of G."""
+    rows_by_rule: dict[int, int] = {}
+    pieces: list[Piece] = []
+    for ri, rule in enumerate(mapping.rules(spec)):
+        rows = piece_rows(rule, spec, budget)
+        rows_by_rule[ri] = rows
+        g_rows = mapping.global_shape(rule, spec)[0]
+        for layer in _layers(rule, spec):
+            key = rule.key(layer)
+            if rule.split is None:  # replicated: shard 0's copy (MaxText ignores the others)
+                info = indexes[0][key]
+                pieces.append(Piece(ri, layer, 0, g_rows, (_read(0, info, 0, info.shape[0]),)))
+                continue
+            for row0 in range(0, g_rows, rows):
+                pieces.append(_piece(rule, ri, spec, indexes, layer, key, row0, row0 + rows))
+    return rows_by_rule, pieces
+
+
+def _read(shard: int, info: TensorInfo, r0: int, r1: int) -> Read:
+    offset, length = info.row_range(r0, r1)
+    return Read(shard, info.name, offset, length, (r0, r1), (r1 - r0,) + tuple(info.shape[1:]))
+
+
+def _piece(rule: Rule, ri: int, spec: ModelSpec, indexes, layer, key: str, row0: int, row1: int) -> Piece:
+    if rule.split == 1:
+        reads = tuple(_read(s, indexes[s][key], row0, row1) for s in range(spec.n_shards))
+        return Piece(ri, layer, row0, row1, reads)
+    per_shard = mapping.global_shape(rule, spec)[0] // mapping.source_shards(rule, spec)
+    source, local0 = divmod(row0, per_shard)
+    step = spec.kv_step if rule.transform in ("key", "value") else 1
+    shard = source * step
+    read = _read(shard, indexes[shard][key], local0, local0 + row1 - row0)
+    dups = tuple(_read(s, indexes[s][key], local0, local0 + row1 - row0) for s in range(shard + 1, shard + step))
+    return Piece(ri, layer, row0, row1, (read,), dups)
+
+
+def group_units(pieces: Iterable[Piece], unit_budget: int) -> tuple[Unit, ...]:
+    """Pack pieces into units, keeping each unit's reads sequential within a shard where possible.
+
+    Single-shard pieces are ordered by (shard, file offset) so a worker streams through a shard;
+    cross-shard pieces (wo/w2 blocks) are ordered by layer.
+    """
+    def order(p: Piece) -> tuple:
+        if len(p.reads) == 1:
+            return (0, p.reads[0].shard, p.reads[0].offset)
+        return (1, p.layer if p.layer is not None else -1, p.rule, p.row0)
+
+    units: list[Unit] = []
+    current: list[Piece] = []
+    size = 0
+    group = None
+    for piece in sorted(pieces, key=order):
+        key = order(piece)[:2]
+        if current and (size + piece.nbytes > unit_budget or key != group):
+            units.append(Unit(f"u{len(units):05d}", tuple(current)))
+            current, size = [], 0
+        current.append(piece)
+        size += piece.nbytes
+        group = key
+    if current:
+        units.append(Unit(f"u{len(units):05d}", tuple(current)))
+    return tuple(units)
+
+
+def build_plan(spec: ModelSpec, shards: Sequence[str], indexes: Sequence[dict[str, TensorInfo]], *,
+               kinds: Sequence[str], quantize_type: str | None, piece_budget: int,
+               unit_budget: int) -> Plan:
+    rows, pieces = build_pieces(spec, indexes, piece_budget)
+    return Plan(spec=spec, shards=tuple(shards), kinds=tuple(kinds), quantize_type=quantize_type,
+                piece_rows=rows, units=group_units(pieces, unit_budget))
+
+
+# --------------------------------------------------------------------------------------------
+# Output trees
+
+
+def _layer_chunks(rule: Rule, spec: ModelSpec, rows: int) -> tuple[int, ...]:
+    region = block_region(rule, spec, 0, rows)
+    return tuple(stop - start for start, stop in region)
+
+
+def scale_shape(shape: Sequence[int], contraction: Sequence[int]) -> tuple[int, ...]:
+    return tuple(1 if axis in contraction else n for axis, n in enumerate(shape))
+
+
+def leaf_paths(rule: Rule, layer: int | None, kind: str) -> tuple[str, ...]:
+    """Tree path of a rule's leaf in a given output (unscanned/int8 name layers ``layers_{i}``)."""
+    target = rule.target
+    if layer is not None and kind != "scanned":
+        target = tuple(f"layers_{layer}" if part == "layers" else part for part in target)
+    return ("params", "params") + target
+
+
+def aqt_paths(rule: Rule, layer: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(qvalue path, scale path) of an AQT-frozen kernel (MaxText's classic int8 tree)."""
+    module = tuple(f"layers_{layer}" if part == "layers" else part for part in rule.target[:-1])
+    frozen = ("params", "aqt") + module + ("AqtDotGeneral_0", "qrhs", "frozen")
+    return frozen + ("qvalue",), frozen + ("scale", "0")
+
+
+def output_arrays(plan: Plan, kind: str) -> list[ArraySpec]:
+    spec = plan.spec
+    arrays: list[ArraySpec] = []
+    for ri, rule in enumerate(plan.rules):
+        shape = mapping.layer_shape(rule, spec)
+        chunks = _layer_chunks(rule, spec, plan.piece_rows[ri])
+        if kind == "scanned" and rule.per_layer:
+            arrays.append(ArraySpec(leaf_paths(rule, 0, kind), mapping.scanned_shape(shape, spec.n_layers),
+                                    "bfloat16", mapping.scanned_shape(chunks, 1)))
+            continue
+        for layer in _layers(rule, spec):
+            if kind == "int8" and rule.quantized:
+                qpath, spath = aqt_paths(rule, layer)
+                arrays.append(ArraySpec(qpath, shape, quant_dtype(plan.quantize_type), chunks))
+                arrays.append(ArraySpec(spath, scale_shape(shape, rule.contraction), "bfloat16",
+                                        scale_shape(chunks, rule.contraction)))
+            else:
+                arrays.append(ArraySpec(leaf_paths(rule, layer, kind), shape, "bfloat16", chunks))
+    return arrays
+
+
+def quant_dtype(quantize_type: str | None) -> str:
+    return "int4" if quantize_type == "int4w" else "int8"
+
+
+def describe(plan: Plan) -> dict[str, Any]:
+    """A JSON-able summary for ``rayconv plan`` and the logs."""
+    largest = max((p.nbytes for u in plan.units for p in u.pieces), default=0)
+    return {
+        "model": plan.spec.maxtext_name,
+        "shards": len(plan.shards),
+        "outputs": list(plan.kinds),
+        "units": len(plan.units),
+        "pieces": sum(len(u.pieces) for u in plan.units),
+        "input_bytes": plan.input_bytes,
+        "largest_piece_bytes": largest,
+        "largest_unit_bytes": max((u.nbytes for u in plan.units), default=0),
+        "fingerprint": plan.fingerprint(),
+    }

@@ -1,0 +1,53 @@
+"""AQT weight quantization, in numpy, bit-equal to what MaxText's int8 conversion stores.
+
+MaxText (aqtp, ``IntSymmetric`` with preserve_zero, bound 2^(bits-1) - 0.5, CALIBRATION_AND_VALUE
+freezing) computes per output channel, with every elementwise op rounded to bf16 as XLA:CPU does:
+
+    absmax = max |w| over the contraction axes      (exact in bf16; 0 → 1)
+    scale  = bf16(absmax / bound)
+    q      = round_half_even(clip(bf16(w · bf16(1 / scale)), -qmax, qmax))
+
+No JAX trace is needed: each per-layer kernel block holds its whole contraction axes (see
+:mod:`rayconv.mapping`), so a block's scales are final.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+#: quantize_type → (bits, storage dtype). int8 = weights int8 + dynamic int8 activations (DRQ);
+#: int8w / int4w = MaxText's weight-only ``intmp`` configs. The stored tree is the same.
+QUANT_TYPES: dict[str, tuple[int, np.dtype]] = {
+    "int8": (8, np.dtype(np.int8)),
+    "int8w": (8, np.dtype(np.int8)),
+    "int4w": (4, np.dtype(ml_dtypes.int4)),
+}
+
+
+def _bf16(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float32).astype(BF16)
+
+
+def quantize(kernel: np.ndarray, contraction: tuple[int, ...], bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """(qvalue, scale) of a bf16 kernel; scale keeps the kernel's rank with contraction axes = 1."""
+    if kernel.dtype != BF16:
+        raise ValueError(f"quantize expects bfloat16, got {kernel.dtype}")
+    bound = np.float32(2 ** (bits - 1) - 0.5)
+    qmax = np.float32(2 ** (bits - 1) - 1)
+    absmax = np.max(np.abs(kernel), axis=contraction, keepdims=True)
+    absmax = np.where(absmax == 0, np.asarray(1, BF16), absmax)
+    scale = (absmax.astype(np.float32) / bound).astype(BF16)
+    inverse = (np.float32(1) / scale.astype(np.float32)).astype(BF16)
+    scaled = (kernel.astype(np.float32) * inverse.astype(np.float32)).astype(BF16)
+    clipped = np.clip(scaled.astype(np.float32), -qmax, qmax)
+    q = np.rint(clipped)  # round half to even
+    dtype = QUANT_TYPES["int4w" if bits == 4 else "int8"][1]
+    return q.astype(np.int8).astype(dtype), scale
+
+
+def dequantize(qvalue: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """For checks and ``rayconv verify``: w ≈ q · scale."""
+    return (qvalue.astype(np.float32) * scale.astype(np.float32)).astype(BF16)

@@ -1,0 +1,101 @@
+"""Where each output lives, and the tensorstore specs of its arrays.
+
+The three outputs use the layouts MaxText and JetStream read:
+
+* ``<out>/bf16/scanned/0/items`` and ``<out>/bf16/unscanned/checkpoints/0/items``: an Orbax
+  CheckpointManager step (``_CHECKPOINT_METADATA`` + ``commit_success.txt`` in the step dir, the
+  PyTree item in ``items/``);
+* ``<out>/int8``: a bare PyTreeCheckpointer directory, as ``load_and_quantize_checkpoint`` saves it.
+
+Each item is an OCDBT database of zarr3 arrays keyed ``params.params.decoder…/``. Workers write
+chunks into their own child databases (``items/ocdbt.process_<db>/``); the committer merges them
+into the root database, as Orbax's own multi-host finalize does.
+
+On a local filesystem an unfinished output lives under Orbax's temporary name
+(``0.orbax-checkpoint-tmp-rayconv``) and is renamed into place when complete, so a crashed run never
+leaves a directory that CheckpointManager would list as a step. GCS has no rename: there the item
+is written in place and ``commit_success.txt`` (which Orbax requires on GCS) is written last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from rayconv.plan import ArraySpec
+from rayconv.storage import Location
+
+TMP_SUFFIX = ".orbax-checkpoint-tmp-rayconv"
+
+#: Orbax's OCDBT settings (``tensorstore_utils.add_ocdbt_write_options``); children and root share them.
+OCDBT_CONFIG: dict[str, Any] = {
+    "max_inline_value_bytes": 1024,
+    "max_decoded_node_bytes": 100_000_000,
+    "manifest_kind": "single",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputLayout:
+    """Final and staging locations of one output (``kind`` in plan.KINDS)."""
+
+    kind: str
+    final_root: Location  # the directory MaxText users point at, minus "/items"
+    has_step: bool  # CheckpointManager step dir (bf16) or bare item dir (int8)
+
+    @property
+    def staging_root(self) -> Location:
+        if not self.final_root.is_local:
+            return self.final_root
+        return self.final_root.parent.join(self.final_root.name + TMP_SUFFIX)
+
+    @property
+    def step_dir(self) -> Location:
+        """The directory that appears atomically (local) or gets the last marker (GCS)."""
+        return self.final_root
+
+    def item(self, staging: bool = True) -> Location:
+        root = self.staging_root if staging else self.final_root
+        return root.join("items") if self.has_step else root
+
+    @property
+    def items_path(self) -> Location:
+        """What users pass as ``load_parameters_path``."""
+        return self.item(staging=False)
+
+
+def output_layouts(out: Location) -> dict[str, OutputLayout]:
+    return {
+        "scanned": OutputLayout("scanned", out.join("bf16", "scanned", "0"), True),
+        "unscanned": OutputLayout("unscanned", out.join("bf16", "unscanned", "checkpoints", "0"), True),
+        "int8": OutputLayout("int8", out.join("int8"), False),
+    }
+
+
+def ocdbt_kvstore(item: Location, db: str | None = None) -> dict[str, Any]:
+    base = item.join(f"ocdbt.process_{db}") if db else item
+    return {"driver": "ocdbt", "base": base.kvstore_spec(), "config": OCDBT_CONFIG}
+
+
+_ZARR_DTYPES = {"bfloat16": "bfloat16", "int8": "int8", "int4": "int4", "int64": "int64"}
+
+
+def zarr3_metadata(array: ArraySpec, compression: str | None = None) -> dict[str, Any]:
+    codecs: list[dict[str, Any]] = [{"name": "bytes", "configuration": {"endian": "little"}}]
+    if compression == "zstd":
+        codecs.append({"name": "zstd", "configuration": {"level": 1, "checksum": False}})
+    return {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": list(array.shape),
+        "data_type": _ZARR_DTYPES[array.dtype],
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(array.chunks)}},
+        "chunk_key_encoding": {"name": "default"},
+        "fill_value": 0,
+        "codecs": codecs,
+    }
+
+
+def array_spec(item: Location, array: ArraySpec, db: str | None, compression: str | None) -> dict[str, Any]:
+    kvstore = dict(ocdbt_kvstore(item, db), path=array.param_name + "/")
+    return {"driver": "zarr3", "kvstore": kvstore, "metadata": zarr3_metadata(array, compression)}

@@ -1,0 +1,131 @@
+"""A Meta checkpoint as a whole: its files, params.json, shard indexes, and their consistency.
+
+Opening a checkpoint reads only metadata (params.json, each shard's zip directory and pickle),
+then checks that every shard holds exactly the tensors, shapes and dtypes the spec implies, so a
+wrong ``--model_path``, a missing or truncated shard or a params.json from another model fails in
+seconds, before any output is written.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import re
+from typing import Mapping
+
+from rayconv import mapping
+from rayconv.errors import SourceError
+from rayconv.models import Descriptor, ModelSpec, load_params, resolve_spec
+from rayconv.source.bytesource import open_source
+from rayconv.source.pth import TensorInfo, index_pth
+from rayconv.storage import Location
+
+SHARD_NAME = re.compile(r"^consolidated\.(\d+)\.pth$")
+#: Keys some Meta releases carry that MaxText does not use (llama-2's precomputed rope table).
+IGNORED_KEYS = frozenset({"rope.freqs"})
+
+
+def list_input(input_directory: str) -> dict[str, str]:
+    """{file name: uri} of a local directory or gs:// prefix (non-recursive)."""
+    location = Location.parse(input_directory)
+    if location.is_local:
+        import os
+
+        if not os.path.isdir(location.path):
+            raise SourceError(f"input directory {location.path} does not exist")
+        names = os.listdir(location.path)
+    else:
+        names = [k for k in location.list_keys() if "/" not in k]
+        if not names:
+            raise SourceError(f"nothing found under {location.uri}")
+    return {name: location.join(name).uri for name in sorted(names)}
+
+
+def shard_files(files: Mapping[str, str], expected: int | None, display: str) -> list[str]:
+    """Shard uris in index order; every index from 00 to N-1 must be present."""
+    found: dict[int, str] = {}
+    for name, uri in files.items():
+        match = SHARD_NAME.match(name)
+        if match:
+            found[int(match.group(1))] = uri
+    if not found:
+        raise SourceError(f"no consolidated.NN.pth shards in {display}")
+    count = expected if expected is not None else max(found) + 1
+    missing = [i for i in range(count) if i not in found]
+    if missing:
+        raise SourceError(f"missing shard consolidated.{missing[0]:02d}.pth in {display} "
+                          f"(expected {count} shards, found {len(found)})")
+    extra = sorted(i for i in found if i >= count)
+    if extra:
+        raise SourceError(f"unexpected shard consolidated.{extra[0]:02d}.pth in {display} "
+                          f"(--model_path implies {count} shards)")
+    return [found[i] for i in range(count)]
+
+
+def _display_name(uri: str) -> str:
+    return uri.split("?", 1)[0]
+
+
+@dataclasses.dataclass
+class MetaCheckpoint:
+    spec: ModelSpec
+    shards: list[str]
+    indexes: list[dict[str, TensorInfo]]
+    files: dict[str, str]
+
+    @classmethod
+    def open(cls, files: Mapping[str, str], *, display: str, model_name: str | None,
+             descriptor: Descriptor | None, kv_heads: int | None = None, threads: int = 8) -> "MetaCheckpoint":
+        if "params.json" not in files:
+            raise SourceError(f"params.json is missing from {display}")
+        params_source = open_source(files["params.json"])
+        params = load_params(params_source.read(0, params_source.size()).decode("utf-8", "replace"),
+                             f"{display}/params.json")
+        shards = shard_files(files, descriptor.shards if descriptor else None, display)
+
+        def index(uri: str) -> dict[str, TensorInfo]:
+            return index_pth(open_source(uri), _display_name(uri))
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(threads, len(shards))) as pool:
+            indexes = list(pool.map(index, shards))
+
+        tok = indexes[0].get("tok_embeddings.weight")
+        if tok is None:
+            raise SourceError(f"{_display_name(shards[0])} has no tok_embeddings.weight: not a Meta Llama checkpoint")
+        family = descriptor.family if descriptor else model_name
+        # llama-2 splits the embedding on its width; later families on the vocabulary.
+        vocab = tok.shape[0] * (1 if family == "llama-2" else len(shards))
+        spec = resolve_spec(params, n_shards=len(shards), vocab_size=vocab, model_name=model_name,
+                            descriptor=descriptor, kv_heads_override=kv_heads, source=f"{display}/params.json")
+        checkpoint = cls(spec=spec, shards=shards, indexes=indexes, files=dict(files))
+        checkpoint.check_shapes()
+        return checkpoint
+
+    def check_shapes(self) -> None:
+        """Every shard must hold exactly the expected tensors, as bf16, with the expected shapes."""
+        spec = self.spec
+        expected: dict[str, tuple[int, ...]] = {}
+        for rule in mapping.rules(spec):
+            layers = range(spec.n_layers) if rule.per_layer else (None,)
+            for layer in layers:
+                expected[rule.key(layer)] = mapping.shard_shape(rule, spec)
+        for shard, (uri, index) in enumerate(zip(self.shards, self.indexes)):
+            name = _display_name(uri)
+            for key, shape in expected.items():
+                info = index.get(key)
+                if info is None:
+                    raise SourceError(f"{name} has no tensor {key} (params.json says {spec.n_layers} layers)")
+                if tuple(info.shape) != shape:
+                    raise SourceError(f"{name}: {key} has shape {list(info.shape)}, but params.json and "
+                                      f"{spec.n_shards} shards imply {list(shape)} (params.json disagrees "
+                                      "with the shards, or the wrong --model_path)")
+                if info.dtype != "bfloat16":
+                    raise SourceError(f"{name}: {key} is {info.dtype}; rayconv converts bf16 checkpoints")
+            unexpected = sorted(set(index) - set(expected) - IGNORED_KEYS)
+            if unexpected:
+                raise SourceError(f"{name} holds unexpected tensor {unexpected[0]} (params.json says "
+                                  f"{spec.n_layers} layers; is this a Llama checkpoint of the named family?)")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(info.nbytes for index in self.indexes for info in index.values())

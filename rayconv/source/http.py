@@ -1,0 +1,317 @@
+"""HTTP(S) byte source with Range requests, made for Meta's CloudFront signed URLs.
+
+* Size comes from the ``Content-Range`` of a one-byte ranged GET: CloudFront rejects HEAD on these
+  URLs (llama-models hard-codes 405B sizes for that reason).
+* A large ``readinto`` is split into ``chunk_size`` sub-ranges fetched in parallel by a bounded,
+  process-wide thread pool, each streamed straight into the caller's buffer (no whole-range copy).
+* A dropped connection is resumed from the last byte received, with a fresh ``Range`` for the
+  rest; bytes are written at absolute offsets into the buffer, so a retry can never duplicate data
+  (the append-on-retry bug of ``llama download``).
+* 403 → "signed URL expired" (when the policy's epoch time is past) or "invalid"; 404 → missing
+  file; 416 / short object → truncated. Messages name the file; the query string (the signature)
+  is never put in a message or log line: use :func:`redact` for anything shown to a user.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import datetime
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+import urllib.parse
+
+import urllib3
+
+from rayconv.errors import SourceError
+from rayconv.source.bytesource import register_scheme
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+#: Sub-request size for large reads; each is one ranged GET streamed into the caller's buffer.
+DEFAULT_CHUNK = int(os.environ.get("RAYCONV_HTTP_CHUNK_MB", "32")) * MiB
+#: Parallel ranged GETs per process (shared by all HttpFile objects and threads).
+DEFAULT_CONCURRENCY = int(os.environ.get("RAYCONV_HTTP_CONCURRENCY", "8"))
+#: Consecutive failed attempts (no byte received) before a sub-request gives up.
+DEFAULT_RETRIES = int(os.environ.get("RAYCONV_HTTP_RETRIES", "8"))
+#: CloudFront refuses single GETs larger than this (llama-models: "Cloudfront max chunk size").
+MAX_GET = 27_000_000_000
+_READ_BLOCK = 4 * MiB  # bytes per socket read call (bounded copy through urllib3)
+
+RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
+
+
+def redact(url: str) -> str:
+    """The URL without query string, fragment or credentials: safe to print or log."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def display_name(url: str) -> str:
+    """The file's path on the server (e.g. ``Llama-3.1-405B-MP16/consolidated.00.pth``)."""
+    path = urllib.parse.unquote(urllib.parse.urlsplit(url).path).lstrip("/")
+    return path or redact(url)
+
+
+def policy_expiry(url: str) -> float | None:
+    """``DateLessThan.AWS:EpochTime`` of a CloudFront ``Policy`` query parameter, or None."""
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+    policy = (query.get("Policy") or [""])[0]
+    if not policy:
+        return None
+    try:
+        # CloudFront's URL-safe base64 uses '-', '_', '~' for '+', '=', '/'.
+        raw = policy.translate(str.maketrans("-_~", "+=/"))
+        raw += "=" * (-len(raw) % 4)
+        doc = json.loads(base64.b64decode(raw))
+        epochs = [st["Condition"]["DateLessThan"]["AWS:EpochTime"] for st in doc.get("Statement", [])]
+        return float(min(epochs)) if epochs else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def format_time(epoch: float) -> str:
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+class _Process:
+    """Per-process HTTP pool and thread pool (recreated after fork)."""
+
+    pid = -1
+    pool: urllib3.PoolManager
+    executor: concurrent.futures.ThreadPoolExecutor
+    lock = threading.Lock()
+
+    @classmethod
+    def get(cls) -> type["_Process"]:
+        if cls.pid != os.getpid():
+            with cls.lock:
+                if cls.pid != os.getpid():
+                    cls.pool = _make_pool()
+                    cls.executor = concurrent.futures.ThreadPoolExecutor(
+                        DEFAULT_CONCURRENCY, thread_name_prefix="rayconv-http")
+                    cls.pid = os.getpid()
+        return cls
+
+
+def _make_pool() -> urllib3.PoolManager:
+    kwargs = dict(num_pools=16, maxsize=max(4, 2 * DEFAULT_CONCURRENCY), block=False, retries=False)
+    try:
+        import certifi
+
+        kwargs["ca_certs"] = certifi.where()
+    except ImportError:
+        pass
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    if proxy:
+        return urllib3.ProxyManager(proxy, **kwargs)
+    return urllib3.PoolManager(**kwargs)
+
+
+_SIZES: dict[str, int] = {}
+
+
+class HttpFile:
+    """A ByteSource over an HTTP(S) URL (``uri`` keeps the full URL so workers can reopen it)."""
+
+    def __init__(self, url: str, *, size: int | None = None, chunk_size: int | None = None,
+                 retries: int | None = None, timeout: float = 60.0) -> None:
+        self.uri = url
+        self.name = display_name(url)
+        self.chunk_size = max(1, min(chunk_size or DEFAULT_CHUNK, MAX_GET))
+        self.retries = DEFAULT_RETRIES if retries is None else retries
+        self.timeout = urllib3.Timeout(connect=min(30.0, timeout), read=timeout)
+        self._size = size if size is not None else _SIZES.get(redact(url))
+        self._abort = threading.Event()
+
+    def __repr__(self) -> str:
+        return f"HttpFile({redact(self.uri)!r})"
+
+    # -- errors -----------------------------------------------------------------------------------
+    def _status_error(self, status: int, what: str) -> SourceError:
+        if status == 403:
+            expiry = policy_expiry(self.uri)
+            if expiry is not None and time.time() >= expiry:
+                return SourceError(f"{self.name}: the signed URL expired at {format_time(expiry)} (HTTP 403); "
+                                   f"request a new URL from Meta and rerun (finished work is kept)")
+            return SourceError(f"{self.name}: access denied (HTTP 403): the signed URL is expired or invalid, "
+                               f"or does not cover this file")
+        if status == 404:
+            return SourceError(f"missing file {self.name} on {redact(self.uri)} (HTTP 404)")
+        return SourceError(f"{self.name}: HTTP {status} while {what}")
+
+    # -- ByteSource -------------------------------------------------------------------------------
+    def size(self) -> int:
+        if self._size is None:
+            self._size = self._probe_size()
+            _SIZES[redact(self.uri)] = self._size
+        return self._size
+
+    def _probe_size(self) -> int:
+        failures = 0
+        while True:
+            try:
+                resp = _Process.get().pool.request(
+                    "GET", self.uri, headers={"Range": "bytes=0-0", "Accept-Encoding": "identity"},
+                    preload_content=False, decode_content=False, timeout=self.timeout, redirect=True)
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                failures += 1
+                if failures > self.retries:
+                    raise SourceError(f"{self.name}: cannot connect to {redact(self.uri)}: "
+                                      f"{type(exc).__name__}") from None
+                _backoff(failures)
+                continue
+            try:
+                status = resp.status
+                if status in RETRYABLE_STATUS and failures < self.retries:
+                    failures += 1
+                    _backoff(failures)
+                    continue
+                if status == 206:
+                    total = _content_range_total(resp.headers.get("Content-Range"))
+                    if total is None:
+                        raise SourceError(f"{self.name}: server sent no usable Content-Range header")
+                    return total
+                if status == 416:  # empty file
+                    total = _content_range_total(resp.headers.get("Content-Range"))
+                    return total or 0
+                if status == 200 and resp.headers.get("Content-Length") is not None:
+                    return int(resp.headers["Content-Length"])
+                raise self._status_error(status, "reading its size")
+            finally:
+                if resp.status == 200:  # the server ignored Range: don't download the whole body
+                    resp.close()
+                    resp.release_conn()
+                else:
+                    resp.drain_conn()
+
+    def read(self, offset: int, length: int) -> bytes:
+        buffer = bytearray(length)
+        self.readinto(offset, memoryview(buffer))
+        return bytes(buffer)
+
+    def readinto(self, offset: int, buffer: memoryview) -> None:
+        buffer = memoryview(buffer).cast("B")
+        length = len(buffer)
+        if length == 0:
+            return
+        size = self.size()
+        if offset < 0 or offset + length > size:
+            raise SourceError(f"{self.name} is truncated: needs bytes up to {offset + length}, "
+                              f"the server has {size}")
+        step = self.chunk_size
+        if length <= step:
+            self._get_range(offset, buffer, None)
+            return
+        abort = threading.Event()
+        executor = _Process.get().executor
+        futures = [executor.submit(self._get_range, offset + a, buffer[a:a + step], abort)
+                   for a in range(0, length, step)]
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                future.result()
+        except BaseException:
+            abort.set()
+            for future in futures:
+                future.cancel()
+            concurrent.futures.wait(futures)
+            raise
+
+    def _get_range(self, start: int, view: memoryview, abort: threading.Event | None) -> None:
+        """Fill ``view`` with bytes [start, start+len(view)); resume after drops, never duplicate."""
+        n = len(view)
+        got = 0
+        failures = 0
+        last_reason = ""
+        while got < n:
+            if abort is not None and abort.is_set():
+                raise SourceError(f"{self.name}: read aborted")
+            first = start + got
+            resp = None
+            try:
+                resp = _Process.get().pool.request(
+                    "GET", self.uri,
+                    headers={"Range": f"bytes={first}-{start + n - 1}", "Accept-Encoding": "identity"},
+                    preload_content=False, decode_content=False, timeout=self.timeout, redirect=True)
+                status = resp.status
+                if status == 206:
+                    rng = _content_range(resp.headers.get("Content-Range"))
+                    if rng is None or rng[0] != first:
+                        raise SourceError(f"{self.name}: server answered a range request with a wrong "
+                                          f"Content-Range")
+                    if self._size is not None and rng[2] is not None and rng[2] != self._size:
+                        raise SourceError(f"{self.name} changed size on the server "
+                                          f"({self._size} → {rng[2]} bytes)")
+                elif status == 200:
+                    if first != 0:
+                        raise SourceError(f"{self.name}: the server ignores HTTP Range requests")
+                elif status == 416:
+                    total = _content_range_total(resp.headers.get("Content-Range"))
+                    raise SourceError(f"{self.name} is truncated: needs bytes up to {start + n}, "
+                                      f"the server has {total if total is not None else 'fewer'}")
+                elif status in RETRYABLE_STATUS:
+                    raise _Transient(f"HTTP {status}")
+                else:
+                    raise self._status_error(status, f"reading bytes {first}-{start + n - 1}")
+                while got < n:
+                    block = resp.read(min(_READ_BLOCK, n - got))
+                    if not block:
+                        raise _Transient("connection closed early")
+                    view[got:got + len(block)] = block
+                    got += len(block)
+                    failures = 0  # progress resets the retry budget
+                    if abort is not None and abort.is_set():
+                        break
+            except SourceError:
+                raise
+            except (_Transient, urllib3.exceptions.HTTPError, OSError) as exc:
+                failures += 1
+                last_reason = str(exc) if isinstance(exc, _Transient) else type(exc).__name__
+                if failures > self.retries:
+                    raise SourceError(f"{self.name}: download failed at byte {start + got} after "
+                                      f"{self.retries} retries ({last_reason})") from None
+                log.info("%s: retrying at byte %d after %s", self.name, start + got, last_reason)
+                _backoff(failures)
+            finally:
+                if resp is not None:
+                    if got >= n and resp.status == 206:
+                        resp.release_conn()
+                    else:  # unread body left: drop the connection rather than drain it
+                        resp.close()
+                        resp.release_conn()
+
+
+class _Transient(Exception):
+    pass
+
+
+def _backoff(failures: int) -> None:
+    time.sleep(min(30.0, 0.2 * 2 ** (failures - 1)) * (0.75 + 0.5 * random.random()))
+
+
+_CR = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+
+
+def _content_range(value: str | None) -> tuple[int, int, int | None] | None:
+    m = _CR.match(value or "")
+    if not m:
+        return None
+    return int(m.group(1)), int(m.group(2)), None if m.group(3) == "*" else int(m.group(3))
+
+
+def _content_range_total(value: str | None) -> int | None:
+    m = re.search(r"/(\d+)\s*$", value or "")
+    return int(m.group(1)) if m else None
+
+
+register_scheme("http://", HttpFile)
+register_scheme("https://", HttpFile)

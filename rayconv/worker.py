@@ -1,0 +1,202 @@
+"""The body of one work unit: read its byte ranges, transform, write chunks, return a receipt.
+
+This is the only code that touches tensor bytes, and it runs wherever the engine puts it (a Ray
+actor, or the driver process for ``--executor local``). It takes a plan unit (a description) and
+returns a :class:`Receipt` (a few hundred bytes): tensors never leave the worker.
+
+Idempotence: a unit writes into fresh child OCDBT databases named after the unit and a random
+attempt tag, and the receipt names them. Only databases named by a recorded receipt are merged at
+commit, so a retried or duplicated attempt can never mix partial chunks into the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import time
+import zlib
+from typing import Any
+
+import numpy as np
+import tensorstore as ts
+
+from rayconv import mapping, quantize
+from rayconv.errors import SourceError
+from rayconv.mapping import Rule
+from rayconv.models import ModelSpec
+from rayconv.plan import ArraySpec, Piece, Plan, Unit, aqt_paths, block_region, leaf_paths, scale_shape
+from rayconv.sink.layout import OutputLayout, array_spec
+from rayconv.source.bytesource import ByteSource, open_source
+from rayconv.source.pth import TensorInfo
+from rayconv.storage import Location
+
+
+@dataclasses.dataclass(frozen=True)
+class JobContext:
+    """What every worker needs besides its unit; shipped once per worker."""
+
+    spec: ModelSpec
+    shards: tuple[str, ...]
+    kinds: tuple[str, ...]
+    quantize_type: str | None
+    arrays: dict[str, dict[tuple[str, ...], ArraySpec]]  # kind → path → array
+    items: dict[str, str]  # kind → staging item uri
+    compression: str | None = None
+
+    @classmethod
+    def create(cls, plan: Plan, layouts: dict[str, OutputLayout], compression: str | None) -> "JobContext":
+        return cls(
+            spec=plan.spec,
+            shards=plan.shards,
+            kinds=plan.kinds,
+            quantize_type=plan.quantize_type,
+            arrays={k: {a.path: a for a in plan.arrays(k)} for k in plan.kinds},
+            items={k: layouts[k].item(staging=True).uri for k in plan.kinds},
+            compression=compression,
+        )
+
+
+@dataclasses.dataclass
+class Receipt:
+    """What a finished unit reports: small, JSON-able, enough to resume and to verify."""
+
+    unit: str
+    dbs: dict[str, str]  # kind → child database id
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    crcs: list[tuple[int, str, int, int, int]]  # (shard, tensor, file offset, length, crc32)
+    worker: str = ""
+    peak_rss: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Receipt":
+        data = dict(data)
+        data["crcs"] = [tuple(c) for c in data["crcs"]]
+        return cls(**data)
+
+
+class _Sources:
+    """Opened shard sources, one per shard, reused across the unit's reads."""
+
+    def __init__(self, uris: tuple[str, ...]) -> None:
+        self._uris = uris
+        self._open: dict[int, ByteSource] = {}
+
+    def __getitem__(self, shard: int) -> ByteSource:
+        if shard not in self._open:
+            self._open[shard] = open_source(self._uris[shard])
+        return self._open[shard]
+
+
+def _read_block(piece: Piece, sources: _Sources, crcs: list) -> np.ndarray:
+    """Rows [row0, row1) of G: one read, or the same rows of every shard side by side."""
+    arrays = []
+    for read in piece.reads:
+        buffer = np.empty(read.shape, dtype=mapping.BF16)
+        sources[read.shard].readinto(read.offset, memoryview(buffer.reshape(-1).view(np.uint8)))
+        crcs.append((read.shard, read.tensor, read.offset, read.length, zlib.crc32(buffer.reshape(-1).view(np.uint8))))
+        arrays.append(buffer)
+    for dup in piece.duplicates:
+        copy = np.empty(dup.shape, dtype=mapping.BF16)
+        sources[dup.shard].readinto(dup.offset, memoryview(copy.reshape(-1).view(np.uint8)))
+        crcs.append((dup.shard, dup.tensor, dup.offset, dup.length, zlib.crc32(copy.reshape(-1).view(np.uint8))))
+        if not np.array_equal(copy.view(np.uint16), arrays[0].view(np.uint16)):
+            raise SourceError(
+                f"{piece.reads[0].tensor}: the kv-head copy in shard {dup.shard:02d} differs from shard "
+                f"{piece.reads[0].shard:02d}; shards that should repeat kv heads do not (wrong --model_path "
+                "or corrupt shard)")
+    if len(arrays) == 1:
+        return arrays[0]
+    return np.concatenate(arrays, axis=1)
+
+
+def _slices(region: tuple[tuple[int, int], ...]) -> tuple[slice, ...]:
+    return tuple(slice(a, b) for a, b in region)
+
+
+class _Writer:
+    """Opens output arrays lazily in this unit's child databases and writes chunk-aligned regions."""
+
+    def __init__(self, ctx: JobContext, unit: Unit) -> None:
+        self.ctx = ctx
+        self.dbs = {kind: f"{unit.id}{secrets.token_hex(4)}" for kind in ctx.kinds}
+        self._items = {kind: Location.parse(uri) for kind, uri in ctx.items.items()}
+        self._stores: dict[tuple[str, tuple[str, ...]], ts.TensorStore] = {}
+        self._context = ts.Context({"data_copy_concurrency": {"limit": 2}, "file_io_concurrency": {"limit": 16}})
+        self.pending: list[ts.Future] = []
+        self.bytes_written = 0
+
+    def write(self, kind: str, path: tuple[str, ...], region: tuple[slice, ...], array: np.ndarray) -> None:
+        key = (kind, path)
+        store = self._stores.get(key)
+        if store is None:
+            spec = array_spec(self._items[kind], self.ctx.arrays[kind][path], self.dbs[kind], self.ctx.compression)
+            store = ts.open(spec, open=True, assume_metadata=True, context=self._context).result()
+            self._stores[key] = store
+        self.pending.append(store[region].write(array))
+        self.bytes_written += array.nbytes
+
+    def flush(self) -> None:
+        for future in self.pending:
+            future.result()
+        self.pending.clear()
+
+
+def _scanned_region(region: tuple[slice, ...], layer: int) -> tuple[slice, ...]:
+    return region[:1] + (slice(layer, layer + 1),) + region[1:]
+
+
+def write_piece(ctx: JobContext, rule: Rule, piece: Piece, block: np.ndarray, writer: _Writer) -> None:
+    """Transform one block of G and write it into every requested output."""
+    spec = ctx.spec
+    array, _ = mapping.to_layer_block(rule, block, piece.row0, spec)
+    region = _slices(block_region(rule, spec, piece.row0, piece.row1))
+    for kind in ctx.kinds:
+        if kind == "scanned":
+            if rule.per_layer:
+                writer.write(kind, leaf_paths(rule, 0, kind), _scanned_region(region, piece.layer),
+                             np.expand_dims(array, 1))
+            else:
+                writer.write(kind, leaf_paths(rule, None, kind), region, array)
+        elif kind == "unscanned" or not rule.quantized:
+            writer.write(kind, leaf_paths(rule, piece.layer, kind), region, array)
+        else:
+            bits = quantize.QUANT_TYPES[ctx.quantize_type][0]
+            qvalue, scale = quantize.quantize(array, rule.contraction, bits)
+            qpath, spath = aqt_paths(rule, piece.layer)
+            writer.write(kind, qpath, region, qvalue)
+            scale_region = tuple(slice(0, 1) if axis in rule.contraction else s for axis, s in enumerate(region))
+            writer.write(kind, spath, scale_region, scale)
+
+
+def _peak_rss() -> int:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except (ImportError, OSError):
+        return 0
+
+
+def run_unit(ctx: JobContext, unit: Unit) -> Receipt:
+    """Execute one unit; raises ConversionError on bad input. Safe to run again."""
+    start = time.monotonic()
+    rules = mapping.rules(ctx.spec)
+    sources = _Sources(ctx.shards)
+    writer = _Writer(ctx, unit)
+    crcs: list = []
+    bytes_read = 0
+    for piece in unit.pieces:
+        block = _read_block(piece, sources, crcs)
+        bytes_read += sum(r.length for r in piece.reads) + sum(r.length for r in piece.duplicates)
+        write_piece(ctx, rules[piece.rule], piece, block, writer)
+        writer.flush()  # bounded memory: one piece in flight
+        del block
+    return Receipt(unit=unit.id, dbs=writer.dbs, bytes_read=bytes_read, bytes_written=writer.bytes_written,
+                   seconds=time.monotonic() - start, crcs=crcs, worker=f"{os.uname().nodename}:{os.getpid()}",
+                   peak_rss=_peak_rss())
