@@ -47,6 +47,8 @@ class SyntheticModel:
     #: Norms in shards 1.. differ slightly from shard 0, as reported for real Llama 3 shards;
     #: converters must take shard 0's copy.
     norm_jitter: bool = True
+    #: Meta descriptor whose layout this mimics (gives the MaxText model name and real kv heads).
+    descriptor: str | None = None
 
     @property
     def head_dim(self) -> int:
@@ -105,12 +107,30 @@ class SyntheticModel:
 #: 16 shards with the 405B kv-head repetition, head_dim 128, a few hundred MB.
 PRESETS: dict[str, SyntheticModel] = {
     "demo": SyntheticModel(family="llama-3.1", dim=2048, n_layers=4, n_heads=16, n_kv_heads=8,
-                           vocab_size=16032, multiple_of=256, ffn_dim_multiplier=1.2, n_shards=16),
+                           vocab_size=16032, multiple_of=256, ffn_dim_multiplier=1.2, n_shards=16,
+                           descriptor="Llama3.1-405B-Instruct:bf16-mp16"),
     # The 405B MP16 layout scaled down (16 shards, 128 heads, 8 kv heads) to ~2 GB, as in the
     # MaxText reference measurements (maxtext-reference-runs.md).
     "405b-2gb": SyntheticModel(family="llama-3.1", dim=2048, n_layers=18, n_heads=128, n_kv_heads=8,
-                               vocab_size=32064, multiple_of=256, ffn_dim_multiplier=1.2, n_shards=16),
+                               vocab_size=32064, multiple_of=256, ffn_dim_multiplier=1.2, n_shards=16,
+                               descriptor="Llama3.1-405B-Instruct:bf16-mp16"),
 }
+
+
+def ensure_checkpoint(model: SyntheticModel, root: str | Path) -> Path:
+    """Write the checkpoint under ``root/<hash of the model>`` unless a complete copy is there."""
+    key = hashlib.sha256(repr(model).encode()).hexdigest()[:12]
+    out = Path(root) / key
+    if (out / "checklist.chk").exists():
+        return out
+    tmp = Path(root) / f".{key}.partial"
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_checkpoint(model, tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
 
 
 def _rng(model: SyntheticModel, *key: object) -> np.random.Generator:

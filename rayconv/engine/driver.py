@@ -25,6 +25,8 @@ GiB = 1 << 30
 #: Peak worker memory per piece byte: the read buffer, the transformed copy, float32 temporaries
 #: of the query scaling / int8 math and tensorstore's write buffer (measured; see docs/benchmarks.md).
 MEMORY_PER_PIECE_BYTE = 8
+#: Fixed overhead per worker (Python, numpy, tensorstore, Ray worker) observed in receipts.
+WORKER_BASE_BYTES = 300 * (1 << 20)
 
 
 @dataclasses.dataclass
@@ -64,7 +66,8 @@ class ConvertResult:
 def piece_budget(options: ConvertOptions) -> int:
     if options.piece_budget:
         return options.piece_budget
-    return max(1 << 20, int(options.worker_memory_gb * GiB / MEMORY_PER_PIECE_BYTE))
+    usable = options.worker_memory_gb * GiB - WORKER_BASE_BYTES
+    return max(1 << 20, int(usable / MEMORY_PER_PIECE_BYTE))
 
 
 def open_checkpoint(options: ConvertOptions) -> MetaCheckpoint:

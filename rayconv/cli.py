@@ -1,0 +1,240 @@
+"""``rayconv``: the command line. Flag names follow the GKE tutorial's checkpoint-converter job.
+
+Every user-caused failure ends as one line on stderr (``rayconv: error: …``) and exit status 1;
+usage mistakes exit 2 (click's convention).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from rayconv.errors import ConversionError, SpecError
+from rayconv.progress import LOG, human_bytes, setup_logging
+
+INFERENCE_SERVERS = ("jetstream-maxtext",)
+DEFAULT_OUTPUT = "rayconv-output"
+
+
+def _option(name: str, *args: Any, **kwargs: Any) -> Callable:
+    """A flag spelled as in the tutorial (--model_name) that also accepts --model-name."""
+    dashed = name.replace("_", "-")
+    names = [name] if dashed == name else [name, dashed]
+    return click.option(*names, name.lstrip("-"), *args, **kwargs)
+
+
+def input_options(fn: Callable) -> Callable:
+    for decorator in reversed([
+        _option("--model_name", default=None, help="llama-2, llama-3, llama-3.1 or llama-3.3."),
+        _option("--model_path", default=None,
+                help="Meta model descriptor, e.g. Llama3.1-405B-Instruct:bf16-mp16 (sets family, size, shard count)."),
+        _option("--input_directory", default=None,
+                help="Directory (local or gs://bucket/prefix) holding consolidated.NN.pth and params.json."),
+        _option("--meta_url", default=None, help="Meta's signed download URL (with the '*' placeholder)."),
+        _option("--download_directory", default=None,
+                help="With --meta_url: stage the raw files here (local dir or gs://) before converting; "
+                     "default with --bucket_name: gs://<bucket>/base/<model>. Without it, stream from the URL."),
+        _option("--synthetic", default=None, metavar="PRESET",
+                help="Use a built-in synthetic checkpoint (demo, 405b-2gb) as input."),
+        _option("--num_kv_heads", type=int, default=None,
+                help="Real kv-head count when params.json counts repeated heads and --model_path is not given."),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+def engine_options(fn: Callable) -> Callable:
+    for decorator in reversed([
+        _option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
+                help="ray: worker actors on local or existing Ray; local: this process, one unit at a time."),
+        _option("--address", default=None, help="Ray cluster address (e.g. auto inside a Ray job). "
+                                                 "Default: start Ray locally."),
+        _option("--num_workers", type=int, default=None, help="Worker actors (default: CPUs / memory allow)."),
+        _option("--worker_memory_gb", type=float, default=4.0, show_default=True,
+                help="Memory each worker actor reserves; the planner cuts work to fit it."),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+def _resolve_input(model_name, model_path, input_directory, meta_url, download_directory, synthetic,
+                   bucket_name) -> tuple[dict[str, str], str, str | None, str | None, int | None]:
+    """→ (files, display, model_name, model_path, kv_heads)"""
+    from rayconv.source.checkpoint import list_input
+
+    chosen = [x for x in (input_directory, meta_url, synthetic) if x]
+    if len(chosen) > 1:
+        raise click.UsageError("give only one of --input_directory, --meta_url, --synthetic")
+    if not chosen:
+        LOG.info("No input given: converting the built-in synthetic demo checkpoint (use --input_directory or "
+                 "--meta_url for a real one)")
+        synthetic = "demo"
+    if synthetic:
+        from rayconv import synthetic as syn
+
+        if synthetic not in syn.PRESETS:
+            raise click.UsageError(f"unknown --synthetic preset {synthetic!r} (choose from {', '.join(syn.PRESETS)})")
+        model = syn.PRESETS[synthetic]
+        cache = Path(os.environ.get("RAYCONV_CACHE", Path.home() / ".cache" / "rayconv")) / "synthetic"
+        LOG.info("Preparing synthetic %s checkpoint (%s) in %s", synthetic, human_bytes(model.nbytes()), cache)
+        directory = syn.ensure_checkpoint(model, cache)
+        return (list_input(str(directory)), str(directory), model_name or model.family,
+                model_path or model.descriptor, model.n_kv_heads)
+    if meta_url:
+        if not model_path:
+            raise click.UsageError("--meta_url needs --model_path (e.g. Llama3.1-405B-Instruct:bf16-mp16)")
+        from rayconv import download
+
+        if download_directory is None and bucket_name:
+            download_directory = f"gs://{bucket_name}/base/{model_path.replace(':', '-')}"
+        if download_directory:
+            staged = download.stage(meta_url, model_path, download_directory)
+            return list_input(str(staged)), str(staged), model_name, model_path, None
+        files = download.resolve_input(meta_url, model_path)
+        return files, f"{download.redact(meta_url)} ({model_path})", model_name, model_path, None
+    return list_input(input_directory), input_directory, model_name, model_path, None
+
+
+def _kinds(quantize_type: str | None, quantize_weights: bool | None, skip_scanned: bool) -> tuple[
+        tuple[str, ...], str | None]:
+    from rayconv.quantize import QUANT_TYPES
+
+    if quantize_weights is False and quantize_type:
+        raise click.UsageError("--quantize_type given but --quantize_weights False")
+    if quantize_weights and not quantize_type:
+        raise click.UsageError("--quantize_weights True needs --quantize_type (int8, int8w, int4w)")
+    if quantize_type and quantize_type not in QUANT_TYPES:
+        raise SpecError(f"unsupported --quantize_type {quantize_type!r}: rayconv writes MaxText's AQT "
+                        f"{', '.join(QUANT_TYPES)} checkpoints; fp8 and other types have no MaxText serving "
+                        "checkpoint format to convert to")
+    kinds = ("unscanned",) if skip_scanned else ("scanned", "unscanned")
+    if quantize_type:
+        kinds += ("int8",)
+    return kinds, quantize_type
+
+
+def _default_output(output_directory: str | None, bucket_name: str | None, model_path: str | None,
+                    model_name: str | None) -> str:
+    if output_directory:
+        return output_directory
+    if bucket_name:
+        return f"gs://{bucket_name}/{(model_path or model_name or 'model').replace(':', '-')}"
+    return DEFAULT_OUTPUT
+
+
+def _fail(exc: ConversionError) -> None:
+    click.echo(f"rayconv: error: {exc}", err=True)
+    sys.exit(1)
+
+
+@click.group()
+@click.version_option(package_name="rayconv")
+def main() -> None:
+    """Convert Meta Llama checkpoints to MaxText (bf16 scanned/unscanned, int8) with Ray."""
+
+
+@main.command()
+@input_options
+@_option("--bucket_name", default=None, help="GCS bucket; output defaults to gs://<bucket>/<model>.")
+@_option("--output_directory", default=None, help=f"Output root (local or gs://). Default ./{DEFAULT_OUTPUT}.")
+@_option("--inference_server", default="jetstream-maxtext", show_default=True,
+         help="Target server; only jetstream-maxtext (MaxText checkpoints).")
+@_option("--quantize_type", default=None, help="int8 (AQT weights + dynamic activations), int8w or int4w.")
+@_option("--quantize_weights", type=click.BOOL, default=None, help="True to also write <out>/int8.")
+@_option("--skip_scanned", is_flag=True, help="Only the unscanned (serving) bf16 checkpoint, not the scanned one.")
+@_option("--restart", is_flag=True, help="Discard a partial or earlier output at the destination and start over.")
+@_option("--compression", type=click.Choice(["none", "zstd"]), default="none", show_default=True,
+         help="zarr codec for the arrays (weights compress little).")
+@engine_options
+@_option("--no_progress", is_flag=True, help="No progress bar / status lines.")
+@click.option("--verbose", "-v", is_flag=True)
+def convert(model_name, model_path, input_directory, meta_url, download_directory, synthetic, num_kv_heads,
+            bucket_name, output_directory, inference_server, quantize_type, quantize_weights, skip_scanned,
+            restart, compression, executor, address, num_workers, worker_memory_gb, no_progress, verbose) -> None:
+    """Convert a Meta checkpoint into MaxText checkpoints under the output directory."""
+    setup_logging(verbose)
+    try:
+        if inference_server not in INFERENCE_SERVERS:
+            raise SpecError(f"unsupported --inference_server {inference_server!r} (supported: "
+                            f"{', '.join(INFERENCE_SERVERS)})")
+        kinds, quantize_type = _kinds(quantize_type, quantize_weights, skip_scanned)
+        files, display, model_name, model_path, kv = _resolve_input(
+            model_name, model_path, input_directory, meta_url, download_directory, synthetic, bucket_name)
+        from rayconv.engine.driver import ConvertOptions, convert as run
+
+        options = ConvertOptions(
+            files=files, input_display=display,
+            output=_default_output(output_directory, bucket_name, model_path, model_name),
+            model_name=model_name, model_path=model_path, kinds=kinds, quantize_type=quantize_type,
+            worker_memory_gb=worker_memory_gb, executor=executor, address=address, num_workers=num_workers,
+            restart=restart, compression=None if compression == "none" else compression,
+            kv_heads=num_kv_heads or kv, progress=not no_progress)
+        result = run(options)
+    except ConversionError as exc:
+        _fail(exc)
+        return
+    LOG.info("Done in %.1f s: read %s, wrote %s, %d units (%d resumed), %d workers, worker peak RSS %s",
+             result.seconds, human_bytes(result.bytes_read), human_bytes(result.bytes_written), result.units_run,
+             result.units_skipped, result.workers, human_bytes(result.worker_peak_rss))
+    for kind, path in result.outputs.items():
+        click.echo(f"{kind}: {path}")
+
+
+@main.command()
+@input_options
+@_option("--quantize_type", default=None)
+@_option("--worker_memory_gb", type=float, default=4.0, show_default=True)
+@_option("--simulate", is_flag=True,
+         help="Plan from --model_path's published dimensions without reading any file (e.g. 405B).")
+@_option("--throughput_mb_s", type=float, default=None,
+         help="Measured per-worker throughput for the wall-time estimate (default: from docs/benchmarks.md).")
+def plan(model_name, model_path, input_directory, meta_url, download_directory, synthetic, num_kv_heads,
+         quantize_type, worker_memory_gb, simulate, throughput_mb_s) -> None:
+    """Print the plan `convert` would execute, and estimates for 8/16/32 workers."""
+    setup_logging()
+    from rayconv.engine import planning
+
+    try:
+        kinds, quantize_type = _kinds(quantize_type, bool(quantize_type) or None, False)
+        if simulate:
+            report = planning.simulate(model_name, model_path, kinds, quantize_type, worker_memory_gb,
+                                       throughput_mb_s)
+        else:
+            files, display, model_name, model_path, kv = _resolve_input(
+                model_name, model_path, input_directory, meta_url, None, synthetic, None)
+            report = planning.report_for_files(files, display, model_name, model_path, num_kv_heads or kv, kinds,
+                                               quantize_type, worker_memory_gb, throughput_mb_s)
+    except ConversionError as exc:
+        _fail(exc)
+        return
+    click.echo(json.dumps(report, indent=2))
+
+
+@main.command()
+@click.argument("preset_or_dims", default="demo")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False))
+@click.option("--n_shards", type=int, default=None)
+@click.option("--n_layers", type=int, default=None)
+@click.option("--seed", type=int, default=None)
+def synthetic(preset_or_dims, out, n_shards, n_layers, seed) -> None:
+    """Write a synthetic Meta-format checkpoint (PRESET: demo, 405b-2gb)."""
+    import dataclasses
+
+    from rayconv import synthetic as syn
+
+    if preset_or_dims not in syn.PRESETS:
+        raise click.UsageError(f"unknown preset {preset_or_dims!r} (choose from {', '.join(syn.PRESETS)})")
+    model = syn.PRESETS[preset_or_dims]
+    changes = {k: v for k, v in {"n_shards": n_shards, "n_layers": n_layers, "seed": seed}.items() if v is not None}
+    model = dataclasses.replace(model, **changes)
+    syn.write_checkpoint(model, out)
+    click.echo(f"wrote {human_bytes(model.nbytes())} synthetic {model.family} checkpoint to {out}")
+
+
+if __name__ == "__main__":
+    main()
