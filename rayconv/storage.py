@@ -147,6 +147,17 @@ class Location:
         info = object_info(self.bucket, self.join(key).path)
         return None if info is None else info["size"]
 
+    def delete(self, key: str) -> None:
+        """Remove one key (no error when it is absent)."""
+        if self.is_local:
+            try:
+                os.remove(os.path.join(self.path, key))
+            except FileNotFoundError:
+                pass
+            return
+        exact = key.encode()
+        self._kvstore().delete_range(ts.KvStore.KeyRange(exact, exact + b"\x00")).result()
+
     def delete_all(self) -> None:
         """Remove everything under this prefix."""
         if self.is_local:
@@ -168,7 +179,7 @@ class Location:
         probe = ".rayconv-write-probe"
         try:
             self.write_bytes(probe, b"ok")
-            self._kvstore().delete(probe).result() if not self.is_local else os.remove(os.path.join(self.path, probe))
+            self.delete(probe)
         except (OSError, ValueError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise OutputError(f"cannot write to {self.uri}: {reason}") from None

@@ -119,7 +119,7 @@ class RayExecutor:
                 yield receipt
         finally:
             for ref in in_flight:
-                ray.cancel(ref, force=True)
+                ray.cancel(ref)
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run fn on the committer actor (the reducer), e.g. the OCDBT merge and commit markers."""
