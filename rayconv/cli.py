@@ -216,6 +216,30 @@ def plan(model_name, model_path, input_directory, meta_url, download_directory, 
 
 
 @main.command()
+@click.argument("source")
+@click.argument("output")
+@_option("--model_name", default=None, help="llama-2, llama-3, llama-3.1 or llama-3.3.")
+@_option("--model_path", default=None, help="Meta model descriptor, e.g. Llama3.1-405B-Instruct:bf16-mp16.")
+@_option("--num_kv_heads", type=int, default=None)
+def verify(source, output, model_name, model_path, num_kv_heads) -> None:
+    """Re-read SOURCE (Meta shards) and prove every leaf under OUTPUT equals its mapping."""
+    setup_logging()
+    from rayconv.engine.driver import ConvertOptions
+    from rayconv.source.checkpoint import list_input
+    from rayconv.verify import verify as run
+
+    try:
+        options = ConvertOptions(files=list_input(source), input_display=source, output=output,
+                                 model_name=model_name, model_path=model_path, kv_heads=num_kv_heads)
+        report = run(options, output)
+    except ConversionError as exc:
+        _fail(exc)
+        return
+    click.echo(f"verified {report.arrays} arrays ({report.regions} regions, {human_bytes(report.bytes_compared)}) "
+               f"in {', '.join(report.outputs)}: identical to the mapping of {source}")
+
+
+@main.command()
 @click.argument("preset_or_dims", default="demo")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False))
 @click.option("--n_shards", type=int, default=None)

@@ -134,8 +134,8 @@ def descriptor_folder(descriptor: str, folder: str | None = None) -> str:
 
 def check_meta_url(meta_url: str) -> None:
     if "*" not in meta_url.split("?", 1)[0]:
-        raise SourceError(f"--meta_url {redact(meta_url)} has no '*' placeholder; paste the full URL "
-                          f"from Meta's e-mail (https://…llamameta.net/*?Policy=…)")
+        raise SourceError(f"--meta_url {redact(meta_url)} has no '*' placeholder; paste the whole URL "
+                          f"from Meta's e-mail (it starts https://…llamameta.net/*)")
     if not meta_url.startswith(("https://", "http://")):
         raise SourceError(f"--meta_url {redact(meta_url)} is not an http(s) URL")
 
@@ -329,18 +329,20 @@ class HashingSource:
     Built for a process that reads one shard front to back (index at the tail, data.pkl, then
     tensors in file order): each read that starts at the hashed frontier extends the hash; a small
     gap before it (zip local headers, padding) is fetched and hashed; concurrent in-order reads wait
-    for the earlier ones instead of losing their data. Reads behind the frontier, or far ahead of
+    for the earlier ones (up to ``patience`` seconds for one not yet started) instead of losing
+    their data. Reads behind the frontier, or far ahead of
     it, are not hashed. :meth:`finish` hashes whatever is left (for an in-order reader: nothing but
     the tail) and compares with ``expected``. Memory: nothing is retained beyond the caller's buffers.
     """
 
     def __init__(self, inner: ByteSource, expected_md5: str | None, name: str, *,
-                 gap_limit: int = 4 * MiB) -> None:
+                 gap_limit: int = 4 * MiB, patience: float = 1.0) -> None:
         self.inner = inner
         self.uri = inner.uri
         self.name = name
         self.expected = expected_md5.lower() if expected_md5 else None
         self.gap_limit = gap_limit
+        self.patience = patience
         self._md5 = hashlib.md5()
         self._frontier = 0
         self._inflight: dict[int, int] = {}  # id → start offset
@@ -372,9 +374,17 @@ class HashingSource:
             raise
         with self._cond:
             del self._inflight[id(token)]
-            # Wait while an earlier read that could still advance the frontier is in flight.
-            while any(self._frontier <= start < offset for start in self._inflight.values()):
-                self._cond.wait()
+            # Wait while an earlier read that could still advance the frontier is in flight, and
+            # give one not yet started (a worker pool racing) ``patience`` seconds to show up.
+            deadline = time.monotonic() + self.patience
+            while True:
+                if any(self._frontier <= start < offset for start in self._inflight.values()):
+                    self._cond.wait()
+                    continue
+                left = deadline - time.monotonic()
+                if offset - self._frontier <= self.gap_limit or left <= 0:
+                    break
+                self._cond.wait(left)
             self._absorb(offset, memoryview(buffer).cast("B"))
             self._cond.notify_all()
 

@@ -16,7 +16,7 @@ import os
 import secrets
 import time
 import zlib
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import tensorstore as ts
@@ -25,10 +25,9 @@ from rayconv import mapping, quantize
 from rayconv.errors import SourceError
 from rayconv.mapping import Rule
 from rayconv.models import ModelSpec
-from rayconv.plan import ArraySpec, Piece, Plan, Unit, aqt_paths, block_region, leaf_paths, scale_shape
+from rayconv.plan import ArraySpec, Piece, Plan, Unit, aqt_paths, block_region, leaf_paths
 from rayconv.sink.layout import OutputLayout, array_spec
 from rayconv.source.bytesource import ByteSource, open_source
-from rayconv.source.pth import TensorInfo
 from rayconv.storage import Location
 
 
@@ -69,6 +68,7 @@ class Receipt:
     crcs: list[tuple[int, str, int, int, int]]  # (shard, tensor, file offset, length, crc32)
     worker: str = ""
     peak_rss: int = 0
+    node: str = ""  # Ray node id, when run on Ray
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -80,7 +80,7 @@ class Receipt:
         return cls(**data)
 
 
-class _Sources:
+class Sources:
     """Opened shard sources, one per shard, reused across the unit's reads."""
 
     def __init__(self, uris: tuple[str, ...]) -> None:
@@ -93,7 +93,7 @@ class _Sources:
         return self._open[shard]
 
 
-def _read_block(piece: Piece, sources: _Sources, crcs: list) -> np.ndarray:
+def read_block(piece: Piece, sources: Sources, crcs: list) -> np.ndarray:
     """Rows [row0, row1) of G: one read, or the same rows of every shard side by side."""
     arrays = []
     for read in piece.reads:
@@ -151,27 +151,31 @@ def _scanned_region(region: tuple[slice, ...], layer: int) -> tuple[slice, ...]:
     return region[:1] + (slice(layer, layer + 1),) + region[1:]
 
 
-def write_piece(ctx: JobContext, rule: Rule, piece: Piece, block: np.ndarray, writer: _Writer) -> None:
-    """Transform one block of G and write it into every requested output."""
+def piece_outputs(ctx: JobContext, rule: Rule, piece: Piece, block: np.ndarray) -> Iterator[
+        tuple[str, tuple[str, ...], tuple[slice, ...], np.ndarray]]:
+    """Everything one block of G becomes: (output kind, leaf path, region, array) per destination.
+
+    The single definition of what rayconv writes; ``run_unit`` writes it and ``rayconv verify``
+    compares it with what is stored.
+    """
     spec = ctx.spec
     array, _ = mapping.to_layer_block(rule, block, piece.row0, spec)
     region = _slices(block_region(rule, spec, piece.row0, piece.row1))
     for kind in ctx.kinds:
         if kind == "scanned":
             if rule.per_layer:
-                writer.write(kind, leaf_paths(rule, 0, kind), _scanned_region(region, piece.layer),
-                             np.expand_dims(array, 1))
+                yield kind, leaf_paths(rule, 0, kind), _scanned_region(region, piece.layer), np.expand_dims(array, 1)
             else:
-                writer.write(kind, leaf_paths(rule, None, kind), region, array)
+                yield kind, leaf_paths(rule, None, kind), region, array
         elif kind == "unscanned" or not rule.quantized:
-            writer.write(kind, leaf_paths(rule, piece.layer, kind), region, array)
+            yield kind, leaf_paths(rule, piece.layer, kind), region, array
         else:
             bits = quantize.QUANT_TYPES[ctx.quantize_type][0]
             qvalue, scale = quantize.quantize(array, rule.contraction, bits)
             qpath, spath = aqt_paths(rule, piece.layer)
-            writer.write(kind, qpath, region, qvalue)
+            yield kind, qpath, region, qvalue
             scale_region = tuple(slice(0, 1) if axis in rule.contraction else s for axis, s in enumerate(region))
-            writer.write(kind, spath, scale_region, scale)
+            yield kind, spath, scale_region, scale
 
 
 def _peak_rss() -> int:
@@ -187,14 +191,15 @@ def run_unit(ctx: JobContext, unit: Unit) -> Receipt:
     """Execute one unit; raises ConversionError on bad input. Safe to run again."""
     start = time.monotonic()
     rules = mapping.rules(ctx.spec)
-    sources = _Sources(ctx.shards)
+    sources = Sources(ctx.shards)
     writer = _Writer(ctx, unit)
     crcs: list = []
     bytes_read = 0
     for piece in unit.pieces:
-        block = _read_block(piece, sources, crcs)
+        block = read_block(piece, sources, crcs)
         bytes_read += sum(r.length for r in piece.reads) + sum(r.length for r in piece.duplicates)
-        write_piece(ctx, rules[piece.rule], piece, block, writer)
+        for kind, path, region, array in piece_outputs(ctx, rules[piece.rule], piece, block):
+            writer.write(kind, path, region, array)
         writer.flush()  # bounded memory: one piece in flight
         del block
     return Receipt(unit=unit.id, dbs=writer.dbs, bytes_read=bytes_read, bytes_written=writer.bytes_written,

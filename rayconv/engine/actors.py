@@ -18,7 +18,9 @@ class ConverterWorker:
         self.ctx = ctx
 
     def run(self, unit: Unit) -> dict[str, Any]:
-        return run_unit(self.ctx, unit).to_json()
+        receipt = run_unit(self.ctx, unit)
+        receipt.node = ray.get_runtime_context().get_node_id()
+        return receipt.to_json()
 
 
 @ray.remote
