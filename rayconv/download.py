@@ -631,8 +631,11 @@ def _stage_file(url: str, name: str, dest: Location, md5: str | None, *, known_s
     # Keep a file to at most ~1000 parts (GCS compose trees, state files), within the budget.
     part_size = max(part_size, -(-size // 1000))
     part_size = -(-part_size // MiB) * MiB
-    window = max(1, min(2 * concurrency, memory_budget // part_size))
-    workers = max(1, min(concurrency, window))
+    # Memory: parts waiting to be hashed (window) plus, for gs://, one more copy per upload in
+    # flight (tensorstore copies the bytes it sends): keep (window + workers) parts in the budget.
+    slots = max(2, memory_budget // part_size)
+    workers = max(1, min(concurrency, slots // 2 if not dest.is_local else slots))
+    window = max(workers, min(2 * concurrency, slots - (0 if dest.is_local else workers)))
     if size <= part_size:
         data = source.read(0, size) if size else b""
         _check_md5(name, md5, hashlib.md5(data).hexdigest())
@@ -662,7 +665,7 @@ def _stage_file(url: str, name: str, dest: Location, md5: str | None, *, known_s
             return index, buf, False
         source.readinto(start, buf)
         if not dest.is_local:
-            buf = memoryview(bytes(buf))  # one copy: the upload and crc32c need bytes
+            buf = memoryview(bytes(buf))  # the upload and crc32c need bytes (the bytearray is freed)
         parts.write(index, buf)
         return index, buf, True
 

@@ -40,12 +40,17 @@ def quantize(kernel: np.ndarray, contraction: tuple[int, ...], bits: int = 8) ->
     absmax = np.max(np.abs(kernel), axis=contraction, keepdims=True)
     absmax = np.where(absmax == 0, np.asarray(1, BF16), absmax)
     scale = (absmax.astype(np.float32) / bound).astype(BF16)
-    inverse = (np.float32(1) / scale.astype(np.float32)).astype(BF16)
-    scaled = (kernel.astype(np.float32) * inverse.astype(np.float32)).astype(BF16)
-    clipped = np.clip(scaled.astype(np.float32), -qmax, qmax)
-    q = np.rint(clipped)  # round half to even
+    inverse = (np.float32(1) / scale.astype(np.float32)).astype(BF16).astype(np.float32)
+    # One float32 work buffer, updated in place: peak memory is 1 kernel + 2 (f32) + 1 (bf16 step).
+    work = kernel.astype(np.float32)
+    np.multiply(work, inverse, out=work)
+    np.copyto(work, work.astype(BF16), casting="unsafe")  # the product is rounded to bf16
+    np.clip(work, -qmax, qmax, out=work)
+    np.rint(work, out=work)  # round half to even
     dtype = QUANT_TYPES["int4w" if bits == 4 else "int8"][1]
-    return q.astype(np.int8).astype(dtype), scale
+    q = work.astype(np.int8)
+    del work
+    return (q if dtype == np.int8 else q.astype(dtype)), scale
 
 
 def dequantize(qvalue: np.ndarray, scale: np.ndarray) -> np.ndarray:

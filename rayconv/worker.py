@@ -25,7 +25,7 @@ from rayconv import mapping, quantize
 from rayconv.errors import SourceError
 from rayconv.mapping import Rule
 from rayconv.models import ModelSpec
-from rayconv.plan import ArraySpec, Piece, Plan, Unit, aqt_paths, block_region, leaf_paths
+from rayconv.plan import ArraySpec, Piece, Plan, Read, Unit, aqt_paths, block_region, leaf_paths
 from rayconv.sink.layout import OutputLayout, array_spec
 from rayconv.source.bytesource import ByteSource, open_source
 from rayconv.storage import Location
@@ -93,26 +93,35 @@ class Sources:
         return self._open[shard]
 
 
+def _read_into(read: Read, sources: Sources, crcs: list, out: np.ndarray | None = None) -> np.ndarray:
+    buffer = np.empty(read.shape, dtype=mapping.BF16) if out is None else out
+    raw = buffer.reshape(-1).view(np.uint8)
+    sources[read.shard].readinto(read.offset, memoryview(raw))
+    crcs.append((read.shard, read.tensor, read.offset, read.length, zlib.crc32(raw)))
+    return buffer
+
+
 def read_block(piece: Piece, sources: Sources, crcs: list) -> np.ndarray:
     """Rows [row0, row1) of G: one read, or the same rows of every shard side by side."""
-    arrays = []
-    for read in piece.reads:
-        buffer = np.empty(read.shape, dtype=mapping.BF16)
-        sources[read.shard].readinto(read.offset, memoryview(buffer.reshape(-1).view(np.uint8)))
-        crcs.append((read.shard, read.tensor, read.offset, read.length, zlib.crc32(buffer.reshape(-1).view(np.uint8))))
-        arrays.append(buffer)
+    if len(piece.reads) == 1:
+        block = _read_into(piece.reads[0], sources, crcs)
+    else:
+        # Assemble in place: peak is the block plus one shard's slice, not twice the block.
+        rows = piece.row1 - piece.row0
+        block = np.empty((rows, sum(r.shape[1] for r in piece.reads)), dtype=mapping.BF16)
+        column = 0
+        for read in piece.reads:
+            part = _read_into(read, sources, crcs)
+            block[:, column:column + part.shape[1]] = part
+            column += part.shape[1]
     for dup in piece.duplicates:
-        copy = np.empty(dup.shape, dtype=mapping.BF16)
-        sources[dup.shard].readinto(dup.offset, memoryview(copy.reshape(-1).view(np.uint8)))
-        crcs.append((dup.shard, dup.tensor, dup.offset, dup.length, zlib.crc32(copy.reshape(-1).view(np.uint8))))
-        if not np.array_equal(copy.view(np.uint16), arrays[0].view(np.uint16)):
+        copy = _read_into(dup, sources, crcs)
+        if not np.array_equal(copy.view(np.uint16), block.view(np.uint16)):
             raise SourceError(
                 f"{piece.reads[0].tensor}: the kv-head copy in shard {dup.shard:02d} differs from shard "
                 f"{piece.reads[0].shard:02d}; shards that should repeat kv heads do not (wrong --model_path "
                 "or corrupt shard)")
-    if len(arrays) == 1:
-        return arrays[0]
-    return np.concatenate(arrays, axis=1)
+    return block
 
 
 def _slices(region: tuple[tuple[int, int], ...]) -> tuple[slice, ...]:
@@ -138,7 +147,8 @@ class _Writer:
             spec = array_spec(self._items[kind], self.ctx.arrays[kind][path], self.dbs[kind], self.ctx.compression)
             store = ts.open(spec, open=True, assume_metadata=True, context=self._context).result()
             self._stores[key] = store
-        self.pending.append(store[region].write(array))
+        # The array is never modified afterwards, so tensorstore may write from it without a copy.
+        self.pending.append(store[region].write(array, can_reference_source_data_indefinitely=True))
         self.bytes_written += array.nbytes
 
     def flush(self) -> None:

@@ -131,7 +131,6 @@ class HttpFile:
         self.retries = DEFAULT_RETRIES if retries is None else retries
         self.timeout = urllib3.Timeout(connect=min(30.0, timeout), read=timeout)
         self._size = size if size is not None else _SIZES.get(redact(url))
-        self._abort = threading.Event()
 
     def __repr__(self) -> str:
         return f"HttpFile({redact(self.uri)!r})"
