@@ -35,19 +35,20 @@ class VerifyReport:
     bytes_compared: int
 
 
-def _present_kinds(out: Location) -> dict[str, Location]:
-    found = {}
-    for kind, layout in output_layouts(out).items():
-        item = layout.item(staging=False)
-        if item.read_bytes("commit_success.txt") is not None or (item.is_local and item.exists("_METADATA")):
-            found[kind] = item
-    return found
+def _present_kinds(out: Location) -> tuple[dict[str, Location], str | None]:
+    """Committed (or, locally, fully written) outputs under ``out``, and the AQT type if any."""
+    from rayconv.quantize import QUANT_TYPES
 
-
-def _stored_dtype(item: Location, array: ArraySpec) -> str:
-    store = ts.KvStore.open(ocdbt_kvstore(item)).result()
-    meta = store.read(f"{array.param_name}/zarr.json").result()
-    return json.loads(bytes(meta.value))["data_type"] if meta.state == "value" else "missing"
+    found, quantize_type = {}, None
+    for qtype in (None, *QUANT_TYPES):
+        for kind, layout in output_layouts(out, qtype).items():
+            if kind in found or (kind == "int8") != (qtype is not None):
+                continue
+            item = layout.item(staging=False)
+            if item.read_bytes("commit_success.txt") is not None or (item.is_local and item.exists("_METADATA")):
+                found[kind] = item
+                quantize_type = qtype if kind == "int8" else quantize_type
+    return found, quantize_type
 
 
 def _check_tree(kind: str, item: Location, arrays: list[ArraySpec]) -> None:
@@ -66,23 +67,16 @@ def _check_tree(kind: str, item: Location, arrays: list[ArraySpec]) -> None:
 
 def verify(options: ConvertOptions, output: str) -> VerifyReport:
     out = Location.parse(output)
-    present = _present_kinds(out)
+    present, quantize_type = _present_kinds(out)
     if not present:
         raise VerificationError(f"no committed rayconv/MaxText checkpoint under {out.uri}")
     checkpoint = open_checkpoint(options)
-    quantize_type = None
-    if "int8" in present:
-        # int8 and int8w store the same tree and numerics; int4w stores int4.
-        probe = dataclasses.replace(options, kinds=("int8",), quantize_type="int8")
-        first = make_plan(checkpoint, probe).arrays("int8")
-        qvalue = next(a for a in first if a.path[-1] == "qvalue")
-        quantize_type = "int4w" if _stored_dtype(present["int8"], qvalue) == "int4" else "int8"
     kinds = tuple(k for k in ("scanned", "unscanned", "int8") if k in present)
     plan = make_plan(checkpoint, dataclasses.replace(options, kinds=kinds, quantize_type=quantize_type))
     for kind in kinds:
         _check_tree(kind, present[kind], plan.arrays(kind))
 
-    layouts = output_layouts(out)
+    layouts = output_layouts(out, quantize_type)
     ctx = JobContext.create(plan, layouts, None)
     stores: dict[tuple[str, tuple[str, ...]], ts.TensorStore] = {}
     arrays = {k: {a.path: a for a in plan.arrays(k)} for k in kinds}

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from rayconv.synthetic import SyntheticModel
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from conftest_storage import *  # noqa: E402,F401,F403  (fake GCS + signed-URL server fixtures)
@@ -41,6 +43,39 @@ def reference():
     ref = MaxTextReference(CACHE / "maxtext-ref")
     ref.check_available()  # a missing reference env is a failure, never a skip
     return ref
+
+
+# head_dim 32 (bf16(sqrt(32)) = 5.65625 is inexact, so the query rounding is exercised).
+MODELS = {
+    "llama2-mp2": (SyntheticModel(family="llama-2", dim=256, n_layers=2, n_heads=8, n_kv_heads=8, vocab_size=512,
+                                  multiple_of=64, ffn_dim_multiplier=None, n_shards=2, seed=2), None),
+    "llama3-mp1": (SyntheticModel(family="llama-3", dim=256, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=512,
+                                  multiple_of=64, n_shards=1, seed=3), None),
+    "llama31-mp8": (SyntheticModel(family="llama-3.1", dim=256, n_layers=2, n_heads=8, n_kv_heads=8,
+                                   vocab_size=512, multiple_of=64, n_shards=8, seed=4), None),
+    # The 405B MP16 layout: 16 shards, 8 real kv heads repeated on shard pairs, params.json says 16.
+    "llama31-405b-mp16": (SyntheticModel(family="llama-3.1", dim=512, n_layers=2, n_heads=16, n_kv_heads=8,
+                                         vocab_size=1024, multiple_of=64, ffn_dim_multiplier=1.2, n_shards=16,
+                                         seed=5), "Llama3.1-405B-Instruct:bf16-mp16"),
+}
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory, ray_session):
+    """rayconv output per model: one pass writing scanned, unscanned and int8."""
+    results = {}
+
+    def get(name: str):
+        if name not in results:
+            model, descriptor = MODELS[name]
+            out = tmp_path_factory.mktemp(name)
+            run_convert(synthetic_checkpoint(model), out, model_name=model.family, model_path=descriptor,
+                        kinds=("scanned", "unscanned", "int8"), quantize_type="int8")
+            results[name] = out
+        return results[name]
+
+    return get
+
 
 
 def synthetic_checkpoint(model) -> Path:

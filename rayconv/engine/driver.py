@@ -149,7 +149,7 @@ def convert(options: ConvertOptions) -> ConvertResult:
              summary["pieces"], human_bytes(summary["largest_piece_bytes"]), ", ".join(plan.kinds))
 
     out = Location.parse(options.output)
-    layouts = output_layouts(out)
+    layouts = output_layouts(out, plan.quantize_type)
     ledger, record = _prepare_output(out, layouts, plan.kinds, options.restart, plan.fingerprint(), summary,
                                      started_ns)
     started_ns = record.get("started_ns", started_ns)

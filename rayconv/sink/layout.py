@@ -5,7 +5,8 @@ The three outputs use the layouts MaxText and JetStream read:
 * ``<out>/bf16/scanned/0/items`` and ``<out>/bf16/unscanned/checkpoints/0/items``: an Orbax
   CheckpointManager step (``_CHECKPOINT_METADATA`` + ``commit_success.txt`` in the step dir, the
   PyTree item in ``items/``);
-* ``<out>/int8``: a bare PyTreeCheckpointer directory, as ``load_and_quantize_checkpoint`` saves it.
+* ``<out>/int8`` (or ``<out>/int8w``, ``<out>/int4w``): a bare PyTreeCheckpointer directory, as
+  ``load_and_quantize_checkpoint`` saves it.
 
 Each item is an OCDBT database of zarr3 arrays keyed ``params.params.decoder…/``. Workers write
 chunks into their own child databases (``items/ocdbt.process_<db>/``); the committer merges them
@@ -64,11 +65,12 @@ class OutputLayout:
         return self.item(staging=False)
 
 
-def output_layouts(out: Location) -> dict[str, OutputLayout]:
+def output_layouts(out: Location, quantize_type: str | None = None) -> dict[str, OutputLayout]:
+    """Output locations; the AQT checkpoint's directory is named after its type (``<out>/int8``)."""
     return {
         "scanned": OutputLayout("scanned", out.join("bf16", "scanned", "0"), True),
         "unscanned": OutputLayout("unscanned", out.join("bf16", "unscanned", "checkpoints", "0"), True),
-        "int8": OutputLayout("int8", out.join("int8"), False),
+        "int8": OutputLayout("int8", out.join(quantize_type or "int8"), False),
     }
 
 
