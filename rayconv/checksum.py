@@ -8,6 +8,7 @@ byte anywhere in a record that was read fails the conversion before anything is 
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable
 
 _POLY = 0xEDB88320
@@ -27,27 +28,34 @@ def _gf2_square(mat: list[int]) -> list[int]:
     return [_gf2_times(mat, mat[n]) for n in range(32)]
 
 
-def combine(crc1: int, crc2: int, len2: int) -> int:
-    """CRC-32 of A+B from crc(A), crc(B) and len(B)."""
-    if len2 <= 0:
-        return crc1
-    odd = [_POLY] + [1 << n for n in range(31)]  # operator for one zero bit
+@functools.lru_cache(maxsize=64)
+def _shift_operator(length: int) -> tuple[int, ...]:
+    """The GF(2) matrix that appends ``length`` zero bytes to a CRC (segments repeat lengths: cache it)."""
+    result = [1 << n for n in range(32)]  # identity
+    odd = [_POLY] + [1 << n for n in range(31)]  # one zero bit
     even = _gf2_square(odd)  # two zero bits
     odd = _gf2_square(even)  # four zero bits
     while True:
         even = _gf2_square(odd)
-        if len2 & 1:
-            crc1 = _gf2_times(even, crc1)
-        len2 >>= 1
-        if not len2:
+        if length & 1:
+            result = [_gf2_times(even, v) for v in result]
+        length >>= 1
+        if not length:
             break
         odd = _gf2_square(even)
-        if len2 & 1:
-            crc1 = _gf2_times(odd, crc1)
-        len2 >>= 1
-        if not len2:
+        if length & 1:
+            result = [_gf2_times(odd, v) for v in result]
+        length >>= 1
+        if not length:
             break
-    return crc1 ^ crc2
+    return tuple(result)
+
+
+def combine(crc1: int, crc2: int, len2: int) -> int:
+    """CRC-32 of A+B from crc(A), crc(B) and len(B)."""
+    if len2 <= 0:
+        return crc1
+    return _gf2_times(list(_shift_operator(len2)), crc1) ^ crc2
 
 
 def combine_segments(segments: Iterable[tuple[int, int, int]]) -> tuple[int, int] | None:

@@ -96,7 +96,9 @@ def _resolve_input(model_name, model_path, input_directory, meta_url, download_d
             staged = download.stage(meta_url, model_path, download_directory)
             return list_input(str(staged)), str(staged), model_name, model_path, None
         files = download.resolve_input(meta_url, model_path)
-        return files, f"{download.redact(meta_url)} ({model_path})", model_name, model_path, None
+        from rayconv.source.http import redact
+
+        return files, f"{redact(meta_url)} ({model_path})", model_name, model_path, None
     return list_input(input_directory), input_directory, model_name, model_path, None
 
 

@@ -123,8 +123,14 @@ def meta_model(descriptor: str, folder: str | None = None) -> MetaModel:
                                   f"(expected bf16-mp16, bf16-mp8, or none for FP8)")
         legacy.insert(0, f"Meta-{name}")
     return MetaModel(descriptor=descriptor, folder=folder or name, shards=shards, fp8=fp8,
-                     shard_bytes=None if folder else KNOWN_SHARD_BYTES.get(name),
+                     shard_bytes=None if folder or _ignore_known_sizes() else KNOWN_SHARD_BYTES.get(name),
                      legacy_folders=() if folder else tuple(legacy))
+
+
+def _ignore_known_sizes() -> bool:
+    """``RAYCONV_META_SHARD_SIZES=ignore``: trust Content-Range instead of llama-models' published shard
+    sizes (for a re-published release, or a synthetic checkpoint served under a real descriptor)."""
+    return os.environ.get("RAYCONV_META_SHARD_SIZES", "").lower() == "ignore"
 
 
 def descriptor_folder(descriptor: str, folder: str | None = None) -> str:
@@ -542,19 +548,20 @@ class _GcsParts(_Parts):
         target = self.dest.join(self.name).path
         compose(bucket, names, target, scratch_prefix=self.scratch.path + "/")
         info = object_info(bucket, target)
+        problem = None
         if info is None or info["size"] != self.size:
-            raise SourceError(f"{self.name}: composed object has {info and info['size']} bytes, "
-                              f"expected {self.size}; rerun to stage it again")
-        if crc32c is not None and info.get("crc32c"):
+            problem = f"the composed object has {info and info['size']} bytes, expected {self.size}"
+        elif crc32c is not None and info.get("crc32c"):
             import base64
 
-            stored = int.from_bytes(base64.b64decode(info["crc32c"]), "big")
-            if stored != crc32c:
-                from rayconv.source.gcs import delete_objects
+            if int.from_bytes(base64.b64decode(info["crc32c"]), "big") != crc32c:
+                problem = "the object in the bucket does not match the bytes downloaded (crc32c)"
+        if problem:
+            from rayconv.source.gcs import delete_objects
 
-                delete_objects(bucket, [target])
-                raise SourceError(f"{self.name}: the object in the bucket does not match the bytes "
-                                  f"downloaded (crc32c); rerun to stage it again")
+            delete_objects(bucket, [target])
+            self.scratch.delete_all()  # the parts are suspect: fetch them again
+            raise SourceError(f"{self.name}: {problem}; the staged copy was deleted, rerun to stage it again")
         self.scratch.delete_all()
 
     def discard(self) -> None:

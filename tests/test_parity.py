@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import MODELS, synthetic_checkpoint
+from conftest import MODELS, run_convert, synthetic_checkpoint
 
 def assert_same_leaves(ours, theirs):
     from reference import read_leaves
@@ -81,3 +81,57 @@ def test_maxtext_loads_rayconv_output(kind, subdir, converted, reference):
     for key, leaf in restored.items():
         assert key in ours, key
         assert leaf["sha256"] == ours[key]["sha256"], key
+
+
+def _orbax_restore(path):
+    import orbax.checkpoint as ocp
+
+    return ocp.PyTreeCheckpointer().restore(str(path))
+
+
+def _flatten(tree, prefix=()):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _flatten(value, prefix + (str(key),))
+    elif isinstance(tree, (list, tuple)):
+        for index, value in enumerate(tree):
+            yield from _flatten(value, prefix + (str(index),))
+    elif tree is not None:
+        yield "/".join(prefix), tree
+
+
+@pytest.mark.parametrize("subdir", ["bf16/scanned/0/items", "bf16/unscanned/checkpoints/0/items", "int8"])
+def test_plain_orbax_restores_the_whole_tree(subdir, converted):
+    """No abstract tree, no shardings: Orbax alone restores every leaf, step included."""
+    from reference import read_leaves
+
+    path = converted("llama31-405b-mp16") / subdir
+    restored = {k: np.asarray(v) for k, v in _flatten(_orbax_restore(path))}
+    stored = read_leaves(path)
+    assert sorted(restored) == sorted(stored)
+    for key, value in stored.items():
+        assert restored[key].dtype == value.dtype and restored[key].tobytes() == value.tobytes(), key
+    if subdir != "int8":
+        assert int(restored["step"]) == 0
+
+
+def test_all_zero_chunks_are_stored(tmp_path, ray_session):
+    """Orbax restores without filling missing chunks, so chunks equal to the fill value must exist."""
+    import shutil
+
+    import torch
+
+    model, descriptor = MODELS["llama31-mp8"]
+    src = tmp_path / "src"
+    shutil.copytree(synthetic_checkpoint(model), src)
+    for shard in range(model.n_shards):
+        path = src / f"consolidated.{shard:02d}.pth"
+        state = torch.load(path, weights_only=True)
+        state["layers.1.attention.wq.weight"].zero_()
+        torch.save(state, path)
+    run_convert(src, tmp_path / "out", model_name=model.family, kinds=("scanned", "unscanned", "int8"),
+                quantize_type="int8")
+    tree = _orbax_restore(tmp_path / "out/bf16/unscanned/checkpoints/0/items")
+    assert not np.asarray(tree["params"]["params"]["decoder"]["layers_1"]["self_attention"]["query"]["kernel"]).any()
+    q = _orbax_restore(tmp_path / "out/int8")["params"]["aqt"]["decoder"]["layers_1"]["self_attention"]["query"]
+    assert not np.asarray(q["AqtDotGeneral_0"]["qrhs"]["frozen"]["qvalue"]).any()

@@ -109,7 +109,8 @@ def merge_databases(item: Location, arrays: list[ArraySpec], dbs: Iterable[str],
         step_spec = {"driver": "zarr3", "kvstore": dict(ocdbt_kvstore(item), path="step/"),
                      "metadata": {"shape": [], "data_type": "int64", "fill_value": 0,
                                   "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": []}},
-                                  "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}]}}
+                                  "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}]},
+                     "store_data_equal_to_fill_value": True}
         step = ts.open(step_spec, create=True, context=context, transaction=txn).result()
         step.write(np.asarray(0, dtype=np.int64)).result()
     target = root.with_transaction(txn)

@@ -100,4 +100,7 @@ def zarr3_metadata(array: ArraySpec, compression: str | None = None) -> dict[str
 
 def array_spec(item: Location, array: ArraySpec, db: str | None, compression: str | None) -> dict[str, Any]:
     kvstore = dict(ocdbt_kvstore(item, db), path=array.param_name + "/")
-    return {"driver": "zarr3", "kvstore": kvstore, "metadata": zarr3_metadata(array, compression)}
+    # Orbax stores chunks equal to the fill value (its _METADATA says so) and restores with no fill for
+    # missing chunks: an all-zero chunk (or the step scalar 0) must still be written.
+    return {"driver": "zarr3", "kvstore": kvstore, "metadata": zarr3_metadata(array, compression),
+            "store_data_equal_to_fill_value": True}

@@ -101,6 +101,8 @@ class RangeFile(io.RawIOBase):
 
 
 _OPENERS: dict[str, type] = {}
+#: Modules that register openers, imported on first use of their scheme (in drivers and workers alike).
+_LAZY = {"gs://": "rayconv.source.gcs", "http://": "rayconv.source.http", "https://": "rayconv.source.http"}
 
 
 def register_scheme(prefix: str, opener: type) -> None:
@@ -109,9 +111,14 @@ def register_scheme(prefix: str, opener: type) -> None:
 
 
 def open_source(uri: str) -> ByteSource:
+    for prefix, module in _LAZY.items():
+        if uri.startswith(prefix) and prefix not in _OPENERS:
+            import importlib
+
+            importlib.import_module(module)
     for prefix, opener in _OPENERS.items():
         if uri.startswith(prefix):
             return opener(uri)
     if "://" in uri:
-        raise SourceError(f"unsupported source {uri!r}")
+        raise SourceError(f"unsupported source {uri.split('?', 1)[0]!r}")
     return LocalFile(uri)

@@ -1,0 +1,599 @@
+"""MaxText reference harness, used by the tests in the MAIN env (Python 3.11).
+
+rayconv's parity tests compare its output bit-for-bit with what MaxText's OWN converter scripts write for
+the same synthetic input, and check that MaxText's own loader restores what rayconv writes. MaxText
+(0.2.4, classic Linen layout) needs Python 3.12 and a different jax, so it runs in a separate venv: the
+scripts in ``tests/maxtext_ref/`` are executed there through ``subprocess``.
+
+* ``RAYCONV_REF_PYTHON``   - the reference env's python (default ``<repo>/.venvs/ref/bin/python``)
+* ``RAYCONV_MAXTEXT_PATH`` - maxtext 0.2.4 installed with ``pip install --no-deps --target`` (default
+  ``<repo>/.venvs/maxtext-0.2.4``); put first on the child's PYTHONPATH
+* ``RAYCONV_REF_CACHE``    - default cache directory (default ``<repo>/.cache/maxtext-ref``)
+
+Every MaxText run costs ~10-15 s and ~1.8 GB RSS just to import torch/TF/jax, so all outputs are cached
+under ``cache_dir``, keyed by a hash of the model spec, the script sources (``tests/maxtext_ref/*.py``,
+so editing a script invalidates its entries) and the installed maxtext version. Entries are built in a
+temp dir and renamed into place; a file lock per entry makes concurrent test processes share one run,
+and a global lock keeps at most one MaxText process running at a time (2-core machine).
+
+Main API::
+
+    ref = MaxTextReference(cache_dir)               # or MaxTextReference() for the default
+    ref.scanned(model, src_dir=None)    -> Path     # <...>/0/items (llama_or_mistral_ckpt)
+    ref.unscanned(model, src_dir=None)  -> Path     # <...>/checkpoints/0/items (generate_param_only_checkpoint)
+    ref.quantized(model, src_dir=None, quant="int8") -> Path   # save_quantized_params_path dir (load_and_quantize_checkpoint)
+    ref.load_check(model, path, kind)   -> dict     # MaxEngine.load_params summary; raises if MaxText can't restore
+    ref.logits(model, path, kind)       -> np.ndarray [n_tokens, vocab] float32
+    read_leaves(path) -> {"params/params/...": np.ndarray}   # every stored array, stored dtype
+    read_metadata(path) -> dict (parsed _METADATA);  metadata_tree(path) -> {"a/b/c": value_metadata}
+
+``model`` is a :class:`rayconv.synthetic.SyntheticModel` (or a dict of its fields). ``src_dir`` may be a
+checkpoint already written with ``write_checkpoint(model, ...)``; if omitted the harness writes (and caches)
+one itself. ``kind`` is one of ``scanned, unscanned, int8, int8w, int4w``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS_DIR = Path(__file__).resolve().parent / "maxtext_ref"
+
+KINDS = ("scanned", "unscanned", "int8", "int8w", "int4w")
+QUANT_KINDS = ("int8", "int8w", "int4w")
+DEFAULT_TOKENS = (1, 7, 42, 3, 99, 250, 17, 5)
+
+#: Bump to invalidate every cached entry (the script sources are hashed in as well).
+HARNESS_VERSION = "1"
+
+
+class ReferenceError(RuntimeError):
+    """A MaxText reference script failed. The message carries the command and the tail of its output."""
+
+
+class ReferenceUnsupported(ReferenceError):
+    """MaxText's scripts cannot produce this model/layout (e.g. kv step != 2, llama-3 with MP > kv heads)."""
+
+
+class ReferenceEnvMissing(ReferenceError):
+    """The reference env (python or maxtext dir) is not installed."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Environment
+
+
+def ref_python() -> Path:
+    return Path(os.environ.get("RAYCONV_REF_PYTHON") or REPO / ".venvs" / "ref" / "bin" / "python")
+
+
+def maxtext_path() -> Path:
+    return Path(os.environ.get("RAYCONV_MAXTEXT_PATH") or REPO / ".venvs" / "maxtext-0.2.4")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("RAYCONV_REF_CACHE") or REPO / ".cache" / "maxtext-ref")
+
+
+def maxtext_version() -> str:
+    infos = sorted(p.name for p in maxtext_path().glob("maxtext-*.dist-info"))
+    return infos[-1] if infos else "unknown"
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") if the reference env looks usable, else (False, why) - for pytest.skip."""
+    py, mt = ref_python(), maxtext_path()
+    if not py.exists():
+        return False, f"reference python {py} not found (set RAYCONV_REF_PYTHON)"
+    if not (mt / "maxtext" / "checkpoint_conversion").is_dir():
+        return False, f"maxtext not found under {mt} (set RAYCONV_MAXTEXT_PATH)"
+    return True, ""
+
+
+def child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS", "PYTHONHOME")}
+    env.update(
+        PYTHONPATH=str(maxtext_path()),
+        RAYCONV_MAXTEXT_PATH=str(maxtext_path()),
+        DECOUPLE_GCLOUD="TRUE",
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+# --------------------------------------------------------------------------------------------------
+# Model spec and hashing
+
+
+def model_spec(model: Any) -> dict:
+    """JSON-able dict the ref scripts take: the SyntheticModel fields plus head_dim and ffn_dim."""
+    if isinstance(model, Mapping):
+        spec = dict(model)
+        if "head_dim" not in spec or "ffn_dim" not in spec:
+            from rayconv.synthetic import SyntheticModel
+
+            m = SyntheticModel(**{k: v for k, v in spec.items() if k not in ("head_dim", "ffn_dim")})
+            spec.update(head_dim=m.head_dim, ffn_dim=m.ffn_dim)
+        return spec
+    spec = dataclasses.asdict(model)
+    spec.update(head_dim=model.head_dim, ffn_dim=model.ffn_dim)
+    return spec
+
+
+def _ref_common():
+    """tests/maxtext_ref/_common.py imported in THIS env (it has no heavy module-level imports)."""
+    import importlib.util
+
+    mod = sys.modules.get("_rayconv_maxtext_ref_common")
+    if mod is None:
+        spec = importlib.util.spec_from_file_location("_rayconv_maxtext_ref_common", SCRIPTS_DIR / "_common.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        sys.modules["_rayconv_maxtext_ref_common"] = mod
+    return mod
+
+
+def maxtext_model_name(model: Any) -> str:
+    """The MaxText model name the harness registers the synthetic dims under (see _common.model_name);
+    raises ReferenceUnsupported when MaxText's scripts cannot convert this layout."""
+    common = _ref_common()
+    try:
+        return common.model_name(model_spec(model))
+    except common.Unsupported as e:
+        raise ReferenceUnsupported(str(e)) from None
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def script_hash(*names: str) -> str:
+    digest = hashlib.sha256()
+    for name in ("_common.py",) + names:
+        digest.update(name.encode())
+        digest.update((SCRIPTS_DIR / name).read_bytes())
+    return digest.hexdigest()
+
+
+def path_fingerprint(path: str | Path, full_limit: int = 256 << 20) -> str:
+    """Content hash of a checkpoint directory (or file): file names + bytes; for trees larger than
+    ``full_limit`` bytes, names + sizes + mtimes instead."""
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    total = sum(p.stat().st_size for p in files)
+    digest = hashlib.sha256(str(total).encode())
+    for p in files:
+        st = p.stat()
+        digest.update(str(p.relative_to(root) if p != root else p.name).encode() + b"\0")
+        if total <= full_limit:
+            digest.update(p.read_bytes())
+        else:
+            digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading Orbax checkpoints in the main env (tensorstore; OCDBT or plain, zarr3 or zarr2)
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The parsed ``_METADATA`` of an Orbax PyTree checkpoint dir (``.../0/items`` or a quantized dir)."""
+    return json.loads((Path(path) / "_METADATA").read_text())
+
+
+def _meta_keys(entry: dict, fallback: str) -> tuple[str, ...]:
+    if "key_metadata" in entry:
+        return tuple(str(k["key"]) for k in entry["key_metadata"])
+    import ast
+
+    return tuple(str(k) for k in ast.literal_eval(fallback))
+
+
+def metadata_tree(path: str | Path) -> dict[str, dict]:
+    """{'/'-joined tree path: value_metadata} for every entry of ``_METADATA`` (arrays, scalars, empty
+    Dict/List and None placeholders), e.g. ``{'params/params/decoder/decoder_norm/scale':
+    {'value_type': 'jax.Array', 'skip_deserialize': False, 'write_shape': [256]}, 'step': {...}}``."""
+    meta = read_metadata(path)
+    return {
+        "/".join(_meta_keys(entry, key)): entry.get("value_metadata", {})
+        for key, entry in meta["tree_metadata"].items()
+    }
+
+
+_ARRAY_TYPES = ("jax.Array", "np.ndarray", "scalar")
+
+
+def _open_leaf(root: Path, name: str, meta: dict, context):
+    import tensorstore as ts
+
+    base = "file://" + str(root.resolve()) + "/"
+    if meta.get("use_ocdbt", True):
+        kvstore = {"driver": "ocdbt", "base": base, "path": name + "/"}
+    else:
+        kvstore = {"driver": "file", "path": str(root.resolve() / name) + "/"}
+    driver = "zarr3" if meta.get("use_zarr3", False) else "zarr"
+    return ts.open({"driver": driver, "kvstore": kvstore}, context=context, open=True, read=True).result()
+
+
+def read_leaves(path: str | Path, prefix: str | None = None) -> dict[str, np.ndarray]:
+    """Every stored array/scalar leaf of an Orbax checkpoint as numpy with its STORED dtype
+    (bf16 -> ml_dtypes.bfloat16, int8, int4 -> ml_dtypes.int4, ...), keyed by '/'-joined tree path,
+    e.g. ``params/params/decoder/layers/self_attention/query/kernel`` or ``step``.
+    ``prefix`` keeps only paths starting with it. Placeholders (empty dicts, None, lists) are skipped."""
+    import tensorstore as ts
+
+    root = Path(path)
+    meta = read_metadata(root)
+    context = ts.Context()
+    out: dict[str, np.ndarray] = {}
+    for key, entry in meta["tree_metadata"].items():
+        vm = entry.get("value_metadata", {})
+        if vm.get("value_type") not in _ARRAY_TYPES or vm.get("skip_deserialize"):
+            continue
+        keys = _meta_keys(entry, key)
+        joined = "/".join(keys)
+        if prefix and not joined.startswith(prefix):
+            continue
+        store = _open_leaf(root, ".".join(keys), meta, context)
+        out[joined] = np.asarray(store.read().result())
+    return out
+
+
+def leaf_checksum(arr: np.ndarray) -> str:
+    """sha256 of the native bytes, as reported per leaf by ``load_check`` (ref env)."""
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+
+def leaves_summary(path: str | Path) -> dict[str, dict]:
+    """{path: {shape, dtype, sha256}} of the stored leaves under ``params/`` (comparable with load_check)."""
+    return {
+        k: {"shape": list(v.shape), "dtype": str(v.dtype), "sha256": leaf_checksum(v)}
+        for k, v in read_leaves(path, prefix="params/").items()
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# The harness
+
+
+@contextlib.contextmanager
+def _flock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@dataclasses.dataclass
+class RunRecord:
+    script: str
+    seconds: float  # wall time of the build (0 when served from the cache)
+    cached: bool
+    entry: str
+    max_rss_mb: float | None = None  # peak RSS of the MaxText child process
+
+
+class MaxTextReference:
+    """Runs MaxText 0.2.4's own converters/loaders in the reference env, with an on-disk cache."""
+
+    def __init__(self, cache_dir: str | Path | None = None, *, timeout: float = 1200, serialize: bool = True):
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.timeout = timeout
+        self.serialize = serialize
+        self.runs: list[RunRecord] = []
+        self.last_run: dict | None = None
+
+    # ---------------------------------------------------------------- plumbing
+    def check_available(self) -> None:
+        ok, why = available()
+        if not ok:
+            raise ReferenceEnvMissing(why)
+
+    def _entry(self, kind: str, key_obj: Any) -> Path:
+        key = _sha({"harness": HARNESS_VERSION, "maxtext": maxtext_version(), **key_obj})[:20]
+        return self.cache_dir / f"{kind}-{key}"
+
+    def _cached(self, entry: Path, build, script: str) -> Path:
+        """Return ``entry`` once it holds a complete result; ``build(tmp_dir)`` fills a fresh dir."""
+        done = entry / "DONE"
+        if done.exists():
+            self.runs.append(RunRecord(script, 0.0, True, entry.name))
+            return entry
+        with _flock(self.cache_dir / "locks" / f"{entry.name}.lock"):
+            if done.exists():
+                self.runs.append(RunRecord(script, 0.0, True, entry.name))
+                return entry
+            tmp = self.cache_dir / f".tmp-{entry.name}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir(parents=True)
+            try:
+                t0 = time.time()
+                self.last_run = None
+                build(tmp)
+                seconds = time.time() - t0
+                rss = (self.last_run or {}).get("max_rss_mb")
+                (tmp / "DONE").write_text(
+                    json.dumps({"seconds": round(seconds, 2), "max_rss_mb": rss, "created": time.time()})
+                )
+                if entry.exists():
+                    shutil.rmtree(entry)
+                os.replace(tmp, entry)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+            self.runs.append(RunRecord(script, seconds, False, entry.name, rss))
+            return entry
+
+    def _run(self, script: str, args: list[str], log_dir: Path) -> str:
+        """Run a ref script; return its stdout. Raises ReferenceError (or ReferenceUnsupported for exit 3).
+        Wall time and the child's peak RSS go to ``self.last_run`` and ``<cache>/logs/<entry>/``."""
+        self.check_available()
+        cmd = [str(ref_python()), str(SCRIPTS_DIR / script), *map(str, args)]
+        # Keep the logs outside the (deleted-on-failure) temp entry dir: <cache>/logs/<entry>/.
+        name = log_dir.name
+        if name.startswith(".tmp-"):
+            name = name[len(".tmp-") :].rsplit("-", 1)[0]
+        log_dir = self.cache_dir / "logs" / name
+        log_dir.mkdir(parents=True, exist_ok=True)
+        out_path, err_path = log_dir / f"{script}.stdout.log", log_dir / f"{script}.stderr.log"
+        lock = _flock(self.cache_dir / "locks" / "maxtext-run.lock") if self.serialize else contextlib.nullcontext()
+        with (
+            lock,
+            tempfile.TemporaryDirectory(prefix="maxtext-ref-cwd-") as cwd,
+            open(out_path, "w") as out_f,
+            open(err_path, "w") as err_f,
+        ):
+            t0 = time.time()
+            proc = subprocess.Popen(cmd, cwd=cwd, env=child_env(), stdout=out_f, stderr=err_f, text=True)
+            timer = threading.Timer(self.timeout, proc.kill)
+            timer.start()
+            try:
+                _, status, usage = os.wait4(proc.pid, 0)
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+            finally:
+                timer.cancel()
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            seconds = time.time() - t0
+        timed_out = seconds >= self.timeout and proc.returncode < 0
+        rss_mb = usage.ru_maxrss / 1024  # KiB on Linux
+        self.last_run = {"script": script, "seconds": round(seconds, 2), "max_rss_mb": round(rss_mb, 1)}
+        (log_dir / f"{script}.run.json").write_text(json.dumps({**self.last_run, "cmd": cmd, "rc": proc.returncode}))
+        stdout, stderr = out_path.read_text(), err_path.read_text()
+        if timed_out:
+            raise ReferenceError(f"{script} timed out after {self.timeout} s\n$ {' '.join(cmd)}\nlogs in {log_dir}")
+        if proc.returncode != 0:
+            lines = stderr.strip().splitlines() or stdout.strip().splitlines()
+            unsupported = [ln for ln in lines if ln.startswith("UNSUPPORTED:")]
+            if proc.returncode == 3 and unsupported:
+                raise ReferenceUnsupported(unsupported[-1][len("UNSUPPORTED: ") :])
+            failed = [ln for ln in lines if ln.startswith("REF_FAILED:")]
+            # The script's own problem list ("MaxText could not restore ...") comes before REF_FAILED.
+            detail = [ln for ln in lines if ln.startswith(("MaxText could not restore", "  - "))][:40]
+            tail = "\n".join(lines[-40:])
+            raise ReferenceError(
+                f"MaxText reference script {script} failed (exit {proc.returncode}, {seconds:.1f} s): "
+                f"{failed[-1][len('REF_FAILED: ') :] if failed else 'no REF_FAILED line'}\n"
+                + ("\n".join(detail) + "\n" if detail else "")
+                + f"$ {' '.join(cmd)}\n--- stderr tail (full logs in {log_dir}) ---\n{tail}"
+            )
+        return stdout
+
+    def _model_file(self, entry_tmp: Path, spec: dict) -> Path:
+        p = entry_tmp / "model.json"
+        p.write_text(json.dumps(spec, sort_keys=True))
+        return p
+
+    # ---------------------------------------------------------------- synthetic source
+    def source(self, model: Any) -> Path:
+        """A cached Meta-format synthetic checkpoint for ``model`` (written in the main env)."""
+        spec = model_spec(model)
+
+        def build(tmp: Path) -> None:
+            from rayconv.synthetic import SyntheticModel, write_checkpoint
+
+            m = (
+                model
+                if not isinstance(model, Mapping)
+                else SyntheticModel(**{k: v for k, v in spec.items() if k not in ("head_dim", "ffn_dim")})
+            )
+            write_checkpoint(m, tmp / "src")
+
+        return self._cached(self._entry("src", {"model": spec}), build, "write_checkpoint") / "src"
+
+    def _src(self, model: Any, src_dir: str | Path | None) -> Path:
+        if src_dir is None:
+            return self.source(model)
+        src = Path(src_dir)
+        want = model_spec(model)
+        got = json.loads((src / "params.json").read_text())
+        from rayconv.synthetic import SyntheticModel
+
+        m = (
+            model
+            if not isinstance(model, Mapping)
+            else SyntheticModel(**{k: v for k, v in want.items() if k not in ("head_dim", "ffn_dim")})
+        )
+        if got != json.loads(json.dumps(m.params_json())):
+            raise ValueError(f"{src}/params.json does not match the model: {got} != {m.params_json()}")
+        return src
+
+    # ---------------------------------------------------------------- converters
+    def scanned(self, model: Any, src_dir: str | Path | None = None) -> Path:
+        """MaxText's llama_or_mistral_ckpt output for ``model``; returns ``<entry>/out/0/items``."""
+        spec = model_spec(model)
+        maxtext_model_name(spec)  # fail fast (no 10 s MaxText import) for layouts MaxText can't convert
+        src = self._src(model, src_dir)
+        entry = self._entry("scanned", {"model": spec, "scripts": script_hash("scanned.py")})
+
+        def build(tmp: Path) -> None:
+            out = self._run(
+                "scanned.py", ["--model", self._model_file(tmp, spec), "--src", src, "--out", tmp / "out"], tmp
+            )
+            (tmp / "run.txt").write_text(out)
+
+        return self._cached(entry, build, "scanned.py") / "out" / "0" / "items"
+
+    def unscanned(self, model: Any, src_dir: str | Path | None = None) -> Path:
+        """generate_param_only_checkpoint on the scanned reference; returns ``<entry>/out/unscanned/checkpoints/0/items``."""
+        spec = model_spec(model)
+        scanned = self.scanned(model, src_dir)
+        entry = self._entry("unscanned", {"model": spec, "scripts": script_hash("scanned.py", "unscanned.py")})
+
+        def build(tmp: Path) -> None:
+            out = self._run(
+                "unscanned.py",
+                [
+                    "--model",
+                    self._model_file(tmp, spec),
+                    "--scanned",
+                    scanned,
+                    "--out-base",
+                    tmp / "out",
+                    "--run-name",
+                    "unscanned",
+                ],
+                tmp,
+            )
+            (tmp / "run.txt").write_text(out)
+
+        return self._cached(entry, build, "unscanned.py") / "out" / "unscanned" / "checkpoints" / "0" / "items"
+
+    def quantized(self, model: Any, src_dir: str | Path | None = None, quant: str = "int8") -> Path:
+        """load_and_quantize_checkpoint on the unscanned reference; returns the save_quantized_params_path dir."""
+        if quant not in QUANT_KINDS:
+            raise ValueError(f"quant must be one of {QUANT_KINDS}")
+        spec = model_spec(model)
+        unscanned = self.unscanned(model, src_dir)
+        entry = self._entry(
+            quant, {"model": spec, "scripts": script_hash("scanned.py", "unscanned.py", "quantized.py")}
+        )
+
+        def build(tmp: Path) -> None:
+            out = self._run(
+                "quantized.py",
+                [
+                    "--model",
+                    self._model_file(tmp, spec),
+                    "--unscanned",
+                    unscanned,
+                    "--out",
+                    tmp / "out",
+                    "--quant",
+                    quant,
+                ],
+                tmp,
+            )
+            (tmp / "run.txt").write_text(out)
+
+        return self._cached(entry, build, "quantized.py") / "out"
+
+    def reference(self, model: Any, kind: str, src_dir: str | Path | None = None) -> Path:
+        """The reference checkpoint path of any kind (what MaxText's load_parameters_path takes)."""
+        if kind == "scanned":
+            return self.scanned(model, src_dir)
+        if kind == "unscanned":
+            return self.unscanned(model, src_dir)
+        return self.quantized(model, src_dir, quant=kind)
+
+    # ---------------------------------------------------------------- MaxText loading
+    def load_check(self, model: Any, path: str | Path, kind: str) -> dict:
+        """Restore ``path`` with MaxText's serving loader (MaxEngine.load_params). Returns
+        ``{"kind", "model_name", "path", "load_s", "leaves": {path: {shape, dtype, sha256, sum}}}``;
+        raises ReferenceError if MaxText cannot restore it."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}")
+        spec = model_spec(model)
+        path = Path(path).resolve()
+        entry = self._entry(
+            "load",
+            {"model": spec, "kind": kind, "ckpt": path_fingerprint(path), "scripts": script_hash("load_check.py")},
+        )
+
+        def build(tmp: Path) -> None:
+            self._run(
+                "load_check.py",
+                ["--model", self._model_file(tmp, spec), "--path", path, "--kind", kind, "--out", tmp / "summary.json"],
+                tmp,
+            )
+
+        return json.loads((self._cached(entry, build, "load_check.py") / "summary.json").read_text())
+
+    def logits(self, model: Any, path: str | Path, kind: str, tokens: tuple[int, ...] = DEFAULT_TOKENS) -> np.ndarray:
+        """float32 prefill logits ``[len(tokens), vocab]`` from MaxEngine for the checkpoint at ``path``."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}")
+        spec = model_spec(model)
+        path = Path(path).resolve()
+        toks = ",".join(str(int(t)) for t in tokens)
+        entry = self._entry(
+            "logits",
+            {
+                "model": spec,
+                "kind": kind,
+                "tokens": toks,
+                "ckpt": path_fingerprint(path),
+                "scripts": script_hash("logits.py"),
+            },
+        )
+
+        def build(tmp: Path) -> None:
+            self._run(
+                "logits.py",
+                [
+                    "--model",
+                    self._model_file(tmp, spec),
+                    "--path",
+                    path,
+                    "--kind",
+                    kind,
+                    "--out",
+                    tmp / "logits.npy",
+                    "--tokens",
+                    toks,
+                ],
+                tmp,
+            )
+
+        return np.load(self._cached(entry, build, "logits.py") / "logits.npy")
+
+
+def format_runs(runs: list[RunRecord]) -> str:
+    def one(r: RunRecord) -> str:
+        what = "cached" if r.cached else f"{r.seconds:6.1f} s" + (f" {r.max_rss_mb:7.0f} MB" if r.max_rss_mb else "")
+        return f"{r.script:18s} {what}  {r.entry}"
+
+    return "\n".join(one(r) for r in runs)
+
+
+if __name__ == "__main__":  # pragma: no cover - manual smoke run
+    sys.path.insert(0, str(REPO))
+    from rayconv.synthetic import SyntheticModel
+
+    ref = MaxTextReference()
+    m = SyntheticModel()
+    print(ref.scanned(m))
+    print(format_runs(ref.runs))
