@@ -9,12 +9,13 @@ Identity, resolved by tensorstore); ``TENSORSTORE_GCS_HTTP_URL`` points it at an
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import posixpath
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 import tensorstore as ts
 
@@ -50,6 +51,29 @@ def _prefix_range(prefix: str) -> ts.KvStore.KeyRange:
     high = low.rstrip(b"\xff")
     high = high[:-1] + bytes([high[-1] + 1]) if high else b""
     return ts.KvStore.KeyRange(low, high)
+
+
+def storage_reason(exc: BaseException) -> str:
+    """The informative part of an OS or tensorstore error, on one line.
+
+    tensorstore nests causes (``RESOURCE_EXHAUSTED: Error writing "k" in …: Failed writing: …: No space
+    left on device [os_error_code='28']``): keep the status code and the innermost cause.
+    """
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = text.split(" [", 1)[0]
+    status, _, rest = text.partition(": ")
+    if status.isupper() and rest:
+        return f"{rest.rsplit(': ', 1)[-1]} ({status})"[:300]
+    return text[:300]
+
+
+@contextlib.contextmanager
+def output_errors(location: "Location") -> Iterator[None]:
+    """Storage failures (disk full, permission, bucket gone) become one-line OutputErrors."""
+    try:
+        yield
+    except (ValueError, OSError) as exc:
+        raise OutputError(f"cannot write to {location.uri}: {storage_reason(exc)}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,9 +143,12 @@ class Location:
         return bytes(result.value)
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        if self.is_local:
-            os.makedirs(os.path.dirname(os.path.join(self.path, key)), exist_ok=True)
-        self._kvstore().write(key, data).result()
+        try:
+            if self.is_local:
+                os.makedirs(os.path.dirname(os.path.join(self.path, key)), exist_ok=True)
+            self._kvstore().write(key, data).result()
+        except (OSError, ValueError) as exc:
+            raise OutputError(f"cannot write to {self.join(key).uri}: {storage_reason(exc)}") from None
 
     def exists(self, key: str = "") -> bool:
         if not key:
@@ -181,6 +208,5 @@ class Location:
             self.write_bytes(probe, b"ok")
             self.delete(probe)
         except (OSError, ValueError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise OutputError(f"cannot write to {self.uri}: {reason}") from None
+            raise OutputError(f"cannot write to {self.uri}: {storage_reason(exc)}") from None
 

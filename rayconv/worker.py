@@ -28,7 +28,7 @@ from rayconv.models import ModelSpec
 from rayconv.plan import ArraySpec, Piece, Plan, Read, Unit, aqt_paths, block_region, leaf_paths
 from rayconv.sink.layout import OutputLayout, array_spec
 from rayconv.source.bytesource import ByteSource, open_source
-from rayconv.storage import Location
+from rayconv.storage import Location, output_errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,17 +145,19 @@ class _Writer:
         store = self._stores.get(key)
         if store is None:
             spec = array_spec(self._items[kind], self.ctx.arrays[kind][path], self.dbs[kind], self.ctx.compression)
-            store = ts.open(spec, open=True, assume_metadata=True, context=self._context).result()
+            with output_errors(self._items[kind]):
+                store = ts.open(spec, open=True, assume_metadata=True, context=self._context).result()
             self._stores[key] = store
         # The array is never modified afterwards, so tensorstore may write from it without a copy.
-        self.pending[-1].append(store[region].write(array, can_reference_source_data_indefinitely=True))
+        self.pending[-1].append((kind, store[region].write(array, can_reference_source_data_indefinitely=True)))
         self.bytes_written += array.nbytes
 
     def flush(self, keep: int = 0) -> None:
         """Wait until at most ``keep`` pieces' writes are still in flight."""
         while len(self.pending) > keep:
-            for future in self.pending.pop(0):
-                future.result()
+            for kind, future in self.pending.pop(0):
+                with output_errors(self._items[kind]):
+                    future.result()
         self.pending.append([])
 
 

@@ -85,12 +85,18 @@ def synthetic_checkpoint(model) -> Path:
 
 
 def run_convert(src: Path, out: Path, *, model_name=None, model_path=None, kinds=("scanned", "unscanned"),
-                quantize_type=None, executor="ray", kv_heads=None, **kwargs):
+                quantize_type=None, executor="ray", kv_heads=None, verify=True, **kwargs):
+    """Convert in-process; then, like every conversion in the tests, prove the output with rayconv verify."""
     from rayconv.engine.driver import ConvertOptions, convert
     from rayconv.source.checkpoint import list_input
+    from rayconv.verify import verify as verify_output
 
     options = ConvertOptions(files=list_input(str(src)), input_display=str(src), output=str(out),
                              model_name=model_name, model_path=model_path, kinds=tuple(kinds),
                              quantize_type=quantize_type, executor=executor, kv_heads=kv_heads, progress=False,
                              **kwargs)
-    return convert(options)
+    result = convert(options)
+    if verify:
+        report = verify_output(options, str(out))
+        assert set(report.outputs) == set(kinds), report
+    return result

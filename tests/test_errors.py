@@ -138,3 +138,19 @@ def test_existing_foreign_output_is_not_overwritten(tmp_path):
     marker.write_text("x")
     result = rayconv(*convert_args(synthetic_checkpoint(MODEL), out))
     assert result.returncode == 1 and "--restart" in result.stderr and marker.exists()
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs: the outputs of MODEL (5.2 MB) do not fit."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_out_of_disk(small_disk):
+    out = small_disk / "out"
+    result = rayconv(*convert_args(synthetic_checkpoint(MODEL), out), executor="ray")
+    assert_clean_failure(result, out, "No space left on device")

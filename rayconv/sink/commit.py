@@ -25,7 +25,7 @@ import tensorstore as ts
 
 from rayconv.plan import ArraySpec
 from rayconv.sink.layout import OutputLayout, array_spec, ocdbt_kvstore
-from rayconv.storage import Location
+from rayconv.storage import Location, output_errors
 
 PYTREE_HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
 _SINGLE_DEVICE = json.dumps({"sharding_type": "SingleDeviceSharding", "device_str": "cpu:0"})
@@ -125,7 +125,8 @@ def commit_output(layout: OutputLayout, arrays: list[ArraySpec], dbs: list[str],
     """Steps 1-4 for one output; returns the final item location (what MaxText loads)."""
     item = layout.item(staging=True)
     kind = layout.kind
-    merge_databases(item, arrays, dbs, with_step=layout.has_step, compression=compression)
+    with output_errors(item):
+        merge_databases(item, arrays, dbs, with_step=layout.has_step, compression=compression)
     item.write_bytes("_METADATA", json.dumps(tree_metadata(kind, arrays)).encode())
     item.write_bytes("_sharding", json.dumps(_sharding_file(arrays)).encode())
     item.write_bytes("array_metadatas/process_0", json.dumps(_array_metadatas(arrays)).encode())
