@@ -36,7 +36,7 @@ import time
 from typing import Callable, Iterable, Iterator
 
 from rayconv.errors import ConversionError, SourceError
-from rayconv.source.bytesource import ByteSource, open_source
+from rayconv.source.bytesource import ByteSource, RangeSource, open_source
 from rayconv.source.http import HttpFile, format_time, policy_expiry, redact
 from rayconv.storage import Location
 
@@ -329,7 +329,7 @@ def verify_files(uris: dict[str, str], md5: dict[str, str], *, parallel: int = 2
             future.result()
 
 
-class HashingSource:
+class HashingSource(RangeSource):
     """Wrap a ByteSource and md5 the bytes the caller reads, as long as they arrive in order.
 
     Built for a process that reads one shard front to back (index at the tail, data.pkl, then
@@ -361,11 +361,6 @@ class HashingSource:
     @property
     def hashed(self) -> int:
         return self._frontier
-
-    def read(self, offset: int, length: int) -> bytes:
-        buffer = bytearray(length)
-        self.readinto(offset, memoryview(buffer))
-        return bytes(buffer)
 
     def readinto(self, offset: int, buffer: memoryview) -> None:
         token = object()

@@ -115,6 +115,7 @@ def maxtext_chain(model, src: Path, work: Path, logs: Path) -> Run:
                                           str(work / "unscanned/checkpoints/0/items"), "--out", str(work / "int8"),
                                           "--quant", "int8"]),
     ]
+    work.mkdir(parents=True, exist_ok=True)
     runs = []
     for name, cmd in steps:
         run = measure(cmd, env=env, cwd=str(work), log=logs / f"maxtext-{name}.log")

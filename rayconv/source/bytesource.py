@@ -26,7 +26,31 @@ class ByteSource(Protocol):
     def readinto(self, offset: int, buffer: memoryview) -> None: ...
 
 
-class LocalFile:
+class RangeSource:
+    """Shared parts of the ByteSources: ``read`` in terms of ``readinto``, and the bounds check."""
+
+    uri: str
+
+    def size(self) -> int:
+        raise NotImplementedError
+
+    def readinto(self, offset: int, buffer: memoryview) -> None:
+        raise NotImplementedError
+
+    def read(self, offset: int, length: int) -> bytes:
+        buffer = bytearray(length)
+        self.readinto(offset, memoryview(buffer))
+        return bytes(buffer)
+
+    def check_range(self, offset: int, length: int, name: str | None = None, holder: str = "file") -> None:
+        """A range past the end means the blob is shorter than its index says: truncated."""
+        size = self.size()
+        if offset < 0 or offset + length > size:
+            raise SourceError(f"{name or self.uri} is truncated: needs bytes up to {offset + length}, "
+                              f"{holder} has {size}")
+
+
+class LocalFile(RangeSource):
     """A local file read with ``os.pread``: no mmap, so RSS holds only what the caller keeps."""
 
     def __init__(self, path: str) -> None:
@@ -40,16 +64,9 @@ class LocalFile:
     def size(self) -> int:
         return self._size
 
-    def read(self, offset: int, length: int) -> bytes:
-        buffer = bytearray(length)
-        self.readinto(offset, memoryview(buffer))
-        return bytes(buffer)
-
     def readinto(self, offset: int, buffer: memoryview) -> None:
         length = len(buffer)
-        if offset + length > self._size:
-            raise SourceError(f"{self.uri} is truncated: needs bytes up to {offset + length}, "
-                              f"file has {self._size}")
+        self.check_range(offset, length)
         done = 0
         while done < length:
             n = os.preadv(self._fd, [buffer[done:]], offset + done)

@@ -20,7 +20,7 @@ import os
 import threading
 
 from rayconv.errors import SourceError
-from rayconv.source.bytesource import register_scheme
+from rayconv.source.bytesource import RangeSource, register_scheme
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def _semaphore() -> threading.BoundedSemaphore:
     return _budget
 
 
-class GcsObject:
+class GcsObject(RangeSource):
     """A ByteSource over ``gs://bucket/object`` using tensorstore ranged reads."""
 
     def __init__(self, uri: str, *, size: int | None = None, chunk_size: int | None = None,
@@ -208,19 +208,12 @@ class GcsObject:
             self._size = info["size"]
         return self._size
 
-    def read(self, offset: int, length: int) -> bytes:
-        buffer = bytearray(length)
-        self.readinto(offset, memoryview(buffer))
-        return bytes(buffer)
-
     def readinto(self, offset: int, buffer: memoryview) -> None:
         buffer = memoryview(buffer).cast("B")
         n = len(buffer)
         if n == 0:
             return
-        if offset < 0 or offset + n > self.size():
-            raise SourceError(f"{self.uri} is truncated: needs bytes up to {offset + n}, "
-                              f"object has {self.size()}")
+        self.check_range(offset, n, holder="object")
         kv = self._store()
         sem = _semaphore()
         pending: collections.deque = collections.deque()

@@ -29,7 +29,7 @@ import urllib.parse
 import urllib3
 
 from rayconv.errors import SourceError
-from rayconv.source.bytesource import register_scheme
+from rayconv.source.bytesource import RangeSource, register_scheme
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def _make_pool() -> urllib3.PoolManager:
 _SIZES: dict[str, int] = {}
 
 
-class HttpFile:
+class HttpFile(RangeSource):
     """A ByteSource over an HTTP(S) URL (``uri`` keeps the full URL so workers can reopen it)."""
 
     def __init__(self, url: str, *, size: int | None = None, chunk_size: int | None = None,
@@ -193,20 +193,12 @@ class HttpFile:
                 else:
                     resp.drain_conn()
 
-    def read(self, offset: int, length: int) -> bytes:
-        buffer = bytearray(length)
-        self.readinto(offset, memoryview(buffer))
-        return bytes(buffer)
-
     def readinto(self, offset: int, buffer: memoryview) -> None:
         buffer = memoryview(buffer).cast("B")
         length = len(buffer)
         if length == 0:
             return
-        size = self.size()
-        if offset < 0 or offset + length > size:
-            raise SourceError(f"{self.name} is truncated: needs bytes up to {offset + length}, "
-                              f"the server has {size}")
+        self.check_range(offset, length, self.name, holder="the server")
         step = self.chunk_size
         if length <= step:
             self._get_range(offset, buffer, None)
