@@ -178,17 +178,16 @@ def convert(options: ConvertOptions) -> ConvertResult:
         LOG.info("Verified CRC-32 of %d source tensors", verified)
 
         by_unit = {r.unit: r for r in receipts}
-        outputs: dict[str, str] = {}
-        for kind in plan.kinds:
-            layout = layouts[kind]
-            if kind in committed:
-                outputs[kind] = layout.items_path.uri
-                continue
+        outputs = {kind: layouts[kind].items_path.uri for kind in plan.kinds if kind in committed}
+        pending = [kind for kind in plan.kinds if kind not in committed]
+        calls = []
+        for kind in pending:
             dbs = [by_unit[u.id].dbs[kind] for u in plan.units]
             LOG.info("Committing %s checkpoint (%d arrays from %d databases)", kind, len(plan.arrays(kind)), len(dbs))
-            item = executor.call(commit_output, layout, plan.arrays(kind), dbs, compression=options.compression,
-                                 custom_metadata={"scan_layers": kind == "scanned", "converter": "rayconv"}
-                                 if kind != "int8" else {}, started_ns=started_ns)
+            custom = {"scan_layers": kind == "scanned", "converter": "rayconv"} if kind != "int8" else {}
+            calls.append((commit_output, (layouts[kind], plan.arrays(kind), dbs),
+                          {"compression": options.compression, "custom_metadata": custom, "started_ns": started_ns}))
+        for kind, item in zip(pending, executor.call_all(calls) if calls else []):
             ledger.mark_committed(kind)
             outputs[kind] = item.uri
             LOG.info("Wrote %s checkpoint to %s", kind, item.uri)

@@ -31,8 +31,13 @@ class LocalExecutor:
         for unit in units:
             yield run_unit(ctx, unit)
 
-    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return fn(*args, **kwargs)
+    def call_all(self, calls: Sequence[tuple[Callable[..., Any], tuple, dict]]) -> list[Any]:
+        """Run the commit calls concurrently (each output's merge is independent)."""
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(calls))) as pool:
+            futures = [pool.submit(fn, *args, **kwargs) for fn, args, kwargs in calls]
+            return [f.result() for f in futures]
 
     def shutdown(self) -> None:
         pass
@@ -55,12 +60,14 @@ class RayExecutor:
         import ray
 
         self._ray = ray
-        env = {"env_vars": _forwarded_env()}
         if not ray.is_initialized():
             if address:
-                ray.init(address=address, runtime_env=env, log_to_driver=True, logging_level="WARNING")
+                # Workers on other nodes do not inherit this process's environment: forward the storage settings.
+                ray.init(address=address, runtime_env={"env_vars": _forwarded_env()}, log_to_driver=True,
+                         logging_level="WARNING")
             else:
-                ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, logging_level="WARNING",
+                # A local Ray's workers inherit this environment; a runtime_env would only slow their start.
+                ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
                          object_store_memory=256 * 1024 * 1024, configure_logging=True)
         resources = ray.cluster_resources()
         cpus = int(resources.get("CPU", 1))
@@ -121,13 +128,16 @@ class RayExecutor:
             for ref in in_flight:
                 ray.cancel(ref)
 
-    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run fn on the committer actor (the reducer), e.g. the OCDBT merge and commit markers."""
+    def call_all(self, calls: Sequence[tuple[Callable[..., Any], tuple, dict]]) -> list[Any]:
+        """Run the commit calls concurrently on one committer actor (the reducer)."""
         from rayconv.engine.actors import Committer
 
-        committer = Committer.options(name="rayconv-committer", num_cpus=0).remote()
+        committer = Committer.options(name="rayconv-committer", num_cpus=0,
+                                      max_concurrency=max(1, len(calls))).remote()
         try:
-            return self._ray.get(committer.call.remote(fn, *args, **kwargs))
+            refs = [committer.call.options(name=f"commit-{i}").remote(fn, *args, **kwargs)
+                    for i, (fn, args, kwargs) in enumerate(calls)]
+            return self._ray.get(refs)
         except self._ray.exceptions.RayTaskError as exc:
             cause = getattr(exc, "cause", None)
             if isinstance(cause, ConversionError):
