@@ -156,7 +156,17 @@ def permute_rope(kernel: np.ndarray) -> np.ndarray:
 
 def scale_query(kernel: np.ndarray, divisor: float) -> np.ndarray:
     """bf16(float32(w) / float32(bf16(sqrt(head_dim)))), as llama_or_mistral_ckpt computes it."""
-    return (kernel.astype(np.float32) / np.float32(divisor)).astype(BF16)
+    from rayconv.quantize import slab_rows
+
+    out = np.empty(kernel.shape, dtype=BF16)
+    rows = slab_rows(kernel.shape)
+    work = np.empty((rows,) + kernel.shape[1:], dtype=np.float32)
+    for r in range(0, kernel.shape[0], rows):  # in cache-sized slabs, like quantize()
+        n = min(rows, kernel.shape[0] - r)
+        np.copyto(work[:n], kernel[r:r + n], casting="unsafe")
+        np.divide(work[:n], np.float32(divisor), out=work[:n])
+        np.copyto(out[r:r + n], work[:n], casting="unsafe")
+    return out
 
 
 def _heads(block: np.ndarray, row0: int, spec: ModelSpec, *, permute: bool) -> tuple[np.ndarray, Region]:

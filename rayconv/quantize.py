@@ -43,16 +43,30 @@ def quantize(kernel: np.ndarray, contraction: tuple[int, ...], bits: int = 8) ->
     absmax = np.where(absmax == 0, np.asarray(1, BF16), absmax)
     scale = (absmax.astype(np.float32) / bound).astype(BF16)
     inverse = (np.float32(1) / scale.astype(np.float32)).astype(BF16).astype(np.float32)
-    # One float32 work buffer, updated in place: peak memory is 1 kernel + 2 (f32) + 1 (bf16 step).
-    work = kernel.astype(np.float32)
-    np.multiply(work, inverse, out=work)
-    np.copyto(work, work.astype(BF16), casting="unsafe")  # the product is rounded to bf16
-    np.clip(work, -qmax, qmax, out=work)
-    np.rint(work, out=work)  # round half to even
     dtype = QUANT_TYPES["int4w" if bits == 4 else "int8"][1]
-    q = work.astype(np.int8)
-    del work
+    q = np.empty(kernel.shape, dtype=np.int8)
+    # Slabs along axis 0 (a contraction axis, so every slab uses the same per-channel inverse): the seven
+    # elementwise passes then run in cache instead of streaming a multi-hundred-MB float32 array 7 times.
+    rows = slab_rows(kernel.shape)
+    work = np.empty((rows,) + kernel.shape[1:], dtype=np.float32)
+    rounded = np.empty(work.shape, dtype=BF16)
+    for r in range(0, kernel.shape[0], rows):
+        n = min(rows, kernel.shape[0] - r)
+        w, b = work[:n], rounded[:n]
+        np.copyto(w, kernel[r:r + n], casting="unsafe")
+        np.multiply(w, inverse, out=w)
+        np.copyto(b, w, casting="unsafe")  # the product is rounded to bf16 ...
+        np.copyto(w, b, casting="unsafe")  # ... and compared / rounded from there
+        np.clip(w, -qmax, qmax, out=w)
+        np.rint(w, out=w)  # round half to even
+        np.copyto(q[r:r + n], w, casting="unsafe")
     return (q if dtype == np.int8 else q.astype(dtype)), scale
+
+
+def slab_rows(shape: tuple[int, ...], target_bytes: int = 1 << 19) -> int:
+    """Leading-axis rows whose float32 slab is about ``target_bytes`` (fits in L2)."""
+    per_row = 4 * int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 4
+    return max(1, min(shape[0], target_bytes // max(per_row, 1)))
 
 
 def dequantize(qvalue: np.ndarray, scale: np.ndarray) -> np.ndarray:

@@ -42,9 +42,11 @@ class JobContext:
     arrays: dict[str, dict[tuple[str, ...], ArraySpec]]  # kind → path → array
     items: dict[str, str]  # kind → staging item uri
     compression: str | None = None
+    batch_bytes: int = 16 << 20  # output bytes per OCDBT commit
 
     @classmethod
-    def create(cls, plan: Plan, layouts: dict[str, OutputLayout], compression: str | None) -> "JobContext":
+    def create(cls, plan: Plan, layouts: dict[str, OutputLayout], compression: str | None,
+               batch_bytes: int = 16 << 20) -> "JobContext":
         return cls(
             spec=plan.spec,
             shards=plan.shards,
@@ -53,6 +55,7 @@ class JobContext:
             arrays={k: {a.path: a for a in plan.arrays(k)} for k in plan.kinds},
             items={k: layouts[k].item(staging=True).uri for k in plan.kinds},
             compression=compression,
+            batch_bytes=batch_bytes,
         )
 
 
@@ -129,36 +132,65 @@ def _slices(region: tuple[tuple[int, int], ...]) -> tuple[slice, ...]:
 
 
 class _Writer:
-    """Opens output arrays lazily in this unit's child databases and writes chunk-aligned regions."""
+    """Writes chunk-aligned regions into this unit's child databases, batched into transactions.
 
-    def __init__(self, ctx: JobContext, unit: Unit) -> None:
+    Each OCDBT commit writes a data file, a b-tree node and a manifest (each fsynced), so committing
+    every chunk on its own costs more kernel time than the data. Writes are staged in a transaction
+    and committed once ``batch_bytes`` have accumulated; one batch commits while the next fills, so
+    memory holds at most two batches of output arrays (tensorstore references them, never copies).
+    """
+
+    def __init__(self, ctx: JobContext, unit: Unit, batch_bytes: int) -> None:
         self.ctx = ctx
         self.dbs = {kind: f"{unit.id}{secrets.token_hex(4)}" for kind in ctx.kinds}
         self._items = {kind: Location.parse(uri) for kind, uri in ctx.items.items()}
         self._stores: dict[tuple[str, tuple[str, ...]], ts.TensorStore] = {}
         self._context = ts.Context({"data_copy_concurrency": {"limit": 2}, "file_io_concurrency": {"limit": 16}})
-        self.pending: list[list[ts.Future]] = [[]]  # futures per piece, oldest first
+        self._batch_bytes = batch_bytes
+        self._txn = ts.Transaction()
+        self._staged: list[tuple[str, ts.Future]] = []
+        self._staged_bytes = 0
+        self._committing: ts.Future | None = None
         self.bytes_written = 0
 
-    def write(self, kind: str, path: tuple[str, ...], region: tuple[slice, ...], array: np.ndarray) -> None:
+    def _store(self, kind: str, path: tuple[str, ...]) -> ts.TensorStore:
         key = (kind, path)
-        store = self._stores.get(key)
-        if store is None:
+        if key not in self._stores:
             spec = array_spec(self._items[kind], self.ctx.arrays[kind][path], self.dbs[kind], self.ctx.compression)
             with output_errors(self._items[kind]):
-                store = ts.open(spec, open=True, assume_metadata=True, context=self._context).result()
-            self._stores[key] = store
+                self._stores[key] = ts.open(spec, open=True, assume_metadata=True, context=self._context).result()
+        return self._stores[key]
+
+    def write(self, kind: str, path: tuple[str, ...], region: tuple[slice, ...], array: np.ndarray) -> None:
+        store = self._store(kind, path).with_transaction(self._txn)
         # The array is never modified afterwards, so tensorstore may write from it without a copy.
-        self.pending[-1].append((kind, store[region].write(array, can_reference_source_data_indefinitely=True)))
+        self._staged.append((kind, store[region].write(array, can_reference_source_data_indefinitely=True)))
+        self._staged_bytes += array.nbytes
         self.bytes_written += array.nbytes
 
-    def flush(self, keep: int = 0) -> None:
-        """Wait until at most ``keep`` pieces' writes are still in flight."""
-        while len(self.pending) > keep:
-            for kind, future in self.pending.pop(0):
-                with output_errors(self._items[kind]):
-                    future.result()
-        self.pending.append([])
+    def _commit(self) -> None:
+        for kind, future in self._staged:
+            with output_errors(self._items[kind]):
+                future.result()
+        self._wait_commit()
+        self._committing = self._txn.commit_async()
+        self._txn, self._staged, self._staged_bytes = ts.Transaction(), [], 0
+
+    def _wait_commit(self) -> None:
+        if self._committing is not None:
+            with output_errors(next(iter(self._items.values()))):
+                self._committing.result()
+            self._committing = None
+
+    def piece_done(self) -> None:
+        if self._staged_bytes >= self._batch_bytes:
+            self._commit()
+
+    def flush(self) -> None:
+        """Commit everything staged and wait until it is durable."""
+        if self._staged:
+            self._commit()
+        self._wait_commit()
 
 
 def _scanned_region(region: tuple[slice, ...], layer: int) -> tuple[slice, ...]:
@@ -206,7 +238,7 @@ def run_unit(ctx: JobContext, unit: Unit) -> Receipt:
     start = time.monotonic()
     rules = mapping.rules(ctx.spec)
     sources = Sources(ctx.shards)
-    writer = _Writer(ctx, unit)
+    writer = _Writer(ctx, unit, batch_bytes=ctx.batch_bytes)
     crcs: list = []
     bytes_read = 0
     for piece in unit.pieces:
@@ -214,8 +246,8 @@ def run_unit(ctx: JobContext, unit: Unit) -> Receipt:
         bytes_read += sum(r.length for r in piece.reads) + sum(r.length for r in piece.duplicates)
         for kind, path, region, array in piece_outputs(ctx, rules[piece.rule], piece, block):
             writer.write(kind, path, region, array)
-        # Overlap: the next piece is read and transformed while this one's chunks are written.
-        writer.flush(keep=1)
+        # Overlap: the next pieces are read and transformed while a full batch commits.
+        writer.piece_done()
         del block
     writer.flush()
     return Receipt(unit=unit.id, dbs=writer.dbs, bytes_read=bytes_read, bytes_written=writer.bytes_written,

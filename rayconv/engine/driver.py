@@ -25,6 +25,9 @@ GiB = 1 << 30
 #: Peak worker memory per piece byte: the read buffer, the transformed copy, float32 temporaries
 #: of the query scaling / int8 math and tensorstore's write buffer (measured; see docs/benchmarks.md).
 MEMORY_PER_PIECE_BYTE = 8
+#: Output bytes staged per OCDBT commit. Per-chunk commits cost ~20 fsyncs per MB of output; 64 MiB
+#: batches stall on one big write; 8-16 MiB measured fastest (docs/benchmarks.md).
+COMMIT_BATCH_BYTES = 16 << 20
 #: Fixed overhead per worker (Python, numpy, tensorstore, Ray worker) observed in receipts.
 WORKER_BASE_BYTES = 300 * (1 << 20)
 
@@ -168,7 +171,8 @@ def convert(options: ConvertOptions) -> ConvertResult:
         if todo:
             LOG.info("Converting %s with %d %s worker(s)", human_bytes(sum(u.read_bytes for u in todo)),
                      executor.workers, executor.name)
-            ctx = JobContext.create(plan, layouts, options.compression)
+            ctx = JobContext.create(plan, layouts, options.compression,
+                                    batch_bytes=min(COMMIT_BATCH_BYTES, piece_budget(options)))
             for receipt in executor.run(ctx, todo):
                 ledger.record(receipt)
                 receipts.append(receipt)
