@@ -35,7 +35,9 @@ def input_options(fn: Callable) -> Callable:
                 help="Meta model descriptor, e.g. Llama3.1-405B-Instruct:bf16-mp16 (sets family, size, shard count)."),
         _option("--input_directory", default=None,
                 help="Directory (local or gs://bucket/prefix) holding consolidated.NN.pth and params.json."),
-        _option("--meta_url", default=None, help="Meta's signed download URL (with the '*' placeholder)."),
+        _option("--meta_url", default=None, envvar="RAYCONV_META_URL", show_envvar=True,
+                help="Meta's signed download URL (with the '*' placeholder). Prefer the environment variable "
+                     "(e.g. from a Kubernetes Secret): a flag is echoed by Ray's job log."),
         _option("--download_directory", default=None,
                 help="With --meta_url: stage the raw files here (local dir or gs://) before converting; "
                      "default with --bucket_name: gs://<bucket>/base/<model>. Without it, stream from the URL."),
