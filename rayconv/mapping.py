@@ -11,8 +11,9 @@ spans G's full width, so:
 * every block holds whole contraction axes of its output kernel, so int8 per-channel scales are
   computed exactly within the block (wo/w2 contract over the split axis, hence blocks across shards).
 
-``to_layer_block`` turns a block into the matching region of the *per-layer* MaxText array; the
-scanned layout is the same region with the layer axis inserted at position 1.
+``to_layer_block`` turns a block into the matching block of the *per-layer* MaxText array
+(``plan.block_region`` says where it lands); the scanned layout is the same region with the layer
+axis inserted at position 1.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import numpy as np
 from rayconv.models import ModelSpec
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-Region = tuple[slice, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,52 +169,41 @@ def scale_query(kernel: np.ndarray, divisor: float) -> np.ndarray:
     return out
 
 
-def _heads(block: np.ndarray, row0: int, spec: ModelSpec, *, permute: bool) -> tuple[np.ndarray, Region]:
-    d = spec.head_dim
-    e = block.shape[1]
-    kernel = transpose(block).reshape(e, block.shape[0] // d, d)
-    if permute:
-        kernel = permute_rope(kernel)
-    h0 = row0 // d
-    return kernel, (slice(None), slice(h0, h0 + kernel.shape[1]), slice(None))
+def _heads(block: np.ndarray, spec: ModelSpec, *, permute: bool) -> np.ndarray:
+    """G rows = (head, head_dim) → kernel [E, heads, D]."""
+    kernel = transpose(block).reshape(block.shape[1], block.shape[0] // spec.head_dim, spec.head_dim)
+    return permute_rope(kernel) if permute else kernel
 
 
-def _query(block, row0, spec):
-    kernel, region = _heads(block, row0, spec, permute=spec.rope_permuted)
-    return scale_query(kernel, spec.query_scale_divisor), region
+def _query(block: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    return scale_query(_heads(block, spec, permute=spec.rope_permuted), spec.query_scale_divisor)
 
 
-def _key(block, row0, spec):
-    kernel, region = _heads(block, row0, spec, permute=spec.rope_permuted)
-    return kernel, region
+def _key(block: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    return _heads(block, spec, permute=spec.rope_permuted)
 
 
-def _value(block, row0, spec):
-    return _heads(block, row0, spec, permute=False)
+def _value(block: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    return _heads(block, spec, permute=False)
 
 
-def _out(block, row0, spec):
+def _out(block: np.ndarray, spec: ModelSpec) -> np.ndarray:
     # G = wo [E, H·D]; out[h, d, e] = wo[e, h·D + d]
-    rows = block.shape[0]
-    kernel = transpose(block).reshape(spec.n_heads, spec.head_dim, rows)
-    return kernel, (slice(None), slice(None), slice(row0, row0 + rows))
+    return transpose(block).reshape(spec.n_heads, spec.head_dim, block.shape[0])
 
 
-def _transposed(block, row0, spec):
+def _transposed(block: np.ndarray, spec: ModelSpec) -> np.ndarray:
     # wi: G = w1 [M, E] → [E, M]; wo: G = w2 [E, M] → [M, E]; logits: G = output [V, E] → [E, V]
-    return transpose(block), (slice(None), slice(row0, row0 + block.shape[0]))
+    return transpose(block)
 
 
-def _rows(block, row0, spec):
-    return block, (slice(row0, row0 + block.shape[0]), slice(None))
+def _as_is(block: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    return block
 
 
-def _norm(block, row0, spec):
-    return block, (slice(None),)
-
-
-TRANSFORMS: dict[str, Callable[[np.ndarray, int, ModelSpec], tuple[np.ndarray, Region]]] = {
-    "embedding": _rows,
+#: Transform name → function of a row block of G. Where the block lands is plan.block_region's job.
+TRANSFORMS: dict[str, Callable[[np.ndarray, ModelSpec], np.ndarray]] = {
+    "embedding": _as_is,
     "logits": _transposed,
     "query": _query,
     "key": _key,
@@ -222,20 +211,15 @@ TRANSFORMS: dict[str, Callable[[np.ndarray, int, ModelSpec], tuple[np.ndarray, R
     "out": _out,
     "wi": _transposed,
     "wo": _transposed,
-    "norm": _norm,
+    "norm": _as_is,
 }
 
 
-def to_layer_block(rule: Rule, block: np.ndarray, row0: int, spec: ModelSpec) -> tuple[np.ndarray, Region]:
-    """Rows [row0, row0+len(block)) of G → (array, region) of the per-layer MaxText array."""
+def to_layer_block(rule: Rule, block: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """A row block of G → the matching block of the per-layer MaxText array."""
     if block.dtype != BF16:
         raise ValueError(f"{rule.meta}: expected bfloat16, got {block.dtype}")
-    return TRANSFORMS[rule.transform](block, row0, spec)
-
-
-def scanned(array: np.ndarray, region: Region, layer: int) -> tuple[np.ndarray, Region]:
-    """The same block in the scanned array: layer axis inserted at position 1 (param_scan_axis)."""
-    return np.expand_dims(array, 1), region[:1] + (slice(layer, layer + 1),) + region[1:]
+    return TRANSFORMS[rule.transform](block, spec)
 
 
 def scanned_shape(shape: tuple[int, ...], n_layers: int) -> tuple[int, ...]:

@@ -205,7 +205,7 @@ def piece_outputs(ctx: JobContext, rule: Rule, piece: Piece, block: np.ndarray) 
     compares it with what is stored.
     """
     spec = ctx.spec
-    array, _ = mapping.to_layer_block(rule, block, piece.row0, spec)
+    array = mapping.to_layer_block(rule, block, spec)
     region = _slices(block_region(rule, spec, piece.row0, piece.row1))
     for kind in ctx.kinds:
         if kind == "scanned":
