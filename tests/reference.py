@@ -97,7 +97,7 @@ def maxtext_version() -> str:
 
 
 def available() -> tuple[bool, str]:
-    """(True, "") if the reference env looks usable, else (False, why) - for pytest.skip."""
+    """(True, "") if the reference env looks usable, else (False, why) (the tests fail, never skip, when it is not)."""
     py, mt = ref_python(), maxtext_path()
     if not py.exists():
         return False, f"reference python {py} not found (set RAYCONV_REF_PYTHON)"
