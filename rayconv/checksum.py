@@ -30,24 +30,20 @@ def _gf2_square(mat: list[int]) -> list[int]:
 
 @functools.lru_cache(maxsize=64)
 def _shift_operator(length: int) -> tuple[int, ...]:
-    """The GF(2) matrix that appends ``length`` zero bytes to a CRC (segments repeat lengths: cache it)."""
+    """The GF(2) matrix that appends ``length`` zero bytes to a CRC (segments repeat lengths: cache it).
+
+    Square-and-multiply over the bits of ``length``, starting from the operator for one zero byte.
+    """
+    op = [_POLY] + [1 << n for n in range(31)]  # one zero bit
+    for _ in range(3):
+        op = _gf2_square(op)  # one zero byte
     result = [1 << n for n in range(32)]  # identity
-    odd = [_POLY] + [1 << n for n in range(31)]  # one zero bit
-    even = _gf2_square(odd)  # two zero bits
-    odd = _gf2_square(even)  # four zero bits
-    while True:
-        even = _gf2_square(odd)
+    while length:
         if length & 1:
-            result = [_gf2_times(even, v) for v in result]
+            result = [_gf2_times(op, v) for v in result]
         length >>= 1
-        if not length:
-            break
-        odd = _gf2_square(even)
-        if length & 1:
-            result = [_gf2_times(odd, v) for v in result]
-        length >>= 1
-        if not length:
-            break
+        if length:
+            op = _gf2_square(op)
     return tuple(result)
 
 
