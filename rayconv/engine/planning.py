@@ -14,7 +14,8 @@ from rayconv import mapping
 from rayconv.engine.driver import (MEMORY_PER_PIECE_BYTE, WORKER_BASE_BYTES, ConvertOptions, make_plan,
                                    open_checkpoint)
 from rayconv.models import KNOWN_SIZES, Descriptor, ModelSpec, resolve_spec
-from rayconv.plan import Plan, build_plan, describe
+from rayconv.plan import Plan, describe
+from rayconv.source.checkpoint import MetaCheckpoint
 from rayconv.source.pth import TensorInfo
 
 GiB = 1 << 30
@@ -72,11 +73,10 @@ def simulate(model_name: str | None, model_path: str | None, kinds: Sequence[str
                         model_name=model_name, descriptor=descriptor)
     options = ConvertOptions(files={}, input_display=model_path, output="", worker_memory_gb=worker_memory_gb,
                              kinds=tuple(kinds), quantize_type=quantize_type)
-    from rayconv.engine.driver import piece_budget
-
-    plan = build_plan(spec, [f"consolidated.{i:02d}.pth" for i in range(spec.n_shards)], simulated_indexes(spec),
-                      kinds=kinds, quantize_type=quantize_type, piece_budget=piece_budget(options),
-                      unit_budget=max(options.unit_budget, piece_budget(options)))
+    # The same planner convert runs, over indexes laid out as torch.save would lay out these shards.
+    checkpoint = MetaCheckpoint(spec=spec, shards=[f"consolidated.{i:02d}.pth" for i in range(spec.n_shards)],
+                                indexes=simulated_indexes(spec), files={})
+    plan = make_plan(checkpoint, options)
     return {"simulated": True, "plan": describe(plan), **estimates(plan, worker_memory_gb, throughput_mb_s)}
 
 
