@@ -67,8 +67,3 @@ def slab_rows(shape: tuple[int, ...], target_bytes: int = 1 << 19) -> int:
     """Leading-axis rows whose float32 slab is about ``target_bytes`` (fits in L2)."""
     per_row = 4 * int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 4
     return max(1, min(shape[0], target_bytes // max(per_row, 1)))
-
-
-def dequantize(qvalue: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """For checks and ``rayconv verify``: w ≈ q · scale."""
-    return (qvalue.astype(np.float32) * scale.astype(np.float32)).astype(BF16)

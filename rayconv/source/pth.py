@@ -14,7 +14,6 @@ import math
 import pickle
 import struct
 import zipfile
-import zlib
 from typing import Any, Mapping
 
 import ml_dtypes
@@ -196,10 +195,3 @@ def read_rows(source: ByteSource, info: TensorInfo, start: int = 0, stop: int | 
     source.readinto(offset, memoryview(out.reshape(-1).view(np.uint8)))
     return out
 
-
-def verify_crc(array: np.ndarray, info: TensorInfo, display: str) -> None:
-    """Check a whole-tensor read against the zip record's CRC-32 (catches flipped bytes)."""
-    if info.crc32 is None:
-        return
-    if zlib.crc32(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))) != info.crc32:
-        raise SourceError(f"{display}: tensor {info.name} fails its zip CRC-32 check (corrupt shard)")
