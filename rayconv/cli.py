@@ -249,7 +249,9 @@ def verify(source, output, model_name, model_path, num_kv_heads) -> None:
 @click.option("--n_shards", type=int, default=None)
 @click.option("--n_layers", type=int, default=None)
 @click.option("--seed", type=int, default=None)
-def synthetic(preset_or_dims, out, n_shards, n_layers, seed) -> None:
+@click.option("--fp8", is_flag=True, default=False,
+              help="Write Meta's FP8 SKU layout (float8 FFN weights of layers 1..n-2 + fp8_scales_{r}.pt).")
+def synthetic(preset_or_dims, out, n_shards, n_layers, seed, fp8) -> None:
     """Write a synthetic Meta-format checkpoint (PRESET: demo, 405b-2gb)."""
     import dataclasses
 
@@ -259,6 +261,8 @@ def synthetic(preset_or_dims, out, n_shards, n_layers, seed) -> None:
         raise click.UsageError(f"unknown preset {preset_or_dims!r} (choose from {', '.join(syn.PRESETS)})")
     model = syn.PRESETS[preset_or_dims]
     changes = {k: v for k, v in {"n_shards": n_shards, "n_layers": n_layers, "seed": seed}.items() if v is not None}
+    if fp8:
+        changes["fp8"] = True
     model = dataclasses.replace(model, **changes)
     syn.write_checkpoint(model, out)
     click.echo(f"wrote {human_bytes(model.nbytes())} synthetic {model.family} checkpoint to {out}")

@@ -72,6 +72,8 @@ _DESCRIPTOR = re.compile(
     re.IGNORECASE,
 )
 _VARIANT = re.compile(r"^(?P<dtype>bf16)-mp(?P<mp>\d+)$")
+#: Shards of Meta's FP8 405B SKU (descriptor ``Llama3.1-405B[-Instruct]`` with no variant).
+FP8_SHARDS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +85,8 @@ class Descriptor:
     size: str
     instruct: bool
     shards: int | None
+    #: "bf16", or "fp8" for Meta's FP8 405B SKU (FFN weights of layers 1..n-2 as float8 with row scales).
+    sku: str = "bf16"
 
     @classmethod
     def parse(cls, text: str) -> "Descriptor":
@@ -104,7 +108,7 @@ class Descriptor:
             if not parsed:
                 raise SpecError(
                     f"--model_path {text!r}: variant {variant!r} is not supported; only bf16 "
-                    "checkpoints (e.g. :bf16-mp16, :bf16-mp8) convert bit-exactly; the FP8 SKU does not"
+                    "checkpoints (e.g. :bf16-mp16, :bf16-mp8) and the FP8 SKU (no variant, e.g. Llama3.1-405B-Instruct)"
                 )
             shards = int(parsed["mp"])
         else:
@@ -112,10 +116,9 @@ class Descriptor:
             if known is None:
                 raise SpecError(f"--model_path {text!r}: {family} has no published {size} model")
             if family == "llama-3.1" and size == "405b":
-                raise SpecError(
-                    f"--model_path {text!r} is Meta's FP8 405B SKU; rayconv converts the bf16 SKUs "
-                    "(Llama3.1-405B[-Instruct]:bf16-mp16 or :bf16-mp8)"
-                )
+                # The bare 405B descriptor is Meta's FP8 SKU: 8 shards (MP8 layout) plus fp8_scales_{r}.pt.
+                return cls(text=text, family=family, size=size, instruct=bool(match["suffix"]), shards=FP8_SHARDS,
+                           sku="fp8")
             shards = known.default_shards
         return cls(text=text, family=family, size=size, instruct=bool(match["suffix"]), shards=shards)
 

@@ -78,6 +78,16 @@ def _np_dtype(name: str) -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
+class ScaleRead:
+    """The float32 row scales of an FP8 read: a byte range of ``plan.scale_files[file]`` (see rayconv.fp8)."""
+
+    file: int
+    key: str
+    offset: int
+    length: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Read:
     """One contiguous byte range of one shard: rows [row0, row1) of a tensor."""
 
@@ -87,6 +97,7 @@ class Read:
     length: int
     rows: tuple[int, int]
     shape: tuple[int, ...]  # shape of the rows read
+    scale: ScaleRead | None = None  # set for float8 rows: dequantize with these scales (FP8 SKU)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +127,8 @@ class Unit:
 
     @property
     def read_bytes(self) -> int:
-        return self.nbytes + sum(r.length for p in self.pieces for r in p.duplicates)
+        scales = sum(r.scale.length for p in self.pieces for r in p.reads if r.scale is not None)
+        return self.nbytes + sum(r.length for p in self.pieces for r in p.duplicates) + scales
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +139,7 @@ class Plan:
     quantize_type: str | None
     piece_rows: dict[int, int]  # rule index → rows per piece
     units: tuple[Unit, ...]
+    scale_files: tuple[str, ...] = ()  # FP8 SKU: fp8_scales_{r}.pt uri per shard
 
     @property
     def rules(self) -> tuple[Rule, ...]:
@@ -141,11 +154,11 @@ class Plan:
 
     def fingerprint(self) -> str:
         """Identifies the work: same fingerprint ⇒ a ledger's receipts are valid for this plan."""
-        payload = json.dumps(
-            {"spec": self.spec.to_json(), "kinds": self.kinds, "q": self.quantize_type,
-             "rows": sorted(self.piece_rows.items()), "units": [(u.id, len(u.pieces)) for u in self.units]},
-            sort_keys=True,
-        )
+        work = {"spec": self.spec.to_json(), "kinds": self.kinds, "q": self.quantize_type,
+                "rows": sorted(self.piece_rows.items()), "units": [(u.id, len(u.pieces)) for u in self.units]}
+        if self.scale_files:
+            work["fp8"] = True  # the same model from an FP8 source converts to different bytes
+        payload = json.dumps(work, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -240,10 +253,16 @@ def group_units(pieces: Iterable[Piece], unit_budget: int) -> tuple[Unit, ...]:
 
 def build_plan(spec: ModelSpec, shards: Sequence[str], indexes: Sequence[dict[str, TensorInfo]], *,
                kinds: Sequence[str], quantize_type: str | None, piece_budget: int,
-               unit_budget: int) -> Plan:
+               unit_budget: int, scales: Any = None) -> Plan:
+    """``scales`` (a rayconv.fp8.Scales) makes the float8 reads carry their row scales (FP8 SKU)."""
     rows, pieces = build_pieces(spec, indexes, piece_budget)
+    if scales is not None:
+        from rayconv import fp8
+
+        pieces = fp8.attach_scales(pieces, scales)
     return Plan(spec=spec, shards=tuple(shards), kinds=tuple(kinds), quantize_type=quantize_type,
-                piece_rows=rows, units=group_units(pieces, unit_budget))
+                piece_rows=rows, units=group_units(pieces, unit_budget),
+                scale_files=tuple(scales.files) if scales is not None else ())
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,6 +49,9 @@ class SyntheticModel:
     norm_jitter: bool = True
     #: Meta descriptor whose layout this mimics (gives the MaxText model name and real kv heads).
     descriptor: str | None = None
+    #: Meta's FP8 SKU layout: FFN weights of layers 1..n_layers-2 as float8_e4m3fn, quantized per row by
+    #: FBGEMM's quantizer (rayconv.fp8.quantize_rows) from the bf16 weights, plus fp8_scales_{r}.pt.
+    fp8: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -176,6 +179,23 @@ def shard_tensors(model: SyntheticModel, shard: int) -> Iterator[tuple[str, np.n
     yield "output.weight", _weights(model, (v // mp, e), "output", shard)
 
 
+def _fp8_state(model: SyntheticModel, shard: int) -> tuple[dict, dict]:
+    """One FP8-SKU shard (torch tensors, Meta's key order) and its scale dict ``{i}_feed_forward.{w}_{shard}``."""
+    import torch
+
+    from rayconv import fp8
+
+    state, scales = {}, {}
+    for key, array in shard_tensors(model, shard):
+        if fp8.is_fp8_tensor(key, model.n_layers):
+            q, scale = fp8.quantize_rows(array)
+            state[key] = torch.from_numpy(np.ascontiguousarray(q).view(np.uint8)).view(torch.float8_e4m3fn)
+            scales[fp8.scale_key(key, shard)] = torch.from_numpy(scale)
+        else:
+            state[key] = torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
+    return state, scales
+
+
 def _md5(path: Path) -> str:
     digest = hashlib.md5()
     with path.open("rb") as f:
@@ -195,10 +215,15 @@ def write_checkpoint(model: SyntheticModel, out_dir: str | Path, *, checklist: b
     (out / "tokenizer.model").write_bytes(b"synthetic tokenizer placeholder\n")
     names = ["params.json", "tokenizer.model"]
     for shard in range(model.n_shards):
-        state = {
-            key: torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
-            for key, array in shard_tensors(model, shard)
-        }
+        if model.fp8:
+            state, scales = _fp8_state(model, shard)
+            torch.save(scales, out / f"fp8_scales_{shard}.pt")
+            names.append(f"fp8_scales_{shard}.pt")
+        else:
+            state = {
+                key: torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
+                for key, array in shard_tensors(model, shard)
+            }
         name = f"consolidated.{shard:02d}.pth"
         torch.save(state, out / name)
         names.append(name)

@@ -87,7 +87,7 @@ def verify(options: ConvertOptions, output: str) -> VerifyReport:
             stores[(kind, path)] = ts.open(spec, open=True, read=True).result()
         return stores[(kind, path)]
 
-    sources = Sources(plan.shards)
+    sources = Sources(plan.shards, plan.scale_files)
     rules = mapping.rules(plan.spec)
     crcs: list = []
     regions = compared = 0

@@ -82,7 +82,7 @@ def open_checkpoint(options: ConvertOptions) -> MetaCheckpoint:
 def make_plan(checkpoint: MetaCheckpoint, options: ConvertOptions) -> Plan:
     return build_plan(checkpoint.spec, checkpoint.shards, checkpoint.indexes, kinds=options.kinds,
                       quantize_type=options.quantize_type, piece_budget=piece_budget(options),
-                      unit_budget=max(options.unit_budget, piece_budget(options)))
+                      unit_budget=max(options.unit_budget, piece_budget(options)), scales=checkpoint.scales)
 
 
 def verify_crcs(checkpoint: MetaCheckpoint, receipts: Sequence[Receipt]) -> int:
@@ -146,6 +146,10 @@ def convert(options: ConvertOptions) -> ConvertResult:
     LOG.info("Model %s: %d layers, dim %d, %d heads, %d kv heads (params.json says %d), ffn %d, vocab %d, "
              "%d shards, %s", spec.maxtext_name, spec.n_layers, spec.dim, spec.n_heads, spec.n_kv_heads,
              spec.params_kv_heads, spec.ffn_dim, spec.vocab_size, spec.n_shards, human_bytes(checkpoint.nbytes))
+    if checkpoint.fp8:
+        LOG.info("Source is Meta's FP8 SKU: FFN weights of layers 1..%d are float8 with row scales, dequantized to "
+                 "bf16 on the fly; the bf16 outputs hold these FP8-rounded weights (not the original bf16 model) "
+                 "and int8 is quantized from them", spec.n_layers - 2)
     plan = make_plan(checkpoint, options)
     summary = describe(plan)
     LOG.info("Plan %s: %d units, %d pieces, largest piece %s, outputs %s", summary["fingerprint"], summary["units"],
