@@ -110,7 +110,7 @@ def test_flipped_bytes_fail_the_crc_before_commit(damaged, tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["--model_name", "llama-9"], "unknown --model_name 'llama-9'"),
-    (["--model_path", "Llama3.1-405B"], "FP8"),
+    (["--model_path", "Llama3.1-405B"], "implies 8 shards"),  # the FP8 SKU, given a 16-shard checkpoint
     (["--quantize_type", "fp8", "--quantize_weights", "True"], "unsupported --quantize_type 'fp8'"),
     (["--inference_server", "vllm"], "unsupported --inference_server"),
 ])

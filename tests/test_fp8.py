@@ -216,3 +216,23 @@ def test_sku_and_files_must_agree(tmp_path, fp8_src):
     bf16 = synthetic_checkpoint(SyntheticModel(**{**MODEL.__dict__, "fp8": False}))
     result = rayconv("--input_directory", str(bf16), "--output_directory", str(out), "--model_path", FP8_PATH)
     assert_clean_failure(result, out, "has no float8 tensors")
+
+
+def test_simulated_405b_fp8_plan_reads_40_percent_less():
+    """`rayconv plan --simulate --model_path Llama3.1-405B-Instruct`: the FP8 plan, sized like Meta's FP8 files."""
+    import json
+    import subprocess
+    import sys
+
+    def simulate(model_path: str) -> dict:
+        result = subprocess.run([sys.executable, "-m", "rayconv.cli", "plan", "--simulate", "--model_path", model_path,
+                                 "--quantize_type", "int8"], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads(result.stdout)
+
+    fp8_plan, bf16_plan = simulate(FP8_PATH), simulate(BF16_PATH)
+    assert fp8_plan["source_sku"] == "fp8" and fp8_plan["plan"]["shards"] == 8
+    assert fp8_plan["plan"]["pieces"] == bf16_plan["plan"]["pieces"]
+    # Meta's FP8 shards are 8 × 60,903,742,309 bytes; the plan reads the tensors plus their scales.
+    assert abs(fp8_plan["plan"]["input_bytes"] - 8 * 60_903_742_309) < 0.001 * 8 * 60_903_742_309
+    assert 0.38 < 1 - fp8_plan["plan"]["input_bytes"] / bf16_plan["plan"]["input_bytes"] < 0.42
