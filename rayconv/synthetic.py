@@ -122,7 +122,8 @@ PRESETS: dict[str, SyntheticModel] = {
 
 def ensure_checkpoint(model: SyntheticModel, root: str | Path) -> Path:
     """Write the checkpoint under ``root/<hash of the model>`` unless a complete copy is there."""
-    key = hashlib.sha256(repr(model).encode()).hexdigest()[:12]
+    # fp8=False is left out of the key so checkpoints cached before the field existed keep their names.
+    key = hashlib.sha256(repr(model).replace(", fp8=False)", ")").encode()).hexdigest()[:12]
     out = Path(root) / key
     if (out / "checklist.chk").exists():
         return out

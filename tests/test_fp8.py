@@ -58,12 +58,37 @@ def fp8_src() -> Path:
 
 
 @pytest.fixture(scope="module")
-def bf16_reference(tmp_path_factory, fp8_src) -> dict[str, bytes]:
+def dequantized_src(tmp_path_factory, fp8_src) -> Path:
+    return write_dequantized(fp8_src, tmp_path_factory.mktemp("deq") / "in")
+
+
+@pytest.fixture(scope="module")
+def bf16_reference(tmp_path_factory, dequantized_src) -> dict[str, bytes]:
     """rayconv's conversion of the torch-dequantized bf16 shards (a plain bf16 MP8 source)."""
-    src = write_dequantized(fp8_src, tmp_path_factory.mktemp("deq") / "in")
     out = tmp_path_factory.mktemp("deq-out")
-    run_convert(src, out, model_path=BF16_PATH, kinds=KINDS, quantize_type="int8", executor="local")
+    run_convert(dequantized_src, out, model_path=BF16_PATH, kinds=KINDS, quantize_type="int8", executor="local")
     return leaves(out)
+
+
+@pytest.fixture(scope="module")
+def fp8_out(tmp_path_factory, fp8_src) -> tuple[Path, str]:
+    """rayconv's conversion of the FP8 source (local executor), and its log."""
+    import logging
+
+    out = tmp_path_factory.mktemp("fp8-out")
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("rayconv")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        run_convert(fp8_src, out, model_path=FP8_PATH, kinds=KINDS, quantize_type="int8", executor="local")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return out, "\n".join(records)
 
 
 def test_dequantize_equals_torch():
@@ -119,11 +144,9 @@ def test_descriptor_is_the_fp8_sku():
     assert Descriptor.parse(BF16_PATH).sku == "bf16"
 
 
-def test_fp8_source_converts_to_the_dequantized_bf16_conversion(tmp_path, fp8_src, bf16_reference, caplog):
-    out = tmp_path / "out"
-    with caplog.at_level("INFO", logger="rayconv"):
-        run_convert(fp8_src, out, model_path=FP8_PATH, kinds=KINDS, quantize_type="int8", executor="local")
-    assert "FP8 SKU" in caplog.text and "FP8-rounded" in caplog.text
+def test_fp8_source_converts_to_the_dequantized_bf16_conversion(fp8_out, bf16_reference):
+    out, log = fp8_out
+    assert "FP8 SKU" in log and "FP8-rounded" in log
     got = leaves(out)
     assert set(got) == set(bf16_reference) and len(got) > 20
     differing = [k for k in got if got[k] != bf16_reference[k]]
@@ -236,3 +259,14 @@ def test_simulated_405b_fp8_plan_reads_40_percent_less():
     # Meta's FP8 shards are 8 × 60,903,742,309 bytes; the plan reads the tensors plus their scales.
     assert abs(fp8_plan["plan"]["input_bytes"] - 8 * 60_903_742_309) < 0.001 * 8 * 60_903_742_309
     assert 0.38 < 1 - fp8_plan["plan"]["input_bytes"] / bf16_plan["plan"]["input_bytes"] < 0.42
+
+
+def test_parity_with_maxtext_on_the_dequantized_shards(fp8_out, dequantized_src, reference):
+    """All three outputs of the FP8 source equal what MaxText 0.2.4's converters write for its dequantized shards."""
+    from test_parity import assert_same_leaves
+
+    out, _ = fp8_out
+    assert assert_same_leaves(out / "bf16/scanned/0/items", reference.scanned(MODEL, dequantized_src)) == 13
+    assert assert_same_leaves(out / "bf16/unscanned/checkpoints/0/items",
+                              reference.unscanned(MODEL, dequantized_src)) == 4 + 9 * MODEL.n_layers
+    assert assert_same_leaves(out / "int8", reference.quantized(MODEL, dequantized_src, quant="int8")) > 0
