@@ -270,3 +270,32 @@ def test_parity_with_maxtext_on_the_dequantized_shards(fp8_out, dequantized_src,
     assert assert_same_leaves(out / "bf16/unscanned/checkpoints/0/items",
                               reference.unscanned(MODEL, dequantized_src)) == 4 + 9 * MODEL.n_layers
     assert assert_same_leaves(out / "int8", reference.quantized(MODEL, dequantized_src, quant="int8")) > 0
+
+
+def test_fp8_from_meta_url_and_bucket(tmp_path, fp8_src, fp8_out, gcs_prefix, monkeypatch):
+    """Behind a signed URL: streamed (md5-checked inline) and staged to gs://, the FP8 SKU converts to the same bytes."""
+    from servers import SignedUrlServer
+    from test_download import copy_down
+
+    from rayconv.download import resolve_input, stage
+    from rayconv.engine.driver import ConvertOptions, convert
+    from rayconv.source.checkpoint import list_input
+
+    monkeypatch.setenv("RAYCONV_META_SHARD_SIZES", "ignore")  # synthetic shards, not Meta's 60.9 GB
+    cdn = tmp_path / "cdn"
+    shutil.copytree(fp8_src, cdn / "Llama-3.1-405B-Instruct")
+
+    def run(files: dict[str, str], output: str) -> None:
+        convert(ConvertOptions(files=files, input_display="test", output=output, model_path=FP8_PATH,
+                               kinds=KINDS, quantize_type="int8", executor="local", progress=False))
+
+    with SignedUrlServer(cdn) as server:
+        files = resolve_input(server.url(), FP8_PATH)
+        assert {f"fp8_scales_{r}.pt" for r in range(8)} <= set(files)
+        run(files, gcs_prefix.join("from-url").uri)
+        staged = stage(server.url(), FP8_PATH, gcs_prefix.join("base"))
+    run(list_input(staged.uri), gcs_prefix.join("from-gs").uri)
+    want = leaves(fp8_out[0])
+    for name in ("from-url", "from-gs"):
+        copy_down(gcs_prefix.join(name), tmp_path / name)
+        assert leaves(tmp_path / name) == want, name
