@@ -116,6 +116,9 @@ def _read_fp8(read: Read, sources: Sources, crcs: list) -> np.ndarray:
     crcs.append((read.shard, read.tensor, read.offset, read.length, zlib.crc32(raw.reshape(-1).view(np.uint8))))
     scale = np.empty(read.scale.length // 4, dtype="<f4")
     sources.scale_file(read.scale.file).readinto(read.scale.offset, memoryview(scale.view(np.uint8)))
+    # Scale files are receipted as shard -1-r so the driver checks their records' CRC-32 too (verify_crcs).
+    crcs.append((-1 - read.scale.file, read.scale.key, read.scale.offset, read.scale.length,
+                 zlib.crc32(scale.view(np.uint8))))
     name = sources.scale_name(read.scale.file)
     fp8.check_scales(scale, f"{name}: {read.scale.key} (rows {read.rows[0]}:{read.rows[1]})")
     return fp8.dequantize(raw, scale)

@@ -199,6 +199,15 @@ def _set(scales: dict, key: str, value: float) -> None:
     scales[key][5] = value
 
 
+def _flip_scale_bit(src: Path) -> None:
+    """A corrupt scale that is still finite and positive: only the zip CRC-32 can tell."""
+    path = src / "fp8_scales_3.pt"
+    info = index_pth(open_source(str(path)))["1_feed_forward.w1_3"]
+    data = bytearray(path.read_bytes())
+    data[info.offset + 8] ^= 0x01  # lowest mantissa bit of row 2's scale
+    path.write_bytes(bytes(data))
+
+
 BAD = {
     "missing scale file": (lambda src: (src / "fp8_scales_3.pt").unlink(), "fp8_scales_3.pt is missing"),
     "extra scale file": (lambda src: shutil.copy(src / "fp8_scales_0.pt", src / "fp8_scales_8.pt"),
@@ -212,6 +221,7 @@ BAD = {
                        "expected float32"),
     "infinite scale": (_edit_scales(6, lambda s: _set(s, "2_feed_forward.w2_6", float("inf"))), "must be finite"),
     "nan scale": (_edit_scales(0, lambda s: _set(s, "1_feed_forward.w1_0", float("nan"))), "must be finite"),
+    "corrupt scale bytes": (_flip_scale_bit, "fp8_scales_3.pt: tensor 1_feed_forward.w1_3 fails its CRC-32 check"),
     "float8 outside layers 1..n-2": (_edit_shard(5, "layers.0.feed_forward.w1.weight", torch.float8_e4m3fn),
                                      "layers.0.feed_forward.w1.weight is float8_e4m3fn; expected bfloat16"),
     "bf16 where float8 belongs": (_edit_shard(5, "layers.1.feed_forward.w3.weight", torch.bfloat16),

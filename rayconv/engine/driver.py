@@ -93,7 +93,10 @@ def verify_crcs(checkpoint: MetaCheckpoint, receipts: Sequence[Receipt]) -> int:
             segments.setdefault((shard, tensor), []).append((offset, length, crc))
     verified = 0
     for (shard, tensor), parts in segments.items():
-        info = checkpoint.indexes[shard][tensor]
+        # shard -1-r: the row scales in fp8_scales_{r}.pt of an FP8 checkpoint (see worker._read_fp8).
+        index, uri = ((checkpoint.indexes[shard], checkpoint.shards[shard]) if shard >= 0 else
+                      (checkpoint.scales.indexes[-1 - shard], checkpoint.scales.files[-1 - shard]))
+        info = index[tensor]
         if info.crc32 is None:
             continue
         unique = sorted({(off - info.offset, length, crc) for off, length, crc in parts})
@@ -101,7 +104,7 @@ def verify_crcs(checkpoint: MetaCheckpoint, receipts: Sequence[Receipt]) -> int:
         if combined is None or combined[1] != info.nbytes:
             continue
         if combined[0] != info.crc32:
-            name = checkpoint.shards[shard].split("?", 1)[0]
+            name = uri.split("?", 1)[0]
             raise SourceError(f"{name}: tensor {tensor} fails its CRC-32 check (corrupt shard; re-download it)")
         verified += 1
     return verified
