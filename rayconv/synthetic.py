@@ -103,7 +103,11 @@ class SyntheticModel:
         e, m, d = self.dim, self.ffn_dim, self.head_dim
         kv_rows = max(self.n_kv_heads, self.n_shards) * d
         per_layer = 2 * e * e + 2 * kv_rows * e + 3 * e * m + 2 * e * self.n_shards
-        return 2 * (self.n_layers * per_layer + 2 * self.vocab_size * e + e * self.n_shards)
+        total = 2 * (self.n_layers * per_layer + 2 * self.vocab_size * e + e * self.n_shards)
+        if self.fp8:  # FFN weights of layers 1..n-2 at 1 byte per element, plus 4 bytes per row scale
+            fp8_layers = max(0, self.n_layers - 2)
+            total -= fp8_layers * (3 * e * m - 4 * (2 * m + e * self.n_shards))
+        return total
 
 
 #: Named shapes. ``demo`` is the embedded default input of ``rayconv convert``: Llama-3.1-shaped,
