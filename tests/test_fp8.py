@@ -309,3 +309,25 @@ def test_fp8_from_meta_url_and_bucket(tmp_path, fp8_src, fp8_out, gcs_prefix, mo
     for name in ("from-url", "from-gs"):
         copy_down(gcs_prefix.join(name), tmp_path / name)
         assert leaves(tmp_path / name) == want, name
+
+
+def test_cli_synthetic_fp8_writes_the_fp8_layout(tmp_path, fp8_src, monkeypatch):
+    """`rayconv synthetic PRESET --fp8` writes the same checkpoint as SyntheticModel(fp8=True) (a tiny preset here)."""
+    import dataclasses
+
+    from click.testing import CliRunner
+
+    from rayconv import synthetic as syn
+    from rayconv.cli import main
+
+    monkeypatch.setitem(syn.PRESETS, "fp8-test", dataclasses.replace(MODEL, fp8=False))
+    out = tmp_path / "syn"
+    result = CliRunner().invoke(main, ["synthetic", "fp8-test", "--fp8", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in fp8_src.iterdir())
+    for path in sorted(out.glob("*.p*")):
+        ours, cached = (torch.load(p, weights_only=True) for p in (path, fp8_src / path.name))
+        assert list(ours) == list(cached), path.name
+        for key in ours:
+            assert ours[key].dtype == cached[key].dtype and torch.equal(ours[key].view(torch.uint8),
+                                                                         cached[key].view(torch.uint8)), key
