@@ -199,8 +199,9 @@ def restart_targets(out: Location, layouts: dict[str, OutputLayout], kinds: Sequ
     for qtype in (None, *QUANT_TYPES):
         targets += [layout.staging_root for layout in output_layouts(out, qtype).values() if out.is_local]
     unique: dict[str, Location] = {}
-    for target in targets:
-        if target.path.rstrip("/") != out.path.rstrip("/"):
+    base = out.path.rstrip("/") + "/" if out.path else ""
+    for target in targets:  # only ever strictly inside the output directory
+        if target.path.startswith(base) and target.path.rstrip("/") != out.path.rstrip("/"):
             unique.setdefault(target.uri, target)
     return list(unique.values())
 
@@ -222,6 +223,9 @@ def _prepare_output(out: Location, ledger: Ledger, layouts: dict[str, OutputLayo
             if occupied(layouts[kind].final_root):
                 raise OutputError(f"{layouts[kind].final_root.uri} already exists and was not written by this "
                                   "conversion; choose another --output_directory or pass --restart to replace it")
+        for kind in plan.kinds:  # rayconv's temporaries with no ledger to resume them: nothing may reuse them
+            if layouts[kind].staging_root != layouts[kind].final_root:
+                _remove(layouts[kind].staging_root)
     record = ledger.start(plan.fingerprint(), summary, started_ns, **fields)
     for kind in plan.kinds:
         layout, state = layouts[kind], ledger.commit_state(kind)
@@ -326,6 +330,10 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
                         done_units=len(receipts), enabled=options.progress)
     try:
         if todo:
+            for kind in to_build:  # new databases: a complete staging directory must be rebuilt, not renamed
+                if layouts[kind].staging_root != layouts[kind].final_root:
+                    layouts[kind].staging_root.delete(MARKER)
+                    layouts[kind].item(staging=True).delete(MARKER)
             LOG.info("Converting %s with %d %s worker(s)", human_bytes(sum(u.read_bytes for u in todo)),
                      executor.workers, executor.name)
             ctx = JobContext.create(dataclasses.replace(plan, kinds=tuple(to_build)), layouts, options.compression,
