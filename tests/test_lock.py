@@ -70,10 +70,37 @@ def test_stale_lock_is_taken_over(out, why):
 
 
 def test_live_lock_of_another_host_is_respected(out):
+    """Another host's holder is alive when its heartbeat advances: refused, naming it."""
     plant(out, host="another-host", pid=1)
-    with pytest.raises(OutputLocked, match="host another-host, pid 1"):
-        OutputLock(out, stale=120).acquire()
+    stop = threading.Event()
+
+    def beat() -> None:  # the other host's heartbeat thread
+        while not stop.wait(0.3):
+            plant(out, host="another-host", pid=1)
+
+    beating = threading.Thread(target=beat)
+    beating.start()
+    try:
+        started = time.time()
+        with pytest.raises(OutputLocked, match="being written by another conversion \\(host another-host, pid 1,"):
+            OutputLock(out, stale=8).acquire()
+        assert time.time() - started < 6  # refused once a beat was seen, not after the timeout
+    finally:
+        stop.set()
+        beating.join()
     assert read_holder(out).owner == "someone-else"
+
+
+def test_silent_lock_of_another_host_is_taken_over_once_stale(out):
+    """A job retried on a fresh cluster right after its driver died: it waits out the heartbeat timeout."""
+    plant(out, host="another-host", pid=1)  # fresh heartbeat, but nobody beats any more
+    started = time.time()
+    lock = OutputLock(out, stale=3).acquire()
+    try:
+        assert 2 < time.time() - started < 15
+        assert lock.took_over is not None and read_holder(out).pid == os.getpid()
+    finally:
+        lock.release()
 
 
 def test_only_one_of_many_contenders_takes_over_a_stale_lock(out):

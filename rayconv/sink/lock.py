@@ -5,7 +5,9 @@ work committed. The lock is a small JSON object (owner id, host, pid, start and 
 
 * **acquire**: create it only if absent — ``O_CREAT | O_EXCL`` on a local disk, an upload with
   ``ifGenerationMatch=0`` on GCS. If it exists and its holder is alive, refuse with one line naming
-  the holder (host, pid, age of its heartbeat).
+  the holder (host, pid, age of its heartbeat). A holder on this host is alive while its pid is; a
+  holder on another host is watched until its heartbeat advances (alive: refuse) or goes stale (take
+  over), so a job retried on a fresh cluster right after its driver's node died waits, not fails.
 * **stale** means: the holder ran on this host and its pid is gone, or its heartbeat is older than
   :data:`STALE_SECONDS` (``RAYCONV_LOCK_STALE_SECONDS``). A stale lock is replaced with a
   compare-and-swap — a generation precondition on GCS; locally a ``flock``-guarded read-compare-
@@ -269,6 +271,7 @@ class OutputLock:
         return self
 
     def _acquire(self) -> None:
+        seen_alive = False
         for _ in range(10):
             mine = self._new_holder()
             token = self._backend.create(mine.encode())
@@ -282,8 +285,17 @@ class OutputLock:
             holder, now = Holder.parse(data), time.time()
             if not self.is_stale(holder, modified, now):
                 who = holder.describe(now) if holder else f"unreadable lock, written {now - modified:.0f} s ago"
-                raise OutputLocked(f"{self.out.uri} is being written by another conversion ({who}); wait for it "
-                                   f"to finish, or remove {self.uri} if that process is gone")
+                local = holder is not None and holder.host == socket.gethostname()
+                if seen_alive or local:  # a live pid here, or a heartbeat seen to advance
+                    raise OutputLocked(f"{self.out.uri} is being written by another conversion ({who}); wait for "
+                                       f"it to finish, or remove {self.uri} if that process is gone")
+                # Another host: alive if it beats again, dead if it goes stale (a retried job on a new cluster).
+                stale_at = (holder.heartbeat if holder else modified) + self.stale
+                log.warning("The output lock of %s is held by %s; waiting up to %.0f s for it to beat again (then "
+                            "this run stops) or go stale (then this run takes it over)", self.out.uri, who,
+                            stale_at - now)
+                seen_alive = self._watch(token, stale_at)
+                continue
             new = self._backend.replace(mine.encode(), token)
             if new is not None:
                 self._holder, self._token, self.took_over = mine, new, holder
@@ -292,6 +304,16 @@ class OutputLock:
                 return
             # Someone else replaced or removed it first: look again (they may have won).
         raise OutputLocked(f"could not lock {self.out.uri}: the lock keeps changing hands")
+
+    def _watch(self, token: Any, until: float) -> bool:
+        """Poll the lock until ``until``; True as soon as it changed (rewritten, released or replaced)."""
+        poll = max(0.2, min(2.0, self.interval / 4))
+        while time.time() < until:
+            time.sleep(min(poll, max(0.0, until - time.time())))
+            current = self._backend.read()
+            if current is None or current[1] != token:
+                return True
+        return False
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):
