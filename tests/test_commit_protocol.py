@@ -320,3 +320,26 @@ def test_lowering_worker_memory_below_the_recorded_plan_is_refused(tmp_path):
     assert wide_cli(src, out, "4", stop="units:1").returncode == STOP_EXIT_CODE
     error = one_error(wide_cli(src, out, "0.3"))
     assert "planned for workers of at least 0.31 GiB" in error and "--restart" in error
+
+
+def test_reuploaded_gcs_shard_is_reread_and_the_rest_resumes(src, uninterrupted, tmp_path, gcs_prefix):
+    """On GCS a shard's identity is its object generation: uploading it again re-reads its units only."""
+    bucket_src = gcs_prefix.join("in")
+    for path in sorted(src.iterdir()):
+        bucket_src.write_bytes(path.name, path.read_bytes())
+    out = tmp_path / "out"
+    assert cli(bucket_src.uri, str(out), stop="intent").returncode == STOP_EXIT_CODE  # every unit done
+    bucket_src.write_bytes("consolidated.01.pth", (src / "consolidated.01.pth").read_bytes())  # new generation
+
+    from rayconv.engine.driver import ConvertOptions, make_plan, open_checkpoint
+    from rayconv.source.checkpoint import list_input
+
+    options = ConvertOptions(files=list_input(bucket_src.uri), input_display=bucket_src.uri, output="",
+                             model_name=MODEL.family, kinds=KINDS, quantize_type="int8")
+    plan = make_plan(open_checkpoint(options), options)
+    reading = [u for u in plan.units if any(r.shard == 1 for p in u.pieces for r in (*p.reads, *p.duplicates))]
+    assert 0 < len(reading) < len(plan.units)
+    result = run_convert(bucket_src.uri, out, model_name=MODEL.family, kinds=KINDS, quantize_type="int8",
+                         executor="local")
+    assert (result.units_run, result.units_skipped) == (len(reading), len(plan.units) - len(reading))
+    assert_complete(Location.parse(str(out)), uninterrupted, tmp_path)
