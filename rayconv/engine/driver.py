@@ -11,12 +11,13 @@ import time
 from typing import Any, Sequence
 
 from rayconv import checksum
-from rayconv.engine.ledger import COMMITTED, COMMITTING, Ledger, source_digest, source_identities, unit_shards
+from rayconv.engine.ledger import (COMMITTED, COMMITTING, Ledger, relative, remove_output, restart_targets, resumable,
+                                   source_digest, source_identities, unit_shards)
 from rayconv.errors import OutputError, SourceError
 from rayconv.models import Descriptor
 from rayconv.plan import Plan, build_plan, describe
 from rayconv.progress import LOG, Progress, human_bytes
-from rayconv.sink.commit import MARKER, commit_or_error, is_complete, missing_databases, occupied, stop_point
+from rayconv.sink.commit import MARKER, commit_or_error, is_complete, occupied, stop_point
 from rayconv.sink.layout import OutputLayout, output_layouts
 from rayconv.sink.lock import OutputLock
 from rayconv.source.checkpoint import MetaCheckpoint
@@ -112,11 +113,11 @@ def crc_check(checkpoint: MetaCheckpoint, receipts: Sequence[Receipt]) -> tuple[
     return verified, failed
 
 
-def _crc_error(checkpoint: MetaCheckpoint, failed: Sequence[tuple[int, str]]) -> SourceError:
+def _crc_error(checkpoint: MetaCheckpoint, failed: Sequence[tuple[int, str]],
+               hint: str = "corrupt shard; re-download it") -> SourceError:
     shard, tensor = failed[0]
     name = checkpoint.shards[shard].split("?", 1)[0]
-    return SourceError(f"{name}: tensor {tensor} fails its CRC-32 check (corrupt shard; re-download it and rerun: "
-                       "only the units that read it run again)")
+    return SourceError(f"{name}: tensor {tensor} fails its CRC-32 check ({hint})")
 
 
 def verify_crcs(checkpoint: MetaCheckpoint, receipts: Sequence[Receipt]) -> int:
@@ -168,44 +169,6 @@ def resume_options(options: ConvertOptions, checkpoint: MetaCheckpoint, record: 
     return resumed
 
 
-def _relative(out: Location, location: Location) -> str:
-    return location.path[len(out.path):].lstrip("/")
-
-
-def _remove(location: Location) -> None:
-    import os
-
-    if location.is_local and (os.path.isfile(location.path) or os.path.islink(location.path)):
-        os.remove(location.path)
-    else:
-        location.delete_all()
-
-
-def restart_targets(out: Location, layouts: dict[str, OutputLayout], kinds: Sequence[str],
-                    previous: dict[str, Any] | None) -> list[Location]:
-    """What ``--restart`` removes: every output this plan writes, every output the previous
-    conversion of this directory recorded (a stale ``int8/`` next to new bf16 outputs), and rayconv's
-    staging directories. Anything else under the output directory is left alone."""
-    from rayconv.quantize import QUANT_TYPES
-
-    targets = [layouts[k].final_root for k in kinds]
-    if previous:
-        recorded = previous.get("outputs")
-        if isinstance(recorded, dict):
-            targets += [out.join(str(rel)) for rel in recorded.values() if rel and ".." not in str(rel).split("/")]
-        else:  # ledgers written before outputs were recorded
-            old = output_layouts(out, None)
-            targets += [old[k].final_root for k in previous.get("summary", {}).get("outputs", []) if k in old]
-    for qtype in (None, *QUANT_TYPES):
-        targets += [layout.staging_root for layout in output_layouts(out, qtype).values() if out.is_local]
-    unique: dict[str, Location] = {}
-    base = out.path.rstrip("/") + "/" if out.path else ""
-    for target in targets:  # only ever strictly inside the output directory
-        if target.path.startswith(base) and target.path.rstrip("/") != out.path.rstrip("/"):
-            unique.setdefault(target.uri, target)
-    return list(unique.values())
-
-
 def _prepare_output(out: Location, ledger: Ledger, layouts: dict[str, OutputLayout], plan: Plan, restart: bool,
                     summary: dict[str, Any], started_ns: int, fields: dict[str, Any]) -> dict[str, Any]:
     """Restart or resume: the ledger must describe this conversion, and storage must agree with it."""
@@ -216,7 +179,7 @@ def _prepare_output(out: Location, ledger: Ledger, layouts: dict[str, OutputLayo
             previous = None
         ledger.clear()
         for target in restart_targets(out, layouts, plan.kinds, previous):
-            _remove(target)
+            remove_output(target)
     record = ledger.plan_record()
     if record is None:
         for kind in plan.kinds:
@@ -225,7 +188,7 @@ def _prepare_output(out: Location, ledger: Ledger, layouts: dict[str, OutputLayo
                                   "conversion; choose another --output_directory or pass --restart to replace it")
         for kind in plan.kinds:  # rayconv's temporaries with no ledger to resume them: nothing may reuse them
             if layouts[kind].staging_root != layouts[kind].final_root:
-                _remove(layouts[kind].staging_root)
+                remove_output(layouts[kind].staging_root)
     record = ledger.start(plan.fingerprint(), summary, started_ns, **fields)
     for kind in plan.kinds:
         layout, state = layouts[kind], ledger.commit_state(kind)
@@ -240,41 +203,6 @@ def _prepare_output(out: Location, ledger: Ledger, layouts: dict[str, OutputLayo
                 raise OutputError(f"{layout.final_root.uri} holds a checkpoint this conversion did not commit; move "
                                   "it away or rerun with --restart to replace it")
     return record
-
-
-def _resumable(ledger: Ledger, plan: Plan, identities: Sequence[str], layouts: dict[str, OutputLayout],
-               to_build: Sequence[str]) -> dict[str, Receipt]:
-    """Recorded receipts still valid: every shard the unit read is the same bytes (else it is run
-    again — a re-downloaded shard is re-read), and its databases are there for the outputs to build."""
-    recorded = ledger.receipts()
-    done: dict[str, Receipt] = {}
-    changed: set[int] = set()
-    rerun = 0
-    for unit in plan.units:
-        if unit.id not in recorded:
-            continue
-        receipt, sources = recorded[unit.id]
-        stale = [s for s in unit_shards(unit) if sources.get(str(s)) != identities[s]]
-        if stale:
-            changed.update(stale)
-            rerun += 1
-            continue
-        done[unit.id] = receipt
-    if rerun:
-        names = ", ".join(plan.shards[s].split("?", 1)[0].rsplit("/", 1)[-1] for s in sorted(changed)[:3])
-        LOG.info("%d finished unit(s) read shards that changed since (%s%s): running them again", rerun, names,
-                 ", …" if len(changed) > 3 else "")
-    for kind in to_build:
-        item = layouts[kind].item(staging=True)
-        by_db = {r.dbs[kind]: unit for unit, r in done.items() if kind in r.dbs}
-        lost = missing_databases(item, by_db)
-        missing_kind = [u for u, r in done.items() if kind not in r.dbs]
-        for unit in [by_db[db] for db in lost] + missing_kind:
-            done.pop(unit, None)
-        if lost or missing_kind:
-            LOG.info("%d finished unit(s) have no %s database under %s: running them again",
-                     len(lost) + len(missing_kind), kind, item.uri)
-    return done
 
 
 def convert(options: ConvertOptions) -> ConvertResult:
@@ -311,14 +239,14 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
     budgets = _budgets(options)
     fields = {"source": source_digest(identities), "piece_budget": budgets[0], "unit_budget": budgets[1],
               "quantize_type": plan.quantize_type,
-              "outputs": {k: _relative(out, layouts[k].final_root) for k in plan.kinds}}
+              "outputs": {k: relative(out, layouts[k].final_root) for k in plan.kinds}}
     record = _prepare_output(out, ledger, layouts, plan, options.restart, summary, started_ns, fields)
     started_ns = record.get("started_ns", started_ns)
     committed = [k for k in plan.kinds if ledger.commit_state(k) == COMMITTED]
     pending = [k for k in plan.kinds if k not in committed]
     # Outputs whose commit finished before an interruption need no units; the rest are built.
     to_build = [k for k in pending if not is_complete(layouts[k])]
-    done = _resumable(ledger, plan, identities, layouts, to_build) if to_build else {}
+    done = resumable(ledger, plan, identities, layouts, to_build) if to_build else {}
     todo = [u for u in plan.units if u.id not in done] if to_build else []
     if done:
         LOG.info("Resuming: %d of %d units already done", len(done), len(plan.units))
@@ -351,7 +279,8 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
                 # Forget what the corrupt bytes produced, so a rerun after re-downloading re-reads them.
                 bad = set(failed)
                 ledger.forget([r.unit for r in receipts if any((c[0], c[1]) in bad for c in r.crcs)])
-                raise _crc_error(checkpoint, failed)
+                raise _crc_error(checkpoint, failed, "corrupt shard; re-download it and rerun: only the units "
+                                 "that read it are redone")
             LOG.info("Verified CRC-32 of %d source tensors", verified)
 
         by_unit = {r.unit: r for r in receipts}

@@ -14,6 +14,9 @@ Everything lives next to the output so a rerun resumes (``<out>/.rayconv/``):
   makes anything visible, ``committed`` after its last; see :mod:`rayconv.sink.commit` and the state
   machine in docs/architecture.md.
 * ``lock``: the output lock (:mod:`rayconv.sink.lock`); ``--restart`` clears everything but it.
+
+Also here: which recorded units a resume may keep (:func:`resumable`) and what ``--restart``
+removes (:func:`restart_targets`).
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ import hashlib
 import json
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from rayconv.errors import OutputError
-from rayconv.plan import Unit
+from rayconv.plan import Plan, Unit
+from rayconv.progress import LOG
+from rayconv.sink.commit import missing_databases
+from rayconv.sink.layout import OutputLayout, output_layouts
 from rayconv.source.pth import TensorInfo
 from rayconv.storage import Location
 from rayconv.worker import Receipt
@@ -178,3 +184,79 @@ def source_digest(identities: list[str]) -> str:
     shard keeps it; a different model with the same shapes does not)."""
     digests = [ident.split("/", 1)[0] for ident in identities]
     return hashlib.sha256(json.dumps(digests).encode()).hexdigest()[:16]
+
+
+# Resume and restart ----------------------------------------------------------------------
+
+
+def resumable(ledger: Ledger, plan: Plan, identities: Sequence[str], layouts: dict[str, OutputLayout],
+              to_build: Sequence[str]) -> dict[str, Receipt]:
+    """Recorded receipts still valid: every shard the unit read is the same bytes (else it is run
+    again — a re-downloaded shard is re-read), and its databases are there for the outputs to build."""
+    recorded = ledger.receipts()
+    done: dict[str, Receipt] = {}
+    changed: set[int] = set()
+    rerun = 0
+    for unit in plan.units:
+        if unit.id not in recorded:
+            continue
+        receipt, sources = recorded[unit.id]
+        stale = [s for s in unit_shards(unit) if sources.get(str(s)) != identities[s]]
+        if stale:
+            changed.update(stale)
+            rerun += 1
+            continue
+        done[unit.id] = receipt
+    if rerun:
+        names = ", ".join(plan.shards[s].split("?", 1)[0].rsplit("/", 1)[-1] for s in sorted(changed)[:3])
+        LOG.info("%d finished unit(s) read shards that changed since (%s%s): running them again", rerun, names,
+                 ", …" if len(changed) > 3 else "")
+    for kind in to_build:
+        item = layouts[kind].item(staging=True)
+        by_db = {r.dbs[kind]: unit for unit, r in done.items() if kind in r.dbs}
+        lost = missing_databases(item, by_db)
+        missing_kind = [u for u, r in done.items() if kind not in r.dbs]
+        for unit in [by_db[db] for db in lost] + missing_kind:
+            done.pop(unit, None)
+        if lost or missing_kind:
+            LOG.info("%d finished unit(s) have no %s database under %s: running them again",
+                     len(lost) + len(missing_kind), kind, item.uri)
+    return done
+
+
+def relative(out: Location, location: Location) -> str:
+    return location.path[len(out.path):].lstrip("/")
+
+
+def remove_output(location: Location) -> None:
+    if location.is_local and (os.path.isfile(location.path) or os.path.islink(location.path)):
+        os.remove(location.path)
+    else:
+        location.delete_all()
+
+
+def restart_targets(out: Location, layouts: dict[str, OutputLayout], kinds: Sequence[str],
+                    previous: dict[str, Any] | None) -> list[Location]:
+    """What ``--restart`` removes: every output this plan writes, every output the previous
+    conversion of this directory recorded (a stale ``int8/`` next to new bf16 outputs), and rayconv's
+    staging directories. Anything else under the output directory is left alone."""
+    from rayconv.quantize import QUANT_TYPES
+
+    targets = [layouts[k].final_root for k in kinds]
+    if previous:
+        recorded = previous.get("outputs")
+        if isinstance(recorded, dict):
+            targets += [out.join(str(rel)) for rel in recorded.values() if rel and ".." not in str(rel).split("/")]
+        else:  # ledgers written before outputs were recorded
+            old = output_layouts(out, None)
+            summary = previous.get("summary")
+            kinds_before = summary.get("outputs", []) if isinstance(summary, dict) else []
+            targets += [old[k].final_root for k in kinds_before if isinstance(k, str) and k in old]
+    for qtype in (None, *QUANT_TYPES):
+        targets += [layout.staging_root for layout in output_layouts(out, qtype).values() if out.is_local]
+    unique: dict[str, Location] = {}
+    base = out.path.rstrip("/") + "/" if out.path else ""
+    for target in targets:  # only ever strictly inside the output directory
+        if target.path.startswith(base) and target.path.rstrip("/") != out.path.rstrip("/"):
+            unique.setdefault(target.uri, target)
+    return list(unique.values())
