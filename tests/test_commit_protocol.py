@@ -343,3 +343,23 @@ def test_reuploaded_gcs_shard_is_reread_and_the_rest_resumes(src, uninterrupted,
                          executor="local")
     assert (result.units_run, result.units_skipped) == (len(reading), len(plan.units) - len(reading))
     assert_complete(Location.parse(str(out)), uninterrupted, tmp_path)
+
+
+def test_damaged_ledger_entries(src, uninterrupted, tmp_path):
+    """A damaged receipt only costs its unit a rerun; a damaged plan.json or a changed codec is one line."""
+    out = tmp_path / "out"
+    assert cli(src, str(out), stop="intent").returncode == STOP_EXIT_CODE
+    receipts = sorted((out / ".rayconv/receipts").glob("*.json"))
+    assert len(receipts) > 1
+    receipts[0].write_text('{"unit": 3')
+    result = resume(src, Location.parse(str(out)))
+    assert (result.units_run, result.units_skipped) == (1, len(receipts) - 1)
+    assert_complete(Location.parse(str(out)), uninterrupted, tmp_path)
+
+    (out / ".rayconv/plan.json").write_text("{not json")
+    assert "plan.json is not valid JSON (damaged ledger); rerun with --restart" in one_error(cli(src, str(out)))
+
+    other = tmp_path / "other"
+    assert cli(src, str(other), stop="units:1").returncode == STOP_EXIT_CODE
+    error = one_error(cli(src, str(other), "--compression", "zstd"))
+    assert "was started with --compression none" in error

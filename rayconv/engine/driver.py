@@ -147,9 +147,13 @@ def resume_options(options: ConvertOptions, checkpoint: MetaCheckpoint, record: 
     """Plan a resume with the budgets the output was started with, so its finished units stay valid
     after --worker_memory_gb changed (e.g. raised after an out-of-memory kill) — as long as the new
     workers can hold that plan's largest piece."""
-    if not record or "piece_budget" not in record:
+    if not isinstance(record, dict) or "piece_budget" not in record:
         return options
-    recorded = (int(record["piece_budget"]), int(record["unit_budget"]))
+    try:
+        recorded = (int(record["piece_budget"]), int(record["unit_budget"]))
+    except (KeyError, TypeError, ValueError):
+        raise OutputError(f"{out.uri}/.rayconv/plan.json is damaged (piece_budget, unit_budget); rerun with --restart "
+                          "to start this output over") from None
     current = _budgets(options)
     if recorded == current:
         return options
@@ -238,7 +242,7 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
     identities = source_identities(checkpoint)
     budgets = _budgets(options)
     fields = {"source": source_digest(identities), "piece_budget": budgets[0], "unit_budget": budgets[1],
-              "quantize_type": plan.quantize_type,
+              "quantize_type": plan.quantize_type, "compression": options.compression,
               "outputs": {k: relative(out, layouts[k].final_root) for k in plan.kinds}}
     record = _prepare_output(out, ledger, layouts, plan, options.restart, summary, started_ns, fields)
     started_ns = record.get("started_ns", started_ns)

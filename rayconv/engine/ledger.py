@@ -73,6 +73,10 @@ class Ledger:
                     f"{self.root.parent.uri} holds the output of a different conversion (plan "
                     f"{record.get('fingerprint')}, this one is {fingerprint}: other model, outputs or options); "
                     "choose another --output_directory or rerun with --restart to replace it")
+            if "compression" in record and record.get("compression") != fields.get("compression"):
+                raise OutputError(
+                    f"{self.root.parent.uri} was started with --compression {record.get('compression') or 'none'}; "
+                    "resume with the same, or rerun with --restart to start over")
             if "source" in fields and record.get("source") != fields["source"]:
                 raise OutputError(
                     f"{self.root.parent.uri} holds the output of a different source checkpoint (same shapes, "
@@ -90,15 +94,19 @@ class Ledger:
         keys = [k for k in self.root.list_keys("receipts/") if k.endswith(".json")]
 
         def load(key: str) -> tuple[Receipt, dict[str, str]] | None:
-            data = self._load(key)
-            if data is None:
-                return None
             try:
+                data = self._load(key)
+                if data is None:
+                    return None
                 sources = {str(k): str(v) for k, v in (data.pop("sources", None) or {}).items()}
-                return Receipt.from_json(data), sources
-            except (TypeError, KeyError, ValueError, AttributeError):
-                raise OutputError(f"{self.root.join(key).uri} is not a rayconv receipt (damaged ledger); delete "
-                                  "it to redo that unit, or rerun with --restart") from None
+                receipt = Receipt.from_json(data)
+                if not isinstance(receipt.dbs, dict) or not isinstance(receipt.unit, str):
+                    raise TypeError(receipt)
+                return receipt, sources
+            except (OutputError, TypeError, KeyError, ValueError, AttributeError):
+                # A receipt only saves work: a damaged one costs its unit a rerun, nothing else.
+                LOG.warning("%s is not a valid rayconv receipt; its unit runs again", self.root.join(key).uri)
+                return None
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
             loaded = [r for r in pool.map(load, keys) if r is not None]
