@@ -184,3 +184,30 @@ def test_second_conversion_into_one_output_refuses_while_the_first_runs(out, tmp
             first.wait()
     assert read_holder(out) is None
     assert out.exists("bf16/scanned/0/commit_success.txt") and out.exists("bf16/unscanned/checkpoints/0/commit_success.txt")
+
+
+def test_a_run_that_lost_its_lock_stops_before_committing(tmp_path):
+    src = synthetic_checkpoint(MODEL)
+    out = Location.parse(str(tmp_path / "out"))
+    release = tmp_path / "release"
+    run = cli("--input_directory", str(src), "--model_name", MODEL.family, "--output_directory", out.uri,
+              env={"RAYCONV_TEST_WAIT_AFTER": "units:1", "RAYCONV_TEST_WAIT_FILE": str(release),
+                   "RAYCONV_LOCK_STALE_SECONDS": "2"}, wait=False)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(f"{release}.reached") and run.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert os.path.exists(f"{release}.reached"), run.communicate()[1][-2000:]
+        plant(out, host="another-host", pid=1)  # someone took the output over while this run was paused
+        time.sleep(1.5)  # at least one heartbeat (every 0.5 s) notices
+        release.touch()
+        _, stderr = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    errors = [line for line in stderr.splitlines() if line.startswith("rayconv: error:")]
+    assert run.returncode == 1 and len(errors) == 1, stderr[-3000:]
+    assert "lost the lock" in errors[0] and "host another-host, pid 1" in errors[0]
+    assert not list((tmp_path / "out").rglob("commit_success.txt"))
+    assert read_holder(out).owner == "someone-else"  # the new holder's lock is left alone

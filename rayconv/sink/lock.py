@@ -342,8 +342,8 @@ class OutputLock:
     def check(self) -> None:
         """Raise if the lock was taken from us (before any step that makes output visible)."""
         if self._lost:
-            raise OutputLocked(f"lost the lock on {self.out.uri} to {self._lost} (this run stalled for over "
-                               f"{self.stale:.0f} s); rerun to resume")
+            raise OutputLocked(f"lost the lock on {self.out.uri} to {self._lost} (a run that stalls for over "
+                               f"{self.stale:.0f} s counts as dead); stopped before committing: rerun to resume")
 
     def release(self) -> None:
         self._stop.set()
