@@ -1,18 +1,33 @@
 #!/usr/bin/env python
 """Benchmark: rayconv vs MaxText's three-script chain vs the I/O floor, on one synthetic checkpoint, in one run.
 
-    .venvs/main/bin/python scripts/bench.py                 # 405B layout, ~2.1 GB (+ a 2x model for rayconv)
-    .venvs/main/bin/python scripts/bench.py --layers 18 --scale-layers 36 --out bench-results
+    .venvs/main/bin/python scripts/bench.py                          # narrow 405B layout, ~2.1 GB (+ a 2x model)
+    .venvs/main/bin/python scripts/bench.py --preset real-width      # one layer at the 405B's real tensor shapes
+    .venvs/main/bin/python scripts/bench.py --preset narrow --maxtext-2x --out bench-results
+
+Presets (both the 405B MP16 layout: 16 shards, 128 heads, 8 kv heads repeated on shard pairs):
+
+* ``narrow``: hidden 2048, 18 layers, ~2.1 GB — many small tensors, where fixed costs show;
+* ``real-width``: hidden 16384, FFN 53248, one layer (``--layers 2`` for two), vocabulary 2048 — the 405B's
+  real tensor shapes (104 MiB FFN shard tensors), ~6.6 GB in, where throughput and memory per byte show.
 
 Measured for each contender: wall time, and peak memory of the whole process tree (the sum over the process
 and all its descendants, sampled every 0.1 s; both RSS and PSS, since Ray's processes share library pages):
 
 * MaxText 0.2.4 as the tutorial runs it (reference env, Python 3.12): llama_or_mistral_ckpt (scanned) →
-  generate_param_only_checkpoint (unscanned) → load_and_quantize_checkpoint (int8), one process each;
-* rayconv producing the same three outputs in one pass: 1 worker, and one worker per core (Ray started by the
-  CLI, so the tree includes Ray's GCS, raylet and workers);
-* the I/O floor: read every input byte once and write as many bytes as rayconv writes, once, on the same disk;
-* rayconv on a model with twice the layers (memory should stay flat).
+  generate_param_only_checkpoint (unscanned) → load_and_quantize_checkpoint (int8), one process each. At real
+  widths it needs ~20 GB: it is skipped (and says so) when less memory is available, and a failure (e.g. the
+  kernel's out-of-memory kill) is recorded, not fatal;
+* rayconv producing the same three outputs in one pass (Ray started by the CLI, so the tree includes Ray's
+  GCS, raylet, agents and workers): default settings, one worker, and (real widths) 1 GiB workers. The
+  phase times of each run (index, plan, Ray start, convert, verify, commit, shutdown) are read from its
+  closing log line, with the per-worker conversion rate (input bytes / the units' own run time);
+* the I/O floor, on the same disk in the same run: read every input byte *cold* (the page cache of each file
+  is dropped first with posix_fadvise DONTNEED, as it is before every contender) and write as many bytes as
+  rayconv writes, in 64 MiB blocks, with one fdatasync at the end — and a second time with an fdatasync
+  every 16 MiB (rayconv's OCDBT commit batch, each of which tensorstore makes durable before the unit's
+  receipt is recorded);
+* narrow preset: rayconv (and with --maxtext-2x MaxText) on a model with twice the layers (~4 GB).
 
 Writes <out>/results.json, <out>/benchmarks.md (the table) and <out>/benchmarks.png (the chart).
 Not a test: numbers depend on the machine; the targets are reported, not asserted.
@@ -24,6 +39,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,7 +54,22 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from rayconv.synthetic import PRESETS, ensure_checkpoint  # noqa: E402
+from rayconv.synthetic import PRESETS, SyntheticModel, ensure_checkpoint  # noqa: E402
+
+#: The benchmark's inputs. Keys of PRESETS (e.g. ``405b-2gb``) are accepted too.
+BENCH_PRESETS: dict[str, SyntheticModel] = {
+    "narrow": PRESETS["405b-2gb"],
+    # The 405B's real widths: dim 16384, ffn int(1.2 · 8/3 · 16384) rounded up to 4096 = 53248, 128 heads of
+    # 128, 8 kv heads repeated on shard pairs (MP16); one layer and a small vocabulary keep it at ~6.6 GB.
+    "real-width": SyntheticModel(family="llama-3.1", dim=16384, n_layers=1, n_heads=128, n_kv_heads=8,
+                                 vocab_size=2048, multiple_of=4096, ffn_dim_multiplier=1.2, n_shards=16,
+                                 descriptor="Llama3.1-405B-Instruct:bf16-mp16"),
+}
+#: MaxText's chain peaked at ~20 GB on one real-width layer; below this much free memory it is not started.
+MAXTEXT_REAL_WIDTH_GB = 21.0
+#: rayconv's OCDBT commit batch (rayconv.engine.driver.COMMIT_BATCH_BYTES): the durable unit of its writes.
+SYNC_BATCH = 16 << 20
+BLOCK = 64 << 20
 
 
 @dataclasses.dataclass
@@ -48,6 +79,9 @@ class Run:
     peak_rss: int
     peak_pss: int
     steps: list[dict] = dataclasses.field(default_factory=list)
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)
+    worker_mb_s: float | None = None  # per-worker conversion rate from the closing log line
+    failed: str | None = None  # why the run did not finish (e.g. killed: out of memory)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -84,7 +118,23 @@ class TreeSampler(threading.Thread):
             self.done.wait(self.interval)
 
 
-def measure(cmd: list[str], env: dict | None = None, cwd: str | None = None, log: Path | None = None) -> Run:
+def load() -> str:
+    """The 1/5/15-minute load averages (how busy the machine was while measuring)."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def drop_cache(paths: list[Path]) -> None:
+    """Evict the files' pages from the page cache (clean pages: no root needed), so the next read is cold."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def measure(cmd: list[str], env: dict | None = None, cwd: str | None = None, log: Path | None = None,
+            check: bool = True) -> Run:
     start = time.monotonic()
     with open(log or os.devnull, "w") as out:
         proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -94,13 +144,16 @@ def measure(cmd: list[str], env: dict | None = None, cwd: str | None = None, log
         sampler.done.set()
         sampler.join()
     seconds = time.monotonic() - start
+    run = Run(Path(cmd[1]).name if len(cmd) > 1 else cmd[0], seconds, sampler.peak_rss, sampler.peak_pss)
     if rc != 0:
         tail = log.read_text()[-3000:] if log else ""
-        raise SystemExit(f"benchmark step failed ({rc}): {' '.join(cmd)}\n{tail}")
-    return Run(Path(cmd[1]).name if len(cmd) > 1 else cmd[0], seconds, sampler.peak_rss, sampler.peak_pss)
+        if check:
+            raise SystemExit(f"benchmark step failed ({rc}): {' '.join(cmd)}\n{tail}")
+        run.failed = f"exit status {rc}" + (" (killed: SIGKILL, the kernel's out-of-memory killer)" if rc == -9 else "")
+    return run
 
 
-def maxtext_chain(model, src: Path, work: Path, logs: Path) -> Run:
+def maxtext_chain(model, src: Path, work: Path, logs: Path, name: str = "MaxText chain") -> Run:
     import reference
 
     spec = json.dumps(reference.model_spec(model))
@@ -116,25 +169,49 @@ def maxtext_chain(model, src: Path, work: Path, logs: Path) -> Run:
                                           "--quant", "int8"]),
     ]
     work.mkdir(parents=True, exist_ok=True)
+    drop_cache(sorted(src.iterdir()))
     runs = []
-    for name, cmd in steps:
-        run = measure(cmd, env=env, cwd=str(work), log=logs / f"maxtext-{name}.log")
-        run.name = name
+    for step, cmd in steps:
+        run = measure(cmd, env=env, cwd=str(work), log=logs / f"{name}-{step}.log", check=False)
+        run.name = step
         runs.append(run)
-        print(f"  MaxText {name}: {run.seconds:.1f} s, peak RSS {run.peak_rss / 1e9:.2f} GB", flush=True)
-    return Run("MaxText chain", sum(r.seconds for r in runs), max(r.peak_rss for r in runs),
-               max(r.peak_pss for r in runs), [r.as_dict() for r in runs])
+        print(f"  MaxText {step}: {run.seconds:.1f} s, peak RSS {run.peak_rss / 1e9:.2f} GB"
+              + (f" — FAILED: {run.failed}" if run.failed else ""), flush=True)
+        if run.failed:
+            break
+    chain = Run(name, sum(r.seconds for r in runs), max(r.peak_rss for r in runs), max(r.peak_pss for r in runs),
+                [r.as_dict() for r in runs])
+    chain.failed = next((f"{r.name}: {r.failed}" for r in runs if r.failed), None)
+    return chain
 
 
-def rayconv_run(src: Path, out: Path, descriptor: str, workers: int, logs: Path, label: str) -> Run:
-    cmd = [str(REPO / ".venvs/main/bin/rayconv"), "convert", "--input_directory", str(src), "--output_directory",
+CLOSING = re.compile(r"Done in ([\d.]+) s \(([^)]*)\)")
+PHASE = re.compile(r"([a-z][a-z ]*) ([\d.]+) s")
+RATE = re.compile(r"per-worker rate ([\d.]+) MB/s")
+
+
+def parse_closing_line(text: str) -> tuple[dict[str, float], float | None]:
+    """Phase seconds and the per-worker rate from rayconv's closing log line."""
+    match = CLOSING.search(text)
+    phases = {name: float(value) for name, value in PHASE.findall(match.group(2))} if match else {}
+    rate = RATE.search(text)
+    return phases, float(rate.group(1)) if rate else None
+
+
+def rayconv_run(src: Path, out: Path, descriptor: str, logs: Path, label: str, *extra: str) -> Run:
+    cmd = [sys.executable, "-m", "rayconv.cli", "convert", "--input_directory", str(src), "--output_directory",
            str(out), "--model_path", descriptor, "--quantize_type", "int8", "--quantize_weights", "True",
-           "--num_workers", str(workers), "--no_progress", "--restart"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", RAY_USAGE_STATS_ENABLED="0")
-    run = measure(cmd, env=env, log=logs / f"{label}.log")
+           "--no_progress", "--restart", *extra]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", RAY_USAGE_STATS_ENABLED="0",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    drop_cache(sorted(src.iterdir()))
+    log = logs / f"{label.replace(' ', '_').replace(',', '')}.log"
+    run = measure(cmd, env=env, log=log)
     run.name = label
-    print(f"  {label}: {run.seconds:.1f} s, peak RSS {run.peak_rss / 1e9:.2f} GB (PSS {run.peak_pss / 1e9:.2f})",
-          flush=True)
+    run.phases, run.worker_mb_s = parse_closing_line(log.read_text())
+    phases = ", ".join(f"{k} {v:.1f}" for k, v in run.phases.items())
+    print(f"  {label}: {run.seconds:.1f} s, peak RSS {run.peak_rss / 1e9:.2f} GB (PSS {run.peak_pss / 1e9:.2f}); "
+          f"{phases}; {run.worker_mb_s} MB/s per worker", flush=True)
     return run
 
 
@@ -142,26 +219,40 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def io_floor(src: Path, write_bytes: int, scratch: Path) -> Run:
-    """Read each input file once, write write_bytes once (64 MiB blocks, fsync at the end like tensorstore)."""
-    block = 64 << 20
+def io_floor(src: Path, write_bytes: int, scratch: Path, sync_every: int | None = None) -> Run:
+    """Read each input file once, cold; write write_bytes in 64 MiB blocks, fdatasync at the end (and every
+    ``sync_every`` bytes if given). ``steps`` holds the read and the write times."""
+    files = sorted(src.iterdir())
+    drop_cache(files)
+    buf = bytearray(BLOCK)
     start = time.monotonic()
-    for path in sorted(src.iterdir()):
+    for path in files:
         with open(path, "rb", buffering=0) as f:
-            while f.read(block):
+            while f.readinto(buf):
                 pass
-    buf = os.urandom(block)
+    read_done = time.monotonic()
+    data = os.urandom(BLOCK)
     target = scratch / "floor.bin"
+    step = min(BLOCK, sync_every or BLOCK)
     with open(target, "wb", buffering=0) as f:
-        left = write_bytes
+        left, since_sync = write_bytes, 0
         while left > 0:
-            f.write(buf[: min(block, left)])
-            left -= block
-        os.fsync(f.fileno())
+            n = min(step, left)
+            f.write(data[:n])
+            left -= n
+            since_sync += n
+            if sync_every and since_sync >= sync_every:
+                os.fdatasync(f.fileno())
+                since_sync = 0
+        os.fdatasync(f.fileno())
     seconds = time.monotonic() - start
+    write_seconds = time.monotonic() - read_done
     target.unlink()
     rss = psutil.Process().memory_info().rss
-    return Run("I/O floor", seconds, rss, rss)
+    name = "I/O floor" + (f", fdatasync every {sync_every >> 20} MiB" if sync_every else "")
+    return Run(name, seconds, rss, rss, steps=[
+        {"name": "cold read", "seconds": read_done - start, "peak_rss": rss, "peak_pss": rss},
+        {"name": "write + fdatasync", "seconds": write_seconds, "peak_rss": rss, "peak_pss": rss}])
 
 
 def chart(results: dict, path: Path) -> None:
@@ -170,9 +261,9 @@ def chart(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = results["runs"]
+    runs = [r for r in results["runs"] if not r.get("failed")]
     names = [r["name"] for r in runs]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 0.5 * len(names) + 2))
     a.barh(names, [r["seconds"] for r in runs], color="#4477aa")
     a.set_xlabel("wall time (s)")
     b.barh(names, [r["peak_rss"] / 1e9 for r in runs], color="#cc6677")
@@ -186,106 +277,138 @@ def chart(results: dict, path: Path) -> None:
 
 def table(results: dict) -> str:
     runs = {r["name"]: r for r in results["runs"]}
-    mx = runs["MaxText chain"]
-    best = min((r for n, r in runs.items() if n.startswith("rayconv") and "2x" not in n), key=lambda r: r["seconds"])
-    floor = runs["I/O floor"]
     lines = [
         f"Input: {results['input']['description']}, {results['input']['bytes'] / 1e9:.2f} GB "
         f"({results['input']['shards']} shards); outputs bf16 scanned + bf16 unscanned + int8, "
-        f"{results['output_bytes'] / 1e9:.2f} GB written. Machine: {results['machine']}.",
+        f"{results['output_bytes'] / 1e9:.2f} GB written. Machine: {results['machine']}; load average "
+        f"{results['load_before']} before, {results['load_after']} after.",
         "",
-        "| run | wall time (s) | peak RSS, tree (GB) | peak PSS, tree (GB) |",
-        "|---|---:|---:|---:|",
+        "| run | wall time (s) | peak RSS, tree (GB) | peak PSS, tree (GB) | phases (s) |",
+        "|---|---:|---:|---:|---|",
     ]
     for r in results["runs"]:
-        lines.append(f"| {r['name']} | {r['seconds']:.1f} | {r['peak_rss'] / 1e9:.2f} | {r['peak_pss'] / 1e9:.2f} |")
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in r.get("phases", {}).items())
+        if r.get("worker_mb_s"):
+            phases += f"; {r['worker_mb_s']:.0f} MB/s per worker"
+        if r.get("failed"):
+            phases = f"**failed: {r['failed']}**"
+        lines.append(f"| {r['name']} | {r['seconds']:.1f} | {r['peak_rss'] / 1e9:.2f} | {r['peak_pss'] / 1e9:.2f} | "
+                     f"{phases} |")
         for s in r.get("steps", []):
             lines.append(f"| &nbsp;&nbsp;{s['name']} | {s['seconds']:.1f} | {s['peak_rss'] / 1e9:.2f} | "
-                         f"{s['peak_pss'] / 1e9:.2f} |")
-    lines += [
-        "",
-        f"* rayconv ({best['name']}) vs MaxText: **{mx['seconds'] / best['seconds']:.1f}x faster**, "
-        f"**{mx['peak_rss'] / best['peak_rss']:.1f}x less peak RSS** "
-        f"({best['peak_rss'] / mx['peak_rss']:.2f} of MaxText's; PSS ratio {best['peak_pss'] / mx['peak_pss']:.2f}).",
-        f"* rayconv vs the I/O floor: {best['seconds'] / floor['seconds']:.2f}x the floor's wall time.",
-    ]
-    if "rayconv, 2x layers" in runs:
-        big = runs["rayconv, 2x layers"]
-        same = runs.get(big.get("compare_to", ""), best)
-        lines.append(f"* Memory vs model size: {results['input']['bytes'] / 1e9:.2f} GB → {same['peak_rss'] / 1e9:.2f} GB "
-                     f"peak; {results['scaled_input_bytes'] / 1e9:.2f} GB → {big['peak_rss'] / 1e9:.2f} GB peak "
-                     f"(same worker count).")
-    if "MaxText chain, 2x layers" in runs:
-        mx2 = runs["MaxText chain, 2x layers"]
-        big = runs["rayconv, 2x layers"]
-        lines.append(f"* At {results['scaled_input_bytes'] / 1e9:.2f} GB: rayconv **{mx2['seconds'] / big['seconds']:.1f}x "
-                     f"faster** than MaxText's chain, **{mx2['peak_rss'] / big['peak_rss']:.1f}x less peak RSS**; "
-                     f"MaxText's peak grew {mx2['peak_rss'] / mx['peak_rss']:.2f}x, rayconv's "
-                     f"{big['peak_rss'] / best['peak_rss']:.2f}x.")
+                         f"{s['peak_pss'] / 1e9:.2f} | {s.get('failed') or ''} |")
+    default = runs.get("rayconv, default settings")
+    floor = runs.get("I/O floor")
+    mx = runs.get("MaxText chain")
+    lines.append("")
+    if default and floor:
+        lines.append(f"* rayconv (default settings) vs the I/O floor: **{default['seconds'] / floor['seconds']:.2f}x** "
+                     f"the floor's wall time ({floor['seconds']:.1f} s: cold read "
+                     f"{floor['steps'][0]['seconds']:.1f} s + write with one fdatasync {floor['steps'][1]['seconds']:.1f} s).")
+    if default and mx and not mx.get("failed"):
+        lines.append(f"* rayconv (default settings) vs MaxText: **{mx['seconds'] / default['seconds']:.1f}x faster**, "
+                     f"peak RSS **{default['peak_rss'] / mx['peak_rss']:.2f}** of MaxText's "
+                     f"(PSS {default['peak_pss'] / mx['peak_pss']:.2f}).")
+    elif mx:
+        lines.append(f"* MaxText's chain did not finish: {mx['failed']}.")
+    small = runs.get("rayconv, 1 GiB workers")
+    if default and small:
+        lines.append(f"* 1 GiB workers: {small['seconds'] / default['seconds']:.2f}x the default's time, "
+                     f"{small['peak_rss'] / default['peak_rss']:.2f}x its peak RSS.")
+    big, mx2 = runs.get("rayconv, 2x layers"), runs.get("MaxText chain, 2x layers")
+    if big:
+        lines.append(f"* 2x layers ({results['scaled_input_bytes'] / 1e9:.2f} GB): rayconv {big['seconds']:.1f} s, "
+                     f"{big['peak_rss'] / 1e9:.2f} GB peak" + (
+                         f"; MaxText {mx2['seconds']:.1f} s, {mx2['peak_rss'] / 1e9:.2f} GB: **"
+                         f"{mx2['seconds'] / big['seconds']:.1f}x faster**" if mx2 and not mx2.get("failed") else "")
+                     + ".")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="405b-2gb")
+    parser.add_argument("--preset", default="narrow", help=f"{', '.join(BENCH_PRESETS)} (or a rayconv.synthetic preset)")
     parser.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
-    parser.add_argument("--scale-layers", type=int, default=None, help="layers of the 2x model (default 2x)")
+    parser.add_argument("--scale-layers", type=int, default=None, help="layers of the 2x model (narrow; default 2x)")
     parser.add_argument("--out", default=str(REPO / "bench-results"))
     parser.add_argument("--scratch", default=None, help="work directory on the disk to measure (default: /tmp)")
+    parser.add_argument("--cache", default=None, help="where synthetic inputs are kept (default: $RAYCONV_TEST_CACHE/"
+                                                      "synthetic or <repo>/.cache/synthetic)")
     parser.add_argument("--skip-maxtext", action="store_true")
     parser.add_argument("--maxtext-2x", action="store_true", help="also run MaxText's chain on the 2x model")
+    parser.add_argument("--rayconv-only", action="store_true", help="only rayconv's default run (and the floor)")
     args = parser.parse_args()
 
-    model = PRESETS[args.preset]
+    real_width = args.preset == "real-width"
+    model = BENCH_PRESETS.get(args.preset) or PRESETS[args.preset]
     if args.layers:
         model = dataclasses.replace(model, n_layers=args.layers)
-    big = dataclasses.replace(model, n_layers=args.scale_layers or 2 * model.n_layers)
+    big = None if real_width else dataclasses.replace(model, n_layers=args.scale_layers or 2 * model.n_layers)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="rayconv-bench-", dir=args.scratch))
-    cache = REPO / ".cache" / "synthetic"
+    test_cache = os.environ.get("RAYCONV_TEST_CACHE")
+    cache = Path(args.cache) if args.cache else (Path(test_cache) / "synthetic" if test_cache
+                                                 else REPO / ".cache" / "synthetic")
+    load_before = load()
+    print(f"load average {load_before}; preparing inputs in {cache}", flush=True)
     try:
-        print(f"preparing inputs in {cache}", flush=True)
         src = ensure_checkpoint(model, cache)
-        src_big = ensure_checkpoint(big, cache)
+        src_big = ensure_checkpoint(big, cache) if big and not args.rayconv_only else None
         in_bytes = dir_bytes(src)
         cpus = os.cpu_count() or 2
         runs: list[Run] = []
-        if not args.skip_maxtext:
-            print("MaxText 0.2.4 chain", flush=True)
-            runs.append(maxtext_chain(model, src, scratch / "maxtext", logs))
-            shutil.rmtree(scratch / "maxtext", ignore_errors=True)
+        if not args.skip_maxtext and not args.rayconv_only:
+            free_gb = psutil.virtual_memory().available / 1e9
+            if real_width and free_gb < MAXTEXT_REAL_WIDTH_GB:
+                print(f"MaxText chain skipped: {free_gb:.1f} GB available, it needs ~20", flush=True)
+                runs.append(Run("MaxText chain", 0.0, 0, 0, failed=f"not run: {free_gb:.1f} GB of memory available, "
+                                f"MaxText's chain needs ~20 GB at real widths"))
+            else:
+                print("MaxText 0.2.4 chain", flush=True)
+                runs.append(maxtext_chain(model, src, scratch / "maxtext", logs))
+                shutil.rmtree(scratch / "maxtext", ignore_errors=True)
         print("rayconv", flush=True)
-        runs.append(rayconv_run(src, scratch / "r1", model.descriptor, 1, logs, "rayconv, 1 worker"))
-        out_bytes = dir_bytes(scratch / "r1")
-        shutil.rmtree(scratch / "r1")
-        runs.append(rayconv_run(src, scratch / "rn", model.descriptor, cpus, logs, f"rayconv, {cpus} workers"))
-        shutil.rmtree(scratch / "rn")
-        scaled = rayconv_run(src_big, scratch / "rb", model.descriptor, cpus, logs, "rayconv, 2x layers")
-        shutil.rmtree(scratch / "rb")
-        scaled_maxtext = None
-        if args.maxtext_2x and not args.skip_maxtext:
-            print("MaxText 0.2.4 chain, 2x layers", flush=True)
-            scaled_maxtext = maxtext_chain(big, src_big, scratch / "maxtext-2x", logs)
-            scaled_maxtext.name = "MaxText chain, 2x layers"
-            shutil.rmtree(scratch / "maxtext-2x", ignore_errors=True)
+        runs.append(rayconv_run(src, scratch / "r", model.descriptor, logs, "rayconv, default settings"))
+        out_bytes = dir_bytes(scratch / "r")
+        shutil.rmtree(scratch / "r")
+        if not args.rayconv_only:
+            runs.append(rayconv_run(src, scratch / "r", model.descriptor, logs, "rayconv, 1 worker",
+                                    "--num_workers", "1"))
+            shutil.rmtree(scratch / "r")
+            if real_width:
+                runs.append(rayconv_run(src, scratch / "r", model.descriptor, logs, "rayconv, 1 GiB workers",
+                                        "--worker_memory_gb", "1"))
+                shutil.rmtree(scratch / "r")
         print("I/O floor", flush=True)
-        floor = io_floor(src, out_bytes, scratch)
-        print(f"  I/O floor: {floor.seconds:.1f} s", flush=True)
-        runs += [floor, scaled] + ([scaled_maxtext] if scaled_maxtext else [])
+        for sync_every in (None, SYNC_BATCH):
+            floor = io_floor(src, out_bytes, scratch, sync_every)
+            print(f"  {floor.name}: {floor.seconds:.1f} s (read {floor.steps[0]['seconds']:.1f}, write "
+                  f"{floor.steps[1]['seconds']:.1f})", flush=True)
+            runs.append(floor)
+        if src_big is not None:
+            runs.append(rayconv_run(src_big, scratch / "rb", model.descriptor, logs, "rayconv, 2x layers"))
+            shutil.rmtree(scratch / "rb")
+            if args.maxtext_2x and not args.skip_maxtext:
+                print("MaxText 0.2.4 chain, 2x layers", flush=True)
+                runs.append(maxtext_chain(big, src_big, scratch / "maxtext-2x", logs, "MaxText chain, 2x layers"))
+                shutil.rmtree(scratch / "maxtext-2x", ignore_errors=True)
         results = {
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "preset": args.preset,
             "machine": f"{cpus} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+            "load_before": load_before,
+            "load_after": load(),
             "input": {"description": f"synthetic Llama-3.1 405B layout ({model.n_layers} layers, dim {model.dim}, "
-                                     f"{model.n_heads} heads, {model.n_kv_heads} kv heads)",
+                                     f"ffn {model.ffn_dim}, {model.n_heads} heads, {model.n_kv_heads} kv heads, "
+                                     f"vocab {model.vocab_size})",
                       "bytes": in_bytes, "shards": model.n_shards},
-            "scaled_input_bytes": dir_bytes(src_big),
+            "scaled_input_bytes": dir_bytes(src_big) if src_big else None,
             "output_bytes": out_bytes,
             "runs": [r.as_dict() for r in runs],
         }
-        next(r for r in results["runs"] if r["name"] == "rayconv, 2x layers")["compare_to"] = f"rayconv, {cpus} workers"
         (out / "results.json").write_text(json.dumps(results, indent=1))
         text = table(results)
         (out / "benchmarks.md").write_text(text + "\n")

@@ -56,6 +56,31 @@ class ConvertOptions:
     progress: bool = True
 
 
+#: The phases of a run, in order, as the closing log line and the benchmark name them.
+PHASES = ("index", "plan", "ray start", "convert", "verify", "commit", "shutdown")
+
+
+class PhaseTimer:
+    """Wall time per phase of one run: where the fixed costs go (the closing log line, scripts/bench.py).
+
+    Phases follow one another, so ``lap(phase)`` charges the time since the previous lap (or since the
+    timer was made) to ``phase``; a phase lapped twice adds up."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._mark = time.monotonic()
+
+    def lap(self, phase: str) -> None:
+        now = time.monotonic()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._mark
+        self._mark = now
+
+    def summary(self) -> str:
+        """``index 0.1 s, plan 0.2 s, …`` in :data:`PHASES` order (phases that did not run are left out)."""
+        names = [p for p in PHASES if p in self.seconds] + [p for p in self.seconds if p not in PHASES]
+        return ", ".join(f"{p} {self.seconds[p]:.1f} s" for p in names)
+
+
 @dataclasses.dataclass
 class ConvertResult:
     outputs: dict[str, str]  # kind → items uri
@@ -67,6 +92,10 @@ class ConvertResult:
     units_skipped: int
     workers: int
     worker_peak_rss: int
+    #: Seconds per phase (:data:`PHASES`), measured by :class:`PhaseTimer`.
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: Sum of the units' own run times (receipts): bytes_read / unit_seconds is the per-worker rate.
+    unit_seconds: float = 0.0
 
 
 def piece_budget(options: ConvertOptions) -> int:
@@ -215,8 +244,10 @@ def _prepare_output(out: Location, ledger: Ledger, layouts: dict[str, OutputLayo
 def convert(options: ConvertOptions) -> ConvertResult:
     start = time.monotonic()
     started_ns = time.time_ns()
+    timer = PhaseTimer()
     LOG.info("Reading checkpoint index from %s", options.input_display)
     checkpoint = open_checkpoint(options)
+    timer.lap("index")
     spec = checkpoint.spec
     LOG.info("Model %s: %d layers, dim %d, %d heads, %d kv heads (params.json says %d), ffn %d, vocab %d, "
              "%d shards, %s", spec.maxtext_name, spec.n_layers, spec.dim, spec.n_heads, spec.n_kv_heads,
@@ -229,13 +260,13 @@ def convert(options: ConvertOptions) -> ConvertResult:
     out.check_writable()
     lock = OutputLock(out).acquire()
     try:
-        return _convert_locked(options, checkpoint, out, lock, start, started_ns)
+        return _convert_locked(options, checkpoint, out, lock, start, started_ns, timer)
     finally:
         lock.release()
 
 
 def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Location, lock: OutputLock,
-                    start: float, started_ns: int) -> ConvertResult:
+                    start: float, started_ns: int, timer: PhaseTimer) -> ConvertResult:
     spec = checkpoint.spec
     ledger = Ledger(out)
     if not options.restart:
@@ -262,7 +293,9 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
     if done:
         LOG.info("Resuming: %d of %d units already done", len(done), len(plan.units))
 
+    timer.lap("plan")
     executor = _make_executor(options) if todo or to_build else None
+    timer.lap("ray start")
     receipts = [done[u.id] for u in plan.units if u.id in done]
     bytes_total = plan.input_bytes
     progress = Progress(bytes_total, len(plan.units), done_bytes=sum(r.bytes_read for r in receipts),
@@ -284,6 +317,7 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
                 progress.update(receipt.bytes_read, 1)
                 stop_point("units", str(n))
         progress.close()
+        timer.lap("convert")
         if to_build:
             verified, failed = crc_check(checkpoint, receipts)
             if failed:
@@ -293,6 +327,7 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
                 raise _crc_error(checkpoint, failed, "corrupt shard; re-download it and rerun: only the units "
                                  "that read it are redone")
             LOG.info("Verified CRC-32 of %d source tensors", verified)
+        timer.lap("verify")
 
         by_unit = {r.unit: r for r in receipts}
         outputs = {kind: layouts[kind].items_path.uri for kind in committed}
@@ -326,10 +361,12 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
             LOG.info("Wrote %s checkpoint to %s", kind, result.uri)
         if failure is not None:
             raise failure
+        timer.lap("commit")
     finally:
         progress.close()
         if executor is not None:
             executor.shutdown()
+        timer.lap("shutdown")
 
     if "scanned" in outputs:
         LOG.info("Completed conversion of %s to %s", spec.maxtext_name, outputs["scanned"])
@@ -342,4 +379,5 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
         outputs=outputs, plan=summary, seconds=time.monotonic() - start,
         bytes_read=sum(r.bytes_read for r in receipts), bytes_written=sum(r.bytes_written for r in receipts),
         units_run=len(todo), units_skipped=len(done), workers=executor.workers if executor else 0,
-        worker_peak_rss=max((r.peak_rss for r in receipts), default=0))
+        worker_peak_rss=max((r.peak_rss for r in receipts), default=0), phases=dict(timer.seconds),
+        unit_seconds=sum(r.seconds for r in receipts if r.unit not in done))

@@ -1,27 +1,183 @@
-"""``rayconv plan``: the plan convert would run, plus worker-count estimates.
+"""``rayconv plan``: the plan convert would run, what it reads and writes, and how long it should take.
 
 ``--simulate`` builds the same plan from a descriptor's published dimensions with synthetic shard
 indexes (tensor byte ranges laid out as torch.save lays them), so the 405B plan can be inspected
-on a laptop. Estimates scale a measured per-worker throughput; they are estimates, labelled so.
+on a laptop.
+
+The wall-time estimate is a bottleneck model of a streaming job, with every rate a parameter
+(:class:`Environment`, defaults documented in docs/benchmarks.md):
+
+* **compute**: each worker converts at a measured per-worker rate (input bytes per second, measured at
+  the 405B's real tensor widths by scripts/bench.py); units are dealt out dynamically, so the slowest
+  worker gets at most one unit more than its share;
+* **read**: from GCS, limited by the VMs' network (workers are packed ``workers_per_vm`` to a VM) and the
+  bucket's bandwidth quota; from Meta's signed URL, by CloudFront's per-connection rate times the
+  connections the workers open, and the VMs' network;
+* **write**: 2.5x the input (three outputs), limited by the VMs' network and the bucket's initial
+  object-write rate (one object per OCDBT commit batch);
+* **fixed**: starting Ray and the workers, the commits, shutting down (measured; scale-up of a
+  cluster is not included).
+
+Reading, converting and writing overlap (each worker reads a unit while the previous one is written),
+so the estimate is the slowest of the three plus the fixed part, and the report names the bottleneck.
+They are estimates, labelled so.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Sequence
 
 from rayconv import fp8, mapping
-from rayconv.engine.driver import (MEMORY_PER_PIECE_BYTE, WORKER_BASE_BYTES, ConvertOptions, make_plan,
-                                   open_checkpoint)
+from rayconv.engine.driver import (COMMIT_BATCH_BYTES, MEMORY_PER_PIECE_BYTE, WORKER_BASE_BYTES, ConvertOptions,
+                                   make_plan, open_checkpoint, piece_budget)
 from rayconv.models import KNOWN_SIZES, Descriptor, ModelSpec, resolve_spec
-from rayconv.plan import Plan, describe
+from rayconv.plan import Plan, describe, piece_rows
 from rayconv.source.checkpoint import MetaCheckpoint
 from rayconv.source.pth import TensorInfo
 
 GiB = 1 << 30
-#: Per-worker conversion throughput (read + transform + write all outputs) measured on the 2-core
-#: test machine with the benchmark (docs/benchmarks.md); override with --throughput_mb_s.
+#: Per-worker conversion throughput (input MB/s: read + transform + write all three outputs + CRC),
+#: measured by scripts/bench.py's real-width preset (405B tensor shapes, one worker on 2 cores, local
+#: disk); docs/benchmarks.md. Override with --throughput_mb_s.
 DEFAULT_WORKER_MB_S = 150.0
+#: Fixed seconds of a run (Ray and worker start, shutdown), measured on narrow fixtures; docs/benchmarks.md.
+DEFAULT_FIXED_SECONDS = 6.0
+#: Commit seconds per unit database (grafting its OCDBT root into each output), measured locally.
+COMMIT_SECONDS_PER_UNIT = 0.01
+#: Worker counts the estimate table shows (plus --num_workers when given).
+WORKER_COUNTS = (8, 16, 32)
+#: The GKE tutorial's reported time for downloading and converting Llama 3.1 405B.
+TUTORIAL_HOURS = (9, 10)
+
+
+@dataclasses.dataclass(frozen=True)
+class Environment:
+    """The rates the estimate scales; every field is a `rayconv plan` flag (docs/benchmarks.md cites each default)."""
+
+    #: Per-worker conversion rate, input MB/s (measured: DEFAULT_WORKER_MB_S).
+    worker_mb_s: float = DEFAULT_WORKER_MB_S
+    #: Workers per VM. The per-worker rate was measured with 2 cores per worker, so 8 on a 16-vCPU VM.
+    workers_per_vm: int = 8
+    #: Network bandwidth of one VM, each direction, Gbit/s (GCE's default tier for 16+ vCPU N2/C3 VMs: 32).
+    vm_gbps: float = 32.0
+    #: Cloud Storage Google-egress bandwidth quota of the bucket's region (project default: 200 Gbit/s).
+    gcs_read_gbps: float = 200.0
+    #: Object writes per second a new bucket accepts before it scales up (Cloud Storage: ~1000).
+    gcs_writes_per_s: float = 1000.0
+    #: Rate of one connection to Meta's CloudFront signed URL, MB/s (not measurable here: an assumption).
+    meta_mb_s: float = 50.0
+    #: Ranged GETs each worker keeps open on the signed URL (RAYCONV_HTTP_CONCURRENCY, default 8).
+    meta_connections_per_worker: int = 8
+    #: Where the shards are read from: "gcs" (staged in a bucket), "meta" (streamed from the signed URL),
+    #: "local" (a local disk: not modelled, compute-bound).
+    source: str = "gcs"
+    #: Seconds that do not depend on the model size (Ray start, workers start, shutdown).
+    fixed_seconds: float = DEFAULT_FIXED_SECONDS
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _gbps(gbit: float) -> float:
+    return gbit * 1e9 / 8
+
+
+def output_bytes(plan: Plan) -> dict[str, dict[str, int]]:
+    """Arrays and bytes of each output (what the workers write; the commit adds only metadata)."""
+    return {kind: {"arrays": len(arrays), "bytes": sum(a.nbytes for a in arrays)}
+            for kind, arrays in ((k, plan.arrays(k)) for k in plan.kinds)}
+
+
+def worker_memory_bytes(largest_piece: int) -> int:
+    """Peak memory of a worker whose largest piece is ``largest_piece`` bytes (the driver's model)."""
+    return largest_piece * MEMORY_PER_PIECE_BYTE + WORKER_BASE_BYTES
+
+
+def largest_piece(plan: Plan) -> int:
+    return max((p.nbytes for u in plan.units for p in u.pieces), default=0)
+
+
+def largest_piece_for(spec: ModelSpec, budget: int) -> int:
+    """Bytes of the largest piece the planner cuts with piece budget ``budget`` (bf16 rows; FP8 pieces are smaller).
+
+    Uses the planner's own cutting rule (:func:`rayconv.plan.piece_rows`) per tensor without building the
+    plan, which at small budgets has hundreds of thousands of pieces."""
+    largest = 0
+    for rule in mapping.rules(spec):
+        shape = mapping.global_shape(rule, spec)
+        rows = piece_rows(rule, spec, budget)
+        largest = max(largest, rows * math.prod(shape[1:]) * 2)
+    return largest
+
+
+def smallest_worker_memory_gb(spec: ModelSpec, step_gb: float = 0.01) -> float:
+    """The smallest --worker_memory_gb whose largest piece still fits the worker (largest piece × 8 + base).
+
+    Pieces shrink with the budget down to the smallest block a tensor can be cut into (whole heads for
+    q/k/v, one row otherwise; replicated norms are never cut), so below some budget the largest piece
+    stops shrinking while the worker keeps shrinking. Binary search over budgets in ``step_gb`` steps: the
+    largest piece only grows with the budget, so "fits" is monotone."""
+    def fits(steps: int) -> bool:
+        gb = steps * step_gb
+        options = ConvertOptions(files={}, input_display="", output="", worker_memory_gb=gb)
+        return gb * GiB > WORKER_BASE_BYTES and \
+            worker_memory_bytes(largest_piece_for(spec, piece_budget(options))) <= gb * GiB
+
+    lo, hi = int(WORKER_BASE_BYTES / GiB / step_gb), int(4 / step_gb)
+    while not fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return round(hi * step_gb, 2)
+
+
+def estimate(plan: Plan, written: int, workers: int, env: Environment) -> dict[str, Any]:
+    """Seconds for ``workers`` workers: compute, read and write bounds, and the estimate (slowest + fixed)."""
+    vms = math.ceil(workers / max(1, env.workers_per_vm))
+    largest_unit = max((u.read_bytes for u in plan.units), default=0)
+    compute = (plan.input_bytes / workers + largest_unit) / (env.worker_mb_s * 1e6)
+    if env.source == "meta":
+        read_rate = min(workers * env.meta_connections_per_worker * env.meta_mb_s * 1e6, vms * _gbps(env.vm_gbps))
+    elif env.source == "gcs":
+        read_rate = min(vms * _gbps(env.vm_gbps), _gbps(env.gcs_read_gbps))
+    else:
+        read_rate = math.inf
+    write_rate = min(vms * _gbps(env.vm_gbps), env.gcs_writes_per_s * COMMIT_BATCH_BYTES)
+    bounds = {"compute": compute, "read": plan.input_bytes / read_rate, "write": written / write_rate}
+    bottleneck = max(bounds, key=lambda k: bounds[k])
+    fixed = env.fixed_seconds + COMMIT_SECONDS_PER_UNIT * len(plan.units) * len(plan.kinds)
+    total = bounds[bottleneck] + fixed
+    return {"workers": workers, "vms": vms, "bytes_per_worker": int(plan.input_bytes / workers + largest_unit),
+            "compute_seconds": round(compute, 1), "read_seconds": round(bounds["read"], 1),
+            "write_seconds": round(bounds["write"], 1), "fixed_seconds": round(fixed, 1),
+            "bottleneck": bottleneck, "estimated_seconds": round(total, 1), "estimated_hours": round(total / 3600, 2)}
+
+
+def report(plan: Plan, options: ConvertOptions, env: Environment, extra_workers: int | None = None) -> dict[str, Any]:
+    """Everything `rayconv plan` prints: the plan, bytes per output, worker memory, estimates."""
+    outputs = output_bytes(plan)
+    written = sum(o["bytes"] for o in outputs.values())
+    largest = largest_piece(plan)
+    counts = sorted(set(WORKER_COUNTS) | ({extra_workers} if extra_workers else set()))
+    return {
+        "plan": describe(plan),
+        "outputs": outputs,
+        "bytes_read": plan.input_bytes,
+        "bytes_written": written,
+        "worker_memory_budget_gb": options.worker_memory_gb,
+        "piece_budget_bytes": piece_budget(options),
+        "peak_memory_per_worker_bytes": worker_memory_bytes(largest),
+        "smallest_worker_memory_gb": smallest_worker_memory_gb(plan.spec),
+        "per_worker_throughput_mb_s": env.worker_mb_s,
+        "environment": env.as_dict(),
+        "estimates": [estimate(plan, written, n, env) for n in counts],
+        "tutorial_hours": list(TUTORIAL_HOURS),
+        "note": "estimates: the slowest of compute (measured per-worker rate), read and write (network and "
+                "storage limits from the environment) plus fixed costs; see docs/benchmarks.md",
+    }
 
 
 def simulated_indexes(spec: ModelSpec, fp8_sku: bool = False) -> list[dict[str, TensorInfo]]:
@@ -63,23 +219,8 @@ def _published_params(descriptor: Descriptor) -> dict[str, Any]:
             "ffn_dim_multiplier": ffn[0], "multiple_of": ffn[1]}
 
 
-def estimates(plan: Plan, worker_memory_gb: float, throughput_mb_s: float | None) -> dict[str, Any]:
-    rate = (throughput_mb_s or DEFAULT_WORKER_MB_S) * 1e6
-    largest = max(p.nbytes for u in plan.units for p in u.pieces)
-    rows = []
-    for workers in (8, 16, 32):
-        # Units are dealt out dynamically; the slowest worker gets at most one unit more than average.
-        per_worker = plan.input_bytes / workers + max(u.read_bytes for u in plan.units)
-        rows.append({"workers": workers, "bytes_per_worker": int(per_worker),
-                     "peak_memory_per_worker_gb": round((largest * MEMORY_PER_PIECE_BYTE + WORKER_BASE_BYTES) / GiB, 2),
-                     "estimated_seconds": round(per_worker / rate, 1)})
-    return {"per_worker_throughput_mb_s": rate / 1e6, "worker_memory_budget_gb": worker_memory_gb,
-            "estimates": rows, "note": "estimates: measured per-worker throughput × plan sizes; storage "
-                                       "bandwidth limits are not modelled"}
-
-
-def simulate(model_name: str | None, model_path: str | None, kinds: Sequence[str], quantize_type: str | None,
-             worker_memory_gb: float, throughput_mb_s: float | None) -> dict[str, Any]:
+def simulated_checkpoint(model_name: str | None, model_path: str | None) -> MetaCheckpoint:
+    """A checkpoint with the descriptor's published dimensions and torch.save-shaped indexes (no file read)."""
     if not model_path:
         from rayconv.errors import SpecError
 
@@ -87,24 +228,97 @@ def simulate(model_name: str | None, model_path: str | None, kinds: Sequence[str
     descriptor = Descriptor.parse(model_path)
     spec = resolve_spec(_published_params(descriptor), n_shards=descriptor.shards or 1, vocab_size=None,
                         model_name=model_name, descriptor=descriptor)
-    options = ConvertOptions(files={}, input_display=model_path, output="", worker_memory_gb=worker_memory_gb,
-                             kinds=tuple(kinds), quantize_type=quantize_type)
-    # The same planner convert runs, over indexes laid out as torch.save would lay out these shards.
     fp8_sku = descriptor.sku == "fp8"
     indexes = simulated_indexes(spec, fp8_sku)
-    checkpoint = MetaCheckpoint(spec=spec, shards=[f"consolidated.{i:02d}.pth" for i in range(spec.n_shards)],
-                                indexes=indexes, files={},
-                                scales=simulated_scales(indexes, spec.n_layers) if fp8_sku else None)
+    return MetaCheckpoint(spec=spec, shards=[f"consolidated.{i:02d}.pth" for i in range(spec.n_shards)],
+                          indexes=indexes, files={},
+                          scales=simulated_scales(indexes, spec.n_layers) if fp8_sku else None)
+
+
+def simulate(options: ConvertOptions, env: Environment | None = None) -> dict[str, Any]:
+    """The report for ``options.model_path``'s published dimensions, planned by the code convert runs."""
+    checkpoint = simulated_checkpoint(options.model_name, options.model_path)
     plan = make_plan(checkpoint, options)
-    source = {"source_sku": descriptor.sku} if fp8_sku else {}
-    return {"simulated": True, **source, "plan": describe(plan), **estimates(plan, worker_memory_gb, throughput_mb_s)}
+    source = {"source_sku": "fp8"} if checkpoint.fp8 else {}
+    return {"simulated": True, **source,
+            **report(plan, options, env or Environment(), options.num_workers)}
 
 
-def report_for_files(files, display, model_name, model_path, kv_heads, kinds, quantize_type, worker_memory_gb,
-                     throughput_mb_s) -> dict[str, Any]:
-    options = ConvertOptions(files=files, input_display=display, output="", model_name=model_name,
-                             model_path=model_path, kv_heads=kv_heads, kinds=tuple(kinds),
-                             quantize_type=quantize_type, worker_memory_gb=worker_memory_gb)
+def report_for_files(options: ConvertOptions, env: Environment | None = None) -> dict[str, Any]:
+    """The report for the real input ``options.files`` (reads the shard indexes, not the tensors)."""
     checkpoint = open_checkpoint(options)
     plan = make_plan(checkpoint, options)
-    return {"simulated": False, "plan": describe(plan), **estimates(plan, worker_memory_gb, throughput_mb_s)}
+    return {"simulated": False, **report(plan, options, env or Environment(), options.num_workers)}
+
+
+def render(report_: dict[str, Any]) -> Any:
+    """The report as rich renderables: plan summary, outputs, estimates, assumptions."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    from rayconv.progress import human_bytes
+
+    plan, env = report_["plan"], report_["environment"]
+    head = Table(title=f"rayconv plan: {plan['model']}" + (" (simulated from published dimensions)"
+                                                           if report_["simulated"] else ""),
+                 show_header=False, title_justify="left")
+    head.add_column(style="bold")
+    head.add_column()
+    rows = [
+        ("source", f"{plan['shards']} shards" + (" (Meta FP8 SKU)" if report_.get("source_sku") == "fp8" else "")),
+        ("outputs", ", ".join(plan["outputs"])),
+        ("units / pieces", f"{plan['units']:,} / {plan['pieces']:,}"),
+        ("bytes read", f"{human_bytes(report_['bytes_read'])} (once, for all outputs)"),
+        ("bytes written", human_bytes(report_["bytes_written"])),
+        ("largest piece", f"{human_bytes(plan['largest_piece_bytes'])} (piece budget "
+                          f"{human_bytes(report_['piece_budget_bytes'])})"),
+        ("largest unit", human_bytes(plan["largest_unit_bytes"])),
+        ("memory per worker", f"{human_bytes(report_['peak_memory_per_worker_bytes'])} peak of a "
+                              f"{report_['worker_memory_budget_gb']:g} GiB budget (largest piece × "
+                              f"{MEMORY_PER_PIECE_BYTE} + {WORKER_BASE_BYTES >> 20} MiB)"),
+        ("smallest worker", f"--worker_memory_gb {report_['smallest_worker_memory_gb']:g} still holds the "
+                            "largest piece"),
+        ("fingerprint", plan["fingerprint"]),
+    ]
+    for name, value in rows:
+        head.add_row(name, value)
+
+    outs = Table(title="per output", title_justify="left")
+    for col in ("output", "arrays", "bytes written"):
+        outs.add_column(col, justify="left" if col == "output" else "right")
+    for kind, o in report_["outputs"].items():
+        outs.add_row(kind, f"{o['arrays']:,}", human_bytes(o["bytes"]))
+
+    est = Table(title=f"estimated wall time (source: {env['source']}; the tutorial reports "
+                      f"{TUTORIAL_HOURS[0]}–{TUTORIAL_HOURS[1]} hours)", title_justify="left")
+    for col in ("workers", "VMs", "compute", "read", "write", "fixed", "estimate", "bottleneck"):
+        est.add_column(col, justify="right" if col != "bottleneck" else "left")
+    for e in report_["estimates"]:
+        est.add_row(str(e["workers"]), str(e["vms"]), _duration(e["compute_seconds"]), _duration(e["read_seconds"]),
+                    _duration(e["write_seconds"]), _duration(e["fixed_seconds"]),
+                    Text(_duration(e["estimated_seconds"]), style="bold"), e["bottleneck"])
+    assumptions = Text(
+        f"assumptions: {env['worker_mb_s']:g} MB/s per worker (measured at real widths, --throughput_mb_s), "
+        f"{env['workers_per_vm']} workers per VM (--workers_per_vm), {env['vm_gbps']:g} Gbit/s per VM (--vm_gbps), "
+        f"GCS {env['gcs_read_gbps']:g} Gbit/s read quota (--gcs_read_gbps) and {env['gcs_writes_per_s']:g} "
+        f"object writes/s (--gcs_writes_per_s), Meta URL {env['meta_mb_s']:g} MB/s per connection × "
+        f"{env['meta_connections_per_worker']} per worker (--meta_mb_s), {env['fixed_seconds']:g} s fixed. "
+        "Estimates, not measurements: docs/benchmarks.md.", style="dim")
+    return Group(head, outs, est, assumptions)
+
+
+def _duration(seconds: float) -> str:
+    if seconds == math.inf:
+        return "∞"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def estimate_for(workers: Sequence[int], plan: Plan, env: Environment) -> list[dict[str, Any]]:
+    """Estimates for arbitrary worker counts (scripts/bench.py, docs)."""
+    written = sum(o["bytes"] for o in output_bytes(plan).values())
+    return [estimate(plan, written, n, env) for n in workers]
