@@ -51,6 +51,7 @@ class ConvertOptions:
     compression: str | None = None
     kv_heads: int | None = None
     progress: bool = True
+    maxtext_layout: str | None = "linen"  # MaxText tree layout: linen (0.2.4 classic, JetStream) or nnx (0.2.5); rayconv.trees
 
 
 @dataclasses.dataclass
@@ -82,7 +83,7 @@ def open_checkpoint(options: ConvertOptions) -> MetaCheckpoint:
 def make_plan(checkpoint: MetaCheckpoint, options: ConvertOptions) -> Plan:
     return build_plan(checkpoint.spec, checkpoint.shards, checkpoint.indexes, kinds=options.kinds,
                       quantize_type=options.quantize_type, piece_budget=piece_budget(options),
-                      unit_budget=max(options.unit_budget, piece_budget(options)))
+                      unit_budget=max(options.unit_budget, piece_budget(options)), layout=options.maxtext_layout)
 
 
 def verify_crcs(checkpoint: MetaCheckpoint, receipts: Sequence[Receipt]) -> int:
@@ -137,6 +138,17 @@ def _prepare_output(out: Location, layouts: dict[str, OutputLayout], kinds: Sequ
     return ledger, record
 
 
+def compatibility_note(plan: Plan) -> str:
+    """Which MaxText versions load this run's AQT checkpoint, and how to get the other tree layout."""
+    if plan.layout == "linen":
+        return (f"The {plan.quantize_type} checkpoint has the classic (linen) AQT tree: JetStream-MaxText and MaxText "
+                "<= 0.2.4 (with pure_nnx=false enable_nnx=false pure_nnx_decoder=false) load it; MaxText >= 0.2.5 "
+                "does not: convert again with --maxtext_layout nnx (or --inference_server maxtext) for it")
+    return (f"The {plan.quantize_type} checkpoint has MaxText 0.2.5's NNX AQT tree: MaxText >= 0.2.5 loads it "
+            "(quantization=... checkpoint_is_quantized=true scan_layers=false); JetStream-MaxText and MaxText <= 0.2.4 "
+            "do not: convert again with --maxtext_layout linen for them")
+
+
 def convert(options: ConvertOptions) -> ConvertResult:
     start = time.monotonic()
     started_ns = time.time_ns()
@@ -152,7 +164,7 @@ def convert(options: ConvertOptions) -> ConvertResult:
              summary["pieces"], human_bytes(summary["largest_piece_bytes"]), ", ".join(plan.kinds))
 
     out = Location.parse(options.output)
-    layouts = output_layouts(out, plan.quantize_type)
+    layouts = output_layouts(out, plan.quantize_type, plan.tree)
     ledger, record = _prepare_output(out, layouts, plan.kinds, options.restart, plan.fingerprint(), summary,
                                      started_ns)
     started_ns = record.get("started_ns", started_ns)
@@ -188,7 +200,7 @@ def convert(options: ConvertOptions) -> ConvertResult:
         for kind in pending:
             dbs = [by_unit[u.id].dbs[kind] for u in plan.units]
             LOG.info("Committing %s checkpoint (%d arrays from %d databases)", kind, len(plan.arrays(kind)), len(dbs))
-            custom = {"scan_layers": kind == "scanned", "converter": "rayconv"} if kind != "int8" else {}
+            custom = layouts[kind].tree.custom_metadata(kind)
             calls.append((commit_output, (layouts[kind], plan.arrays(kind), dbs),
                           {"compression": options.compression, "custom_metadata": custom, "started_ns": started_ns}))
         for kind, item in zip(pending, executor.call_all(calls) if calls else []):
@@ -207,6 +219,7 @@ def convert(options: ConvertOptions) -> ConvertResult:
     if "int8" in outputs:
         LOG.info("Completed quantizing model %s with %s to %s", spec.maxtext_name, plan.quantize_type,
                  outputs["int8"])
+        LOG.info(compatibility_note(plan))
     return ConvertResult(
         outputs=outputs, plan=summary, seconds=time.monotonic() - start,
         bytes_read=sum(r.bytes_read for r in receipts), bytes_written=sum(r.bytes_written for r in receipts),
