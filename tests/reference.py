@@ -280,11 +280,12 @@ def leaf_checksum(arr: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
 
 
-def leaves_summary(path: str | Path) -> dict[str, dict]:
-    """{path: {shape, dtype, sha256}} of the stored leaves under ``params/`` (comparable with load_check)."""
+def leaves_summary(path: str | Path, prefix: str | None = "params/") -> dict[str, dict]:
+    """{path: {shape, dtype, sha256}} of the stored leaves under ``prefix`` (comparable with load_check; NNX trees
+    have no ``params/`` root: pass ``prefix=None``)."""
     return {
         k: {"shape": list(v.shape), "dtype": str(v.dtype), "sha256": leaf_checksum(v)}
-        for k, v in read_leaves(path, prefix="params/").items()
+        for k, v in read_leaves(path, prefix=prefix).items()
     }
 
 

@@ -221,8 +221,17 @@ def flatten(tree, prefix: str = "params") -> dict:
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   out = {}
   for path, leaf in flat:
-    out["/".join([prefix] + [_key_str(k) for k in path])] = leaf
+    out["/".join(([prefix] if prefix else []) + [_key_str(k) for k in path])] = leaf
   return out
+
+
+def nnx_canonical(path: str) -> str:
+  """An NNX tree path without its Variable ``value`` wrappers: the on-disk ``…/kernel/value`` and
+  ``…/qrhs/frozen/value/qvalue`` and a restored ``…/kernel`` (or a ``Partitioned`` box's ``…/qvalue/value``) all
+  map to one key. A module named ``value`` (``self_attention/value``) is neither last nor after ``frozen``."""
+  parts = path.split("/")
+  keep = [p for i, p in enumerate(parts) if not (p == "value" and (i == len(parts) - 1 or parts[i - 1] == "frozen"))]
+  return "/".join(keep)
 
 
 def is_array(leaf) -> bool:
