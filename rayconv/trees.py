@@ -28,6 +28,8 @@ import json
 import time
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
+from rayconv.errors import SpecError
+
 if TYPE_CHECKING:
     from rayconv.mapping import Rule
     from rayconv.plan import ArraySpec
@@ -197,8 +199,6 @@ DEFAULT_LAYOUT = "linen"
 
 def get(name: str | None) -> TreeLayout:
     """The layout called ``name`` (None: the default, ``linen``)."""
-    from rayconv.errors import SpecError
-
     layout = LAYOUTS.get(name or DEFAULT_LAYOUT)
     if layout is None:
         raise SpecError(f"unknown --maxtext_layout {name!r} (choose from {', '.join(LAYOUTS)})")

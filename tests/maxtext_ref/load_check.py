@@ -1,4 +1,5 @@
-"""Load a checkpoint with MaxText's own serving loader (0.2.4 classic, or 0.2.5 NNX with default flags) and print a JSON summary of what it restored.
+"""Load a checkpoint with MaxText's own serving loader (0.2.4 classic, or 0.2.5 NNX with default flags) and print a
+JSON summary of what it restored.
 
 Usage (reference env): python load_check.py --model '<json>' --path <ckpt> --kind scanned|unscanned|int8|int8w|int4w
                        [--out summary.json] [--lenient]
