@@ -175,6 +175,9 @@ def convert(model_name, model_path, input_directory, meta_url, download_director
                             f"{', '.join(sorted(set(INFERENCE_SERVERS) | set(SERVER_LAYOUTS)))})")
         maxtext_layout = maxtext_layout or SERVER_LAYOUTS.get(inference_server, "linen")
         kinds, quantize_type = _kinds(quantize_type, quantize_weights, skip_scanned)
+        from rayconv import trees
+
+        trees.get(maxtext_layout).check_quantize_type(quantize_type)  # before any download or write
         files, display, model_name, model_path, kv = _resolve_input(
             model_name, model_path, input_directory, meta_url, download_directory, synthetic, bucket_name)
         from rayconv.engine.driver import ConvertOptions, convert as run

@@ -248,9 +248,12 @@ def group_units(pieces: Iterable[Piece], unit_budget: int) -> tuple[Unit, ...]:
 def build_plan(spec: ModelSpec, shards: Sequence[str], indexes: Sequence[dict[str, TensorInfo]], *,
                kinds: Sequence[str], quantize_type: str | None, piece_budget: int,
                unit_budget: int, layout: str = trees.DEFAULT_LAYOUT) -> Plan:
+    tree = trees.get(layout)
+    if "int8" in kinds:
+        tree.check_quantize_type(quantize_type)
     rows, pieces = build_pieces(spec, indexes, piece_budget)
     return Plan(spec=spec, shards=tuple(shards), kinds=tuple(kinds), quantize_type=quantize_type,
-                piece_rows=rows, units=group_units(pieces, unit_budget), layout=trees.get(layout).name)
+                piece_rows=rows, units=group_units(pieces, unit_budget), layout=tree.name)
 
 
 # --------------------------------------------------------------------------------------------

@@ -79,6 +79,15 @@ class TreeLayout:
     name: str
     handlers: dict[str, str]
     step_leaf: frozenset[str]
+    #: AQT types this generation of MaxText writes and loads (None: all of rayconv's), and why not the others.
+    quantize_types: frozenset[str] | None = None
+    unsupported_quantize_reason: str = ""
+
+    def check_quantize_type(self, quantize_type: str | None) -> None:
+        """Refuse, in one line, an AQT type this layout's MaxText has no checkpoint for."""
+        if quantize_type and self.quantize_types is not None and quantize_type not in self.quantize_types:
+            raise SpecError(f"--quantize_type {quantize_type} has no --maxtext_layout {self.name} form: "
+                            f"{self.unsupported_quantize_reason}")
 
     # ------------------------------------------------------------------ paths
     def leaf_path(self, rule: "Rule", layer: int | None, kind: str) -> Path:
@@ -191,7 +200,13 @@ LINEN = _Linen("linen", handlers={"scanned": LEGACY_PYTREE_HANDLER, "unscanned":
                step_leaf=frozenset({"scanned", "unscanned"}))
 NNX = _Nnx("nnx", handlers={"scanned": V1_PYTREE_HANDLER, "unscanned": V1_PYTREE_HANDLER,
                             "int8": LEGACY_PYTREE_HANDLER},
-           step_leaf=frozenset({"scanned"}))
+           step_leaf=frozenset({"scanned"}), quantize_types=frozenset({"int8"}),
+           # Measured: 0.2.5's layerwise_quantization with quantization=intmp fails building the model
+           # (quantizations._get_mixed_precision_cfg reads Linen's module stack, None under NNX); MaxEngine builds
+           # the same model to load, so there is neither a writer nor a loader to be compatible with.
+           unsupported_quantize_reason="MaxText 0.2.5 can neither write nor load weight-only (intmp) AQT checkpoints "
+                                       "(its mixed-precision config needs the Linen module stack); use int8, or "
+                                       "--maxtext_layout linen for JetStream-MaxText / MaxText 0.2.4")
 
 LAYOUTS: dict[str, TreeLayout] = {layout.name: layout for layout in (LINEN, NNX)}
 DEFAULT_LAYOUT = "linen"

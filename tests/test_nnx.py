@@ -201,3 +201,19 @@ def test_nnx_resume_after_a_crash_gives_the_same_checkpoint(tmp_path):
     result = run_convert(src, tmp_path, **kwargs)
     assert result.units_run == 0
     assert {k: v.tobytes() for k, v in read_leaves(tmp_path / OUTPUTS["int8"]).items()} == before
+
+
+@pytest.mark.parametrize("quant", ["int8w", "int4w"])
+def test_weight_only_types_are_refused_for_nnx_in_one_line(quant, tmp_path):
+    """MaxText 0.2.5 has no NNX writer or loader for intmp (measured: layerwise_quantization quantization=intmp
+    fails in quantizations._get_mixed_precision_cfg, which reads Linen's module stack); rayconv refuses up front."""
+    model, _ = MODELS[TINY]
+    out = tmp_path / "out"
+    result = _cli("convert", "--no_progress", "--executor", "local", "--input_directory",
+                  str(synthetic_checkpoint(model)), "--model_name", model.family, "--output_directory", str(out),
+                  "--quantize_type", quant, "--quantize_weights", "True", "--maxtext_layout", "nnx")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"rayconv: error: --quantize_type {quant} has no --maxtext_layout nnx form: "
+                                "MaxText 0.2.5 can neither write nor load"), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not out.exists()
