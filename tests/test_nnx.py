@@ -123,6 +123,17 @@ def test_maxtext_025_serves_nnx_outputs_with_its_own_logits(kind, converted_nnx,
     np.testing.assert_array_equal(ours, theirs)
 
 
+def test_maxtext_025_serves_the_linen_unscanned_output_too(tmp_path, reference_025):
+    """The compatibility table's cross entry: 0.2.5 reads the classic unscanned tree (its from_pretrained tells
+    ``params/params`` from NNX trees) with the logits of its own NNX checkpoint. (Its classic int8 tree it cannot
+    read: that is why the nnx layout exists.)"""
+    model, descriptor = MODELS[SERVED]
+    src = synthetic_checkpoint(model)
+    run_convert(src, tmp_path, model_path=descriptor, kinds=("unscanned",), executor="local")
+    ours = reference_025.logits(model, tmp_path / OUTPUTS["unscanned"], "unscanned")
+    np.testing.assert_array_equal(ours, reference_025.logits(model, reference_025.unscanned(model, src), "unscanned"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Without MaxText: flags, the log line, verify, resume safety
 
