@@ -228,3 +228,21 @@ def test_weight_only_types_are_refused_for_nnx_in_one_line(quant, tmp_path):
     assert lines[-1].startswith(f"rayconv: error: --quantize_type {quant} has no --maxtext_layout nnx form: "
                                 "MaxText 0.2.5 can neither write nor load"), result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_reference_harness_keeps_versions_apart_and_fails_without_025(tmp_path, monkeypatch):
+    """0.2.4 and 0.2.5 reference outputs never share a cache entry, and a missing 0.2.5 overlay is an error (the
+    ``reference_025`` fixture turns it into a test failure, never a skip)."""
+    from reference import MaxTextReference, ReferenceEnvMissing, child_env
+
+    ref = MaxTextReference(tmp_path / "cache")
+    ref025 = ref.with_maxtext("0.2.5")
+    assert ref025.runs is ref.runs and ref025.cache_dir == ref.cache_dir
+    key = {"model": {"dim": 1}, "scripts": "x"}
+    assert ref._entry("unscanned", key) != ref025._entry("unscanned", key)
+    assert ref025._entry("unscanned", key).name.startswith("unscanned-0.2.5-")
+    assert child_env("0.2.5")["RAYCONV_MAXTEXT_LAYOUT"] == "nnx" and child_env()["RAYCONV_MAXTEXT_LAYOUT"] == "linen"
+    ref025.check_available()  # the suite's own environment has it
+    monkeypatch.setenv("RAYCONV_MAXTEXT_025_PATH", str(tmp_path / "missing"))
+    with pytest.raises(ReferenceEnvMissing, match="maxtext 0.2.5 not found .*RAYCONV_MAXTEXT_025_PATH"):
+        ref025.check_available()
