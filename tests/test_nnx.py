@@ -123,6 +123,19 @@ def test_maxtext_025_serves_nnx_outputs_with_its_own_logits(kind, converted_nnx,
     np.testing.assert_array_equal(ours, theirs)
 
 
+def test_maxtext_025_restores_every_int8_leaf_with_rayconvs_bytes(converted_nnx, reference_025):
+    """0.2.5's MaxEngine (serve mode) takes every stored int8 array, and nothing of its model from elsewhere
+    (load_check on 0.2.5's own output, cached; rayconv's is bit-equal to it, checked here leaf by leaf)."""
+    from reference import leaves_summary
+
+    model, _ = MODELS[SERVED]
+    summary = reference_025.load_check(model, reference_025.quantized(model, synthetic_checkpoint(model)), "int8")
+    ours = leaves_summary(converted_nnx(SERVED) / OUTPUTS["int8"], prefix=None)
+    assert not summary["stored_only"] and sorted(summary["leaves"]) == sorted(ours)
+    assert {k: v["sha256"] for k, v in summary["leaves"].items()} == {k: v["sha256"] for k, v in ours.items()}
+    assert sum("/qrhs/frozen/value/" in k for k in ours) == 2 * 7 * model.n_layers
+
+
 def test_maxtext_025_serves_the_linen_unscanned_output_too(tmp_path, reference_025):
     """The compatibility table's cross entry: 0.2.5 reads the classic unscanned tree (its from_pretrained tells
     ``params/params`` from NNX trees) with the logits of its own NNX checkpoint. (Its classic int8 tree it cannot
