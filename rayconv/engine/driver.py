@@ -54,6 +54,7 @@ class ConvertOptions:
     compression: str | None = None
     kv_heads: int | None = None
     progress: bool = True
+    maxtext_layout: str | None = "linen"  # MaxText tree layout: linen (0.2.4 classic, JetStream) or nnx (0.2.5); rayconv.trees
 
 
 @dataclasses.dataclass
@@ -85,7 +86,8 @@ def open_checkpoint(options: ConvertOptions) -> MetaCheckpoint:
 def make_plan(checkpoint: MetaCheckpoint, options: ConvertOptions) -> Plan:
     return build_plan(checkpoint.spec, checkpoint.shards, checkpoint.indexes, kinds=options.kinds,
                       quantize_type=options.quantize_type, piece_budget=piece_budget(options),
-                      unit_budget=max(options.unit_budget, piece_budget(options)), scales=checkpoint.scales)
+                      unit_budget=max(options.unit_budget, piece_budget(options)), scales=checkpoint.scales,
+                      layout=options.maxtext_layout)
 
 
 def crc_check(checkpoint: MetaCheckpoint, receipts: Sequence[Receipt]) -> tuple[int, list[tuple[int, str]]]:
@@ -212,6 +214,17 @@ def _prepare_output(out: Location, ledger: Ledger, layouts: dict[str, OutputLayo
     return record
 
 
+def compatibility_note(plan: Plan) -> str:
+    """Which MaxText versions load this run's AQT checkpoint, and how to get the other tree layout."""
+    if plan.layout == "linen":
+        return (f"The {plan.quantize_type} checkpoint has the classic (linen) AQT tree: JetStream-MaxText and MaxText "
+                "<= 0.2.4 (with pure_nnx=false enable_nnx=false pure_nnx_decoder=false) load it; MaxText >= 0.2.5 "
+                "does not: convert again with --maxtext_layout nnx (or --inference_server maxtext) for it")
+    return (f"The {plan.quantize_type} checkpoint has MaxText 0.2.5's NNX AQT tree: MaxText >= 0.2.5 loads it "
+            "(quantization=... checkpoint_is_quantized=true scan_layers=false); JetStream-MaxText and MaxText <= 0.2.4 "
+            "do not: convert again with --maxtext_layout linen for them")
+
+
 def convert(options: ConvertOptions) -> ConvertResult:
     start = time.monotonic()
     started_ns = time.time_ns()
@@ -245,7 +258,7 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
     LOG.info("Plan %s: %d units, %d pieces, largest piece %s, outputs %s", summary["fingerprint"], summary["units"],
              summary["pieces"], human_bytes(summary["largest_piece_bytes"]), ", ".join(plan.kinds))
 
-    layouts = output_layouts(out, plan.quantize_type)
+    layouts = output_layouts(out, plan.quantize_type, plan.tree)
     identities = source_identities(checkpoint)
     budgets = _budgets(options)
     fields = {"source": source_digest(identities), "piece_budget": budgets[0], "unit_budget": budgets[1],
@@ -304,7 +317,7 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
             stop_point("intent")
         calls, results = [], {}
         for kind in pending:
-            custom = {"scan_layers": kind == "scanned", "converter": "rayconv"} if kind != "int8" else {}
+            custom = layouts[kind].tree.custom_metadata(kind)
             kwargs = {"compression": options.compression, "custom_metadata": custom, "started_ns": started_ns}
             if kind not in to_build:  # only to be checked and recorded: no need for a committer
                 LOG.info("Found the %s checkpoint committed by an interrupted run; checking and recording it", kind)
@@ -338,6 +351,7 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
     if "int8" in outputs:
         LOG.info("Completed quantizing model %s with %s to %s", spec.maxtext_name, plan.quantize_type,
                  outputs["int8"])
+        LOG.info(compatibility_note(plan))
     return ConvertResult(
         outputs=outputs, plan=summary, seconds=time.monotonic() - start,
         bytes_read=sum(r.bytes_read for r in receipts), bytes_written=sum(r.bytes_written for r in receipts),
