@@ -51,6 +51,8 @@ class ConvertOptions:
     compression: str | None = None
     kv_heads: int | None = None
     progress: bool = True
+    #: Check the shards and params.json against the input's checklist.chk (if any) before converting.
+    verify_md5: bool = False
 
 
 @dataclasses.dataclass
@@ -142,6 +144,12 @@ def convert(options: ConvertOptions) -> ConvertResult:
     started_ns = time.time_ns()
     LOG.info("Reading checkpoint index from %s", options.input_display)
     checkpoint = open_checkpoint(options)
+    if options.verify_md5:
+        from rayconv.source.hashing import verify_input
+
+        read = set(checkpoint.shards)
+        verify_input(options.files, options.input_display,
+                     ["params.json", *(name for name, uri in options.files.items() if uri in read)])
     spec = checkpoint.spec
     LOG.info("Model %s: %d layers, dim %d, %d heads, %d kv heads (params.json says %d), ffn %d, vocab %d, "
              "%d shards, %s", spec.maxtext_name, spec.n_layers, spec.dim, spec.n_heads, spec.n_kv_heads,
