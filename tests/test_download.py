@@ -246,11 +246,15 @@ def test_resolve_expired_url_refused_before_start(signed_url_server):
 
 def test_verify_files_over_http(signed_url_server, small_checkpoint):
     meta = resolve(signed_url_server.url(), DESCRIPTOR)
-    verify_files(meta.urls, meta.md5, block=256 * KiB, window=3)
+    listed = {name: url for name, url in meta.urls.items() if name != "checklist.chk"}
+    assert verify_files(listed, meta.md5, block=256 * KiB, window=3) == {name: "hashed" for name in listed}
     wrong = dict(meta.md5, **{SHARD: "0" * 32})
     with pytest.raises(SourceError) as info:
-        verify_files(meta.urls, wrong)
+        verify_files(listed, wrong)
     check_message(info.value, "md5 mismatch", SHARD)
+    with pytest.raises(SourceError) as info:
+        verify_files(meta.urls, meta.md5)  # every file checked must be listed
+    check_message(info.value, "no md5 for checklist.chk")
 
 
 # ---------------------------------------------------------------------------------------------
