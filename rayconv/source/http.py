@@ -215,7 +215,7 @@ class HttpFile(RangeSource):
                 failures += 1
                 if failures > self.retries:
                     raise SourceError(f"{self.name}: cannot connect to {redact(self.uri)} after {self.retries} "
-                                      f"retries ({self._reason(exc)})") from None
+                                      f"retries: {self._reason(exc)}") from None
                 log.warning("%s: waiting for its size (bytes 0-0): %s; retry %d of %d", self.name,
                             self._reason(exc), failures, self.retries)
                 _backoff(failures)
@@ -322,7 +322,7 @@ class HttpFile(RangeSource):
                 last_reason = self._reason(exc)
                 if failures > self.retries:
                     raise SourceError(f"{self.name}: download failed at byte {start + got} (reading bytes "
-                                      f"{start}-{start + n - 1}) after {self.retries} retries ({last_reason})") from None
+                                      f"{start}-{start + n - 1}) after {self.retries} retries: {last_reason}") from None
                 log.warning("%s: waiting for bytes %d-%d: %s; retry %d of %d", self.name, start + got,
                             start + n - 1, last_reason, failures, self.retries)
                 _backoff(failures)
