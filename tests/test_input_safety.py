@@ -365,3 +365,11 @@ def test_descriptor_is_a_dataclass_view_of_the_catalog():
     d = Descriptor.parse("Llama-2-70b-chat")
     model = catalog.lookup("Llama-2-70b-chat")
     assert dataclasses.astuple(d)[1:] == (model.family, model.size, model.instruct, model.shards)
+
+
+def test_every_convertible_size_is_a_catalog_release():
+    from rayconv.models import KNOWN_SIZES
+
+    for family, sizes in KNOWN_SIZES.items():
+        for known in sizes:
+            assert (family, known.size) in catalog.PUBLISHED, (family, known.size)

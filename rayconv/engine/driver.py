@@ -147,6 +147,7 @@ def convert(options: ConvertOptions) -> ConvertResult:
     if options.verify_md5:
         from rayconv.source.hashing import verify_input
 
+        Location.parse(options.output).check_writable()  # fail fast, before a long md5 pass
         read = set(checkpoint.shards)
         verify_input(options.files, options.input_display,
                      ["params.json", *(name for name, uri in options.files.items() if uri in read)])

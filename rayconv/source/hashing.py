@@ -79,7 +79,7 @@ def _ordered_blocks(source: ByteSource, start: int, stop: int, *, block: int, wi
 
 
 def md5_of(source: ByteSource, *, start: int = 0, stop: int | None = None, hasher=None,
-           block: int = 16 * MiB, window: int = 4) -> "hashlib._Hash":
+           block: int = 8 * MiB, window: int = 4) -> "hashlib._Hash":
     """Hash bytes [start, stop) of ``source`` in order, reading ahead in parallel (memory: block × window)."""
     hasher = hasher or hashlib.md5()
     stop = source.size() if stop is None else stop
