@@ -373,3 +373,11 @@ def test_every_convertible_size_is_a_catalog_release():
     for family, sizes in KNOWN_SIZES.items():
         for known in sizes:
             assert (family, known.size) in catalog.PUBLISHED, (family, known.size)
+
+
+def test_redact_never_raises_and_drops_credentials_and_query():
+    from rayconv.source.http import redact
+
+    assert redact("https://user:pw@host:99999/a@b?Signature=s#frag") == "https://host:99999/a@b"
+    assert redact("https://user:pw@host:8443/x?Policy=p") == "https://host:8443/x"
+    assert redact("https://[bad/*?Signature=s") == "https://[bad/*"

@@ -104,7 +104,8 @@ def redact(url: str) -> str:
         # Malformed host or port: show what precedes the query and any credentials, nothing else.
         head = url.split("?", 1)[0].split("#", 1)[0]
         scheme, sep, rest = head.partition("://")
-        return f"{scheme}{sep}{rest.rsplit('@', 1)[-1]}" if sep else head
+        netloc, slash, path = rest.partition("/")
+        return f"{scheme}{sep}{netloc.rsplit('@', 1)[-1]}{slash}{path}" if sep else head
 
 
 def display_name(url: str) -> str:
