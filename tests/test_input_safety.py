@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -344,7 +345,9 @@ def test_per_process_rebuilds_after_fork():
     first = value()
     assert value() is first and made == [os.getpid()]
     read, write = os.pipe()
-    pid = os.fork()
+    with warnings.catch_warnings():  # "fork() of a multi-threaded process": the child only calls value()
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
     if pid == 0:  # child: a new value, built in this process
         ok = value() is not first and made[-1] == os.getpid()
         os.write(write, b"1" if ok else b"0")
