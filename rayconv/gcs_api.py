@@ -70,9 +70,15 @@ def _gcs_call(what: str, uri: str, fn, error: type[ConversionError] = SourceErro
         raise error(f"{uri}: GCS error: {one_line_reason(exc)}") from None
 
 
+#: Custom metadata key under which staging records the md5 it verified for a composed object (GCS keeps
+#: none for composites). Set only after the object's crc32c matched the hashed bytes; an object
+#: replaced later is a new object without it.
+VERIFIED_MD5_KEY = "rayconv-verified-md5"
+
+
 def object_info(bucket: str, name: str) -> dict | None:
     """``{'size', 'md5' (hex or None: composite objects have none), 'crc32c', 'generation',
-    'component_count'}``, or None when the object does not exist."""
+    'component_count', 'verified_md5'}``, or None when the object does not exist."""
     from google.api_core import exceptions as gexc
 
     uri = f"gs://{bucket}/{name}"
@@ -88,7 +94,17 @@ def object_info(bucket: str, name: str) -> dict | None:
     if blob.md5_hash and blob.component_count is None:
         md5 = base64.b64decode(blob.md5_hash).hex()
     return {"size": int(blob.size), "md5": md5, "crc32c": blob.crc32c, "generation": blob.generation,
-            "component_count": blob.component_count}
+            "component_count": blob.component_count, "verified_md5": (blob.metadata or {}).get(VERIFIED_MD5_KEY)}
+
+
+def record_verified_md5(bucket: str, name: str, md5: str, generation: int) -> None:
+    """Attach ``md5`` to generation ``generation`` of a composed object (fails if it was replaced)."""
+    from google.api_core.retry import Retry
+
+    blob = client().bucket(bucket).blob(name, generation=generation)
+    blob.metadata = {VERIFIED_MD5_KEY: md5}
+    _gcs_call("object", f"gs://{bucket}/{name}", lambda: blob.patch(if_generation_match=generation, retry=Retry()),
+              OutputError)
 
 
 def compose(bucket: str, sources: list[str], dest: str, *, scratch_prefix: str) -> None:

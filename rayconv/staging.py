@@ -27,8 +27,8 @@ from typing import Callable, Iterable
 
 from rayconv import catalog
 from rayconv.download import resolve
-from rayconv.errors import SourceError
-from rayconv.gcs_api import compose, delete_objects, object_info
+from rayconv.errors import ConversionError, SourceError
+from rayconv.gcs_api import compose, delete_objects, object_info, record_verified_md5
 from rayconv.source.bytesource import open_source
 from rayconv.source.gcs import GcsObject
 from rayconv.source.hashing import md5_of, mismatch
@@ -125,7 +125,9 @@ class _GcsParts(_Parts):
 
     Each part is one single-request upload (written whole or not at all), so an existing part is a
     finished part. A composite object has no md5 in GCS, so the crc32c computed while hashing is
-    compared with the composed object's crc32c: the bytes in the bucket are the bytes hashed.
+    compared with the composed object's crc32c: the bytes in the bucket are the bytes hashed. The
+    verified md5 is then attached to the object (``gcs_api.VERIFIED_MD5_KEY``), so a later convert
+    from this prefix checks it against checklist.chk without reading the object again.
     """
 
     def __init__(self, dest: Location, name: str, size: int, part_size: int) -> None:
@@ -151,7 +153,7 @@ class _GcsParts(_Parts):
         start, stop = self.span(index)
         GcsObject(self.scratch.join(self._key(index)).uri, size=stop - start).readinto(0, buf)
 
-    def finalize(self, crc32c: int | None = None) -> None:
+    def finalize(self, crc32c: int | None = None, md5: str | None = None) -> None:
         bucket = self.dest.bucket
         names = [self.scratch.join(self._key(i)).path for i in range(self.count)]
         target = self.dest.join(self.name).path
@@ -167,6 +169,12 @@ class _GcsParts(_Parts):
             delete_objects(bucket, [target])
             self.scratch.delete_all()  # the parts are suspect: fetch them again
             raise SourceError(f"{self.name}: {problem}; the staged copy was deleted, rerun to stage it again")
+        if md5 is not None and crc32c is not None and info.get("crc32c"):
+            try:
+                record_verified_md5(bucket, target, md5, info["generation"])
+            except ConversionError as exc:  # e.g. no storage.objects.update permission: an optimisation only
+                log.warning("%s: could not attach the verified md5 (%s); a later convert from %s hashes it "
+                            "again", self.name, exc, self.dest.uri)
         self.scratch.delete_all()
 
     def discard(self) -> None:
@@ -318,7 +326,7 @@ def _stage_file(url: str, name: str, dest: Location, md5: str | None, *, known_s
         parts.discard()
         _check_md5(name, md5, got, staged=True)
     if isinstance(parts, _GcsParts):
-        parts.finalize(int.from_bytes(crc.digest(), "big") if crc is not None else None)
+        parts.finalize(int.from_bytes(crc.digest(), "big") if crc is not None else None, md5=got)
     else:
         parts.finalize()
     dest.write_bytes(_marker_key(name), (md5 or "").encode())

@@ -384,3 +384,25 @@ def test_redact_never_raises_and_drops_credentials_and_query():
     assert redact("https://user:pw@host:99999/a@b?Signature=s#frag") == "https://host:99999/a@b"
     assert redact("https://user:pw@host:8443/x?Policy=p") == "https://host:8443/x"
     assert redact("https://[bad/*?Signature=s") == "https://[bad/*"
+
+
+def test_staged_gs_prefix_is_checked_from_metadata_not_reread(signed_url_server, small_checkpoint, gcs_prefix, caplog):
+    """Staging composes shards (no GCS md5) and attaches the md5 it verified; a later convert from that prefix
+    checks checklist.chk against it without reading the shards; an object replaced since is caught."""
+    from rayconv.gcs_api import object_info
+
+    dest = gcs_prefix.join("base")
+    stage(signed_url_server.url(), DESCRIPTOR, dest, part_size=256 << 10)
+    info = object_info(dest.bucket, dest.join(SHARD).path)
+    # Real GCS keeps no md5 for a composed object; fake-gcs-server does (and no componentCount), so the
+    # attached md5 is checked here directly.
+    assert info["verified_md5"] == hashlib.md5((small_checkpoint / SHARD).read_bytes()).hexdigest()
+    files = list_input(dest.uri)
+    names = ["params.json", "consolidated.00.pth", SHARD]
+    with rayconv_log(caplog, logging.INFO):
+        verify_input(files, dest.uri, names)
+    assert any("0 B hashed" in r.getMessage() and "3 from GCS object metadata" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    dest.write_bytes(SHARD, b"replaced")  # a new object: GCS's own md5, no rayconv metadata
+    with pytest.raises(SourceError, match=f"{SHARD}: md5 mismatch"):
+        verify_input(files, dest.uri, names)

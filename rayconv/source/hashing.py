@@ -5,7 +5,8 @@ along with the conversion's reads: the plan spreads one shard's byte ranges over
 workers (row blocks, column slices), and no process reads a shard front to back. Verifying is
 therefore one extra ordered read per file — :func:`md5_of` reads ahead in parallel blocks so a remote
 file streams at full speed, and :func:`verify_input` hashes files in parallel — except where storage
-already knows the md5: a non-composite gs:// object carries the md5 GCS computed on upload.
+already knows the md5: a non-composite gs:// object carries the md5 GCS computed on upload, and an
+object composed by rayconv's staging carries the md5 staging verified.
 """
 
 from __future__ import annotations
@@ -103,13 +104,16 @@ def verify_md5(source: ByteSource, expected: str, name: str, **kwargs) -> None:
 
 def stored_md5(uri: str) -> str | None:
     """The md5 storage already knows for ``uri`` without reading it: a non-composite gs:// object's
-    (computed by GCS on upload). None for local files, composite objects and URLs."""
+    (computed by GCS on upload), or the one rayconv's staging verified and attached to the composed
+    object. None for local files, other composite objects and URLs."""
     if not uri.startswith("gs://"):
         return None
     from rayconv.gcs_api import object_info, parse_gs
 
     info = object_info(*parse_gs(uri))
-    return info["md5"] if info else None
+    if info is None:
+        return None
+    return info["md5"] or info["verified_md5"]
 
 
 def verify_files(uris: Mapping[str, str], md5: Mapping[str, str], *, parallel: int | None = None,
