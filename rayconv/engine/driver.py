@@ -55,6 +55,8 @@ class ConvertOptions:
     kv_heads: int | None = None
     progress: bool = True
     maxtext_layout: str | None = "linen"  # MaxText tree layout: linen (0.2.4 classic, JetStream) or nnx (0.2.5); rayconv.trees
+    #: Check the shards and params.json against the input's checklist.chk (if any) before converting.
+    verify_md5: bool = False
 
 
 @dataclasses.dataclass
@@ -230,6 +232,13 @@ def convert(options: ConvertOptions) -> ConvertResult:
     started_ns = time.time_ns()
     LOG.info("Reading checkpoint index from %s", options.input_display)
     checkpoint = open_checkpoint(options)
+    if options.verify_md5:
+        from rayconv.source.hashing import verify_input
+
+        Location.parse(options.output).check_writable()  # fail fast, before a long md5 pass
+        read = set(checkpoint.shards)
+        verify_input(options.files, options.input_display,
+                     ["params.json", *(name for name, uri in options.files.items() if uri in read)])
     spec = checkpoint.spec
     LOG.info("Model %s: %d layers, dim %d, %d heads, %d kv heads (params.json says %d), ffn %d, vocab %d, "
              "%d shards, %s", spec.maxtext_name, spec.n_layers, spec.dim, spec.n_heads, spec.n_kv_heads,
