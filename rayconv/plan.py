@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from rayconv import mapping
+from rayconv import mapping, trees
 from rayconv.mapping import Rule
 from rayconv.models import ModelSpec
 from rayconv.source.pth import TensorInfo
@@ -140,6 +140,11 @@ class Plan:
     piece_rows: dict[int, int]  # rule index → rows per piece
     units: tuple[Unit, ...]
     scale_files: tuple[str, ...] = ()  # FP8 SKU: fp8_scales_{r}.pt uri per shard
+    layout: str = trees.DEFAULT_LAYOUT  # MaxText tree layout (rayconv.trees.LAYOUTS)
+
+    @property
+    def tree(self) -> trees.TreeLayout:
+        return trees.get(self.layout)
 
     @property
     def rules(self) -> tuple[Rule, ...]:
@@ -158,6 +163,8 @@ class Plan:
                 "rows": sorted(self.piece_rows.items()), "units": [(u.id, len(u.pieces)) for u in self.units]}
         if self.scale_files:
             work["fp8"] = True  # the same model from an FP8 source converts to different bytes
+        if self.layout != trees.DEFAULT_LAYOUT:
+            work["layout"] = self.layout  # only non-default layouts, so linen fingerprints (and ledgers) stay
         payload = json.dumps(work, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -253,8 +260,11 @@ def group_units(pieces: Iterable[Piece], unit_budget: int) -> tuple[Unit, ...]:
 
 def build_plan(spec: ModelSpec, shards: Sequence[str], indexes: Sequence[dict[str, TensorInfo]], *,
                kinds: Sequence[str], quantize_type: str | None, piece_budget: int,
-               unit_budget: int, scales: Any = None) -> Plan:
+               unit_budget: int, scales: Any = None, layout: str = trees.DEFAULT_LAYOUT) -> Plan:
     """``scales`` (a rayconv.fp8.Scales) makes the float8 reads carry their row scales (FP8 SKU)."""
+    tree = trees.get(layout)
+    if "int8" in kinds:
+        tree.check_quantize_type(quantize_type)
     rows, pieces = build_pieces(spec, indexes, piece_budget)
     if scales is not None:
         from rayconv import fp8
@@ -262,7 +272,7 @@ def build_plan(spec: ModelSpec, shards: Sequence[str], indexes: Sequence[dict[st
         pieces = fp8.attach_scales(pieces, scales)
     return Plan(spec=spec, shards=tuple(shards), kinds=tuple(kinds), quantize_type=quantize_type,
                 piece_rows=rows, units=group_units(pieces, unit_budget),
-                scale_files=tuple(scales.files) if scales is not None else ())
+                scale_files=tuple(scales.files) if scales is not None else (), layout=tree.name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,39 +288,36 @@ def scale_shape(shape: Sequence[int], contraction: Sequence[int]) -> tuple[int, 
     return tuple(1 if axis in contraction else n for axis, n in enumerate(shape))
 
 
-def leaf_paths(rule: Rule, layer: int | None, kind: str) -> tuple[str, ...]:
-    """Tree path of a rule's leaf in a given output (unscanned/int8 name layers ``layers_{i}``)."""
-    target = rule.target
-    if layer is not None and kind != "scanned":
-        target = tuple(f"layers_{layer}" if part == "layers" else part for part in target)
-    return ("params", "params") + target
+def leaf_paths(rule: Rule, layer: int | None, kind: str, tree: trees.TreeLayout = trees.LINEN) -> tuple[str, ...]:
+    """Tree path of a rule's leaf in a given output (unscanned/int8 name layers ``layers_{i}``); the layout
+    (:mod:`rayconv.trees`) decides the wrapping (``params/params/…`` or NNX ``…/value``)."""
+    return tree.leaf_path(rule, layer, kind)
 
 
-def aqt_paths(rule: Rule, layer: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(qvalue path, scale path) of an AQT-frozen kernel (MaxText's classic int8 tree)."""
-    module = tuple(f"layers_{layer}" if part == "layers" else part for part in rule.target[:-1])
-    frozen = ("params", "aqt") + module + ("AqtDotGeneral_0", "qrhs", "frozen")
-    return frozen + ("qvalue",), frozen + ("scale", "0")
+def aqt_paths(rule: Rule, layer: int, tree: trees.TreeLayout = trees.LINEN) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(qvalue path, scale path) of an AQT-frozen kernel in the layout's int8 tree."""
+    return tree.aqt_paths(rule, layer)
 
 
 def output_arrays(plan: Plan, kind: str) -> list[ArraySpec]:
     spec = plan.spec
+    tree = plan.tree
     arrays: list[ArraySpec] = []
     for ri, rule in enumerate(plan.rules):
         shape = mapping.layer_shape(rule, spec)
         chunks = _layer_chunks(rule, spec, plan.piece_rows[ri])
         if kind == "scanned" and rule.per_layer:
-            arrays.append(ArraySpec(leaf_paths(rule, 0, kind), mapping.scanned_shape(shape, spec.n_layers),
+            arrays.append(ArraySpec(leaf_paths(rule, 0, kind, tree), mapping.scanned_shape(shape, spec.n_layers),
                                     "bfloat16", mapping.scanned_shape(chunks, 1)))
             continue
         for layer in _layers(rule, spec):
             if kind == "int8" and rule.quantized:
-                qpath, spath = aqt_paths(rule, layer)
+                qpath, spath = aqt_paths(rule, layer, tree)
                 arrays.append(ArraySpec(qpath, shape, quant_dtype(plan.quantize_type), chunks))
                 arrays.append(ArraySpec(spath, scale_shape(shape, rule.contraction), "bfloat16",
                                         scale_shape(chunks, rule.contraction)))
             else:
-                arrays.append(ArraySpec(leaf_paths(rule, layer, kind), shape, "bfloat16", chunks))
+                arrays.append(ArraySpec(leaf_paths(rule, layer, kind, tree), shape, "bfloat16", chunks))
     return arrays
 
 
@@ -325,6 +332,7 @@ def describe(plan: Plan) -> dict[str, Any]:
         "model": plan.spec.maxtext_name,
         "shards": len(plan.shards),
         "outputs": list(plan.kinds),
+        "maxtext_layout": plan.layout,
         "units": len(plan.units),
         "pieces": sum(len(u.pieces) for u in plan.units),
         "input_bytes": plan.input_bytes,

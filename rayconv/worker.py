@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 import tensorstore as ts
 
-from rayconv import fp8, mapping, quantize
+from rayconv import fp8, mapping, quantize, trees
 from rayconv.errors import SourceError
 from rayconv.mapping import Rule
 from rayconv.models import ModelSpec
@@ -44,6 +44,7 @@ class JobContext:
     compression: str | None = None
     batch_bytes: int = 16 << 20  # output bytes per OCDBT commit
     scale_files: tuple[str, ...] = ()  # FP8 SKU: fp8_scales_{r}.pt per shard
+    layout: str = trees.DEFAULT_LAYOUT  # MaxText tree layout: decides the leaf paths (rayconv.trees)
 
     @classmethod
     def create(cls, plan: Plan, layouts: dict[str, OutputLayout], compression: str | None,
@@ -58,6 +59,7 @@ class JobContext:
             compression=compression,
             batch_bytes=batch_bytes,
             scale_files=plan.scale_files,
+            layout=plan.layout,
         )
 
 
@@ -235,20 +237,22 @@ def piece_outputs(ctx: JobContext, rule: Rule, piece: Piece, block: np.ndarray) 
     compares it with what is stored.
     """
     spec = ctx.spec
+    tree = trees.get(ctx.layout)
     array = mapping.to_layer_block(rule, block, spec)
     region = _slices(block_region(rule, spec, piece.row0, piece.row1))
     for kind in ctx.kinds:
         if kind == "scanned":
             if rule.per_layer:
-                yield kind, leaf_paths(rule, 0, kind), _scanned_region(region, piece.layer), np.expand_dims(array, 1)
+                yield (kind, leaf_paths(rule, 0, kind, tree), _scanned_region(region, piece.layer),
+                       np.expand_dims(array, 1))
             else:
-                yield kind, leaf_paths(rule, None, kind), region, array
+                yield kind, leaf_paths(rule, None, kind, tree), region, array
         elif kind == "unscanned" or not rule.quantized:
-            yield kind, leaf_paths(rule, piece.layer, kind), region, array
+            yield kind, leaf_paths(rule, piece.layer, kind, tree), region, array
         else:
             bits = quantize.QUANT_TYPES[ctx.quantize_type][0]
             qvalue, scale = quantize.quantize(array, rule.contraction, bits)
-            qpath, spath = aqt_paths(rule, piece.layer)
+            qpath, spath = aqt_paths(rule, piece.layer, tree)
             yield kind, qpath, region, qvalue
             scale_region = tuple(slice(0, 1) if axis in rule.contraction else s for axis, s in enumerate(region))
             yield kind, spath, scale_region, scale

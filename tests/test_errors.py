@@ -28,10 +28,13 @@ DESCRIPTOR = "Llama3.1-405B-Instruct:bf16-mp16"
 
 @pytest.fixture()
 def damaged(tmp_path):
-    """A private copy of the checkpoint to damage."""
+    """A private copy of the checkpoint to damage, without its checklist.chk: these tests exercise the checks
+    that remain when there is none (index, CRC-32, kv-head copies); with it, the md5 check catches the damage
+    first (tests/test_input_safety.py)."""
     src = synthetic_checkpoint(MODEL)
     dst = tmp_path / "in"
     shutil.copytree(src, dst)
+    (dst / "checklist.chk").unlink()
     return dst
 
 

@@ -34,7 +34,7 @@ def test_descriptor_parse(text, family, size, shards, instruct):
 
 
 @pytest.mark.parametrize("text,needle", [
-    ("Llama3.1-405B:fp8-mp8", "bf16"), ("Mistral-7B", "descriptor"),
+    ("Llama3.1-405B:int4-mp8", "variant"), ("Mistral-7B", "descriptor"),
     ("Llama3.1-13B", "no published"), ("Llama4-17B", "not supported"),
 ])
 def test_descriptor_errors_are_one_line(text, needle):

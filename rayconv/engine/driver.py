@@ -54,6 +54,9 @@ class ConvertOptions:
     compression: str | None = None
     kv_heads: int | None = None
     progress: bool = True
+    maxtext_layout: str | None = "linen"  # MaxText tree layout: linen (0.2.4 classic, JetStream) or nnx (0.2.5); rayconv.trees
+    #: Check the shards and params.json against the input's checklist.chk (if any) before converting.
+    verify_md5: bool = False
 
 
 #: The phases of a run, in order, as the closing log line and the benchmark name them.
@@ -114,7 +117,8 @@ def open_checkpoint(options: ConvertOptions) -> MetaCheckpoint:
 def make_plan(checkpoint: MetaCheckpoint, options: ConvertOptions) -> Plan:
     return build_plan(checkpoint.spec, checkpoint.shards, checkpoint.indexes, kinds=options.kinds,
                       quantize_type=options.quantize_type, piece_budget=piece_budget(options),
-                      unit_budget=max(options.unit_budget, piece_budget(options)), scales=checkpoint.scales)
+                      unit_budget=max(options.unit_budget, piece_budget(options)), scales=checkpoint.scales,
+                      layout=options.maxtext_layout)
 
 
 def crc_check(checkpoint: MetaCheckpoint, receipts: Sequence[Receipt]) -> tuple[int, list[tuple[int, str]]]:
@@ -241,6 +245,17 @@ def _prepare_output(out: Location, ledger: Ledger, layouts: dict[str, OutputLayo
     return record
 
 
+def compatibility_note(plan: Plan) -> str:
+    """Which MaxText versions load this run's AQT checkpoint, and how to get the other tree layout."""
+    if plan.layout == "linen":
+        return (f"The {plan.quantize_type} checkpoint has the classic (linen) AQT tree: JetStream-MaxText and MaxText "
+                "<= 0.2.4 (with pure_nnx=false enable_nnx=false pure_nnx_decoder=false) load it; MaxText >= 0.2.5 "
+                "does not: convert again with --maxtext_layout nnx (or --inference_server maxtext) for it")
+    return (f"The {plan.quantize_type} checkpoint has MaxText 0.2.5's NNX AQT tree: MaxText >= 0.2.5 loads it "
+            "(quantization=... checkpoint_is_quantized=true scan_layers=false); JetStream-MaxText and MaxText <= 0.2.4 "
+            "do not: convert again with --maxtext_layout linen for them")
+
+
 def convert(options: ConvertOptions) -> ConvertResult:
     start = time.monotonic()
     started_ns = time.time_ns()
@@ -248,6 +263,14 @@ def convert(options: ConvertOptions) -> ConvertResult:
     LOG.info("Reading checkpoint index from %s", options.input_display)
     checkpoint = open_checkpoint(options)
     timer.lap("index")
+    if options.verify_md5:
+        from rayconv.source.hashing import verify_input
+
+        Location.parse(options.output).check_writable()  # fail fast, before a long md5 pass
+        read = set(checkpoint.shards)
+        verify_input(options.files, options.input_display,
+                     ["params.json", *(name for name, uri in options.files.items() if uri in read)])
+        timer.lap("md5")
     spec = checkpoint.spec
     LOG.info("Model %s: %d layers, dim %d, %d heads, %d kv heads (params.json says %d), ffn %d, vocab %d, "
              "%d shards, %s", spec.maxtext_name, spec.n_layers, spec.dim, spec.n_heads, spec.n_kv_heads,
@@ -276,7 +299,7 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
     LOG.info("Plan %s: %d units, %d pieces, largest piece %s, outputs %s", summary["fingerprint"], summary["units"],
              summary["pieces"], human_bytes(summary["largest_piece_bytes"]), ", ".join(plan.kinds))
 
-    layouts = output_layouts(out, plan.quantize_type)
+    layouts = output_layouts(out, plan.quantize_type, plan.tree)
     identities = source_identities(checkpoint)
     budgets = _budgets(options)
     fields = {"source": source_digest(identities), "piece_budget": budgets[0], "unit_budget": budgets[1],
@@ -339,7 +362,7 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
             stop_point("intent")
         calls, results = [], {}
         for kind in pending:
-            custom = {"scan_layers": kind == "scanned", "converter": "rayconv"} if kind != "int8" else {}
+            custom = layouts[kind].tree.custom_metadata(kind)
             kwargs = {"compression": options.compression, "custom_metadata": custom, "started_ns": started_ns}
             if kind not in to_build:  # only to be checked and recorded: no need for a committer
                 LOG.info("Found the %s checkpoint committed by an interrupted run; checking and recording it", kind)
@@ -375,6 +398,7 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
     if "int8" in outputs:
         LOG.info("Completed quantizing model %s with %s to %s", spec.maxtext_name, plan.quantize_type,
                  outputs["int8"])
+        LOG.info(compatibility_note(plan))
     return ConvertResult(
         outputs=outputs, plan=summary, seconds=time.monotonic() - start,
         bytes_read=sum(r.bytes_read for r in receipts), bytes_written=sum(r.bytes_written for r in receipts),

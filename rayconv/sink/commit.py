@@ -23,7 +23,6 @@ databases, which no step modifies.
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
 import json
 import os
@@ -33,13 +32,14 @@ from typing import Any, Iterable
 import numpy as np
 import tensorstore as ts
 
+from rayconv import trees
 from rayconv.plan import ArraySpec
 from rayconv.sink.layout import OutputLayout, array_spec, ocdbt_kvstore
 from rayconv.errors import OutputError
 from rayconv.storage import Location, output_errors, storage_reason
 
-PYTREE_HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
-_SINGLE_DEVICE = json.dumps({"sharding_type": "SingleDeviceSharding", "device_str": "cpu:0"})
+# Tree paths and Orbax's JSON depend on the MaxText layout: see rayconv.trees (OutputLayout.tree).
+PYTREE_HANDLER = trees.LEGACY_PYTREE_HANDLER  # kept for importers; the layouts name their handlers
 MARKER = "commit_success.txt"
 
 #: The steps of a commit, in order ("intent" and "ledger" are the driver's). For tests,
@@ -69,68 +69,9 @@ def stop_point(step: str, qualifier: str | None = None) -> None:
             time.sleep(0.05)
 
 
-def _key_metadata(path: tuple[str, ...], sequence_keys: Iterable[int] = ()) -> list[dict[str, Any]]:
-    sequence = set(sequence_keys)
-    return [{"key": part, "key_type": 1 if i in sequence else 2} for i, part in enumerate(path)]
-
-
-def _entry(path: tuple[str, ...], value: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    # Orbax keys tree_metadata by the repr of the key tuple; list indices ("scale", "0") are sequence keys.
-    seq = [i for i, part in enumerate(path) if part.isdigit() and i > 0 and path[i - 1] == "scale"]
-    return repr(path), {"key_metadata": _key_metadata(path, seq), "value_metadata": value}
-
-
-def _empty_kernel_paths(arrays: list[ArraySpec]) -> list[tuple[str, ...]]:
-    """int8: quantized kernels are replaced by empty dicts under params/params (MaxText's tree)."""
-    paths = []
-    for array in arrays:
-        if array.path[:2] == ("params", "aqt") and array.path[-1] == "qvalue":
-            module = array.path[2:-4]  # strip AqtDotGeneral_0/qrhs/frozen/qvalue
-            paths.append(("params", "params") + module + ("kernel",))
-    return paths
-
-
-def tree_metadata(kind: str, arrays: list[ArraySpec]) -> dict[str, Any]:
-    """``_METADATA`` as Orbax 0.12 writes it for MaxText's trees."""
-    entries: dict[str, Any] = {}
-    if kind != "int8":
-        entries.update([_entry(("step",), {"value_type": "scalar", "skip_deserialize": False})])
-    for array in arrays:
-        entries.update([_entry(array.path, {"value_type": "jax.Array", "skip_deserialize": False,
-                                            "write_shape": list(array.chunks)})])
-        if array.path[-1] == "qvalue":
-            frozen = array.path[:-1]
-            entries.update([
-                _entry(frozen + ("sparsity_mask",), {"value_type": "None", "skip_deserialize": True}),
-                _entry(frozen + ("scale_t",), {"value_type": "None", "skip_deserialize": True}),
-                _entry(frozen + ("bias",), {"value_type": "List", "skip_deserialize": True}),
-            ])
-    for path in _empty_kernel_paths(arrays):
-        entries.update([_entry(path, {"value_type": "Dict", "skip_deserialize": True})])
-    if kind != "int8":
-        entries.update([_entry(("opt_state",), {"value_type": "Dict", "skip_deserialize": True})])
-    return {
-        "tree_metadata": entries,
-        "use_ocdbt": True,
-        "use_zarr3": True,
-        "store_array_data_equal_to_fill_value": True,
-        "custom_metadata": None,
-    }
-
-
-def _sharding_file(arrays: list[ArraySpec]) -> dict[str, str]:
-    return {base64.urlsafe_b64encode(a.param_name.encode()).decode(): _SINGLE_DEVICE for a in arrays}
-
-
-def _array_metadatas(arrays: list[ArraySpec]) -> dict[str, Any]:
-    return {"array_metadatas": [
-        {"array_metadata": {"param_name": a.param_name, "write_shape": list(a.chunks), "chunk_shape": list(a.chunks),
-                            "ext_metadata": None}} for a in arrays]}
-
-
-def _checkpoint_metadata(item_handlers: Any, custom: dict[str, Any], started_ns: int) -> dict[str, Any]:
-    return {"item_handlers": item_handlers, "metrics": {}, "performance_metrics": {},
-            "init_timestamp_nsecs": started_ns, "commit_timestamp_nsecs": time.time_ns(), "custom_metadata": custom}
+def tree_metadata(kind: str, arrays: list[ArraySpec], tree: trees.TreeLayout = trees.LINEN) -> dict[str, Any]:
+    """``_METADATA`` as Orbax 0.12 writes it for MaxText's trees (see :meth:`rayconv.trees.TreeLayout.tree_metadata`)."""
+    return tree.tree_metadata(kind, arrays)
 
 
 def merge_databases(item: Location, arrays: list[ArraySpec], dbs: Iterable[str], *, with_step: bool,
@@ -201,7 +142,7 @@ def check_committed(layout: OutputLayout, arrays: list[ArraySpec]) -> Location:
         stored = json.loads(item.read_bytes("_METADATA") or b"null")
     except ValueError:
         stored = None
-    expected = json.loads(json.dumps(tree_metadata(layout.kind, arrays)))
+    expected = json.loads(json.dumps(layout.tree.tree_metadata(layout.kind, arrays)))
     if stored != expected:
         raise OutputError(f"{item.uri} carries {MARKER} but its _METADATA is not the tree this conversion writes "
                           "(another model or rayconv version?); rerun with --restart to replace it")
@@ -223,34 +164,37 @@ def _write_markers(layout: OutputLayout, *, item_done: bool = False) -> None:
 
 
 def _build(layout: OutputLayout, arrays: list[ArraySpec], dbs: list[str], *, compression: str | None,
-           custom_metadata: dict[str, Any], started_ns: int) -> None:
+           custom_metadata: dict[str, Any] | None, started_ns: int) -> None:
     """Steps 1-3 into the staging location (which is the final one on GCS)."""
     item = layout.item(staging=True)
     kind = layout.kind
+    tree = layout.tree
     with output_errors(item):
         missing = missing_databases(item, dbs)
         if missing:
             raise OutputError(f"{item.uri}/ocdbt.process_{missing[0]} is missing ({len(missing)} of the units' "
                               "databases are): rerun to redo those units")
-        merge_databases(item, arrays, dbs, with_step=layout.has_step, compression=compression)
+        merge_databases(item, arrays, dbs, with_step=layout.step_leaf, compression=compression)
     stop_point("merge", kind)
-    item.write_bytes("_METADATA", json.dumps(tree_metadata(kind, arrays)).encode())
-    item.write_bytes("_sharding", json.dumps(_sharding_file(arrays)).encode())
-    item.write_bytes("array_metadatas/process_0", json.dumps(_array_metadatas(arrays)).encode())
+    item.write_bytes("_METADATA", json.dumps(tree.tree_metadata(kind, arrays)).encode())
+    item.write_bytes("_sharding", json.dumps(tree.sharding_file(arrays)).encode())
+    item.write_bytes("array_metadatas/process_0", json.dumps(tree.array_metadatas(arrays)).encode())
     if layout.has_step:
         layout.staging_root.write_bytes("_CHECKPOINT_METADATA", json.dumps(
-            _checkpoint_metadata({"items": PYTREE_HANDLER}, custom_metadata, started_ns)).encode())
+            tree.checkpoint_metadata(kind, True, custom_metadata, started_ns)).encode())
     else:
         item.write_bytes("_CHECKPOINT_METADATA", json.dumps(
-            _checkpoint_metadata(PYTREE_HANDLER, custom_metadata, started_ns)).encode())
+            tree.checkpoint_metadata(kind, False, custom_metadata, started_ns)).encode())
     stop_point("metadata", kind)
     _write_markers(layout)
 
 
 def commit_output(layout: OutputLayout, arrays: list[ArraySpec], dbs: list[str], *, compression: str | None,
-                  custom_metadata: dict[str, Any], started_ns: int) -> Location:
+                  custom_metadata: dict[str, Any] | None, started_ns: int) -> Location:
     """Steps 1-4 for one output, resumed from whatever state storage shows; returns the final item
-    location (what MaxText loads). Never deletes or rewrites an output that carries its last marker."""
+    location (what MaxText loads). Never deletes or rewrites an output that carries its last marker.
+
+    ``custom_metadata`` None: what the layout's MaxText writer records (``layout.tree``)."""
     if is_complete(layout, staging=False):
         return check_committed(layout, arrays)
     kwargs = {"compression": compression, "custom_metadata": custom_metadata, "started_ns": started_ns}

@@ -26,14 +26,14 @@ IGNORED_KEYS = frozenset({"rope.freqs"})
 
 
 def list_input(input_directory: str) -> dict[str, str]:
-    """{file name: uri} of a local directory or gs:// prefix (non-recursive)."""
+    """{file name: uri} of the files directly in a local directory or gs:// prefix (non-recursive)."""
     location = Location.parse(input_directory)
     if location.is_local:
         import os
 
         if not os.path.isdir(location.path):
             raise SourceError(f"input directory {location.path} does not exist")
-        names = os.listdir(location.path)
+        names = [n for n in os.listdir(location.path) if os.path.isfile(os.path.join(location.path, n))]
     else:
         names = [k for k in location.list_keys() if "/" not in k]
         if not names:
@@ -42,18 +42,28 @@ def list_input(input_directory: str) -> dict[str, str]:
 
 
 def shard_files(files: Mapping[str, str], expected: int | None, display: str) -> list[str]:
-    """Shard uris in index order; every index from 00 to N-1 must be present."""
+    """Shard uris in index order; every index from 00 to N-1 must be present, each under one name.
+
+    ``consolidated.1.pth`` next to ``consolidated.01.pth`` names shard 1 twice: which one is the
+    right copy is the user's call, so both are refused rather than one picked.
+    """
     found: dict[int, str] = {}
-    for name, uri in files.items():
+    names: dict[int, str] = {}
+    for name, uri in sorted(files.items()):
         match = SHARD_NAME.match(name)
-        if match:
-            found[int(match.group(1))] = uri
+        if not match:
+            continue
+        index = int(match.group(1))
+        if index in names:
+            raise SourceError(f"{names[index]} and {name} in {display} are both shard {index:02d}; "
+                              f"remove the one that is not Meta's consolidated.{index:02d}.pth")
+        found[index], names[index] = uri, name
     if not found:
         raise SourceError(f"no consolidated.NN.pth shards in {display}")
     count = expected if expected is not None else max(found) + 1
-    missing = [i for i in range(count) if i not in found]
-    if missing:
-        raise SourceError(f"missing shard consolidated.{missing[0]:02d}.pth in {display} "
+    missing = next((i for i in range(count) if i not in found), None)  # lazy: an index can be absurd
+    if missing is not None:
+        raise SourceError(f"missing shard consolidated.{missing:02d}.pth in {display} "
                           f"(expected {count} shards, found {len(found)})")
     extra = sorted(i for i in found if i >= count)
     if extra:
