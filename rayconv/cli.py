@@ -176,93 +176,166 @@ def main() -> None:
     """Convert Meta Llama checkpoints to MaxText (bf16 scanned/unscanned, int8) with Ray."""
 
 
-@main.command()
-@input_options
-@_option("--bucket_name", default=None, help="GCS bucket; output defaults to gs://<bucket>/<model>.")
-@_option("--output_directory", default=None, help=f"Output root (local or gs://). Default ./{DEFAULT_OUTPUT}.")
-@_option("--inference_server", default="jetstream-maxtext", show_default=True,
-         help="Target server: jetstream-maxtext (classic trees) or maxtext (MaxText >= 0.2.5, NNX trees).")
-@_option("--maxtext_layout", type=click.Choice(["linen", "nnx"]), default=None, help=MAXTEXT_LAYOUT_HELP)
-@_option("--quantize_type", default=None, help="int8 (AQT weights + dynamic activations), int8w or int4w.")
-@_option("--quantize_weights", type=click.BOOL, default=None, help="True to also write <out>/int8.")
-@_option("--skip_scanned", is_flag=True, help="Only the unscanned (serving) bf16 checkpoint, not the scanned one.")
-@_option("--restart", is_flag=True, help="Discard a partial or earlier output at the destination and start over.")
-@_option("--compression", type=click.Choice(["none", "zstd"]), default="none", show_default=True,
-         help="zarr codec for the arrays (weights compress little).")
-@_option("--skip_md5", is_flag=True,
-         help="Do not check the input files against the checklist.chk next to them (one extra read of each file; "
-              "every tensor's CRC-32 is checked either way).")
-@engine_options
-@_option("--no_progress", is_flag=True, help="No progress bar / status lines.")
-@click.option("--verbose", "-v", is_flag=True)
-def convert(model_name, model_path, input_directory, meta_url, download_directory, synthetic, num_kv_heads,
-            bucket_name, output_directory, inference_server, maxtext_layout, quantize_type, quantize_weights,
-            skip_scanned, restart, compression, skip_md5, executor, address, num_workers, worker_memory_gb, no_progress,
-            verbose) -> None:
-    """Convert a Meta checkpoint into MaxText checkpoints under the output directory."""
-    setup_logging(verbose)
-    try:
-        if inference_server not in INFERENCE_SERVERS and inference_server not in SERVER_LAYOUTS:
-            raise SpecError(f"unsupported --inference_server {inference_server!r} (supported: "
-                            f"{', '.join(sorted(set(INFERENCE_SERVERS) | set(SERVER_LAYOUTS)))})")
-        maxtext_layout = maxtext_layout or SERVER_LAYOUTS.get(inference_server, "linen")
-        kinds, quantize_type = _kinds(quantize_type, quantize_weights, skip_scanned)
-        from rayconv import trees
+def output_options(fn: Callable) -> Callable:
+    for decorator in reversed([
+        _option("--bucket_name", default=None, help="GCS bucket; output defaults to gs://<bucket>/<model>."),
+        _option("--output_directory", default=None, help=f"Output root (local or gs://). Default ./{DEFAULT_OUTPUT}."),
+        _option("--inference_server", default="jetstream-maxtext", show_default=True,
+                help="Target server: jetstream-maxtext (classic trees) or maxtext (MaxText >= 0.2.5, NNX trees)."),
+        _option("--maxtext_layout", type=click.Choice(["linen", "nnx"]), default=None, help=MAXTEXT_LAYOUT_HELP),
+        _option("--quantize_type", default=None, help="int8 (AQT weights + dynamic activations), int8w or int4w."),
+        _option("--quantize_weights", type=click.BOOL, default=None, help="True to also write <out>/int8."),
+        _option("--skip_scanned", is_flag=True, help="Only the unscanned (serving) bf16 checkpoint, not the scanned one."),
+        _option("--restart", is_flag=True, help="Discard a partial or earlier output at the destination and start over."),
+        _option("--compression", type=click.Choice(["none", "zstd"]), default="none", show_default=True,
+                help="zarr codec for the arrays (weights compress little)."),
+        _option("--skip_md5", is_flag=True,
+                help="Do not check the input files against the checklist.chk next to them (one extra read of each "
+                     "file; every tensor's CRC-32 is checked either way)."),
+    ]):
+        fn = decorator(fn)
+    return fn
 
-        trees.get(maxtext_layout).check_quantize_type(quantize_type)  # before any download or write
+
+def convert_options(fn: Callable) -> Callable:
+    """Every flag of ``convert``. ``plan`` takes them all too, so the same command line plans what it converts."""
+    for decorator in reversed([
+        input_options, output_options, engine_options,
+        _option("--no_progress", is_flag=True, help="No progress bar / status lines."),
+        click.option("--verbose", "-v", is_flag=True),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+def _build_options(flags: dict[str, Any], *, for_plan: bool = False, simulate: bool = False) -> Any:
+    """ConvertOptions from convert's flags. ``for_plan``: nothing is downloaded or checked (the shard indexes are
+    read where the files are, from the signed URL if that is where they are); ``simulate``: no input at all."""
+    from rayconv import trees
+    from rayconv.engine.driver import ConvertOptions
+
+    inference_server = flags["inference_server"]
+    if inference_server not in INFERENCE_SERVERS and inference_server not in SERVER_LAYOUTS:
+        raise SpecError(f"unsupported --inference_server {inference_server!r} (supported: "
+                        f"{', '.join(sorted(set(INFERENCE_SERVERS) | set(SERVER_LAYOUTS)))})")
+    maxtext_layout = flags["maxtext_layout"] or SERVER_LAYOUTS.get(inference_server, "linen")
+    kinds, quantize_type = _kinds(flags["quantize_type"], flags["quantize_weights"], flags["skip_scanned"])
+    trees.get(maxtext_layout).check_quantize_type(quantize_type)  # before any download or write
+    meta_url, bucket_name = flags["meta_url"], flags["bucket_name"]
+    download_directory = None if for_plan else flags["download_directory"]
+    if simulate:
+        files, display, model_name, model_path, kv = {}, flags["model_path"], flags["model_name"], flags["model_path"], None
+    else:
         files, display, model_name, model_path, kv = _resolve_input(
-            model_name, model_path, input_directory, meta_url, download_directory, synthetic, bucket_name)
-        from rayconv.engine.driver import ConvertOptions, convert as run
+            flags["model_name"], flags["model_path"], flags["input_directory"], meta_url, download_directory,
+            flags["synthetic"], None if for_plan else bucket_name)
+    verify_md5 = False if for_plan else _md5_policy(flags["skip_md5"], meta_url, download_directory or bucket_name)
+    compression = flags["compression"]
+    return ConvertOptions(
+        files=files, input_display=display,
+        output=_default_output(flags["output_directory"], bucket_name, model_path, model_name),
+        model_name=model_name, model_path=model_path, kinds=kinds, quantize_type=quantize_type,
+        worker_memory_gb=flags["worker_memory_gb"], executor=flags["executor"], address=flags["address"],
+        num_workers=flags["num_workers"], restart=flags["restart"],
+        compression=None if compression == "none" else compression, kv_heads=flags["num_kv_heads"] or kv,
+        progress=not flags["no_progress"], maxtext_layout=maxtext_layout, verify_md5=verify_md5)
 
-        verify_md5 = _md5_policy(skip_md5, meta_url, download_directory or bucket_name)
 
-        options = ConvertOptions(
-            files=files, input_display=display,
-            output=_default_output(output_directory, bucket_name, model_path, model_name),
-            model_name=model_name, model_path=model_path, kinds=kinds, quantize_type=quantize_type,
-            worker_memory_gb=worker_memory_gb, executor=executor, address=address, num_workers=num_workers,
-            restart=restart, compression=None if compression == "none" else compression,
-            kv_heads=num_kv_heads or kv, progress=not no_progress, maxtext_layout=maxtext_layout,
-            verify_md5=verify_md5)
-        result = run(options)
+@main.command()
+@convert_options
+def convert(**flags: Any) -> None:
+    """Convert a Meta checkpoint into MaxText checkpoints under the output directory."""
+    setup_logging(flags["verbose"])
+    try:
+        from rayconv.engine.driver import convert as run
+
+        result = run(_build_options(flags))
     except ConversionError as exc:
         _fail(exc)
         return
-    LOG.info("Done in %.1f s: read %s, wrote %s, %d units (%d resumed), %d workers, worker peak RSS %s",
-             result.seconds, human_bytes(result.bytes_read), human_bytes(result.bytes_written), result.units_run,
-             result.units_skipped, result.workers, human_bytes(result.worker_peak_rss))
+    rate = f", per-worker rate {result.bytes_read / result.unit_seconds / 1e6:.1f} MB/s" if result.unit_seconds else ""
+    LOG.info("Done in %.1f s (%s): read %s, wrote %s, %d units (%d resumed), %d workers, worker peak RSS %s%s",
+             result.seconds, _phases(result.phases), human_bytes(result.bytes_read), human_bytes(result.bytes_written),
+             result.units_run, result.units_skipped, result.workers, human_bytes(result.worker_peak_rss), rate)
     for kind, path in result.outputs.items():
         click.echo(f"{kind}: {path}")
 
 
+def _phases(seconds: dict[str, float]) -> str:
+    from rayconv.engine.driver import PHASES
+
+    names = [p for p in PHASES if p in seconds] + [p for p in seconds if p not in PHASES]
+    return ", ".join(f"{p} {seconds[p]:.1f} s" for p in names)
+
+
+def plan_options(fn: Callable) -> Callable:
+    """The flags only `plan` has: what to print, and the rates of the wall-time model (rayconv.engine.planning)."""
+    from rayconv.engine.planning import Environment
+
+    env = Environment()
+    for decorator in reversed([
+        _option("--simulate", is_flag=True,
+                help="Plan from --model_path's published dimensions without reading any file (e.g. 405B)."),
+        click.option("--json", "json_output", is_flag=True, help="Print the report as JSON (for machines)."),
+        _option("--throughput_mb_s", type=float, default=env.worker_mb_s, show_default=True,
+                help="Per-worker conversion rate, input MB/s (measured at the 405B's real widths; docs/benchmarks.md)."),
+        click.option("--source", "source_kind", type=click.Choice(["gcs", "meta", "local"]), default=None,
+                help="Where the shards are read from, for the estimate (default: from the input; gcs with --simulate)."),
+        _option("--workers_per_vm", type=int, default=env.workers_per_vm, show_default=True,
+                help="Workers sharing one VM's network."),
+        _option("--vm_gbps", type=float, default=env.vm_gbps, show_default=True,
+                help="Network bandwidth of one VM, each direction, Gbit/s."),
+        _option("--gcs_read_gbps", type=float, default=env.gcs_read_gbps, show_default=True,
+                help="Cloud Storage read bandwidth quota of the bucket's region, Gbit/s."),
+        _option("--gcs_writes_per_s", type=float, default=env.gcs_writes_per_s, show_default=True,
+                help="Object writes per second the output bucket accepts."),
+        _option("--meta_mb_s", type=float, default=env.meta_mb_s, show_default=True,
+                help="Rate of one connection to Meta's signed URL, MB/s."),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+def _source_kind(options: Any, simulate: bool) -> str:
+    if simulate:
+        return "gcs"
+    uris = list(options.files.values())
+    if any(u.startswith(("http://", "https://")) for u in uris):
+        return "meta"
+    return "gcs" if any(u.startswith("gs://") for u in uris) else "local"
+
+
 @main.command()
-@input_options
-@_option("--quantize_type", default=None)
-@_option("--worker_memory_gb", type=float, default=4.0, show_default=True)
-@_option("--simulate", is_flag=True,
-         help="Plan from --model_path's published dimensions without reading any file (e.g. 405B).")
-@_option("--throughput_mb_s", type=float, default=None,
-         help="Measured per-worker throughput for the wall-time estimate (default: from docs/benchmarks.md).")
-def plan(model_name, model_path, input_directory, meta_url, download_directory, synthetic, num_kv_heads,
-         quantize_type, worker_memory_gb, simulate, throughput_mb_s) -> None:
-    """Print the plan `convert` would execute, and estimates for 8/16/32 workers."""
-    setup_logging()
+@convert_options
+@plan_options
+def plan(simulate: bool, json_output: bool, throughput_mb_s: float, source_kind: str | None, workers_per_vm: int,
+         vm_gbps: float, gcs_read_gbps: float, gcs_writes_per_s: float, meta_mb_s: float, **flags: Any) -> None:
+    """Print the plan `convert` would execute with the same flags, and wall-time estimates for 8/16/32 workers."""
+    setup_logging(flags["verbose"])
     from rayconv.engine import planning
 
     try:
-        kinds, quantize_type = _kinds(quantize_type, bool(quantize_type) or None, False)
-        if simulate:
-            report = planning.simulate(model_name, model_path, kinds, quantize_type, worker_memory_gb,
-                                       throughput_mb_s)
-        else:
-            files, display, model_name, model_path, kv = _resolve_input(
-                model_name, model_path, input_directory, meta_url, None, synthetic, None)
-            report = planning.report_for_files(files, display, model_name, model_path, num_kv_heads or kv, kinds,
-                                               quantize_type, worker_memory_gb, throughput_mb_s)
+        rates = {"--throughput_mb_s": throughput_mb_s, "--workers_per_vm": workers_per_vm, "--vm_gbps": vm_gbps,
+                 "--gcs_read_gbps": gcs_read_gbps, "--gcs_writes_per_s": gcs_writes_per_s, "--meta_mb_s": meta_mb_s}
+        for name, value in rates.items():
+            if not 0 < value < float("inf"):
+                raise ConversionError(f"{name} must be a positive number, got {value}")
+        if simulate and not flags["model_path"]:
+            raise SpecError("--simulate needs --model_path (e.g. Llama3.1-405B-Instruct:bf16-mp16)")
+        options = _build_options(flags, for_plan=True, simulate=simulate)
+        env = planning.Environment(worker_mb_s=throughput_mb_s, workers_per_vm=workers_per_vm, vm_gbps=vm_gbps,
+                                   gcs_read_gbps=gcs_read_gbps, gcs_writes_per_s=gcs_writes_per_s, meta_mb_s=meta_mb_s,
+                                   source=source_kind or _source_kind(options, simulate))
+        report = planning.simulate(options, env) if simulate else planning.report_for_files(options, env)
     except ConversionError as exc:
         _fail(exc)
         return
-    click.echo(json.dumps(report, indent=2))
+    if json_output:
+        click.echo(json.dumps(report, indent=2))
+        return
+    from rich.console import Console
+
+    Console(soft_wrap=False).print(planning.render(report))
 
 
 @main.command()

@@ -228,7 +228,7 @@ def test_verify_names_the_first_differing_leaf(tmp_path, single_process):
 
 def test_plan_prints_the_plan_convert_ran(single_process):
     """`rayconv plan` and `rayconv convert` build the plan with the same code: same fingerprint."""
-    result = subprocess.run([sys.executable, "-m", "rayconv.cli", "plan", "--input_directory",
+    result = subprocess.run([sys.executable, "-m", "rayconv.cli", "plan", "--json", "--input_directory",
                              str(synthetic_checkpoint(MODEL)), "--model_path", DESCRIPTOR, "--quantize_type", "int8"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -237,7 +237,7 @@ def test_plan_prints_the_plan_convert_ran(single_process):
     assert report["plan"]["fingerprint"] == ran["fingerprint"]
     assert [e["workers"] for e in report["estimates"]] == [8, 16, 32]
 
-    simulated = subprocess.run([sys.executable, "-m", "rayconv.cli", "plan", "--simulate", "--model_path",
+    simulated = subprocess.run([sys.executable, "-m", "rayconv.cli", "plan", "--json", "--simulate", "--model_path",
                                 "Llama3.1-405B-Instruct:bf16-mp16", "--quantize_type", "int8"],
                                capture_output=True, text=True, timeout=300)
     assert simulated.returncode == 0, simulated.stderr[-2000:]

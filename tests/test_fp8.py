@@ -258,7 +258,7 @@ def test_simulated_405b_fp8_plan_reads_40_percent_less():
     import sys
 
     def simulate(model_path: str) -> dict:
-        result = subprocess.run([sys.executable, "-m", "rayconv.cli", "plan", "--simulate", "--model_path", model_path,
+        result = subprocess.run([sys.executable, "-m", "rayconv.cli", "plan", "--json", "--simulate", "--model_path", model_path,
                                  "--quantize_type", "int8"], capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
         return json.loads(result.stdout)

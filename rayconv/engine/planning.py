@@ -266,7 +266,7 @@ def render(report_: dict[str, Any]) -> Any:
     head.add_column(style="bold")
     head.add_column()
     rows = [
-        ("source", f"{plan['shards']} shards" + (" (Meta FP8 SKU)" if report_.get("source_sku") == "fp8" else "")),
+        ("input", f"{plan['shards']} shards" + (" (Meta FP8 SKU)" if report_.get("source_sku") == "fp8" else "")),
         ("outputs", ", ".join(plan["outputs"])),
         ("units / pieces", f"{plan['units']:,} / {plan['pieces']:,}"),
         ("bytes read", f"{human_bytes(report_['bytes_read'])} (once, for all outputs)"),

@@ -1,0 +1,123 @@
+"""`rayconv plan`: the same command line as `convert`, the plan convert runs, and the estimate's model.
+
+No Ray here: `convert` runs with ``--executor local`` on a tiny checkpoint; the 405B is simulated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import synthetic_checkpoint
+from rayconv.synthetic import SyntheticModel
+
+TINY = SyntheticModel(family="llama-3.1", dim=256, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=512,
+                      multiple_of=64, ffn_dim_multiplier=1.3, n_shards=2, seed=16)
+BF16_405B = "Llama3.1-405B-Instruct:bf16-mp16"
+
+
+def rayconv(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rayconv.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_plan_takes_every_flag_convert_takes():
+    """Shared option decorators: a flag added to convert is a flag of plan, with the same spellings."""
+    from rayconv.cli import convert, plan
+
+    plan_opts = {p.name: set(p.opts) for p in plan.params}
+    for param in convert.params:
+        assert param.name in plan_opts, f"rayconv plan lacks convert's --{param.name}"
+        assert set(param.opts) <= plan_opts[param.name]
+
+
+def test_plan_with_convert_command_line_plans_what_convert_runs(tmp_path):
+    src = synthetic_checkpoint(TINY)
+    out = tmp_path / "out"
+    line = ["--input_directory", str(src), "--output_directory", str(out), "--model_name", "llama-3.1",
+            "--quantize_type", "int8", "--quantize_weights", "True", "--worker_memory_gb", "0.5", "--executor",
+            "local", "--num_workers", "3", "--compression", "zstd", "--restart", "--no_progress"]
+    planned = rayconv("plan", "--json", *line)
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    report = json.loads(planned.stdout)
+    converted = rayconv("convert", *line)
+    assert converted.returncode == 0, converted.stderr[-2000:]
+    ran = json.loads((out / ".rayconv/plan.json").read_text())
+    assert report["plan"]["fingerprint"] == ran["fingerprint"]
+    assert report["plan"]["outputs"] == ["scanned", "unscanned", "int8"]
+    assert [e["workers"] for e in report["estimates"]] == [3, 8, 16, 32]  # --num_workers joins the table
+    assert report["environment"]["source"] == "local"
+    assert set(report["outputs"]) == {"scanned", "unscanned", "int8"}
+    assert report["bytes_written"] == sum(o["bytes"] for o in report["outputs"].values())
+    # The closing line of convert reports each phase.
+    done = next(line for line in converted.stderr.splitlines() if "Done in" in line)
+    for phase in ("index", "plan", "ray start", "convert", "verify", "commit", "shutdown"):
+        assert f"{phase} " in done, done
+
+
+def test_plan_prints_a_table_by_default():
+    result = rayconv("plan", "--simulate", "--model_path", BF16_405B, "--quantize_type", "int8", "--num_workers", "12")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for needle in ("units / pieces", "914 / 9,105", "memory per worker", "smallest worker", "estimated wall time",
+                   "bottleneck", "the tutorial reports 9–10 hours", "unscanned"):
+        assert needle in result.stdout, (needle, result.stdout)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(result.stdout)
+
+
+def test_plan_refuses_rates_that_are_not_positive():
+    for flag in ("--vm_gbps", "--throughput_mb_s", "--meta_mb_s"):
+        result = rayconv("plan", "--simulate", "--model_path", BF16_405B, flag, "0")
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines() == [f"rayconv: error: {flag} must be a positive number, got 0.0"]
+
+
+def _simulated(model_path: str, gb: float):
+    from rayconv.engine import planning
+    from rayconv.engine.driver import ConvertOptions, make_plan
+
+    options = ConvertOptions(files={}, input_display="", output="", model_path=model_path, worker_memory_gb=gb,
+                             kinds=("scanned", "unscanned", "int8"), quantize_type="int8")
+    checkpoint = planning.simulated_checkpoint(None, model_path)
+    return checkpoint, make_plan(checkpoint, options), options
+
+
+def test_smallest_worker_budget_is_the_planners_boundary():
+    """At the reported budget the planner's largest piece fits a worker; one step below it does not."""
+    from rayconv.engine import planning
+    from rayconv.engine.driver import piece_budget
+
+    model_path = "Llama3.1-8B-Instruct"
+    checkpoint, _, _ = _simulated(model_path, 4.0)
+    smallest = planning.smallest_worker_memory_gb(checkpoint.spec)
+    for gb in (4.0, 1.0, smallest, smallest - 0.01):
+        _, plan, options = _simulated(model_path, gb)
+        largest = planning.largest_piece(plan)
+        assert largest == planning.largest_piece_for(checkpoint.spec, piece_budget(options))
+        fits = planning.worker_memory_bytes(largest) <= gb * planning.GiB
+        assert fits == (gb >= smallest), (gb, largest)
+
+
+def test_estimate_names_the_bottleneck():
+    from rayconv.engine import planning
+
+    _, plan, _ = _simulated(BF16_405B, 4.0)
+    written = sum(o["bytes"] for o in planning.output_bytes(plan).values())
+    env = planning.Environment(worker_mb_s=100.0)
+    compute = planning.estimate(plan, written, 16, env)
+    assert compute["bottleneck"] == "compute"
+    largest_unit = max(u.read_bytes for u in plan.units)
+    assert compute["compute_seconds"] == pytest.approx((plan.input_bytes / 16 + largest_unit) / 100e6, abs=0.1)
+    assert compute["estimated_seconds"] == pytest.approx(compute["compute_seconds"] + compute["fixed_seconds"], abs=0.2)
+
+    slow_url = planning.estimate(plan, written, 16, dataclasses.replace(env, source="meta", meta_mb_s=1.0))
+    assert slow_url["bottleneck"] == "read"
+    assert slow_url["read_seconds"] == pytest.approx(plan.input_bytes / (16 * 8 * 1e6), abs=0.1)
+
+    thin_network = planning.estimate(plan, written, 16, dataclasses.replace(env, vm_gbps=1.0))
+    assert thin_network["bottleneck"] == "write" and thin_network["vms"] == 2
+    assert thin_network["write_seconds"] == pytest.approx(written / (2 * 1e9 / 8), abs=0.1)
