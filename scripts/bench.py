@@ -288,6 +288,8 @@ def table(results: dict) -> str:
     ]
     for r in results["runs"]:
         phases = ", ".join(f"{k} {v:.1f}" for k, v in r.get("phases", {}).items())
+        if r.get("phases"):  # before the driver's clock starts (imports) and after the closing line (exit)
+            phases += f"; outside them {r['seconds'] - sum(r['phases'].values()):.1f}"
         if r.get("worker_mb_s"):
             phases += f"; {r['worker_mb_s']:.0f} MB/s per worker"
         if r.get("failed"):
