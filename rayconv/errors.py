@@ -5,6 +5,11 @@ Every problem a user can cause (bad input, bad flags, unwritable output) is rais
 exactly that line and exits non-zero; anything else is a bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
+import errno
+import sys
+
 
 class ConversionError(Exception):
     """A one-line, user-actionable failure."""
@@ -23,3 +28,45 @@ class SpecError(ConversionError):
 
 class OutputError(ConversionError):
     """The output location cannot be written or is in an unexpected state."""
+
+
+#: OS errors that come from the user's environment (disks, permissions, paths, network), not from a bug.
+_ENVIRONMENT_ERRNOS = frozenset({
+    errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EISDIR,
+    errno.EEXIST, errno.ENOTEMPTY, errno.EIO, errno.ENAMETOOLONG, errno.EMFILE, errno.ENFILE, errno.EXDEV,
+    errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT,
+})
+
+
+def _ray_cause(exc: BaseException) -> BaseException | None:
+    """The exception a Ray task or actor raised remotely, if ``exc`` is Ray's wrapper for one.
+
+    Ray re-raises a remote failure as a class deriving from both ``RayTaskError`` and the cause's class,
+    whose message is the remote traceback: it must be unwrapped before its message is shown.
+    """
+    ray_exceptions = sys.modules.get("ray.exceptions")  # no Ray imported: no Ray wrapper to unwrap
+    if ray_exceptions is not None and isinstance(exc, ray_exceptions.RayTaskError):
+        return getattr(exc, "cause", None)
+    return None
+
+
+def user_error(exc: BaseException) -> ConversionError | None:
+    """The one-line, user-facing error that ``exc`` is or wraps, or None when ``exc`` is a bug.
+
+    The single place that unwraps: Ray task wrappers (from ``ray.get`` in either executor path), and OS
+    errors from storage (a full disk, a read-only or missing path) that escaped as themselves.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        cause = _ray_cause(exc)
+        if cause is not None:
+            exc = cause
+            continue
+        if isinstance(exc, ConversionError):
+            return exc
+        if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS:
+            where = f": {exc.filename}" if exc.filename else ""
+            return ConversionError(f"{exc.strerror or exc}{where}")
+        return None
+    return None

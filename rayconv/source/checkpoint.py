@@ -23,6 +23,8 @@ from rayconv.storage import Location
 SHARD_NAME = re.compile(r"^consolidated\.(\d+)\.pth$")
 #: Keys some Meta releases carry that MaxText does not use (llama-2's precomputed rope table).
 IGNORED_KEYS = frozenset({"rope.freqs"})
+#: params.json is a few hundred bytes; anything this large is not one (and is not read into memory).
+MAX_PARAMS_BYTES = 1 << 20
 
 
 def list_input(input_directory: str) -> dict[str, str]:
@@ -79,7 +81,10 @@ class MetaCheckpoint:
         if "params.json" not in files:
             raise SourceError(f"params.json is missing from {display}")
         params_source = open_source(files["params.json"])
-        params = load_params(params_source.read(0, params_source.size()).decode("utf-8", "replace"),
+        params_size = params_source.size()
+        if params_size > MAX_PARAMS_BYTES:
+            raise SourceError(f"{display}/params.json is {params_size} bytes: not a Meta params.json")
+        params = load_params(params_source.read(0, params_size).decode("utf-8", "replace"),
                              f"{display}/params.json")
         shards = shard_files(files, descriptor.shards if descriptor else None, display)
 
@@ -104,11 +109,23 @@ class MetaCheckpoint:
     def check_shapes(self) -> None:
         """Every shard must hold exactly the expected tensors, as bf16, with the expected shapes."""
         spec = self.spec
-        expected: dict[str, tuple[int, ...]] = {}
-        for rule in mapping.rules(spec):
-            layers = range(spec.n_layers) if rule.per_layer else (None,)
-            for layer in layers:
-                expected[rule.key(layer)] = mapping.shard_shape(rule, spec)
+        rules = mapping.rules(spec)
+
+        def keys():
+            for rule in rules:
+                for layer in (range(spec.n_layers) if rule.per_layer else (None,)):
+                    yield rule, layer
+
+        # Bound what is built below by what the shards hold, so params.json cannot make it grow: when it names
+        # more tensors than a shard has, one of the first len(index) + 1 names is missing, found lazily.
+        count = sum(spec.n_layers if rule.per_layer else 1 for rule in rules)
+        for uri, index in zip(self.shards, self.indexes):
+            if count > len(set(index) - IGNORED_KEYS):
+                missing = next(rule.key(layer) for rule, layer in keys() if rule.key(layer) not in index)
+                raise SourceError(f"{_display_name(uri)} has no tensor {missing} (params.json says "
+                                  f"{spec.n_layers} layers)")
+        expected: dict[str, tuple[int, ...]] = {rule.key(layer): mapping.shard_shape(rule, spec)
+                                                for rule, layer in keys()}
         for shard, (uri, index) in enumerate(zip(self.shards, self.indexes)):
             name = _display_name(uri)
             for key, shape in expected.items():
