@@ -51,12 +51,35 @@ def _present_kinds(out: Location) -> tuple[dict[str, Location], str | None]:
     return found, quantize_type
 
 
+def _stored_tree(kind: str, item: Location) -> dict:
+    """``tree_metadata`` of ``item/_METADATA``; a damaged or foreign file is reported, not parsed blindly."""
+    raw = item.read_bytes("_METADATA")
+    if raw is None:
+        raise VerificationError(f"{item.uri} has no _METADATA: the {kind} checkpoint is incomplete")
+    try:
+        tree = json.loads(raw.decode("utf-8")).get("tree_metadata")
+    except (UnicodeDecodeError, ValueError, AttributeError):
+        tree = None
+    if not isinstance(tree, dict):
+        raise VerificationError(f"{item.uri}/_METADATA is damaged (not Orbax tree metadata JSON): the {kind} "
+                                "checkpoint cannot be trusted")
+    return tree
+
+
+def _store_error(kind: str, item: Location, path: tuple[str, ...], exc: Exception) -> VerificationError:
+    """A tensorstore failure on a stored leaf (missing or truncated file, damaged manifest) as one line."""
+    reason = str(exc).split("\n", 1)[0]
+    reason = reason if len(reason) <= 300 else reason[:297] + "..."
+    return VerificationError(f"{kind} leaf {'/'.join(path)} under {item.uri} cannot be read (the checkpoint is "
+                             f"damaged): {reason}")
+
+
 def _check_tree(kind: str, item: Location, arrays: list[ArraySpec]) -> None:
     from rayconv.sink.commit import tree_metadata
 
     if item.read_bytes("commit_success.txt") is None:
         raise VerificationError(f"{item.uri} has no commit_success.txt: the {kind} checkpoint is incomplete")
-    stored = json.loads(item.read_bytes("_METADATA") or b"{}").get("tree_metadata", {})
+    stored = _stored_tree(kind, item)
     expected = tree_metadata(kind, arrays)["tree_metadata"]
     missing = sorted(set(expected) - set(stored))
     extra = sorted(set(stored) - set(expected))
@@ -84,7 +107,10 @@ def verify(options: ConvertOptions, output: str) -> VerifyReport:
     def stored(kind: str, path: tuple[str, ...]) -> ts.TensorStore:
         if (kind, path) not in stores:
             spec = {"driver": "zarr3", "kvstore": dict(ocdbt_kvstore(present[kind]), path=arrays[kind][path].param_name + "/")}
-            stores[(kind, path)] = ts.open(spec, open=True, read=True).result()
+            try:
+                stores[(kind, path)] = ts.open(spec, open=True, read=True).result()
+            except ValueError as exc:  # tensorstore reports storage and format errors as ValueError
+                raise _store_error(kind, present[kind], path, exc) from None
         return stores[(kind, path)]
 
     sources = Sources(plan.shards)
@@ -95,7 +121,10 @@ def verify(options: ConvertOptions, output: str) -> VerifyReport:
         for piece in unit.pieces:
             block = read_block(piece, sources, crcs)
             for kind, path, region, expected in piece_outputs(ctx, rules[piece.rule], piece, block):
-                got = stored(kind, path)[region].read().result()
+                try:
+                    got = stored(kind, path)[region].read().result()
+                except ValueError as exc:
+                    raise _store_error(kind, present[kind], path, exc) from None
                 if got.shape != expected.shape or got.tobytes() != np.ascontiguousarray(expected).tobytes():
                     raise VerificationError(
                         f"{kind} leaf {'/'.join(path)} differs from the source at "

@@ -13,8 +13,21 @@ import json
 from typing import Any
 
 from rayconv.errors import OutputError
+from rayconv.progress import LOG
 from rayconv.storage import Location
 from rayconv.worker import Receipt
+
+
+# -- JSON loading that survives damaged files (helper D, issue 11 item 9; kept apart for merging) -----------
+
+
+def _json_object(data: bytes) -> dict[str, Any] | None:
+    """``data`` as a JSON object, or None when it is not one (torn write, garbage, another file)."""
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 class Ledger:
@@ -23,7 +36,13 @@ class Ledger:
 
     def plan_record(self) -> dict[str, Any] | None:
         data = self.root.read_bytes("plan.json")
-        return json.loads(data) if data else None
+        if not data:
+            return None
+        record = _json_object(data)
+        if record is None or not isinstance(record.get("committed", []), list):
+            raise OutputError(f"{self.root.uri}/plan.json is damaged (not a rayconv plan record); rerun with "
+                              "--restart to start this output over")
+        return record
 
     def start(self, fingerprint: str, summary: dict[str, Any], started_ns: int) -> dict[str, Any]:
         """Begin or resume; returns the plan record in force."""
@@ -42,7 +61,14 @@ class Ledger:
 
         def load(key: str) -> Receipt | None:
             data = self.root.read_bytes(key)
-            return Receipt.from_json(json.loads(data)) if data else None
+            if not data:
+                return None
+            try:
+                return Receipt.from_json(_json_object(data) or {})
+            except (KeyError, TypeError, ValueError):
+                # A torn or damaged receipt: its unit is simply converted again (units are idempotent).
+                LOG.warning("Ignoring damaged receipt %s/%s: its unit will be converted again", self.root.uri, key)
+                return None
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
             loaded = [r for r in pool.map(load, keys) if r is not None]
