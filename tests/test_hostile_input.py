@@ -103,6 +103,62 @@ def test_params_json_not_an_object_or_oversized(checkpoint, tmp_path):
     assert_one_line(convert(checkpoint, out), "not a Meta params.json", out)
 
 
+# -- malformed pickles made only of the classes a weights file may name ----------------------------------------
+# Hand-assembled pickle opcodes (protocol 2): each names only torch._utils._rebuild_tensor_v2, a torch storage
+# type and collections.OrderedDict, but with arguments of the wrong type. helper B hardens the reader itself;
+# here the CLI must turn whatever the parser trips on into one line.
+
+
+def _global(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _str(text: str) -> bytes:
+    return b"X" + len(text.encode()).to_bytes(4, "little") + text.encode()
+
+
+def _int(n: int) -> bytes:
+    return b"J" + n.to_bytes(4, "little", signed=True)
+
+
+def _tuple(*items: bytes) -> bytes:
+    return b"(" + b"".join(items) + b"t"
+
+
+def _storage(type_obj: bytes | None = None) -> bytes:
+    return _tuple(_str("storage"), type_obj or _global("torch", "BFloat16Storage"), _str("0"), _str("cpu"),
+                  _int(4)) + b"Q"
+
+
+def _rebuild(storage: bytes, size: bytes = _tuple(_int(4))) -> bytes:
+    hooks = _global("collections", "OrderedDict") + _tuple() + b"R"
+    return _global("torch._utils", "_rebuild_tensor_v2") + _tuple(storage, _int(0), size, _tuple(_int(1)),
+                                                                   b"\x89", hooks) + b"R"
+
+
+def _state(value: bytes) -> bytes:
+    return b"\x80\x02}" + _str("tok_embeddings.weight") + value + b"s."
+
+
+@pytest.mark.parametrize("pickled", [
+    _state(_rebuild(_str("not a storage"))),
+    _state(_rebuild(_storage(type_obj=_str("BFloat16Storage")))),
+    _state(_rebuild(_storage(), size=_int(4))),
+    b"\x80\x02" + _global("collections", "OrderedDict") + _tuple(_int(5)) + b"R.",
+], ids=["storage-is-a-string", "storage-type-is-a-string", "size-is-an-int", "ordereddict-of-an-int"])
+def test_malformed_pickle_of_allowed_classes(checkpoint, tmp_path, pickled):
+    import zipfile
+
+    shard = checkpoint / "consolidated.00.pth"
+    with zipfile.ZipFile(shard) as archive:
+        entries = [(info.filename, archive.read(info.filename)) for info in archive.infolist()]
+    with zipfile.ZipFile(shard, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in entries:
+            archive.writestr(name, pickled if name.endswith("data.pkl") else data)
+    out = tmp_path / "out"
+    assert_one_line(convert(checkpoint, out), "consolidated.00.pth", out)
+
+
 # -- flags ---------------------------------------------------------------------------------------------------
 
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import pickle
 import re
+import struct
+import zipfile
 from typing import Mapping
 
 from rayconv import mapping
@@ -68,6 +71,25 @@ def _display_name(uri: str) -> str:
     return uri.split("?", 1)[0]
 
 
+#: What parsing hostile bytes can raise from inside the index reader (a pickle of allowed classes with
+#: wrong argument types or arity, absurd nesting). A shard that makes the parser fail this way is not a
+#: readable checkpoint; the original exception stays chained (shown with --verbose).
+_PARSE_ERRORS = (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError, RecursionError,
+                 EOFError, pickle.UnpicklingError, struct.error, zipfile.BadZipFile)
+
+
+def _index_untrusted(uri: str) -> dict[str, TensorInfo]:
+    """index_pth, with any parse failure of the (untrusted) shard reported as a one-line SourceError."""
+    name = _display_name(uri)
+    try:
+        return index_pth(open_source(uri), name)
+    except SourceError:
+        raise
+    except _PARSE_ERRORS as exc:
+        raise SourceError(f"{name}: not a readable torch checkpoint (its tensor index is malformed: "
+                          f"{type(exc).__name__}: {str(exc)[:200]})") from exc
+
+
 @dataclasses.dataclass
 class MetaCheckpoint:
     spec: ModelSpec
@@ -89,7 +111,7 @@ class MetaCheckpoint:
         shards = shard_files(files, descriptor.shards if descriptor else None, display)
 
         def index(uri: str) -> dict[str, TensorInfo]:
-            return index_pth(open_source(uri), _display_name(uri))
+            return _index_untrusted(uri)
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(threads, len(shards))) as pool:
             indexes = list(pool.map(index, shards))
