@@ -321,3 +321,19 @@ def test_user_error_unwraps_ray_task_errors_and_os_errors_but_not_bugs():
     assert user_error(ZeroDivisionError()) is None
     assert user_error(OSError(errno.EBADF, "Bad file descriptor")) is None  # a bug, not the environment
 
+
+
+def test_unreachable_ray_address_fails_in_seconds(checkpoint, tmp_path):
+    """RAY_ADDRESS (or --address) naming nothing: one line within seconds, not minutes of Ray reconnecting."""
+    from servers import free_port
+
+    out = tmp_path / "out"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", RAY_ADDRESS=f"127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "rayconv.cli", "convert", "--no_progress", "--input_directory",
+                             str(checkpoint), "--output_directory", str(out), "--model_name", "llama-3.1"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert_one_line(result, "cannot reach the Ray cluster at 127.0.0.1:", out)
+    assert "(RAY_ADDRESS)" in result.stderr and time.monotonic() - started < 60
+    assert_one_line(convert(checkpoint, out, "--address", "localhost:port", executor="ray"),
+                    "--address 'localhost:port' is not a Ray address", out)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -67,6 +68,19 @@ def _forwarded_env() -> dict[str, str]:
                 "GOOGLE_APPLICATION_CREDENTIALS", "RAYCONV_")
     inherited = _job_env_keys()
     return {k: v for k, v in os.environ.items() if k.startswith(prefixes) and k not in inherited}
+
+
+def _check_reachable(target: str, origin: str, timeout: float = 10.0) -> None:
+    """Fail in seconds, not after Ray's minutes of reconnect attempts, when a host:port address is not listening."""
+    if target == "auto" or "://" in target or ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    if not port.isdigit():
+        raise ConversionError(f"{origin} {target!r} is not a Ray address (host:port, auto, or ray://host:port)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"cannot reach the Ray cluster at {target} ({origin}): {exc}") from None
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -133,8 +147,12 @@ class RayExecutor:
             # Workers on other nodes do not inherit this process's environment: forward the storage settings.
             # Inside `ray job submit` RAY_ADDRESS names the job's cluster: connect to it, as ray.init() does.
             LOG.debug("Connecting to the Ray cluster at %s", target)
-            ray.init(address=address or "auto", runtime_env={"env_vars": _forwarded_env()}, log_to_driver=True,
-                     logging_level="WARNING")
+            _check_reachable(target, "--address" if address else "RAY_ADDRESS")
+            try:
+                ray.init(address=address or "auto", runtime_env={"env_vars": _forwarded_env()}, log_to_driver=True,
+                         logging_level="WARNING")
+            except ConnectionError as exc:
+                raise ConversionError(f"cannot connect to the Ray cluster at {target}: {exc}") from exc
             interrupt.install()  # after ray.init: replaces the core worker's SIGTERM stack dump
             return False
         # A local Ray's workers inherit this environment; a runtime_env would only slow their start.
