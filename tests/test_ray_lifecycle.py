@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -143,17 +144,24 @@ def test_more_workers_than_a_local_ray_fits_are_clamped_not_waited_for(tmp_path)
     assert (out / "bf16/unscanned/checkpoints/0/items/commit_success.txt").exists()
 
 
-def test_workers_an_existing_cluster_cannot_schedule_are_waited_for_then_given_up(tmp_path):
+def test_workers_an_existing_cluster_cannot_schedule_are_waited_for_then_given_up(tmp_path, monkeypatch):
     """An existing cluster: a warning with what fits, a bounded wait, then the workers that did start, or one
-    line when none can."""
+    line when none can. And without --address, rayconv starts its own Ray instead of joining that cluster."""
+    import tempfile
+
     from ray.cluster_utils import Cluster
 
+    # Cluster() records its address in <RAY_TMPDIR>/ray/ray_current_cluster, where a bare ray.init() finds it:
+    # a private RAY_TMPDIR (short: unix socket paths are limited) keeps other Ray users on this machine out.
+    ray_tmp = tempfile.mkdtemp(prefix="rl-", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
     cluster = Cluster(initialize_head=True, connect=False,
                       head_node_args={"num_cpus": 0, "include_dashboard": False,
                                       "object_store_memory": 128 * 1024 * 1024})
     try:
         cluster.add_node(num_cpus=1, memory=2 * GiB, object_store_memory=128 * 1024 * 1024)
         cluster.wait_for_nodes()
+        assert (Path(ray_tmp) / "ray" / "ray_current_cluster").exists()
         out = tmp_path / "partial"
         partial = subprocess.run(convert_argv(out, "--address", cluster.address, "--num_workers", "2",
                                               "--worker_memory_gb", "1", "--worker_start_timeout", "5",
@@ -173,8 +181,15 @@ def test_workers_an_existing_cluster_cannot_schedule_are_waited_for_then_given_u
         assert time.monotonic() - started < 120
         assert_one_line_error(none.returncode, none.stderr, out, "no worker could be scheduled within 3 s")
         assert "each needs 1 CPU and 4 GiB of memory on one node" in none.stderr
+
+        out = tmp_path / "own"
+        own = subprocess.run(convert_argv(out, "--num_workers", "1", "--skip_scanned"), env=cli_env(),
+                             capture_output=True, text=True, timeout=600)
+        assert own.returncode == 0, own.stderr[-3000:]
+        assert "1 nodes; starting 1 workers" in own.stderr  # its own Ray, not the 2-node cluster above
     finally:
         cluster.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.mark.timeout(900)

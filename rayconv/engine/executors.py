@@ -156,8 +156,10 @@ class RayExecutor:
             interrupt.install()  # after ray.init: replaces the core worker's SIGTERM stack dump
             return False
         # A local Ray's workers inherit this environment; a runtime_env would only slow their start.
+        # address="local": a new private Ray, never one that `ray start` recorded in /tmp/ray/ray_current_cluster
+        # (ray.init() would silently join that one, and refuse object_store_memory).
         watchdog.start()
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
                  object_store_memory=256 * 1024 * 1024, configure_logging=True)
         interrupt.install()
         return True
