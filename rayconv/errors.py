@@ -50,11 +50,31 @@ def _ray_cause(exc: BaseException) -> BaseException | None:
     return None
 
 
+#: Ray failures of the infrastructure (a worker or node died, memory or disk ran out), not of rayconv's code.
+_RAY_ENVIRONMENT_ERRORS = ("OutOfMemoryError", "ActorDiedError", "NodeDiedError", "WorkerCrashedError",
+                           "LocalRayletDiedError", "ObjectStoreFullError", "OutOfDiskError", "RuntimeEnvSetupError",
+                           "ActorUnschedulableError", "TaskUnschedulableError")
+
+
+def _ray_environment_error(exc: BaseException) -> ConversionError | None:
+    ray_exceptions = sys.modules.get("ray.exceptions")
+    if ray_exceptions is None:
+        return None
+    kinds = tuple(getattr(ray_exceptions, name) for name in _RAY_ENVIRONMENT_ERRORS if hasattr(ray_exceptions, name))
+    if not isinstance(exc, kinds):
+        return None
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    first = first if len(first) <= 300 else first[:297] + "..."
+    return ConversionError(f"Ray {type(exc).__name__}: {first} (finished units are kept: rerun the same command "
+                           "to resume; if a worker ran out of memory, raise --worker_memory_gb)")
+
+
 def user_error(exc: BaseException) -> ConversionError | None:
     """The one-line, user-facing error that ``exc`` is or wraps, or None when ``exc`` is a bug.
 
-    The single place that unwraps: Ray task wrappers (from ``ray.get`` in either executor path), and OS
-    errors from storage (a full disk, a read-only or missing path) that escaped as themselves.
+    The single place that unwraps: Ray task wrappers (from ``ray.get`` in either executor path), Ray's own
+    infrastructure failures (a worker that died for good, out of memory), and OS errors from storage (a full
+    disk, a read-only or missing path) that escaped as themselves.
     """
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
@@ -65,6 +85,9 @@ def user_error(exc: BaseException) -> ConversionError | None:
             continue
         if isinstance(exc, ConversionError):
             return exc
+        ray_error = _ray_environment_error(exc)
+        if ray_error is not None:
+            return ray_error
         if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS:
             where = f": {exc.filename}" if exc.filename else ""
             return ConversionError(f"{exc.strerror or exc}{where}")

@@ -25,18 +25,18 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _received: list[str] = []
 
 
-def _message(name: str) -> str:
+def message(name: str) -> str:
     return f"interrupted ({name}); finished work is kept: rerun the same command to resume"
 
 
 def _handler(signum: int, frame: object) -> None:
     name = signal.Signals(signum).name
     if _received:  # already unwinding: the user insists
-        sys.stderr.write(f"rayconv: error: {_message(name)}\n")
+        sys.stderr.write(f"rayconv: error: {message(name)}\n")
         sys.stderr.flush()
         os._exit(1)
     _received.append(name)
-    raise Interrupted(_message(name))
+    raise Interrupted(message(name))
 
 
 def install() -> None:

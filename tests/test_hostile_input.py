@@ -317,6 +317,13 @@ def test_user_error_unwraps_ray_task_errors_and_os_errors_but_not_bugs():
     disk = user_error(_wrapped(OSError(errno.ENOSPC, "No space left on device", "/out/int8/d/x")))
     assert isinstance(disk, ConversionError) and str(disk) == "No space left on device: /out/int8/d/x"
 
+    from ray.exceptions import ActorDiedError, OutOfMemoryError
+
+    oom = user_error(OutOfMemoryError("Task was killed due to the node running low on memory.\nMemory on the node"))
+    assert isinstance(oom, ConversionError) and "node running low on memory" in str(oom)
+    assert "--worker_memory_gb" in str(oom) and "\n" not in str(oom)
+    assert "rerun the same command" in str(user_error(ActorDiedError()))
+
     assert user_error(_wrapped(KeyError("a bug"))) is None
     assert user_error(ZeroDivisionError()) is None
     assert user_error(OSError(errno.EBADF, "Bad file descriptor")) is None  # a bug, not the environment

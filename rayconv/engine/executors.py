@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import socket
 import time
 from typing import Any, Callable, Iterator, Sequence
@@ -68,6 +69,20 @@ def _forwarded_env() -> dict[str, str]:
                 "GOOGLE_APPLICATION_CREDENTIALS", "RAYCONV_")
     inherited = _job_env_keys()
     return {k: v for k, v in os.environ.items() if k.startswith(prefixes) and k not in inherited}
+
+
+def _ray_init(ray: Any, **kwargs: Any) -> None:
+    """ray.init, then rayconv's signal handlers again (the core worker replaces SIGTERM's with a stack dump).
+
+    Ray's own SIGTERM handler, active during init, calls sys.exit(signum): that is an interruption too.
+    """
+    try:
+        ray.init(**kwargs)
+    except SystemExit as exc:
+        if exc.code in (signal.SIGTERM, signal.SIGINT):
+            raise interrupt.Interrupted(interrupt.message(signal.Signals(exc.code).name)) from None
+        raise
+    interrupt.install()
 
 
 def _check_reachable(target: str, origin: str, timeout: float = 10.0) -> None:
@@ -149,19 +164,17 @@ class RayExecutor:
             LOG.debug("Connecting to the Ray cluster at %s", target)
             _check_reachable(target, "--address" if address else "RAY_ADDRESS")
             try:
-                ray.init(address=address or "auto", runtime_env={"env_vars": _forwarded_env()}, log_to_driver=True,
-                         logging_level="WARNING")
+                _ray_init(ray, address=address or "auto", runtime_env={"env_vars": _forwarded_env()},
+                          log_to_driver=True, logging_level="WARNING")
             except ConnectionError as exc:
                 raise ConversionError(f"cannot connect to the Ray cluster at {target}: {exc}") from exc
-            interrupt.install()  # after ray.init: replaces the core worker's SIGTERM stack dump
             return False
         # A local Ray's workers inherit this environment; a runtime_env would only slow their start.
         # address="local": a new private Ray, never one that `ray start` recorded in /tmp/ray/ray_current_cluster
         # (ray.init() would silently join that one, and refuse object_store_memory).
         watchdog.start()
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
-                 object_store_memory=256 * 1024 * 1024, configure_logging=True)
-        interrupt.install()
+        _ray_init(ray, address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
+                  object_store_memory=256 * 1024 * 1024, configure_logging=True)
         return True
 
     def _needs(self) -> str:
