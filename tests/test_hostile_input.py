@@ -221,8 +221,18 @@ def _largest_data_file(items: Path) -> Path:
     return max((p for p in items.rglob("*") if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size)
 
 
+def _delete_a_zarr_json(items: Path) -> None:
+    """Remove one array's zarr.json key from the OCDBT database (the file is a key inside it, not on disk)."""
+    import tensorstore as ts
+
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{items}/"}).result()
+    key = sorted(k for k in kv.list().result() if k.endswith(b"/zarr.json"))[0]
+    kv.delete_range(ts.KvStore.KeyRange(key, key + b"\x00")).result()
+
+
 @pytest.mark.parametrize("damage,needle", [
     (lambda items: _largest_data_file(items).unlink(), "cannot be read (the checkpoint is damaged)"),
+    (_delete_a_zarr_json, "zarr.json"),
     (lambda items: os.truncate(items / "manifest.ocdbt", 20), "cannot be read (the checkpoint is damaged)"),
     (lambda items: [shutil.rmtree(d) for d in items.rglob("d") if d.is_dir()],
      "cannot be read (the checkpoint is damaged)"),
