@@ -230,8 +230,8 @@ class RayExecutor:
                 raise _unwrap(exc) from None
             if pending and time.monotonic() >= next_log:
                 next_log = time.monotonic() + 30
-                LOG.warning("Waiting for %d of %d workers to be scheduled (each needs %s; the cluster has %s); "
-                            "giving up after %.0f s (--worker_start_timeout)", len(pending), len(actors),
+                LOG.warning("Waiting for %d of %d workers to be scheduled and started (each needs %s; the cluster "
+                            "has %s); giving up after %.0f s (--worker_start_timeout)", len(pending), len(actors),
                             self._needs(), Capacity.of(ray.nodes(), self.worker_memory).describe(),
                             self.start_timeout)
         if not pending:
