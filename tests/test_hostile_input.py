@@ -354,3 +354,11 @@ def test_unreachable_ray_address_fails_in_seconds(checkpoint, tmp_path):
     assert "(RAY_ADDRESS)" in result.stderr and time.monotonic() - started < 60
     assert_one_line(convert(checkpoint, out, "--address", "localhost:port", executor="ray"),
                     "--address 'localhost:port' is not a Ray address", out)
+
+
+def test_os_error_from_storage_is_one_line(tmp_path):
+    """An OSError that no rayconv check anticipated (here: the output's parent is a file) still ends in one line."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = rayconv("synthetic", "demo", "--out", str(blocker / "syn"), "--n_layers", "1")
+    assert_one_line(result, str(blocker))
