@@ -31,5 +31,8 @@ class ConverterWorker:
 class Committer:
     """The reducer: assembles and commits an output tree from the recorded child databases."""
 
+    def __init__(self) -> None:
+        import rayconv.sink.commit  # noqa: F401  (imported while the last units run, not when the commit starts)
+
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)

@@ -100,6 +100,8 @@ class ConvertResult:
     phases: dict[str, float] = dataclasses.field(default_factory=dict)
     #: Sum of the units' own run times (receipts): bytes_read / unit_seconds is the per-worker rate.
     unit_seconds: float = 0.0
+    #: This run started a local Ray (which dies with the process: the CLI need not wait for its shutdown).
+    local_ray: bool = False
 
 
 def piece_budget(options: ConvertOptions) -> int:
@@ -335,6 +337,8 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
             ctx = JobContext.create(dataclasses.replace(plan, kinds=tuple(to_build)), layouts, options.compression,
                                     batch_bytes=min(COMMIT_BATCH_BYTES, piece_budget(options)))
             units = {u.id: u for u in todo}
+            executor.start(ctx)
+            timer.lap("ray start")
             for n, receipt in enumerate(executor.run(ctx, todo), 1):
                 ledger.record(receipt, {s: identities[s] for s in unit_shards(units[receipt.unit])})
                 receipts.append(receipt)
@@ -405,4 +409,5 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
         bytes_read=sum(r.bytes_read for r in receipts), bytes_written=sum(r.bytes_written for r in receipts),
         units_run=len(todo), units_skipped=len(done), workers=executor.workers if executor else 0,
         worker_peak_rss=max((r.peak_rss for r in receipts), default=0), phases=dict(timer.seconds),
-        unit_seconds=sum(r.seconds for r in receipts if r.unit not in done))
+        unit_seconds=sum(r.seconds for r in receipts if r.unit not in done),
+        local_ray=bool(getattr(executor, "local", False)))

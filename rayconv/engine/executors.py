@@ -36,6 +36,9 @@ class LocalExecutor:
     def __init__(self) -> None:
         self.workers = 1
 
+    def start(self, ctx: JobContext) -> None:
+        pass
+
     def run(self, ctx: JobContext, units: Sequence[Unit]) -> Iterator[Receipt]:
         for unit in units:
             yield run_unit(ctx, unit)
@@ -145,6 +148,7 @@ class RayExecutor:
         self.max_restarts = max_restarts
         self.start_timeout = start_timeout
         self._actors: list[Any] = []
+        self._committer: Any = None  # started while the last units run (see run)
         self.local = self._connect(address, num_cpus)
         capacity = Capacity.of(ray.nodes(), self.worker_memory)
         self.capacity = capacity
@@ -249,11 +253,16 @@ class RayExecutor:
                     capacity.describe(), len(self._actors))
         self.workers = len(self._actors)
 
+    def start(self, ctx: JobContext) -> None:
+        """Start the worker actors (the driver times it apart from the conversion); run() does it otherwise."""
+        if not self._actors:
+            self._start(ctx)
+
     def run(self, ctx: JobContext, units: Sequence[Unit]) -> Iterator[Receipt]:
         ray = self._ray
         if not units:
             return
-        self._start(ctx)
+        self.start(ctx)
         queue = list(reversed(units))
         in_flight: dict[Any, tuple[int, Unit]] = {}
 
@@ -262,6 +271,10 @@ class RayExecutor:
                 unit = queue.pop()
                 ref = self._actors[actor_index].run.options(name=f"unit-{unit.id}").remote(unit)
                 in_flight[ref] = (actor_index, unit)
+            elif self._committer is None:
+                # Every unit is handed out: start the committer now, so its process start and imports
+                # (~1 s) overlap the last units instead of following them (it needs no CPU of its own).
+                self._committer = self._new_committer()
 
         for i in range(len(self._actors)):
             for _ in range(2):  # two per actor: one reading while one writes
@@ -287,12 +300,15 @@ class RayExecutor:
             for ref in in_flight:
                 ray.cancel(ref)
 
-    def call_all(self, calls: Sequence[tuple[Callable[..., Any], tuple, dict]]) -> list[Any]:
-        """Run the commit calls concurrently on one committer actor (the reducer)."""
+    def _new_committer(self) -> Any:
         from rayconv.engine.actors import Committer
+        from rayconv.plan import KINDS
 
-        committer = Committer.options(name="rayconv-committer", num_cpus=0,
-                                      max_concurrency=max(1, len(calls))).remote()
+        return Committer.options(name="rayconv-committer", num_cpus=0, max_concurrency=len(KINDS)).remote()
+
+    def call_all(self, calls: Sequence[tuple[Callable[..., Any], tuple, dict]]) -> list[Any]:
+        """Run the commit calls concurrently on one committer actor (the reducer; one call per output)."""
+        committer, self._committer = self._committer or self._new_committer(), None
         try:
             refs = [committer.call.options(name=f"commit-{i}").remote(fn, *args, **kwargs)
                     for i, (fn, args, kwargs) in enumerate(calls)]
@@ -303,6 +319,6 @@ class RayExecutor:
             self._ray.kill(committer)
 
     def shutdown(self) -> None:
-        for actor in self._actors:
+        for actor in self._actors + ([self._committer] if self._committer is not None else []):
             self._ray.kill(actor)
-        self._actors = []
+        self._actors, self._committer = [], None

@@ -1,0 +1,63 @@
+"""A successful `rayconv convert` with a local Ray exits without waiting for Ray's shutdown — and still leaves
+no process behind, with every output committed (the CLI's fast exit relies on PR_SET_PDEATHSIG and the watchdog).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+
+from conftest import synthetic_checkpoint
+from rayconv.synthetic import SyntheticModel
+
+MODEL = SyntheticModel(family="llama-3.1", dim=256, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=512,
+                       multiple_of=64, ffn_dim_multiplier=1.3, n_shards=2, seed=17)
+
+
+def test_convert_with_local_ray_exits_at_once_and_leaves_nothing_running(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "rayconv.cli", "convert", "--no_progress", "--executor", "ray",
+                             "--num_workers", "1", "--input_directory", str(synthetic_checkpoint(MODEL)),
+                             "--output_directory", str(out), "--model_name", "llama-3.1", "--quantize_type", "int8",
+                             "--quantize_weights", "True"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: dict[int, float] = {}
+    names: dict[int, str] = {}
+    done = threading.Event()
+
+    def watch() -> None:  # every process the run starts (pid and start time, so a reused pid is not mistaken)
+        while not done.is_set():
+            try:
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    if child.pid not in seen:
+                        seen[child.pid], names[child.pid] = child.create_time(), child.name()
+            except psutil.Error:
+                pass
+            done.wait(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    stdout, stderr = proc.communicate(timeout=600)
+    done.set()
+    watcher.join()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert [line.split(":")[0] for line in stdout.splitlines()] == ["scanned", "unscanned", "int8"]
+    assert "Done in" in stderr
+    assert any(name.endswith("raylet") for name in names.values()), names  # a local Ray was started
+
+    deadline = time.monotonic() + 30
+    alive = seen
+    while alive and time.monotonic() < deadline:
+        alive = {}
+        for pid, created in seen.items():
+            try:
+                p = psutil.Process(pid)
+                if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
+                    alive[pid] = f"{pid} {p.name()}"
+            except psutil.Error:
+                pass
+        time.sleep(0.2)
+    assert not alive, f"still running 30 s after rayconv exited: {sorted(alive.values())}"
