@@ -353,11 +353,20 @@ def plan_options(fn: Callable) -> Callable:
                 help="Cloud Storage read bandwidth quota of the bucket's region, Gbit/s."),
         _option("--gcs_writes_per_s", type=float, default=env.gcs_writes_per_s, show_default=True,
                 help="Object writes per second the output bucket accepts."),
+        _option("--gcs_object_writes_per_s", type=float, default=env.gcs_object_writes_per_s, show_default=True,
+                help="Writes per second Cloud Storage accepts to one object name (each commit rewrites a manifest)."),
         _option("--meta_mb_s", type=float, default=env.meta_mb_s, show_default=True,
                 help="Rate of one connection to Meta's signed URL, MB/s."),
     ]):
         fn = decorator(fn)
     return fn
+
+
+def _destination(options: Any, flags: dict[str, Any], simulate: bool) -> str:
+    """gcs for gs:// outputs, and for a simulated plan given no output (the 405B goes to a bucket)."""
+    if options.output.startswith("gs://"):
+        return "gcs"
+    return "gcs" if simulate and not flags["output_directory"] else "local"
 
 
 def _source_kind(options: Any, simulate: bool) -> str:
@@ -373,7 +382,8 @@ def _source_kind(options: Any, simulate: bool) -> str:
 @convert_options
 @plan_options
 def plan(simulate: bool, json_output: bool, throughput_mb_s: float, source_kind: str | None, workers_per_vm: int,
-         vm_gbps: float, gcs_read_gbps: float, gcs_writes_per_s: float, meta_mb_s: float, **flags: Any) -> None:
+         vm_gbps: float, gcs_read_gbps: float, gcs_writes_per_s: float, gcs_object_writes_per_s: float,
+         meta_mb_s: float, **flags: Any) -> None:
     """Print the plan `convert` would execute with the same flags, and wall-time estimates for 8/16/32 workers."""
     setup_logging(flags["verbose"])
     from rayconv.engine import planning
@@ -382,7 +392,8 @@ def plan(simulate: bool, json_output: bool, throughput_mb_s: float, source_kind:
         _check_engine_flags(flags["num_workers"], flags["worker_memory_gb"], flags["num_kv_heads"],
                             flags["worker_start_timeout"])
         rates = {"--throughput_mb_s": throughput_mb_s, "--workers_per_vm": workers_per_vm, "--vm_gbps": vm_gbps,
-                 "--gcs_read_gbps": gcs_read_gbps, "--gcs_writes_per_s": gcs_writes_per_s, "--meta_mb_s": meta_mb_s}
+                 "--gcs_read_gbps": gcs_read_gbps, "--gcs_writes_per_s": gcs_writes_per_s,
+                 "--gcs_object_writes_per_s": gcs_object_writes_per_s, "--meta_mb_s": meta_mb_s}
         for name, value in rates.items():
             if not 0 < value < float("inf"):
                 raise ConversionError(f"{name} must be a positive number, got {value}")
@@ -390,15 +401,17 @@ def plan(simulate: bool, json_output: bool, throughput_mb_s: float, source_kind:
             raise SpecError("--simulate needs --model_path (e.g. Llama3.1-405B-Instruct:bf16-mp16)")
         options = _build_options(flags, for_plan=True, simulate=simulate)
         env = planning.Environment(worker_mb_s=throughput_mb_s, workers_per_vm=workers_per_vm, vm_gbps=vm_gbps,
-                                   gcs_read_gbps=gcs_read_gbps, gcs_writes_per_s=gcs_writes_per_s, meta_mb_s=meta_mb_s,
-                                   source=source_kind or _source_kind(options, simulate))
+                                   gcs_read_gbps=gcs_read_gbps, gcs_writes_per_s=gcs_writes_per_s,
+                                   gcs_object_writes_per_s=gcs_object_writes_per_s, meta_mb_s=meta_mb_s,
+                                   source=source_kind or _source_kind(options, simulate),
+                                   destination=_destination(options, flags, simulate))
         report = planning.simulate(options, env) if simulate else planning.report_for_files(options, env)
     if json_output:
         click.echo(json.dumps(report, indent=2))
         return
     from rich.console import Console
 
-    Console(soft_wrap=False).print(planning.render(report))
+    Console(width=None if sys.stdout.isatty() else 140).print(planning.render(report))
 
 
 @main.command()

@@ -107,7 +107,7 @@ def test_estimate_names_the_bottleneck():
 
     _, plan, _ = _simulated(BF16_405B, 4.0)
     written = sum(o["bytes"] for o in planning.output_bytes(plan).values())
-    env = planning.Environment(worker_mb_s=100.0)
+    env = planning.Environment(worker_mb_s=100.0, destination="local")
     compute = planning.estimate(plan, written, 16, env)
     assert compute["bottleneck"] == "compute"
     largest_unit = max(u.read_bytes for u in plan.units)
@@ -118,6 +118,13 @@ def test_estimate_names_the_bottleneck():
     assert slow_url["bottleneck"] == "read"
     assert slow_url["read_seconds"] == pytest.approx(plan.input_bytes / (16 * 8 * 1e6), abs=0.1)
 
-    thin_network = planning.estimate(plan, written, 16, dataclasses.replace(env, vm_gbps=1.0))
+    to_gcs = dataclasses.replace(env, destination="gcs")
+    manifests = planning.estimate(plan, written, 16, to_gcs)  # 1 write/s to each unit database's manifest
+    assert manifests["bottleneck"] == "manifest writes"
+    unit_out = max(u.read_bytes for u in plan.units) * written / plan.input_bytes
+    assert manifests["manifest_seconds"] == pytest.approx((written / 16 + unit_out) / (16 << 20), abs=0.1)
+
+    thin_network = planning.estimate(plan, written, 16, dataclasses.replace(to_gcs, vm_gbps=1.0,
+                                                                            gcs_object_writes_per_s=100.0))
     assert thin_network["bottleneck"] == "write" and thin_network["vms"] == 2
     assert thin_network["write_seconds"] == pytest.approx(written / (2 * 1e9 / 8), abs=0.1)

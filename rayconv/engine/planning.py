@@ -66,6 +66,9 @@ class Environment:
     gcs_read_gbps: float = 200.0
     #: Object writes per second a new bucket accepts before it scales up (Cloud Storage: ~1000).
     gcs_writes_per_s: float = 1000.0
+    #: Writes per second to one object name (Cloud Storage's documented limit: 1). Every OCDBT commit rewrites
+    #: its database's manifest.ocdbt, and each unit commits every COMMIT_BATCH_BYTES of output.
+    gcs_object_writes_per_s: float = 1.0
     #: Rate of one connection to Meta's CloudFront signed URL, MB/s (not measurable here: an assumption).
     meta_mb_s: float = 50.0
     #: Ranged GETs each worker keeps open on the signed URL (RAYCONV_HTTP_CONCURRENCY, default 8).
@@ -73,6 +76,8 @@ class Environment:
     #: Where the shards are read from: "gcs" (staged in a bucket), "meta" (streamed from the signed URL),
     #: "local" (a local disk: not modelled, compute-bound).
     source: str = "gcs"
+    #: Where the outputs go: "gcs" (network and object limits apply) or "local" (not modelled).
+    destination: str = "gcs"
     #: Seconds that do not depend on the model size (Ray start, workers start, shutdown).
     fixed_seconds: float = DEFAULT_FIXED_SECONDS
 
@@ -145,14 +150,21 @@ def estimate(plan: Plan, written: int, workers: int, env: Environment) -> dict[s
         read_rate = min(vms * _gbps(env.vm_gbps), _gbps(env.gcs_read_gbps))
     else:
         read_rate = math.inf
-    write_rate = min(vms * _gbps(env.vm_gbps), env.gcs_writes_per_s * COMMIT_BATCH_BYTES)
-    bounds = {"compute": compute, "read": plan.input_bytes / read_rate, "write": written / write_rate}
+    bounds = {"compute": compute, "read": plan.input_bytes / read_rate, "write": 0.0, "manifest writes": 0.0}
+    if env.destination == "gcs":
+        bounds["write"] = written / min(vms * _gbps(env.vm_gbps), env.gcs_writes_per_s * COMMIT_BATCH_BYTES)
+        # Each commit rewrites the unit database's manifest (one object name per database): a worker's units
+        # commit one after another, so its commits are serialized at the per-object rate.
+        largest_unit_out = largest_unit * written / max(1, plan.input_bytes)
+        commits = (written / workers + largest_unit_out) / COMMIT_BATCH_BYTES
+        bounds["manifest writes"] = commits / env.gcs_object_writes_per_s
     bottleneck = max(bounds, key=lambda k: bounds[k])
     fixed = env.fixed_seconds + COMMIT_SECONDS_PER_UNIT * len(plan.units) * len(plan.kinds)
     total = bounds[bottleneck] + fixed
     return {"workers": workers, "vms": vms, "bytes_per_worker": int(plan.input_bytes / workers + largest_unit),
             "compute_seconds": round(compute, 1), "read_seconds": round(bounds["read"], 1),
-            "write_seconds": round(bounds["write"], 1), "fixed_seconds": round(fixed, 1),
+            "write_seconds": round(bounds["write"], 1), "manifest_seconds": round(bounds["manifest writes"], 1),
+            "fixed_seconds": round(fixed, 1),
             "bottleneck": bottleneck, "estimated_seconds": round(total, 1), "estimated_hours": round(total / 3600, 2)}
 
 
@@ -290,19 +302,21 @@ def render(report_: dict[str, Any]) -> Any:
     for kind, o in report_["outputs"].items():
         outs.add_row(kind, f"{o['arrays']:,}", human_bytes(o["bytes"]))
 
-    est = Table(title=f"estimated wall time (source: {env['source']}; the tutorial reports "
+    est = Table(title=f"estimated wall time (source: {env['source']}, outputs: {env['destination']}; the tutorial reports "
                       f"{TUTORIAL_HOURS[0]}–{TUTORIAL_HOURS[1]} hours)", title_justify="left")
-    for col in ("workers", "VMs", "compute", "read", "write", "fixed", "estimate", "bottleneck"):
+    for col in ("workers", "VMs", "compute", "read", "write", "manifests", "fixed", "estimate", "bottleneck"):
         est.add_column(col, justify="right" if col != "bottleneck" else "left")
     for e in report_["estimates"]:
         est.add_row(str(e["workers"]), str(e["vms"]), _duration(e["compute_seconds"]), _duration(e["read_seconds"]),
-                    _duration(e["write_seconds"]), _duration(e["fixed_seconds"]),
+                    _duration(e["write_seconds"]), _duration(e["manifest_seconds"]), _duration(e["fixed_seconds"]),
                     Text(_duration(e["estimated_seconds"]), style="bold"), e["bottleneck"])
     assumptions = Text(
         f"assumptions: {env['worker_mb_s']:g} MB/s per worker (measured at real widths, --throughput_mb_s), "
         f"{env['workers_per_vm']} workers per VM (--workers_per_vm), {env['vm_gbps']:g} Gbit/s per VM (--vm_gbps), "
-        f"GCS {env['gcs_read_gbps']:g} Gbit/s read quota (--gcs_read_gbps) and {env['gcs_writes_per_s']:g} "
-        f"object writes/s (--gcs_writes_per_s), Meta URL {env['meta_mb_s']:g} MB/s per connection × "
+        f"GCS {env['gcs_read_gbps']:g} Gbit/s read quota (--gcs_read_gbps), {env['gcs_writes_per_s']:g} "
+        f"object writes/s (--gcs_writes_per_s) and {env['gcs_object_writes_per_s']:g} write/s per object name "
+        f"(--gcs_object_writes_per_s; one manifest write per {COMMIT_BATCH_BYTES >> 20} MiB commit), "
+        f"Meta URL {env['meta_mb_s']:g} MB/s per connection × "
         f"{env['meta_connections_per_worker']} per worker (--meta_mb_s), {env['fixed_seconds']:g} s fixed. "
         "Estimates, not measurements: docs/benchmarks.md.", style="dim")
     return Group(head, outs, est, assumptions)
