@@ -19,7 +19,9 @@ and all its descendants, sampled every 0.1 s; both RSS and PSS, since Ray's proc
   widths it needs ~20 GB: it is skipped (and says so) when less memory is available, and a failure (e.g. the
   kernel's out-of-memory kill) is recorded, not fatal;
 * rayconv producing the same three outputs in one pass (Ray started by the CLI, so the tree includes Ray's
-  GCS, raylet, agents and workers): default settings, one worker, and (real widths) 1 GiB workers. The
+  GCS, raylet, agents and workers): default settings, one worker, and (real widths) 1 GiB workers, all with
+  --skip_md5 (MaxText's chain checks no md5 either; rayconv's default md5 pass against checklist.chk is one
+  more full read of the input, measured apart; every tensor's CRC-32 is checked either way). The
   phase times of each run (index, plan, Ray start, convert, verify, commit, shutdown) are read from its
   closing log line, with the per-worker conversion rate (input bytes / the units' own run time);
 * the I/O floor, on the same disk in the same run: read every input byte *cold* (the page cache of each file
@@ -201,7 +203,7 @@ def parse_closing_line(text: str) -> tuple[dict[str, float], float | None]:
 def rayconv_run(src: Path, out: Path, descriptor: str, logs: Path, label: str, *extra: str) -> Run:
     cmd = [sys.executable, "-m", "rayconv.cli", "convert", "--input_directory", str(src), "--output_directory",
            str(out), "--model_path", descriptor, "--quantize_type", "int8", "--quantize_weights", "True",
-           "--no_progress", "--restart", *extra]
+           "--no_progress", "--restart", "--skip_md5", *extra]
     env = dict(os.environ, JAX_PLATFORMS="cpu", RAY_USAGE_STATS_ENABLED="0",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     drop_cache(sorted(src.iterdir()))
