@@ -28,13 +28,20 @@ def _option(name: str, *args: Any, **kwargs: Any) -> Callable:
     return click.option(*names, name.lstrip("-"), *args, **kwargs)
 
 
+SOURCE_FORMAT = _option(
+    "--source_format", type=click.Choice(["auto", "meta", "hf"]), default="auto", show_default=True,
+    help="Input checkpoint format: meta (consolidated.NN.pth; at a Hub snapshot's root, its original/ folder), "
+         "hf (config.json + *.safetensors), auto: whichever the directory holds.")
+
+
 def input_options(fn: Callable) -> Callable:
     for decorator in reversed([
         _option("--model_name", default=None, help="llama-2, llama-3, llama-3.1 or llama-3.3."),
         _option("--model_path", default=None,
                 help="Meta model descriptor, e.g. Llama3.1-405B-Instruct:bf16-mp16 (sets family, size, shard count)."),
         _option("--input_directory", default=None,
-                help="Directory (local or gs://bucket/prefix) holding consolidated.NN.pth and params.json."),
+                help="Directory (local or gs://bucket/prefix) holding a Meta checkpoint (consolidated.NN.pth, "
+                     "params.json) or a Hugging Face one (config.json, *.safetensors)."),
         _option("--meta_url", default=None, envvar="RAYCONV_META_URL", show_envvar=True,
                 help="Meta's signed download URL (with the '*' placeholder). Prefer the environment variable "
                      "(e.g. from a Kubernetes Secret): a flag is echoed by Ray's job log."),
@@ -45,6 +52,7 @@ def input_options(fn: Callable) -> Callable:
                 help="Use a built-in synthetic checkpoint (demo, 405b-2gb) as input."),
         _option("--num_kv_heads", type=int, default=None,
                 help="Real kv-head count when params.json counts repeated heads and --model_path is not given."),
+        SOURCE_FORMAT,
     ]):
         fn = decorator(fn)
     return fn
@@ -158,7 +166,7 @@ def main() -> None:
 @_option("--no_progress", is_flag=True, help="No progress bar / status lines.")
 @click.option("--verbose", "-v", is_flag=True)
 def convert(model_name, model_path, input_directory, meta_url, download_directory, synthetic, num_kv_heads,
-            bucket_name, output_directory, inference_server, quantize_type, quantize_weights, skip_scanned,
+            source_format, bucket_name, output_directory, inference_server, quantize_type, quantize_weights, skip_scanned,
             restart, compression, executor, address, num_workers, worker_memory_gb, no_progress, verbose) -> None:
     """Convert a Meta checkpoint into MaxText checkpoints under the output directory."""
     setup_logging(verbose)
@@ -177,7 +185,8 @@ def convert(model_name, model_path, input_directory, meta_url, download_director
             model_name=model_name, model_path=model_path, kinds=kinds, quantize_type=quantize_type,
             worker_memory_gb=worker_memory_gb, executor=executor, address=address, num_workers=num_workers,
             restart=restart, compression=None if compression == "none" else compression,
-            kv_heads=num_kv_heads or kv, progress=not no_progress)
+            kv_heads=num_kv_heads or kv, progress=not no_progress, source_format=source_format,
+            input_directory=input_directory)
         result = run(options)
     except ConversionError as exc:
         _fail(exc)
@@ -198,7 +207,7 @@ def convert(model_name, model_path, input_directory, meta_url, download_director
 @_option("--throughput_mb_s", type=float, default=None,
          help="Measured per-worker throughput for the wall-time estimate (default: from docs/benchmarks.md).")
 def plan(model_name, model_path, input_directory, meta_url, download_directory, synthetic, num_kv_heads,
-         quantize_type, worker_memory_gb, simulate, throughput_mb_s) -> None:
+         source_format, quantize_type, worker_memory_gb, simulate, throughput_mb_s) -> None:
     """Print the plan `convert` would execute, and estimates for 8/16/32 workers."""
     setup_logging()
     from rayconv.engine import planning
@@ -212,7 +221,8 @@ def plan(model_name, model_path, input_directory, meta_url, download_directory, 
             files, display, model_name, model_path, kv = _resolve_input(
                 model_name, model_path, input_directory, meta_url, None, synthetic, None)
             report = planning.report_for_files(files, display, model_name, model_path, num_kv_heads or kv, kinds,
-                                               quantize_type, worker_memory_gb, throughput_mb_s)
+                                               quantize_type, worker_memory_gb, throughput_mb_s,
+                                               source_format=source_format, input_directory=input_directory)
     except ConversionError as exc:
         _fail(exc)
         return
@@ -225,8 +235,9 @@ def plan(model_name, model_path, input_directory, meta_url, download_directory, 
 @_option("--model_name", default=None, help="llama-2, llama-3, llama-3.1 or llama-3.3.")
 @_option("--model_path", default=None, help="Meta model descriptor, e.g. Llama3.1-405B-Instruct:bf16-mp16.")
 @_option("--num_kv_heads", type=int, default=None)
-def verify(source, output, model_name, model_path, num_kv_heads) -> None:
-    """Re-read SOURCE (Meta shards) and prove every leaf under OUTPUT equals its mapping."""
+@SOURCE_FORMAT
+def verify(source, output, model_name, model_path, num_kv_heads, source_format) -> None:
+    """Re-read SOURCE (Meta shards or HF safetensors) and prove every leaf under OUTPUT equals its mapping."""
     setup_logging()
     from rayconv.engine.driver import ConvertOptions
     from rayconv.source.checkpoint import list_input
@@ -234,7 +245,8 @@ def verify(source, output, model_name, model_path, num_kv_heads) -> None:
 
     try:
         options = ConvertOptions(files=list_input(source), input_display=source, output=output,
-                                 model_name=model_name, model_path=model_path, kv_heads=num_kv_heads)
+                                 model_name=model_name, model_path=model_path, kv_heads=num_kv_heads,
+                                 source_format=source_format, input_directory=source)
         report = run(options, output)
     except ConversionError as exc:
         _fail(exc)

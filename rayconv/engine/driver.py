@@ -11,7 +11,7 @@ import time
 from typing import Any, Sequence
 
 from rayconv import checksum
-from rayconv.errors import OutputError, SourceError
+from rayconv.errors import OutputError, SourceError, SpecError
 from rayconv.models import Descriptor
 from rayconv.plan import Plan, build_plan, describe
 from rayconv.progress import LOG, Progress, human_bytes
@@ -51,6 +51,8 @@ class ConvertOptions:
     compression: str | None = None
     kv_heads: int | None = None
     progress: bool = True
+    source_format: str = "auto"  # meta | hf | auto (see source/hf.detect_format)
+    input_directory: str | None = None  # where files were listed from (finds a Hub snapshot's original/)
 
 
 @dataclasses.dataclass
@@ -73,16 +75,32 @@ def piece_budget(options: ConvertOptions) -> int:
     return max(1 << 20, int(usable / MEMORY_PER_PIECE_BYTE))
 
 
-def open_checkpoint(options: ConvertOptions) -> MetaCheckpoint:
+def open_checkpoint(options: ConvertOptions) -> MetaCheckpoint:  # or an HFCheckpoint (same interface)
+    """Open the input as a Meta or a Hugging Face checkpoint (``options.source_format``, detected when auto)."""
+    from rayconv.source.hf import HFCheckpoint, detect_format
+
+    descriptor = None
+    if options.model_path and options.source_format != "hf":
+        try:  # a Hub repo id (meta-llama/Llama-3.1-8B) names HF files but is no Meta descriptor
+            descriptor = Descriptor.parse(options.model_path)
+        except SpecError:
+            pass  # parsed again below if the input turns out to be Meta's
+    fmt, files, display = detect_format(options.files, options.source_format, options.input_display,
+                                        input_directory=options.input_directory,
+                                        descriptor_shards=descriptor.shards if descriptor else None)
+    if fmt == "hf":
+        return HFCheckpoint.open(files, display=display, model_name=options.model_name,
+                                 model_path=options.model_path, kv_heads=options.kv_heads)
     descriptor = Descriptor.parse(options.model_path) if options.model_path else None
-    return MetaCheckpoint.open(options.files, display=options.input_display, model_name=options.model_name,
+    return MetaCheckpoint.open(files, display=display, model_name=options.model_name,
                                descriptor=descriptor, kv_heads=options.kv_heads)
 
 
 def make_plan(checkpoint: MetaCheckpoint, options: ConvertOptions) -> Plan:
     return build_plan(checkpoint.spec, checkpoint.shards, checkpoint.indexes, kinds=options.kinds,
                       quantize_type=options.quantize_type, piece_budget=piece_budget(options),
-                      unit_budget=max(options.unit_budget, piece_budget(options)))
+                      unit_budget=max(options.unit_budget, piece_budget(options)),
+                      locate=getattr(checkpoint, "locate", None))  # HF: tensors live in several files
 
 
 def verify_crcs(checkpoint: MetaCheckpoint, receipts: Sequence[Receipt]) -> int:

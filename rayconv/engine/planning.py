@@ -81,10 +81,11 @@ def simulate(model_name: str | None, model_path: str | None, kinds: Sequence[str
 
 
 def report_for_files(files, display, model_name, model_path, kv_heads, kinds, quantize_type, worker_memory_gb,
-                     throughput_mb_s) -> dict[str, Any]:
+                     throughput_mb_s, source_format: str = "auto", input_directory: str | None = None) -> dict[str, Any]:
     options = ConvertOptions(files=files, input_display=display, output="", model_name=model_name,
                              model_path=model_path, kv_heads=kv_heads, kinds=tuple(kinds),
-                             quantize_type=quantize_type, worker_memory_gb=worker_memory_gb)
+                             quantize_type=quantize_type, worker_memory_gb=worker_memory_gb,
+                             source_format=source_format, input_directory=input_directory)
     checkpoint = open_checkpoint(options)
     plan = make_plan(checkpoint, options)
     return {"simulated": False, "plan": describe(plan), **estimates(plan, worker_memory_gb, throughput_mb_s)}
