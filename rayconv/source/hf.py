@@ -214,12 +214,10 @@ def spec_from_config(config: Mapping[str, Any], *, model_name: str | None, model
     if scaled != (family in ("llama-3.1", "llama-3.3")):
         have = "has rope_type llama3 (Llama 3.1/3.3)" if scaled else "has no llama3 rope scaling"
         raise SpecError(f"{source} {have}, which disagrees with model {family}")
-    known = next((k for k in KNOWN_SIZES[family] if (size is None or k.size == size)
-                  and (k.dim, k.n_layers, k.n_heads) == (dim, n_layers, n_heads)), None)
-    if size is not None and known is None and any(k.size == size for k in KNOWN_SIZES[family]):
-        raise SpecError(f"{source} describes hidden_size {dim}, {n_layers} layers, {n_heads} heads: not "
-                        f"{family} {size} as --model_path says")
-    size = known.size if known else size
+    if size is None:  # as on the Meta path: --model_path names the size, else the published dims do
+        known = next((k for k in KNOWN_SIZES[family] if (k.dim, k.n_layers, k.n_heads) == (dim, n_layers, n_heads)),
+                     None)
+        size = known.size if known else None
     return HFModelSpec(
         family=family, maxtext_name=f"{FAMILIES[family]}-{size}" if size else f"{FAMILIES[family]}-custom",
         dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, params_kv_heads=n_kv, vocab_size=vocab,
