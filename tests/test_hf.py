@@ -10,6 +10,7 @@ output must also equal MaxText's own HF route (``llama_or_mistral_ckpt --hugging
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -44,7 +45,8 @@ HF_MODELS: dict[str, SyntheticModel] = {
     # 405B MP16: Meta repeats each kv head on two shards; HF stores it once.
     "llama31-405b": MODELS["llama31-405b-mp16"][0],
     "llama3": MODELS["llama3-mp1"][0],
-    "llama2": MODELS["llama2-mp2"][0],
+    # Llama 2's own rope_theta (10000): with no rope scaling and a small vocabulary, config.json says llama-2.
+    "llama2": dataclasses.replace(MODELS["llama2-mp2"][0], rope_theta=10000.0),
 }
 
 
@@ -124,7 +126,7 @@ def test_hf_source_is_bit_equal_to_meta_source(name, converted_pair):
     assert counts == [13, 4 + 9 * model.n_layers, 3 + (2 + 7 * 2) * model.n_layers]
 
 
-def test_rope_inverse_is_applied_only_where_maxtext_wants_interleaved():
+def test_rope_inverse_only_for_the_families_stored_interleaved():
     """llama-3.1 stores Meta's interleaved order (HF needs the inverse); llama-2/3 store HF's half-split as is."""
     for name, model in HF_MODELS.items():
         wq = merged_meta(model)["layers.0.attention.wq.weight"]
