@@ -171,6 +171,12 @@ def test_hub_snapshot_root_hf_by_default_original_with_meta(tmp_path):
     shutil.copytree(hf_checkpoint("llama31-8b"), snap)
     shutil.copytree(synthetic_checkpoint(model), snap / "original")
     assert isinstance(open_checkpoint(_options(snap)), HFCheckpoint)
+    # The Hub cache's snapshots/<commit>/ holds symlinks into ../../blobs/.
+    cached = tmp_path / "snapshots" / "abc123"
+    cached.mkdir(parents=True)
+    for f in hf_checkpoint("llama31-8b").iterdir():
+        (cached / f.name).symlink_to(f)
+    assert open_checkpoint(_options(cached)).nbytes == open_checkpoint(_options(snap)).nbytes
     meta = open_checkpoint(_options(snap, source_format="meta", model_name="llama-3.1"))
     assert isinstance(meta, MetaCheckpoint) and meta.shards[0].endswith("original/consolidated.00.pth")
     # `huggingface-cli download --include "original/*"`: only original/ is there.
