@@ -168,7 +168,7 @@ def main() -> None:
 def convert(model_name, model_path, input_directory, meta_url, download_directory, synthetic, num_kv_heads,
             source_format, bucket_name, output_directory, inference_server, quantize_type, quantize_weights, skip_scanned,
             restart, compression, executor, address, num_workers, worker_memory_gb, no_progress, verbose) -> None:
-    """Convert a Meta checkpoint into MaxText checkpoints under the output directory."""
+    """Convert a Meta (or Hugging Face) checkpoint into MaxText checkpoints under the output directory."""
     setup_logging(verbose)
     try:
         if inference_server not in INFERENCE_SERVERS:

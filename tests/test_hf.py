@@ -193,6 +193,22 @@ def test_hub_snapshot_root_hf_by_default_original_with_meta(tmp_path):
     assert isinstance(open_checkpoint(_options(both, source_format="hf")), HFCheckpoint)
 
 
+def test_405b_snapshot_original_holds_two_layouts(tmp_path):
+    """meta-llama/Llama-3.1-405B* keep Meta's MP16 and MP8 copies in original/mp16 and original/mp8."""
+    from rayconv.engine.driver import open_checkpoint
+
+    model, descriptor = MODELS["llama31-405b-mp16"]
+    snap = tmp_path / "snapshot"
+    shutil.copytree(hf_checkpoint("llama31-405b"), snap)
+    for layout in ("mp16", "mp8"):
+        (snap / "original").mkdir(exist_ok=True)
+        (snap / "original" / layout).symlink_to(synthetic_checkpoint(model), target_is_directory=True)
+    meta = open_checkpoint(_options(snap, source_format="meta", model_path=descriptor))
+    assert meta.spec.n_shards == 16 and "/original/mp16/" in meta.shards[0]
+    with pytest.raises(ConversionError, match="original holds Meta checkpoints in mp16, mp8"):
+        open_checkpoint(_options(snap, source_format="meta", model_name="llama-3.1"))
+
+
 def test_model_flags_and_config_json(tmp_path):
     from rayconv.engine.driver import open_checkpoint
 
