@@ -18,6 +18,11 @@ from rayconv.errors import ConversionError, SpecError
 from rayconv.progress import LOG, human_bytes, setup_logging
 
 INFERENCE_SERVERS = ("jetstream-maxtext",)
+#: --inference_server → the MaxText tree layout it loads (rayconv.trees); --maxtext_layout overrides.
+SERVER_LAYOUTS = {"jetstream-maxtext": "linen", "maxtext": "nnx"}
+MAXTEXT_LAYOUT_HELP = ("MaxText tree layout: linen (MaxText 0.2.4 classic trees, JetStream-MaxText; default for "
+                       "--inference_server jetstream-maxtext) or nnx (what MaxText >= 0.2.5 writes and loads; default "
+                       "for --inference_server maxtext).")
 DEFAULT_OUTPUT = "rayconv-output"
 
 
@@ -26,6 +31,15 @@ def _option(name: str, *args: Any, **kwargs: Any) -> Callable:
     dashed = name.replace("_", "-")
     names = [name] if dashed == name else [name, dashed]
     return click.option(*names, name.lstrip("-"), *args, **kwargs)
+
+
+def _http_timeout(ctx: click.Context, param: click.Parameter, value: float | None) -> None:
+    """Publish --http_timeout_s as RAYCONV_HTTP_TIMEOUT_S: HttpFile reads it, and Ray workers get RAYCONV_*."""
+    if value is None:
+        return
+    if not 0 < value < float("inf"):
+        raise click.BadParameter("must be a positive number of seconds", ctx, param)
+    os.environ["RAYCONV_HTTP_TIMEOUT_S"] = repr(value)
 
 
 SOURCE_FORMAT = _option(
@@ -52,6 +66,10 @@ def input_options(fn: Callable) -> Callable:
                 help="Use a built-in synthetic checkpoint (demo, 405b-2gb) as input."),
         _option("--num_kv_heads", type=int, default=None,
                 help="Real kv-head count when params.json counts repeated heads and --model_path is not given."),
+        _option("--http_timeout_s", type=float, default=None, envvar="RAYCONV_HTTP_TIMEOUT_S", show_envvar=True,
+                callback=_http_timeout, expose_value=False,
+                help="With --meta_url: seconds without a byte from the server before a read is retried "
+                     "(each retry is logged with the file and byte range). Default 60."),
         SOURCE_FORMAT,
     ]):
         fn = decorator(fn)
@@ -103,13 +121,29 @@ def _resolve_input(model_name, model_path, input_directory, meta_url, download_d
         if download_directory is None and bucket_name:
             download_directory = f"gs://{bucket_name}/base/{model_path.replace(':', '-')}"
         if download_directory:
-            staged = download.stage(meta_url, model_path, download_directory)
+            from rayconv.staging import stage
+
+            staged = stage(meta_url, model_path, download_directory)
             return list_input(str(staged)), str(staged), model_name, model_path, None
         files = download.resolve_input(meta_url, model_path)
         from rayconv.source.http import redact
 
         return files, f"{redact(meta_url)} ({model_path})", model_name, model_path, None
     return list_input(input_directory), input_directory, model_name, model_path, None
+
+
+def _md5_policy(skip_md5: bool, meta_url: str | None, staged: str | None) -> bool:
+    """Check md5 against checklist.chk for a directory input (unless --skip_md5); say why not otherwise."""
+    if skip_md5:
+        LOG.info("--skip_md5: the input is not checked against checklist.chk (each tensor's CRC-32 still is)")
+        return False
+    if meta_url and staged:
+        return False  # stage() verified every file it wrote or kept, this run
+    if meta_url:
+        LOG.info("md5 of files streamed from --meta_url is not checked (it needs a second full download); each "
+                 "tensor's CRC-32 is. Use --download_directory to stage the files md5-verified first")
+        return False
+    return True
 
 
 def _kinds(quantize_type: str | None, quantize_weights: bool | None, skip_scanned: bool) -> tuple[
@@ -155,29 +189,40 @@ def main() -> None:
 @_option("--bucket_name", default=None, help="GCS bucket; output defaults to gs://<bucket>/<model>.")
 @_option("--output_directory", default=None, help=f"Output root (local or gs://). Default ./{DEFAULT_OUTPUT}.")
 @_option("--inference_server", default="jetstream-maxtext", show_default=True,
-         help="Target server; only jetstream-maxtext (MaxText checkpoints).")
+         help="Target server: jetstream-maxtext (classic trees) or maxtext (MaxText >= 0.2.5, NNX trees).")
+@_option("--maxtext_layout", type=click.Choice(["linen", "nnx"]), default=None, help=MAXTEXT_LAYOUT_HELP)
 @_option("--quantize_type", default=None, help="int8 (AQT weights + dynamic activations), int8w or int4w.")
 @_option("--quantize_weights", type=click.BOOL, default=None, help="True to also write <out>/int8.")
 @_option("--skip_scanned", is_flag=True, help="Only the unscanned (serving) bf16 checkpoint, not the scanned one.")
 @_option("--restart", is_flag=True, help="Discard a partial or earlier output at the destination and start over.")
 @_option("--compression", type=click.Choice(["none", "zstd"]), default="none", show_default=True,
          help="zarr codec for the arrays (weights compress little).")
+@_option("--skip_md5", is_flag=True,
+         help="Do not check the input files against the checklist.chk next to them (one extra read of each file; "
+              "every tensor's CRC-32 is checked either way).")
 @engine_options
 @_option("--no_progress", is_flag=True, help="No progress bar / status lines.")
 @click.option("--verbose", "-v", is_flag=True)
 def convert(model_name, model_path, input_directory, meta_url, download_directory, synthetic, num_kv_heads,
-            source_format, bucket_name, output_directory, inference_server, quantize_type, quantize_weights, skip_scanned,
-            restart, compression, executor, address, num_workers, worker_memory_gb, no_progress, verbose) -> None:
+            source_format, bucket_name, output_directory, inference_server, maxtext_layout, quantize_type,
+            quantize_weights, skip_scanned, restart, compression, skip_md5, executor, address, num_workers,
+            worker_memory_gb, no_progress, verbose) -> None:
     """Convert a Meta (or Hugging Face) checkpoint into MaxText checkpoints under the output directory."""
     setup_logging(verbose)
     try:
-        if inference_server not in INFERENCE_SERVERS:
+        if inference_server not in INFERENCE_SERVERS and inference_server not in SERVER_LAYOUTS:
             raise SpecError(f"unsupported --inference_server {inference_server!r} (supported: "
-                            f"{', '.join(INFERENCE_SERVERS)})")
+                            f"{', '.join(sorted(set(INFERENCE_SERVERS) | set(SERVER_LAYOUTS)))})")
+        maxtext_layout = maxtext_layout or SERVER_LAYOUTS.get(inference_server, "linen")
         kinds, quantize_type = _kinds(quantize_type, quantize_weights, skip_scanned)
+        from rayconv import trees
+
+        trees.get(maxtext_layout).check_quantize_type(quantize_type)  # before any download or write
         files, display, model_name, model_path, kv = _resolve_input(
             model_name, model_path, input_directory, meta_url, download_directory, synthetic, bucket_name)
         from rayconv.engine.driver import ConvertOptions, convert as run
+
+        verify_md5 = _md5_policy(skip_md5, meta_url, download_directory or bucket_name)
 
         options = ConvertOptions(
             files=files, input_display=display,
@@ -185,8 +230,8 @@ def convert(model_name, model_path, input_directory, meta_url, download_director
             model_name=model_name, model_path=model_path, kinds=kinds, quantize_type=quantize_type,
             worker_memory_gb=worker_memory_gb, executor=executor, address=address, num_workers=num_workers,
             restart=restart, compression=None if compression == "none" else compression,
-            kv_heads=num_kv_heads or kv, progress=not no_progress, source_format=source_format,
-            input_directory=input_directory)
+            kv_heads=num_kv_heads or kv, progress=not no_progress, maxtext_layout=maxtext_layout,
+            verify_md5=verify_md5, source_format=source_format, input_directory=input_directory)
         result = run(options)
     except ConversionError as exc:
         _fail(exc)
@@ -235,8 +280,10 @@ def plan(model_name, model_path, input_directory, meta_url, download_directory, 
 @_option("--model_name", default=None, help="llama-2, llama-3, llama-3.1 or llama-3.3.")
 @_option("--model_path", default=None, help="Meta model descriptor, e.g. Llama3.1-405B-Instruct:bf16-mp16.")
 @_option("--num_kv_heads", type=int, default=None)
+@_option("--maxtext_layout", type=click.Choice(["linen", "nnx"]), default=None,
+         help="The tree layout OUTPUT must have (default: the one it has). " + MAXTEXT_LAYOUT_HELP)
 @SOURCE_FORMAT
-def verify(source, output, model_name, model_path, num_kv_heads, source_format) -> None:
+def verify(source, output, model_name, model_path, num_kv_heads, maxtext_layout, source_format) -> None:
     """Re-read SOURCE (Meta shards or HF safetensors) and prove every leaf under OUTPUT equals its mapping."""
     setup_logging()
     from rayconv.engine.driver import ConvertOptions
@@ -246,7 +293,8 @@ def verify(source, output, model_name, model_path, num_kv_heads, source_format) 
     try:
         options = ConvertOptions(files=list_input(source), input_display=source, output=output,
                                  model_name=model_name, model_path=model_path, kv_heads=num_kv_heads,
-                                 source_format=source_format, input_directory=source)
+                                 maxtext_layout=maxtext_layout, source_format=source_format,
+                                 input_directory=source)
         report = run(options, output)
     except ConversionError as exc:
         _fail(exc)
@@ -261,7 +309,9 @@ def verify(source, output, model_name, model_path, num_kv_heads, source_format) 
 @click.option("--n_shards", type=int, default=None)
 @click.option("--n_layers", type=int, default=None)
 @click.option("--seed", type=int, default=None)
-def synthetic(preset_or_dims, out, n_shards, n_layers, seed) -> None:
+@click.option("--fp8", is_flag=True, default=False,
+              help="Write Meta's FP8 SKU layout (float8 FFN weights of layers 1..n-2 + fp8_scales_{r}.pt).")
+def synthetic(preset_or_dims, out, n_shards, n_layers, seed, fp8) -> None:
     """Write a synthetic Meta-format checkpoint (PRESET: demo, 405b-2gb)."""
     import dataclasses
 
@@ -271,6 +321,8 @@ def synthetic(preset_or_dims, out, n_shards, n_layers, seed) -> None:
         raise click.UsageError(f"unknown preset {preset_or_dims!r} (choose from {', '.join(syn.PRESETS)})")
     model = syn.PRESETS[preset_or_dims]
     changes = {k: v for k, v in {"n_shards": n_shards, "n_layers": n_layers, "seed": seed}.items() if v is not None}
+    if fp8:
+        changes["fp8"] = True
     model = dataclasses.replace(model, **changes)
     syn.write_checkpoint(model, out)
     click.echo(f"wrote {human_bytes(model.nbytes())} synthetic {model.family} checkpoint to {out}")

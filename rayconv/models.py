@@ -16,9 +16,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from typing import Any, Mapping
 
+from rayconv import catalog
 from rayconv.errors import SpecError
 
 #: ``--model_name`` values (the tutorial's spelling) → MaxText model-name prefix.
@@ -37,87 +37,61 @@ ROPE_PERMUTED_FAMILIES = frozenset({"llama-2", "llama-3"})
 
 @dataclasses.dataclass(frozen=True)
 class KnownSize:
-    """A published size: MaxText's config values plus Meta's default shard count."""
+    """A published size: MaxText's config values (shard counts are the catalog's)."""
 
     size: str
     dim: int
     n_layers: int
     n_heads: int
     n_kv_heads: int
-    default_shards: int
 
 
 #: family → published sizes (MaxText ``configs/models/*.yml``; Meta's release layouts).
 KNOWN_SIZES: dict[str, tuple[KnownSize, ...]] = {
     "llama-2": (
-        KnownSize("7b", 4096, 32, 32, 32, 1),
-        KnownSize("13b", 5120, 40, 40, 40, 2),
-        KnownSize("70b", 8192, 80, 64, 8, 8),
+        KnownSize("7b", 4096, 32, 32, 32),
+        KnownSize("13b", 5120, 40, 40, 40),
+        KnownSize("70b", 8192, 80, 64, 8),
     ),
     "llama-3": (
-        KnownSize("8b", 4096, 32, 32, 8, 1),
-        KnownSize("70b", 8192, 80, 64, 8, 8),
+        KnownSize("8b", 4096, 32, 32, 8),
+        KnownSize("70b", 8192, 80, 64, 8),
     ),
     "llama-3.1": (
-        KnownSize("8b", 4096, 32, 32, 8, 1),
-        KnownSize("70b", 8192, 80, 64, 8, 8),
-        KnownSize("405b", 16384, 126, 128, 8, 16),
+        KnownSize("8b", 4096, 32, 32, 8),
+        KnownSize("70b", 8192, 80, 64, 8),
+        KnownSize("405b", 16384, 126, 128, 8),
     ),
-    "llama-3.3": (KnownSize("70b", 8192, 80, 64, 8, 8),),
+    "llama-3.3": (KnownSize("70b", 8192, 80, 64, 8),),
 }
-
-_DESCRIPTOR = re.compile(
-    r"^(?:meta-)?llama-?(?P<version>\d(?:\.\d)?)-(?P<size>\d+)b(?P<suffix>-instruct|-chat)?"
-    r"(?::(?P<variant>[a-z0-9-]+))?$",
-    re.IGNORECASE,
-)
-_VARIANT = re.compile(r"^(?P<dtype>bf16)-mp(?P<mp>\d+)$")
-
 
 @dataclasses.dataclass(frozen=True)
 class Descriptor:
-    """A Meta model descriptor such as ``Llama3.1-405B-Instruct:bf16-mp16``."""
+    """A Meta model descriptor such as ``Llama3.1-405B-Instruct:bf16-mp16`` that rayconv can convert.
+
+    The grammar, shard counts and SKUs are :mod:`rayconv.catalog`'s; this adds what conversion needs
+    on top: a family MaxText has, a published size (unless the variant names the shard count), the SKU.
+    """
 
     text: str
     family: str
     size: str
     instruct: bool
     shards: int | None
+    #: "bf16", or "fp8" for Meta's FP8 405B SKU (FFN weights of layers 1..n-2 as float8 with row scales).
+    sku: str = "bf16"
 
     @classmethod
     def parse(cls, text: str) -> "Descriptor":
-        match = _DESCRIPTOR.match(text.strip())
-        if not match:
-            raise SpecError(
-                f"--model_path {text!r} is not a Meta model descriptor "
-                "(expected e.g. Llama3.1-405B-Instruct:bf16-mp16, Llama3.1-8B, Llama-2-7b)"
-            )
-        family = f"llama-{match['version']}"
-        if family not in FAMILIES:
-            raise SpecError(f"--model_path {text!r}: Llama {match['version']} is not supported "
+        model = catalog.lookup(text)
+        if model.family not in FAMILIES:
+            raise SpecError(f"--model_path {text!r}: Llama {model.family[len('llama-'):]} is not supported "
                             f"(supported: {', '.join(FAMILIES)})")
-        size = f"{match['size']}b"
-        shards: int | None = None
-        variant = match["variant"]
-        if variant:
-            parsed = _VARIANT.match(variant.lower())
-            if not parsed:
-                raise SpecError(
-                    f"--model_path {text!r}: variant {variant!r} is not supported; only bf16 "
-                    "checkpoints (e.g. :bf16-mp16, :bf16-mp8) convert bit-exactly; the FP8 SKU does not"
-                )
-            shards = int(parsed["mp"])
-        else:
-            known = _known_size(family, size)
-            if known is None:
-                raise SpecError(f"--model_path {text!r}: {family} has no published {size} model")
-            if family == "llama-3.1" and size == "405b":
-                raise SpecError(
-                    f"--model_path {text!r} is Meta's FP8 405B SKU; rayconv converts the bf16 SKUs "
-                    "(Llama3.1-405B[-Instruct]:bf16-mp16 or :bf16-mp8)"
-                )
-            shards = known.default_shards
-        return cls(text=text, family=family, size=size, instruct=bool(match["suffix"]), shards=shards)
+        if not model.variant and not model.published:
+            raise SpecError(f"--model_path {text!r}: {model.family} has no published {model.size} model")
+        # The bare 405B descriptor (or :fp8) is Meta's FP8 SKU: 8 shards (MP8 layout) plus fp8_scales_{r}.pt.
+        return cls(text=text, family=model.family, size=model.size, instruct=model.instruct, shards=model.shards,
+                   sku=model.dtype)
 
 
 def _known_size(family: str, size: str) -> KnownSize | None:

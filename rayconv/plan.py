@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from rayconv import mapping
+from rayconv import mapping, trees
 from rayconv.mapping import Rule
 from rayconv.models import ModelSpec
 from rayconv.source.pth import TensorInfo
@@ -78,6 +78,16 @@ def _np_dtype(name: str) -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
+class ScaleRead:
+    """The float32 row scales of an FP8 read: a byte range of ``plan.scale_files[file]`` (see rayconv.fp8)."""
+
+    file: int
+    key: str
+    offset: int
+    length: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Read:
     """One contiguous byte range of one source file: rows [row0, row1) of a tensor."""
 
@@ -87,6 +97,7 @@ class Read:
     length: int
     rows: tuple[int, int]
     shape: tuple[int, ...]  # shape of the rows read
+    scale: ScaleRead | None = None  # set for float8 rows: dequantize with these scales (FP8 SKU)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +127,8 @@ class Unit:
 
     @property
     def read_bytes(self) -> int:
-        return self.nbytes + sum(r.length for p in self.pieces for r in p.duplicates)
+        scales = sum(r.scale.length for p in self.pieces for r in p.reads if r.scale is not None)
+        return self.nbytes + sum(r.length for p in self.pieces for r in p.duplicates) + scales
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +139,12 @@ class Plan:
     quantize_type: str | None
     piece_rows: dict[int, int]  # rule index → rows per piece
     units: tuple[Unit, ...]
+    scale_files: tuple[str, ...] = ()  # FP8 SKU: fp8_scales_{r}.pt uri per shard
+    layout: str = trees.DEFAULT_LAYOUT  # MaxText tree layout (rayconv.trees.LAYOUTS)
+
+    @property
+    def tree(self) -> trees.TreeLayout:
+        return trees.get(self.layout)
 
     @property
     def rules(self) -> tuple[Rule, ...]:
@@ -141,11 +159,13 @@ class Plan:
 
     def fingerprint(self) -> str:
         """Identifies the work: same fingerprint ⇒ a ledger's receipts are valid for this plan."""
-        payload = json.dumps(
-            {"spec": self.spec.to_json(), "kinds": self.kinds, "q": self.quantize_type,
-             "rows": sorted(self.piece_rows.items()), "units": [(u.id, len(u.pieces)) for u in self.units]},
-            sort_keys=True,
-        )
+        work = {"spec": self.spec.to_json(), "kinds": self.kinds, "q": self.quantize_type,
+                "rows": sorted(self.piece_rows.items()), "units": [(u.id, len(u.pieces)) for u in self.units]}
+        if self.scale_files:
+            work["fp8"] = True  # the same model from an FP8 source converts to different bytes
+        if self.layout != trees.DEFAULT_LAYOUT:
+            work["layout"] = self.layout  # only non-default layouts, so linen fingerprints (and ledgers) stay
+        payload = json.dumps(work, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -252,10 +272,21 @@ def group_units(pieces: Iterable[Piece], unit_budget: int) -> tuple[Unit, ...]:
 
 def build_plan(spec: ModelSpec, shards: Sequence[str], indexes: Sequence[dict[str, TensorInfo]], *,
                kinds: Sequence[str], quantize_type: str | None, piece_budget: int,
-               unit_budget: int, locate: Locate | None = None) -> Plan:
+               unit_budget: int, scales: Any = None, layout: str = trees.DEFAULT_LAYOUT,
+               locate: Locate | None = None) -> Plan:
+    """``scales`` (a rayconv.fp8.Scales) makes the float8 reads carry their row scales (FP8 SKU); ``locate``
+    says which file holds each shard's tensor when that is not file = shard (a Hugging Face checkpoint)."""
+    tree = trees.get(layout)
+    if "int8" in kinds:
+        tree.check_quantize_type(quantize_type)
     rows, pieces = build_pieces(spec, indexes, piece_budget, locate)
+    if scales is not None:
+        from rayconv import fp8
+
+        pieces = fp8.attach_scales(pieces, scales)
     return Plan(spec=spec, shards=tuple(shards), kinds=tuple(kinds), quantize_type=quantize_type,
-                piece_rows=rows, units=group_units(pieces, unit_budget))
+                piece_rows=rows, units=group_units(pieces, unit_budget),
+                scale_files=tuple(scales.files) if scales is not None else (), layout=tree.name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,39 +302,36 @@ def scale_shape(shape: Sequence[int], contraction: Sequence[int]) -> tuple[int, 
     return tuple(1 if axis in contraction else n for axis, n in enumerate(shape))
 
 
-def leaf_paths(rule: Rule, layer: int | None, kind: str) -> tuple[str, ...]:
-    """Tree path of a rule's leaf in a given output (unscanned/int8 name layers ``layers_{i}``)."""
-    target = rule.target
-    if layer is not None and kind != "scanned":
-        target = tuple(f"layers_{layer}" if part == "layers" else part for part in target)
-    return ("params", "params") + target
+def leaf_paths(rule: Rule, layer: int | None, kind: str, tree: trees.TreeLayout = trees.LINEN) -> tuple[str, ...]:
+    """Tree path of a rule's leaf in a given output (unscanned/int8 name layers ``layers_{i}``); the layout
+    (:mod:`rayconv.trees`) decides the wrapping (``params/params/…`` or NNX ``…/value``)."""
+    return tree.leaf_path(rule, layer, kind)
 
 
-def aqt_paths(rule: Rule, layer: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(qvalue path, scale path) of an AQT-frozen kernel (MaxText's classic int8 tree)."""
-    module = tuple(f"layers_{layer}" if part == "layers" else part for part in rule.target[:-1])
-    frozen = ("params", "aqt") + module + ("AqtDotGeneral_0", "qrhs", "frozen")
-    return frozen + ("qvalue",), frozen + ("scale", "0")
+def aqt_paths(rule: Rule, layer: int, tree: trees.TreeLayout = trees.LINEN) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(qvalue path, scale path) of an AQT-frozen kernel in the layout's int8 tree."""
+    return tree.aqt_paths(rule, layer)
 
 
 def output_arrays(plan: Plan, kind: str) -> list[ArraySpec]:
     spec = plan.spec
+    tree = plan.tree
     arrays: list[ArraySpec] = []
     for ri, rule in enumerate(plan.rules):
         shape = mapping.layer_shape(rule, spec)
         chunks = _layer_chunks(rule, spec, plan.piece_rows[ri])
         if kind == "scanned" and rule.per_layer:
-            arrays.append(ArraySpec(leaf_paths(rule, 0, kind), mapping.scanned_shape(shape, spec.n_layers),
+            arrays.append(ArraySpec(leaf_paths(rule, 0, kind, tree), mapping.scanned_shape(shape, spec.n_layers),
                                     "bfloat16", mapping.scanned_shape(chunks, 1)))
             continue
         for layer in _layers(rule, spec):
             if kind == "int8" and rule.quantized:
-                qpath, spath = aqt_paths(rule, layer)
+                qpath, spath = aqt_paths(rule, layer, tree)
                 arrays.append(ArraySpec(qpath, shape, quant_dtype(plan.quantize_type), chunks))
                 arrays.append(ArraySpec(spath, scale_shape(shape, rule.contraction), "bfloat16",
                                         scale_shape(chunks, rule.contraction)))
             else:
-                arrays.append(ArraySpec(leaf_paths(rule, layer, kind), shape, "bfloat16", chunks))
+                arrays.append(ArraySpec(leaf_paths(rule, layer, kind, tree), shape, "bfloat16", chunks))
     return arrays
 
 
@@ -318,6 +346,7 @@ def describe(plan: Plan) -> dict[str, Any]:
         "model": plan.spec.maxtext_name,
         "shards": len(plan.shards),
         "outputs": list(plan.kinds),
+        "maxtext_layout": plan.layout,
         "units": len(plan.units),
         "pieces": sum(len(u.pieces) for u in plan.units),
         "input_bytes": plan.input_bytes,

@@ -19,29 +19,23 @@ from typing import Any, Iterator
 
 import tensorstore as ts
 
-from rayconv.errors import OutputError
+from rayconv.errors import OutputError, one_line_reason
+from rayconv.gcs_api import object_info, parse_gs
+from rayconv.process_local import per_process
 
-_kvstores: dict[str, ts.KvStore] = {}
-_kvstores_lock = threading.Lock()
-_kvstores_pid = os.getpid()
-_context: ts.Context | None = None
+#: Per process (tensorstore handles do not survive a fork): one Context, the kvstores opened in it.
+_kvstores = per_process(lambda: (ts.Context(), {}, threading.Lock()))
 
 
 def open_kvstore(spec: dict[str, Any]) -> ts.KvStore:
     """Open (once per process) a kvstore; all share one tensorstore Context, so GCS request
     concurrency and connection pools are shared rather than created per call."""
-    global _context, _kvstores_pid
+    context, stores, lock = _kvstores()
     key = json.dumps(spec, sort_keys=True)
-    with _kvstores_lock:
-        if _kvstores_pid != os.getpid():  # forked: tensorstore handles do not survive a fork
-            _kvstores.clear()
-            _context, _kvstores_pid = None, os.getpid()
-        store = _kvstores.get(key)
+    with lock:
+        store = stores.get(key)
         if store is None:
-            if _context is None:
-                _context = ts.Context()
-            store = ts.KvStore.open(spec, context=_context).result()
-            _kvstores[key] = store
+            store = stores[key] = ts.KvStore.open(spec, context=context).result()
         return store
 
 
@@ -53,18 +47,8 @@ def _prefix_range(prefix: str) -> ts.KvStore.KeyRange:
     return ts.KvStore.KeyRange(low, high)
 
 
-def storage_reason(exc: BaseException) -> str:
-    """The informative part of an OS or tensorstore error, on one line.
-
-    tensorstore nests causes (``RESOURCE_EXHAUSTED: Error writing "k" in …: Failed writing: …: No space
-    left on device [os_error_code='28']``): keep the status code and the innermost cause.
-    """
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    text = text.split(" [", 1)[0]
-    status, _, rest = text.partition(": ")
-    if status.isupper() and rest:
-        return f"{rest.rsplit(': ', 1)[-1]} ({status})"[:300]
-    return text[:300]
+#: Kept for callers of the old name; the one helper is :func:`rayconv.errors.one_line_reason`.
+storage_reason = one_line_reason
 
 
 @contextlib.contextmanager
@@ -73,7 +57,7 @@ def output_errors(location: "Location") -> Iterator[None]:
     try:
         yield
     except (ValueError, OSError) as exc:
-        raise OutputError(f"cannot write to {location.uri}: {storage_reason(exc)}") from None
+        raise OutputError(f"cannot write to {location.uri}: {one_line_reason(exc)}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +72,7 @@ class Location:
     def parse(cls, uri: str) -> "Location":
         uri = str(uri)
         if uri.startswith("gs://"):
-            rest = uri[len("gs://"):]
-            bucket, _, prefix = rest.partition("/")
-            if not bucket:
-                raise OutputError(f"{uri!r} names no bucket")
+            bucket, prefix = parse_gs(uri, OutputError)
             return cls("gs", bucket, prefix.strip("/"))
         if "://" in uri:
             raise OutputError(f"unsupported location {uri!r} (use a local path or gs://bucket/path)")
@@ -148,7 +129,7 @@ class Location:
                 os.makedirs(os.path.dirname(os.path.join(self.path, key)), exist_ok=True)
             self._kvstore().write(key, data).result()
         except (OSError, ValueError) as exc:
-            raise OutputError(f"cannot write to {self.join(key).uri}: {storage_reason(exc)}") from None
+            raise OutputError(f"cannot write to {self.join(key).uri}: {one_line_reason(exc)}") from None
 
     def exists(self, key: str = "") -> bool:
         if not key:
@@ -169,8 +150,6 @@ class Location:
         if self.is_local:
             path = os.path.join(self.path, key)
             return os.path.getsize(path) if os.path.isfile(path) else None
-        from rayconv.source.gcs import object_info
-
         info = object_info(self.bucket, self.join(key).path)
         return None if info is None else info["size"]
 
@@ -208,5 +187,5 @@ class Location:
             self.write_bytes(probe, b"ok")
             self.delete(probe)
         except (OSError, ValueError) as exc:
-            raise OutputError(f"cannot write to {self.uri}: {storage_reason(exc)}") from None
+            raise OutputError(f"cannot write to {self.uri}: {one_line_reason(exc)}") from None
 

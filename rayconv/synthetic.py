@@ -49,6 +49,9 @@ class SyntheticModel:
     norm_jitter: bool = True
     #: Meta descriptor whose layout this mimics (gives the MaxText model name and real kv heads).
     descriptor: str | None = None
+    #: Meta's FP8 SKU layout: FFN weights of layers 1..n_layers-2 as float8_e4m3fn, quantized per row by
+    #: FBGEMM's quantizer (rayconv.fp8.quantize_rows) from the bf16 weights, plus fp8_scales_{r}.pt.
+    fp8: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -100,7 +103,11 @@ class SyntheticModel:
         e, m, d = self.dim, self.ffn_dim, self.head_dim
         kv_rows = max(self.n_kv_heads, self.n_shards) * d
         per_layer = 2 * e * e + 2 * kv_rows * e + 3 * e * m + 2 * e * self.n_shards
-        return 2 * (self.n_layers * per_layer + 2 * self.vocab_size * e + e * self.n_shards)
+        total = 2 * (self.n_layers * per_layer + 2 * self.vocab_size * e + e * self.n_shards)
+        if self.fp8:  # FFN weights of layers 1..n-2 at 1 byte per element, plus 4 bytes per row scale
+            fp8_layers = max(0, self.n_layers - 2)
+            total -= fp8_layers * (3 * e * m - 4 * (2 * m + e * self.n_shards))
+        return total
 
 
 #: Named shapes. ``demo`` is the embedded default input of ``rayconv convert``: Llama-3.1-shaped,
@@ -119,7 +126,8 @@ PRESETS: dict[str, SyntheticModel] = {
 
 def ensure_checkpoint(model: SyntheticModel, root: str | Path) -> Path:
     """Write the checkpoint under ``root/<hash of the model>`` unless a complete copy is there."""
-    key = hashlib.sha256(repr(model).encode()).hexdigest()[:12]
+    # fp8=False is left out of the key so checkpoints cached before the field existed keep their names.
+    key = hashlib.sha256(repr(model).replace(", fp8=False)", ")").encode()).hexdigest()[:12]
     out = Path(root) / key
     if (out / "checklist.chk").exists():
         return out
@@ -176,6 +184,23 @@ def shard_tensors(model: SyntheticModel, shard: int) -> Iterator[tuple[str, np.n
     yield "output.weight", _weights(model, (v // mp, e), "output", shard)
 
 
+def _fp8_state(model: SyntheticModel, shard: int) -> tuple[dict, dict]:
+    """One FP8-SKU shard (torch tensors, Meta's key order) and its scale dict ``{i}_feed_forward.{w}_{shard}``."""
+    import torch
+
+    from rayconv import fp8
+
+    state, scales = {}, {}
+    for key, array in shard_tensors(model, shard):
+        if fp8.is_fp8_tensor(key, model.n_layers):
+            q, scale = fp8.quantize_rows(array)
+            state[key] = torch.from_numpy(np.ascontiguousarray(q).view(np.uint8)).view(torch.float8_e4m3fn)
+            scales[fp8.scale_key(key, shard)] = torch.from_numpy(scale)
+        else:
+            state[key] = torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
+    return state, scales
+
+
 def _md5(path: Path) -> str:
     digest = hashlib.md5()
     with path.open("rb") as f:
@@ -195,10 +220,15 @@ def write_checkpoint(model: SyntheticModel, out_dir: str | Path, *, checklist: b
     (out / "tokenizer.model").write_bytes(b"synthetic tokenizer placeholder\n")
     names = ["params.json", "tokenizer.model"]
     for shard in range(model.n_shards):
-        state = {
-            key: torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
-            for key, array in shard_tensors(model, shard)
-        }
+        if model.fp8:
+            state, scales = _fp8_state(model, shard)
+            torch.save(scales, out / f"fp8_scales_{shard}.pt")
+            names.append(f"fp8_scales_{shard}.pt")
+        else:
+            state = {
+                key: torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
+                for key, array in shard_tensors(model, shard)
+            }
         name = f"consolidated.{shard:02d}.pth"
         torch.save(state, out / name)
         names.append(name)

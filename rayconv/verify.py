@@ -14,7 +14,7 @@ import json
 import numpy as np
 import tensorstore as ts
 
-from rayconv import mapping
+from rayconv import mapping, trees
 from rayconv.engine.driver import ConvertOptions, make_plan, open_checkpoint, verify_crcs
 from rayconv.errors import ConversionError
 from rayconv.plan import ArraySpec
@@ -51,13 +51,26 @@ def _present_kinds(out: Location) -> tuple[dict[str, Location], str | None]:
     return found, quantize_type
 
 
-def _check_tree(kind: str, item: Location, arrays: list[ArraySpec]) -> None:
-    from rayconv.sink.commit import tree_metadata
+def _detect_layout(present: dict[str, Location]) -> str:
+    """The tree layout of existing outputs: NNX trees have no ``params`` root (unscanned, int8); a scanned-only
+    output tells by the Orbax handler its step records (MaxText 0.2.5 saves through Orbax's v1 API)."""
+    for kind in ("unscanned", "int8"):
+        if kind in present:
+            stored = json.loads(present[kind].read_bytes("_METADATA") or b"{}").get("tree_metadata", {})
+            return "linen" if any(key.startswith("('params',") for key in stored) else "nnx"
+    if "scanned" in present:
+        step = json.loads(present["scanned"].parent.read_bytes("_CHECKPOINT_METADATA") or b"{}")
+        handlers = step.get("item_handlers")
+        if isinstance(handlers, dict) and handlers.get("items") == trees.V1_PYTREE_HANDLER:
+            return "nnx"
+    return trees.DEFAULT_LAYOUT
 
+
+def _check_tree(kind: str, item: Location, arrays: list[ArraySpec], tree: trees.TreeLayout = trees.LINEN) -> None:
     if item.read_bytes("commit_success.txt") is None:
         raise VerificationError(f"{item.uri} has no commit_success.txt: the {kind} checkpoint is incomplete")
     stored = json.loads(item.read_bytes("_METADATA") or b"{}").get("tree_metadata", {})
-    expected = tree_metadata(kind, arrays)["tree_metadata"]
+    expected = tree.tree_metadata(kind, arrays)["tree_metadata"]
     missing = sorted(set(expected) - set(stored))
     extra = sorted(set(stored) - set(expected))
     if missing or extra:
@@ -72,11 +85,14 @@ def verify(options: ConvertOptions, output: str) -> VerifyReport:
         raise VerificationError(f"no committed rayconv/MaxText checkpoint under {out.uri}")
     checkpoint = open_checkpoint(options)
     kinds = tuple(k for k in ("scanned", "unscanned", "int8") if k in present)
-    plan = make_plan(checkpoint, dataclasses.replace(options, kinds=kinds, quantize_type=quantize_type))
+    # --maxtext_layout given: the output must have that layout; not given: check the layout it has.
+    layout = options.maxtext_layout or _detect_layout(present)
+    plan = make_plan(checkpoint, dataclasses.replace(options, kinds=kinds, quantize_type=quantize_type,
+                                                     maxtext_layout=layout))
     for kind in kinds:
-        _check_tree(kind, present[kind], plan.arrays(kind))
+        _check_tree(kind, present[kind], plan.arrays(kind), plan.tree)
 
-    layouts = output_layouts(out, quantize_type)
+    layouts = output_layouts(out, quantize_type, plan.tree)
     ctx = JobContext.create(plan, layouts, None)
     stores: dict[tuple[str, tuple[str, ...]], ts.TensorStore] = {}
     arrays = {k: {a.path: a for a in plan.arrays(k)} for k in kinds}
@@ -87,7 +103,7 @@ def verify(options: ConvertOptions, output: str) -> VerifyReport:
             stores[(kind, path)] = ts.open(spec, open=True, read=True).result()
         return stores[(kind, path)]
 
-    sources = Sources(plan.shards)
+    sources = Sources(plan.shards, plan.scale_files)
     rules = mapping.rules(plan.spec)
     crcs: list = []
     regions = compared = 0

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 import tensorstore as ts
 
-from rayconv import mapping, quantize
+from rayconv import fp8, mapping, quantize, trees
 from rayconv.errors import SourceError
 from rayconv.mapping import Rule
 from rayconv.models import ModelSpec
@@ -43,6 +43,8 @@ class JobContext:
     items: dict[str, str]  # kind → staging item uri
     compression: str | None = None
     batch_bytes: int = 16 << 20  # output bytes per OCDBT commit
+    scale_files: tuple[str, ...] = ()  # FP8 SKU: fp8_scales_{r}.pt per shard
+    layout: str = trees.DEFAULT_LAYOUT  # MaxText tree layout: decides the leaf paths (rayconv.trees)
 
     @classmethod
     def create(cls, plan: Plan, layouts: dict[str, OutputLayout], compression: str | None,
@@ -56,6 +58,8 @@ class JobContext:
             items={k: layouts[k].item(staging=True).uri for k in plan.kinds},
             compression=compression,
             batch_bytes=batch_bytes,
+            scale_files=plan.scale_files,
+            layout=plan.layout,
         )
 
 
@@ -86,17 +90,45 @@ class Receipt:
 class Sources:
     """Opened shard sources, one per shard, reused across the unit's reads."""
 
-    def __init__(self, uris: tuple[str, ...]) -> None:
+    def __init__(self, uris: tuple[str, ...], scale_uris: tuple[str, ...] = ()) -> None:
         self._uris = uris
+        self._scale_uris = scale_uris
         self._open: dict[int, ByteSource] = {}
+        self._scales: dict[int, ByteSource] = {}
 
     def __getitem__(self, shard: int) -> ByteSource:
         if shard not in self._open:
             self._open[shard] = open_source(self._uris[shard])
         return self._open[shard]
 
+    def scale_name(self, index: int) -> str:
+        return self._scale_uris[index].split("?", 1)[0]
+
+    def scale_file(self, index: int) -> ByteSource:
+        """fp8_scales_{index}.pt of an FP8 checkpoint."""
+        if index not in self._scales:
+            self._scales[index] = open_source(self._scale_uris[index])
+        return self._scales[index]
+
+
+def _read_fp8(read: Read, sources: Sources, crcs: list) -> np.ndarray:
+    """float8 rows and their float32 row scales (two range reads), dequantized to bf16 (rayconv.fp8)."""
+    raw = np.empty(read.shape, dtype=fp8.FP8)
+    sources[read.shard].readinto(read.offset, memoryview(raw.reshape(-1).view(np.uint8)))
+    crcs.append((read.shard, read.tensor, read.offset, read.length, zlib.crc32(raw.reshape(-1).view(np.uint8))))
+    scale = np.empty(read.scale.length // 4, dtype="<f4")
+    sources.scale_file(read.scale.file).readinto(read.scale.offset, memoryview(scale.view(np.uint8)))
+    # Scale files are receipted as shard -1-r so the driver checks their records' CRC-32 too (verify_crcs).
+    crcs.append((-1 - read.scale.file, read.scale.key, read.scale.offset, read.scale.length,
+                 zlib.crc32(scale.view(np.uint8))))
+    name = sources.scale_name(read.scale.file)
+    fp8.check_scales(scale, f"{name}: {read.scale.key} (rows {read.rows[0]}:{read.rows[1]})")
+    return fp8.dequantize(raw, scale)
+
 
 def _read_into(read: Read, sources: Sources, crcs: list, out: np.ndarray | None = None) -> np.ndarray:
+    if read.scale is not None:
+        return _read_fp8(read, sources, crcs)
     buffer = np.empty(read.shape, dtype=mapping.BF16) if out is None else out
     raw = buffer.reshape(-1).view(np.uint8)
     sources[read.shard].readinto(read.offset, memoryview(raw))
@@ -205,20 +237,22 @@ def piece_outputs(ctx: JobContext, rule: Rule, piece: Piece, block: np.ndarray) 
     compares it with what is stored.
     """
     spec = ctx.spec
+    tree = trees.get(ctx.layout)
     array = mapping.to_layer_block(rule, block, spec)
     region = _slices(block_region(rule, spec, piece.row0, piece.row1))
     for kind in ctx.kinds:
         if kind == "scanned":
             if rule.per_layer:
-                yield kind, leaf_paths(rule, 0, kind), _scanned_region(region, piece.layer), np.expand_dims(array, 1)
+                yield (kind, leaf_paths(rule, 0, kind, tree), _scanned_region(region, piece.layer),
+                       np.expand_dims(array, 1))
             else:
-                yield kind, leaf_paths(rule, None, kind), region, array
+                yield kind, leaf_paths(rule, None, kind, tree), region, array
         elif kind == "unscanned" or not rule.quantized:
-            yield kind, leaf_paths(rule, piece.layer, kind), region, array
+            yield kind, leaf_paths(rule, piece.layer, kind, tree), region, array
         else:
             bits = quantize.QUANT_TYPES[ctx.quantize_type][0]
             qvalue, scale = quantize.quantize(array, rule.contraction, bits)
-            qpath, spath = aqt_paths(rule, piece.layer)
+            qpath, spath = aqt_paths(rule, piece.layer, tree)
             yield kind, qpath, region, qvalue
             scale_region = tuple(slice(0, 1) if axis in rule.contraction else s for axis, s in enumerate(region))
             yield kind, spath, scale_region, scale
@@ -237,13 +271,14 @@ def run_unit(ctx: JobContext, unit: Unit) -> Receipt:
     """Execute one unit; raises ConversionError on bad input. Safe to run again."""
     start = time.monotonic()
     rules = mapping.rules(ctx.spec)
-    sources = Sources(ctx.shards)
+    sources = Sources(ctx.shards, ctx.scale_files)
     writer = _Writer(ctx, unit, batch_bytes=ctx.batch_bytes)
     crcs: list = []
     bytes_read = 0
     for piece in unit.pieces:
         block = read_block(piece, sources, crcs)
-        bytes_read += sum(r.length for r in piece.reads) + sum(r.length for r in piece.duplicates)
+        bytes_read += sum(r.length + (r.scale.length if r.scale else 0) for r in piece.reads)
+        bytes_read += sum(r.length for r in piece.duplicates)
         for kind, path, region, array in piece_outputs(ctx, rules[piece.rule], piece, block):
             writer.write(kind, path, region, array)
         # Overlap: the next pieces are read and transformed while a full batch commits.

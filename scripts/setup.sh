@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Install rayconv's environments from the repo's own files.
 #   scripts/setup.sh            rayconv itself (.venvs/main, Python >= 3.11)
-#   scripts/setup.sh --reference   also MaxText 0.2.4's converters (.venvs/ref, Python 3.12), used by the
-#                                  parity tests and the benchmark as the reference implementation
+#   scripts/setup.sh --reference   also MaxText's converters (.venvs/ref, Python 3.12), used by the parity tests
+#                                  and the benchmark as the reference implementation: maxtext 0.2.4 (classic
+#                                  trees, --maxtext_layout linen) and 0.2.5 (NNX trees, --maxtext_layout nnx),
+#                                  each a --no-deps overlay (.venvs/maxtext-<version>) on the one ref env
 # Idempotent: an environment whose lock file has not changed is reused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,6 +52,16 @@ if [ "${1:-}" = "--reference" ]; then
     # maxtext's wheel declares no dependencies; install it beside, first on PYTHONPATH.
     "$REF/bin/pip" install -q --no-deps --target "$MT" maxtext==0.2.4
     echo "$REF_STAMP" > "$REF/.rayconv-stamp"
+  fi
+  # maxtext 0.2.5 runs on the same dependency set (measured: orbax-checkpoint 0.12.8 ships the v1 API it imports);
+  # its overlay is stamped on its own so adding it never rebuilds the ref env.
+  MT5=$VENVS/maxtext-0.2.5
+  MT5_STAMP=$(printf '%s maxtext==0.2.5' "$REF_STAMP" | sha256sum | cut -c1-16)
+  if ! stamp_ok "$MT5" "$MT5_STAMP"; then
+    echo "setup: installing maxtext 0.2.5 into $MT5"
+    rm -rf "$MT5"
+    "$REF/bin/pip" install -q --no-deps --target "$MT5" maxtext==0.2.5
+    echo "$MT5_STAMP" > "$MT5/.rayconv-stamp"
   fi
 fi
 echo "setup: ok"

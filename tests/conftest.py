@@ -45,6 +45,14 @@ def reference():
     return ref
 
 
+@pytest.fixture(scope="session")
+def reference_025(reference):
+    """MaxText 0.2.5 with default flags (NNX trees), sharing the 0.2.4 harness's cache and lock."""
+    ref = reference.with_maxtext("0.2.5")
+    ref.check_available()  # missing 0.2.5 overlay: a failure, never a skip
+    return ref
+
+
 # head_dim 32 (bf16(sqrt(32)) = 5.65625 is inexact, so the query rounding is exercised).
 MODELS = {
     "llama2-mp2": (SyntheticModel(family="llama-2", dim=256, n_layers=2, n_heads=8, n_kv_heads=8, vocab_size=512,

@@ -8,6 +8,14 @@ scripts in ``tests/maxtext_ref/`` are executed there through ``subprocess``.
 * ``RAYCONV_REF_PYTHON``   - the reference env's python (default ``<repo>/.venvs/ref/bin/python``)
 * ``RAYCONV_MAXTEXT_PATH`` - maxtext 0.2.4 installed with ``pip install --no-deps --target`` (default
   ``<repo>/.venvs/maxtext-0.2.4``); put first on the child's PYTHONPATH
+* ``RAYCONV_MAXTEXT_025_PATH`` - maxtext 0.2.5, likewise (default ``<repo>/.venvs/maxtext-0.2.5``); the same
+  Python env serves both versions (measured: 0.2.5 imports and runs on the 0.2.4 dependency set)
+
+Two references: ``MaxTextReference(maxtext="0.2.4")`` drives 0.2.4 with its NNX switches off (the classic Linen
+trees JetStream-MaxText loads: rayconv's ``--maxtext_layout linen``); ``maxtext="0.2.5"`` drives 0.2.5 with
+default flags (NNX decode trees: ``--maxtext_layout nnx``). Its unscanned reference is 0.2.5's
+generate_param_only_checkpoint, its int8 reference is ``maxtext.utils.layerwise_quantization``, and load_check /
+logits use 0.2.5's MaxEngine.
 * ``RAYCONV_REF_CACHE``    - default cache directory (default ``<repo>/.cache/maxtext-ref``)
 
 Every MaxText run costs ~10-15 s and ~1.8 GB RSS just to import torch/TF/jax, so all outputs are cached
@@ -22,7 +30,9 @@ Main API::
     ref.scanned(model, src_dir=None)    -> Path     # <...>/0/items (llama_or_mistral_ckpt)
     ref.scanned_hf(model, hf_dir)       -> Path     # the same from HF safetensors (--huggingface-checkpoint true)
     ref.unscanned(model, src_dir=None)  -> Path     # <...>/checkpoints/0/items (generate_param_only_checkpoint)
-    ref.quantized(model, src_dir=None, quant="int8") -> Path   # save_quantized_params_path dir (load_and_quantize_checkpoint)
+    ref.quantized(model, src_dir=None, quant="int8") -> Path   # save_quantized_params_path dir
+                                                   # (0.2.4: load_and_quantize_checkpoint; 0.2.5: layerwise_quantization)
+    ref.with_maxtext("0.2.5")           -> MaxTextReference   # same cache, the other version
     ref.load_check(model, path, kind)   -> dict     # MaxEngine.load_params summary; raises if MaxText can't restore
     ref.logits(model, path, kind)       -> np.ndarray [n_tokens, vocab] float32
     read_leaves(path) -> {"params/params/...": np.ndarray}   # every stored array, stored dtype
@@ -63,6 +73,9 @@ DEFAULT_TOKENS = (1, 7, 42, 3, 99, 250, 17, 5)
 #: Bump to invalidate every cached entry (the script sources are hashed in as well).
 HARNESS_VERSION = "1"
 
+#: maxtext version -> (env var of its --no-deps --target dir, the code path the scripts drive).
+MAXTEXT_VERSIONS = {"0.2.4": ("RAYCONV_MAXTEXT_PATH", "linen"), "0.2.5": ("RAYCONV_MAXTEXT_025_PATH", "nnx")}
+
 
 class ReferenceError(RuntimeError):
     """A MaxText reference script failed. The message carries the command and the tail of its output."""
@@ -84,34 +97,39 @@ def ref_python() -> Path:
     return Path(os.environ.get("RAYCONV_REF_PYTHON") or REPO / ".venvs" / "ref" / "bin" / "python")
 
 
-def maxtext_path() -> Path:
-    return Path(os.environ.get("RAYCONV_MAXTEXT_PATH") or REPO / ".venvs" / "maxtext-0.2.4")
+def maxtext_path(version: str = "0.2.4") -> Path:
+    var, _ = MAXTEXT_VERSIONS[version]
+    return Path(os.environ.get(var) or REPO / ".venvs" / f"maxtext-{version}")
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("RAYCONV_REF_CACHE") or REPO / ".cache" / "maxtext-ref")
 
 
-def maxtext_version() -> str:
-    infos = sorted(p.name for p in maxtext_path().glob("maxtext-*.dist-info"))
+def maxtext_version(version: str = "0.2.4") -> str:
+    infos = sorted(p.name for p in maxtext_path(version).glob("maxtext-*.dist-info"))
     return infos[-1] if infos else "unknown"
 
 
-def available() -> tuple[bool, str]:
+def available(version: str = "0.2.4") -> tuple[bool, str]:
     """(True, "") if the reference env looks usable, else (False, why) (the tests fail, never skip, when it is not)."""
-    py, mt = ref_python(), maxtext_path()
+    py, mt = ref_python(), maxtext_path(version)
+    var, _ = MAXTEXT_VERSIONS[version]
     if not py.exists():
         return False, f"reference python {py} not found (set RAYCONV_REF_PYTHON)"
     if not (mt / "maxtext" / "checkpoint_conversion").is_dir():
-        return False, f"maxtext not found under {mt} (set RAYCONV_MAXTEXT_PATH)"
+        return False, f"maxtext {version} not found under {mt} (set {var}; scripts/setup.sh --reference installs it)"
+    if not (mt / f"maxtext-{version}.dist-info").is_dir():
+        return False, f"{mt} does not hold maxtext {version} (found {maxtext_version(version)})"
     return True, ""
 
 
-def child_env() -> dict[str, str]:
+def child_env(version: str = "0.2.4") -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS", "PYTHONHOME")}
     env.update(
-        PYTHONPATH=str(maxtext_path()),
-        RAYCONV_MAXTEXT_PATH=str(maxtext_path()),
+        PYTHONPATH=str(maxtext_path(version)),
+        RAYCONV_MAXTEXT_PATH=str(maxtext_path(version)),
+        RAYCONV_MAXTEXT_LAYOUT=MAXTEXT_VERSIONS[version][1],
         DECOUPLE_GCLOUD="TRUE",
         JAX_PLATFORMS="cpu",
         TF_CPP_MIN_LOG_LEVEL="2",
@@ -135,6 +153,8 @@ def model_spec(model: Any) -> dict:
             spec.update(head_dim=m.head_dim, ffn_dim=m.ffn_dim)
         return spec
     spec = dataclasses.asdict(model)
+    if not spec.get("fp8"):  # added later: leave it out so cached entries of bf16 models keep their keys
+        spec.pop("fp8", None)
     spec.update(head_dim=model.head_dim, ffn_dim=model.ffn_dim)
     return spec
 
@@ -263,11 +283,12 @@ def leaf_checksum(arr: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
 
 
-def leaves_summary(path: str | Path) -> dict[str, dict]:
-    """{path: {shape, dtype, sha256}} of the stored leaves under ``params/`` (comparable with load_check)."""
+def leaves_summary(path: str | Path, prefix: str | None = "params/") -> dict[str, dict]:
+    """{path: {shape, dtype, sha256}} of the stored leaves under ``prefix`` (comparable with load_check; NNX trees
+    have no ``params/`` root: pass ``prefix=None``)."""
     return {
         k: {"shape": list(v.shape), "dtype": str(v.dtype), "sha256": leaf_checksum(v)}
-        for k, v in read_leaves(path, prefix="params/").items()
+        for k, v in read_leaves(path, prefix=prefix).items()
     }
 
 
@@ -296,9 +317,14 @@ class RunRecord:
 
 
 class MaxTextReference:
-    """Runs MaxText 0.2.4's own converters/loaders in the reference env, with an on-disk cache."""
+    """Runs one MaxText version's own converters/loaders in the reference env, with an on-disk cache."""
 
-    def __init__(self, cache_dir: str | Path | None = None, *, timeout: float = 1200, serialize: bool = True):
+    def __init__(self, cache_dir: str | Path | None = None, *, maxtext: str = "0.2.4", timeout: float = 1200,
+                 serialize: bool = True):
+        if maxtext not in MAXTEXT_VERSIONS:
+            raise ValueError(f"maxtext must be one of {sorted(MAXTEXT_VERSIONS)}")
+        self.maxtext = maxtext
+        self.layout = MAXTEXT_VERSIONS[maxtext][1]
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.timeout = timeout
@@ -307,14 +333,22 @@ class MaxTextReference:
         self.last_run: dict | None = None
 
     # ---------------------------------------------------------------- plumbing
+    def with_maxtext(self, version: str) -> "MaxTextReference":
+        """The same harness (cache, run log) driving another MaxText version."""
+        other = MaxTextReference(self.cache_dir, maxtext=version, timeout=self.timeout, serialize=self.serialize)
+        other.runs = self.runs
+        return other
+
     def check_available(self) -> None:
-        ok, why = available()
+        ok, why = available(self.maxtext)
         if not ok:
             raise ReferenceEnvMissing(why)
 
     def _entry(self, kind: str, key_obj: Any) -> Path:
-        key = _sha({"harness": HARNESS_VERSION, "maxtext": maxtext_version(), **key_obj})[:20]
-        return self.cache_dir / f"{kind}-{key}"
+        # The version is in both the key and the name: 0.2.4 and 0.2.5 entries never collide.
+        key = _sha({"harness": HARNESS_VERSION, "maxtext": maxtext_version(self.maxtext), **key_obj})[:20]
+        suffix = "" if self.maxtext == "0.2.4" else f"-{self.maxtext}"
+        return self.cache_dir / f"{kind}{suffix}-{key}"
 
     def _cached(self, entry: Path, build, script: str) -> Path:
         """Return ``entry`` once it holds a complete result; ``build(tmp_dir)`` fills a fresh dir."""
@@ -366,7 +400,7 @@ class MaxTextReference:
             open(err_path, "w") as err_f,
         ):
             t0 = time.time()
-            proc = subprocess.Popen(cmd, cwd=cwd, env=child_env(), stdout=out_f, stderr=err_f, text=True)
+            proc = subprocess.Popen(cmd, cwd=cwd, env=child_env(self.maxtext), stdout=out_f, stderr=err_f, text=True)
             timer = threading.Timer(self.timeout, proc.kill)
             timer.start()
             try:

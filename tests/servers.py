@@ -179,6 +179,8 @@ class SignedUrlServer:
         bytes and then closes the socket (once per entry).
       * ``fail_after_requests``: after this many more successful file responses, answer 403
         (simulates a URL expiring in the middle of a download).
+      * ``stall``: ``{relative path: (seconds, times)}`` - the next ``times`` responses (None: all) of more
+        than one byte for that file send their headers, then nothing for ``seconds`` (a stalled server).
     ``requests`` records ``(method, path, range header, status)`` for every request.
     """
 
@@ -191,6 +193,7 @@ class SignedUrlServer:
         self.expired = False
         self.drop_after: dict[str, int] = {}
         self.fail_after_requests: int | None = None
+        self.stall: dict[str, tuple[float, int | None]] = {}
         self.requests: list[tuple[str, str, str | None, int]] = []
         self._lock = threading.Lock()
         self._httpd: http.server.ThreadingHTTPServer | None = None
@@ -310,6 +313,16 @@ class SignedUrlServer:
                 del self.drop_after[rel]
             else:
                 drop = None
+        with self._lock:
+            pause, times = self.stall.get(rel, (0.0, None))
+            if pause and stop - start > 1:
+                if times is not None:
+                    if times <= 1:
+                        del self.stall[rel]
+                    else:
+                        self.stall[rel] = (pause, times - 1)
+            else:
+                pause = 0.0
         self._record("GET", parsed.path, rng, status)
         h.send_response(status)
         h.send_header("Content-Type", "application/octet-stream")
@@ -318,6 +331,9 @@ class SignedUrlServer:
         if status == 206:
             h.send_header("Content-Range", f"bytes {start}-{stop - 1}/{size}")
         h.end_headers()
+        if pause:
+            h.wfile.flush()
+            time.sleep(pause)
         limit = stop if drop is None else min(stop, start + drop)
         with path.open("rb") as f:
             f.seek(start)

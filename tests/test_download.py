@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 
 from conftest_storage import *  # noqa: F401,F403  (fixtures; also imported by tests/conftest.py)
-from rayconv import download
-from rayconv.download import (HashingSource, StageReport, check_expiry, descriptor_folder, file_urls,
-                              meta_model, read_checklist, resolve, resolve_input, stage, verify_files,
-                              verify_md5, verify_staged)
-from rayconv.errors import SourceError
-from rayconv.source.bytesource import LocalFile, open_source
+from rayconv import catalog, download, staging
+from rayconv.catalog import lookup
+from rayconv.download import check_expiry, check_meta_url, file_url, resolve, resolve_input
+from rayconv.errors import SourceError, SpecError
+from rayconv.source.bytesource import open_source
+from rayconv.source.hashing import read_checklist, verify_files, verify_md5
 from rayconv.source.http import HttpFile, policy_expiry, redact
+from rayconv.staging import StageReport, stage
 from rayconv.storage import Location
 from servers import SignedUrlServer, make_policy
 
@@ -63,33 +64,35 @@ def check_message(exc: BaseException, *must: str) -> str:
     ("Llama-2-70b-chat", "llama-2-70b-chat", 8),
 ])
 def test_descriptor_folder(descriptor, folder, shards):
-    assert descriptor_folder(descriptor) == folder
-    assert meta_model(descriptor).shards == shards
+    assert lookup(descriptor).folder == folder
+    assert lookup(descriptor).shards == shards
 
 
 def test_descriptor_details():
-    fp8 = meta_model("Llama3.1-405B-Instruct")
+    fp8 = lookup("Llama3.1-405B-Instruct")
     assert fp8.fp8 and fp8.files[3:5] == ["fp8_scales_0.pt", "fp8_scales_1.pt"]
     assert fp8.shard_bytes == 60_903_742_309
-    mp16 = meta_model("Llama3.1-405B:bf16-mp16")
+    mp16 = lookup("Llama3.1-405B:bf16-mp16")
     assert mp16.files[:3] == ["checklist.chk", "tokenizer.model", "params.json"]
     assert mp16.files[-1] == "consolidated.15.pth" and mp16.shard_bytes == 51_268_302_389
     assert mp16.legacy_folders == ("Meta-Llama-3.1-405B-MP16",)
-    assert meta_model("Llama-3-8B").legacy_folders == ("Meta-Llama-3-8B", "8b_pre_trained")
-    assert descriptor_folder("Llama3.1-8B", folder="custom/dir") == "custom/dir"
-    with pytest.raises(SourceError):
-        meta_model("Mistral-7B")
+    assert lookup("Llama-3-8B").legacy_folders == ("Meta-Llama-3-8B", "8b_pre_trained")
+    assert lookup("Llama3.1-8B", folder="custom/dir").folder == "custom/dir"
+    with pytest.raises(SpecError):
+        lookup("Mistral-7B")
 
 
 def test_file_urls_replace_star_keep_query():
     url = "https://llama3-1.llamameta.net/*?Policy=abc&Signature=s%3D&Key-Pair-Id=K&Download-Request-ID=1"
-    urls = file_urls(url, "Llama3.1-405B:bf16-mp16", ["params.json", "consolidated.03.pth"])
-    assert urls["consolidated.03.pth"] == ("https://llama3-1.llamameta.net/Llama-3.1-405B-MP16/consolidated.03.pth"
-                                           "?Policy=abc&Signature=s%3D&Key-Pair-Id=K&Download-Request-ID=1")
-    assert redact(urls["params.json"]) == "https://llama3-1.llamameta.net/Llama-3.1-405B-MP16/params.json"
-    assert len(file_urls(url, "Llama3.1-405B:bf16-mp16")) == 19
+    folder = lookup("Llama3.1-405B:bf16-mp16").folder
+    assert file_url(url, folder, "consolidated.03.pth") == (
+        "https://llama3-1.llamameta.net/Llama-3.1-405B-MP16/consolidated.03.pth"
+        "?Policy=abc&Signature=s%3D&Key-Pair-Id=K&Download-Request-ID=1")
+    assert redact(file_url(url, folder, "params.json")) == "https://llama3-1.llamameta.net/Llama-3.1-405B-MP16/params.json"
+    assert len(lookup("Llama3.1-405B:bf16-mp16").files) == 19
+    check_meta_url(url)
     with pytest.raises(SourceError) as info:
-        file_urls("https://llama3-1.llamameta.net/x?Policy=abc&Signature=zzz", "Llama3.1-8B")
+        check_meta_url("https://llama3-1.llamameta.net/x?Policy=abc&Signature=zzz")
     check_message(info.value, "placeholder")
 
 
@@ -243,63 +246,25 @@ def test_resolve_expired_url_refused_before_start(signed_url_server):
 
 def test_verify_files_over_http(signed_url_server, small_checkpoint):
     meta = resolve(signed_url_server.url(), DESCRIPTOR)
-    verify_files(meta.urls, meta.md5, block=256 * KiB, window=3)
+    listed = {name: url for name, url in meta.urls.items() if name != "checklist.chk"}
+    assert verify_files(listed, meta.md5, block=256 * KiB, window=3) == {name: "hashed" for name in listed}
     wrong = dict(meta.md5, **{SHARD: "0" * 32})
     with pytest.raises(SourceError) as info:
-        verify_files(meta.urls, wrong)
+        verify_files(listed, wrong)
     check_message(info.value, "md5 mismatch", SHARD)
-
-
-def test_hashing_source_in_order_reader(small_checkpoint):
-    """The access pattern of the .pth reader (tail, pickle, tensors in order, some in parallel)."""
-    import zipfile
-
-    path = small_checkpoint / SHARD
-    data = path.read_bytes()
-    md5 = hashlib.md5(data).hexdigest()
-    src = HashingSource(LocalFile(str(path)), md5, SHARD, gap_limit=64 * KiB)
-    with zipfile.ZipFile(path) as z:
-        infos = sorted(z.infolist(), key=lambda i: i.header_offset)
-    src.read(len(data) - 4096, 4096)  # central directory first: ahead of the frontier, not hashed
-    assert src.hashed == 0
-    ranges = []
-    for info in infos:
-        # The local extra field (torch's alignment padding) differs from the central one.
-        local_extra = int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")
-        start = info.header_offset + 30 + len(info.filename.encode()) + local_extra
-        ranges.append((start, info.file_size))
-    # Records in file order from one thread: only local headers and the zip tail are fetched again.
-    for r in ranges:
-        src.read(*r)
-    assert src.finish() == md5
-    assert src.refetched < 16 * KiB, src.refetched
-    # Four threads racing in file order (as a worker pool would): still correct, little refetched
-    # (a read that finishes before an earlier one has even started may pull a gap <= gap_limit).
-    from concurrent.futures import ThreadPoolExecutor
-
-    src = HashingSource(LocalFile(str(path)), md5, SHARD, gap_limit=64 * KiB)
-    with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda r: src.read(*r), ranges))
-    assert src.finish() == md5
-    assert src.refetched < len(data) // 4, src.refetched
-
-
-def test_hashing_source_out_of_order_still_correct(small_checkpoint):
-    path = small_checkpoint / SHARD
-    data = path.read_bytes()
-    md5 = hashlib.md5(data).hexdigest()
-    src = HashingSource(LocalFile(str(path)), md5, SHARD, gap_limit=1024)
-    for a in (900_000, 10, 500_000, 0):
-        src.read(a, 50_000)
-    assert src.finish() == md5
-    bad = HashingSource(LocalFile(str(path)), "f" * 32, SHARD)
     with pytest.raises(SourceError) as info:
-        bad.finish()
-    check_message(info.value, "md5 mismatch", SHARD)
+        verify_files(meta.urls, meta.md5)  # every file checked must be listed
+    check_message(info.value, "no md5 for checklist.chk")
 
 
 # ---------------------------------------------------------------------------------------------
 # stage(): URL → gs:// and URL → local directory
+
+
+def verify_staged(dest: Location) -> None:
+    """What convert does for a directory with checklist.chk: every listed file's md5 checked."""
+    sums = read_checklist(dest.read_bytes("checklist.chk"))
+    verify_files({name: dest.join(name).uri for name in sums}, sums)
 
 
 def assert_staged_equal(dest: Location, checkpoint) -> None:
@@ -390,16 +355,15 @@ def test_stage_truncated_shard(meta_url_tree, small_checkpoint, stage_dest):
 
 def test_stage_known_size_mismatch(signed_url_server, small_checkpoint, tmp_path, monkeypatch):
     """Published 405B sizes are checked before downloading (here: pretend 8B has one)."""
-    monkeypatch.setitem(download.KNOWN_SHARD_BYTES, "Llama-3.1-8B", 12345)
     monkeypatch.setattr(download, "_fetch_order", lambda model, md5: sorted(md5, key=lambda n: n.startswith("c")))
-    original = download.meta_model
+    original = catalog.lookup
 
     def with_size(descriptor, folder=None):
         import dataclasses
 
         return dataclasses.replace(original(descriptor, folder), shard_bytes=12345)
 
-    monkeypatch.setattr(download, "meta_model", with_size)
+    monkeypatch.setattr(catalog, "lookup", with_size)
     with pytest.raises(SourceError) as info:
         stage(signed_url_server.url(), DESCRIPTOR, str(tmp_path / "base"), files=[SHARD])
     check_message(info.value, SHARD, "published size is 12345")
@@ -476,16 +440,16 @@ def test_convert_from_url_and_bucket_bit_equal_to_local(tmp_path, gcs_prefix):
 STAGE_CHILD = """
 import json, os, sys, time
 sys.path.insert(0, {repo!r})
-from rayconv import download
-from rayconv.download import StageReport
+from rayconv import staging
+from rayconv.staging import StageReport
 def hwm():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
-import rayconv.storage, rayconv.source.gcs, google.cloud.storage  # imports count as baseline
+import rayconv.storage, rayconv.source.gcs, rayconv.download, google.cloud.storage  # imports count as baseline
 base = hwm()
 report = StageReport(dest=None)
 t = time.perf_counter()
-download.stage(sys.argv[1], "Llama3.1-8B", sys.argv[2], part_size=16 << 20, concurrency=4,
+staging.stage(sys.argv[1], "Llama3.1-8B", sys.argv[2], part_size=16 << 20, concurrency=4,
                memory_budget=96 << 20, report=report)
 dt = time.perf_counter() - t
 fetched = report.fetched["consolidated.00.pth"]
@@ -534,7 +498,7 @@ def test_stage_detects_bytes_changed_on_the_way_into_the_bucket(signed_url_serve
                                                                 gcs_prefix, monkeypatch):
     """A part stored differently from what was hashed (fault injected into the upload) is caught
     by the crc32c of the composed object; nothing is published and a rerun starts that file over."""
-    original = download._GcsParts.write
+    original = staging._GcsParts.write
     hit = []
 
     def corrupt_once(self, index, data):
@@ -543,7 +507,7 @@ def test_stage_detects_bytes_changed_on_the_way_into_the_bucket(signed_url_serve
             data = memoryview(bytes(data[:-1]) + bytes([data[-1] ^ 1]))
         return original(self, index, data)
 
-    monkeypatch.setattr(download._GcsParts, "write", corrupt_once)
+    monkeypatch.setattr(staging._GcsParts, "write", corrupt_once)
     dest = gcs_prefix.join("base")
     with pytest.raises(SourceError) as info:
         stage(signed_url_server.url(), DESCRIPTOR, dest, part_size=256 * KiB, parallel_files=1)

@@ -28,10 +28,13 @@ DESCRIPTOR = "Llama3.1-405B-Instruct:bf16-mp16"
 
 @pytest.fixture()
 def damaged(tmp_path):
-    """A private copy of the checkpoint to damage."""
+    """A private copy of the checkpoint to damage, without its checklist.chk: these tests exercise the checks
+    that remain when there is none (index, CRC-32, kv-head copies); with it, the md5 check catches the damage
+    first (tests/test_input_safety.py)."""
     src = synthetic_checkpoint(MODEL)
     dst = tmp_path / "in"
     shutil.copytree(src, dst)
+    (dst / "checklist.chk").unlink()
     return dst
 
 
@@ -110,7 +113,7 @@ def test_flipped_bytes_fail_the_crc_before_commit(damaged, tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["--model_name", "llama-9"], "unknown --model_name 'llama-9'"),
-    (["--model_path", "Llama3.1-405B"], "FP8"),
+    (["--model_path", "Llama3.1-405B"], "implies 8 shards"),  # the FP8 SKU, given a 16-shard checkpoint
     (["--quantize_type", "fp8", "--quantize_weights", "True"], "unsupported --quantize_type 'fp8'"),
     (["--inference_server", "vllm"], "unsupported --inference_server"),
 ])

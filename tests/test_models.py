@@ -23,6 +23,7 @@ def test_ffn_dim_matches_published_sizes(dim, multiple_of, mult, expected):
     ("Llama3.1-405B:bf16-mp8", "llama-3.1", "405b", 8, False),
     ("Llama3.1-70B-Instruct", "llama-3.1", "70b", 8, True),
     ("Llama3.1-8B", "llama-3.1", "8b", 1, False),
+    ("Llama3.1-405B-Instruct", "llama-3.1", "405b", 8, True),  # no variant: the FP8 SKU
     ("Llama3.3-70B-Instruct", "llama-3.3", "70b", 8, True),
     ("Meta-Llama-3-8B-Instruct", "llama-3", "8b", 1, True),
     ("Llama-2-13b-chat", "llama-2", "13b", 2, True),
@@ -33,7 +34,7 @@ def test_descriptor_parse(text, family, size, shards, instruct):
 
 
 @pytest.mark.parametrize("text,needle", [
-    ("Llama3.1-405B", "FP8"), ("Llama3.1-405B:fp8-mp8", "bf16"), ("Mistral-7B", "descriptor"),
+    ("Llama3.1-405B:int4-mp8", "variant"), ("Mistral-7B", "descriptor"),
     ("Llama3.1-13B", "no published"), ("Llama4-17B", "not supported"),
 ])
 def test_descriptor_errors_are_one_line(text, needle):

@@ -18,7 +18,8 @@ import pytest
 from conftest_storage import *  # noqa: F401,F403  (fixtures; also imported by tests/conftest.py)
 from rayconv.errors import ConversionError, OutputError, SourceError
 from rayconv.source.bytesource import RangeFile, open_source
-from rayconv.source.gcs import GcsObject, object_info
+from rayconv.gcs_api import object_info
+from rayconv.source.gcs import GcsObject
 from rayconv.storage import Location
 
 MiB = 1 << 20
@@ -165,7 +166,7 @@ def test_object_info_md5(staged_gcs, small_checkpoint):
 
 def test_compose_tree(gcs_prefix):
     """More than 32 parts go through intermediate composites; result is the concatenation."""
-    from rayconv.source.gcs import compose
+    from rayconv.gcs_api import compose
 
     pieces = [bytes([i]) * (1000 + i) for i in range(70)]
     for i, p in enumerate(pieces):

@@ -11,12 +11,15 @@ import time
 from typing import Any, Sequence
 
 from rayconv import checksum
+from rayconv.engine.ledger import (COMMITTED, COMMITTING, Ledger, relative, remove_output, restart_targets, resumable,
+                                   source_digest, source_identities, unit_shards)
 from rayconv.errors import OutputError, SourceError, SpecError
 from rayconv.models import Descriptor
 from rayconv.plan import Plan, build_plan, describe
 from rayconv.progress import LOG, Progress, human_bytes
-from rayconv.sink.commit import commit_output
+from rayconv.sink.commit import MARKER, commit_or_error, is_complete, occupied, stop_point
 from rayconv.sink.layout import OutputLayout, output_layouts
+from rayconv.sink.lock import OutputLock
 from rayconv.source.checkpoint import MetaCheckpoint
 from rayconv.storage import Location
 from rayconv.worker import JobContext, Receipt
@@ -51,6 +54,9 @@ class ConvertOptions:
     compression: str | None = None
     kv_heads: int | None = None
     progress: bool = True
+    maxtext_layout: str | None = "linen"  # MaxText tree layout: linen (0.2.4 classic, JetStream) or nnx (0.2.5); rayconv.trees
+    #: Check the shards and params.json against the input's checklist.chk (if any) before converting.
+    verify_md5: bool = False
     source_format: str = "auto"  # meta | hf | auto (see source/hf.detect_format)
     input_directory: str | None = None  # where files were listed from (finds a Hub snapshot's original/)
 
@@ -99,19 +105,24 @@ def open_checkpoint(options: ConvertOptions) -> MetaCheckpoint:  # or an HFCheck
 def make_plan(checkpoint: MetaCheckpoint, options: ConvertOptions) -> Plan:
     return build_plan(checkpoint.spec, checkpoint.shards, checkpoint.indexes, kinds=options.kinds,
                       quantize_type=options.quantize_type, piece_budget=piece_budget(options),
-                      unit_budget=max(options.unit_budget, piece_budget(options)),
+                      unit_budget=max(options.unit_budget, piece_budget(options)), scales=checkpoint.scales,
+                      layout=options.maxtext_layout,
                       locate=getattr(checkpoint, "locate", None))  # HF: tensors live in several files
 
 
-def verify_crcs(checkpoint: MetaCheckpoint, receipts: Sequence[Receipt]) -> int:
-    """Combine per-range CRCs into per-record CRCs and compare with the zip directory."""
+def crc_check(checkpoint: MetaCheckpoint, receipts: Sequence[Receipt]) -> tuple[int, list[tuple[int, str]]]:
+    """Combine per-range CRCs into per-record CRCs and compare with the zip directory.
+
+    Returns (records verified, (shard, tensor) of every record that fails)."""
     segments: dict[tuple[int, str], list[tuple[int, int, int]]] = {}
     for receipt in receipts:
         for shard, tensor, offset, length, crc in receipt.crcs:
             segments.setdefault((shard, tensor), []).append((offset, length, crc))
     verified = 0
+    failed: list[tuple[int, str]] = []
     for (shard, tensor), parts in segments.items():
-        info = checkpoint.indexes[shard][tensor]
+        # shard -1-r: the row scales in fp8_scales_{r}.pt of an FP8 checkpoint (see worker._read_fp8).
+        info = (checkpoint.indexes[shard] if shard >= 0 else checkpoint.scales.indexes[-1 - shard])[tensor]
         if info.crc32 is None:
             continue
         unique = sorted({(off - info.offset, length, crc) for off, length, crc in parts})
@@ -119,9 +130,26 @@ def verify_crcs(checkpoint: MetaCheckpoint, receipts: Sequence[Receipt]) -> int:
         if combined is None or combined[1] != info.nbytes:
             continue
         if combined[0] != info.crc32:
-            name = checkpoint.shards[shard].split("?", 1)[0]
-            raise SourceError(f"{name}: tensor {tensor} fails its CRC-32 check (corrupt shard; re-download it)")
+            failed.append((shard, tensor))
+            continue
         verified += 1
+    return verified, failed
+
+
+def _crc_error(checkpoint: MetaCheckpoint, failed: Sequence[tuple[int, str]],
+               hint: str = "corrupt shard; re-download it") -> SourceError:
+    shard, tensor = failed[0]
+    # shard -1-r: the row scales in fp8_scales_{r}.pt of an FP8 checkpoint (see worker._read_fp8).
+    uri = checkpoint.shards[shard] if shard >= 0 else checkpoint.scales.files[-1 - shard]
+    name = uri.split("?", 1)[0]
+    return SourceError(f"{name}: tensor {tensor} fails its CRC-32 check ({hint})")
+
+
+def verify_crcs(checkpoint: MetaCheckpoint, receipts: Sequence[Receipt]) -> int:
+    """:func:`crc_check`, raising on the first record that fails."""
+    verified, failed = crc_check(checkpoint, receipts)
+    if failed:
+        raise _crc_error(checkpoint, failed)
     return verified
 
 
@@ -134,25 +162,87 @@ def _make_executor(options: ConvertOptions):
                        worker_memory_gb=options.worker_memory_gb)
 
 
-def _prepare_output(out: Location, layouts: dict[str, OutputLayout], kinds: Sequence[str], restart: bool,
-                    fingerprint: str, summary: dict[str, Any], started_ns: int):
-    from rayconv.engine.ledger import Ledger
+def _budgets(options: ConvertOptions) -> tuple[int, int]:
+    piece = piece_budget(options)
+    return piece, max(options.unit_budget, piece)
 
-    out.check_writable()
-    ledger = Ledger(out)
+
+def resume_options(options: ConvertOptions, checkpoint: MetaCheckpoint, record: dict[str, Any] | None,
+                   out: Location) -> ConvertOptions:
+    """Plan a resume with the budgets the output was started with, so its finished units stay valid
+    after --worker_memory_gb changed (e.g. raised after an out-of-memory kill) — as long as the new
+    workers can hold that plan's largest piece."""
+    if not isinstance(record, dict) or "piece_budget" not in record:
+        return options
+    try:
+        recorded = (int(record["piece_budget"]), int(record["unit_budget"]))
+    except (KeyError, TypeError, ValueError):
+        raise OutputError(f"{out.uri}/.rayconv/plan.json is damaged (piece_budget, unit_budget); rerun with --restart "
+                          "to start this output over") from None
+    current = _budgets(options)
+    if recorded == current:
+        return options
+    resumed = dataclasses.replace(options, piece_budget=recorded[0], unit_budget=recorded[1])
+    plan = make_plan(checkpoint, resumed)
+    if plan.fingerprint() != record.get("fingerprint"):
+        return options  # another conversion whatever the budget: the ledger refuses it with the reason
+    largest = max((p.nbytes for u in plan.units for p in u.pieces), default=0)
+    if largest > current[0]:
+        need = (largest * MEMORY_PER_PIECE_BYTE + WORKER_BASE_BYTES) / GiB
+        raise OutputError(f"{out.uri} holds a partial conversion planned for workers of at least {need:.2f} GiB "
+                          f"(pieces up to {human_bytes(largest)}); resume with --worker_memory_gb {need:.2f} or more, "
+                          "or rerun with --restart to replan for the smaller workers")
+    LOG.info("Resuming with the plan this output was started with (pieces up to %s; --worker_memory_gb %s would "
+             "cut pieces of up to %s): finished units are kept", human_bytes(largest), options.worker_memory_gb,
+             human_bytes(current[0]))
+    return resumed
+
+
+def _prepare_output(out: Location, ledger: Ledger, layouts: dict[str, OutputLayout], plan: Plan, restart: bool,
+                    summary: dict[str, Any], started_ns: int, fields: dict[str, Any]) -> dict[str, Any]:
+    """Restart or resume: the ledger must describe this conversion, and storage must agree with it."""
     if restart:
+        try:
+            previous = ledger.plan_record()
+        except OutputError:
+            previous = None
         ledger.clear()
-        for kind in kinds:
-            layouts[kind].staging_root.delete_all()
-            layouts[kind].final_root.delete_all()
+        for target in restart_targets(out, layouts, plan.kinds, previous):
+            remove_output(target)
     record = ledger.plan_record()
     if record is None:
-        for kind in kinds:
-            if layouts[kind].final_root.exists():
+        for kind in plan.kinds:
+            if occupied(layouts[kind].final_root):
                 raise OutputError(f"{layouts[kind].final_root.uri} already exists and was not written by this "
                                   "conversion; choose another --output_directory or pass --restart to replace it")
-    record = ledger.start(fingerprint, summary, started_ns)
-    return ledger, record
+        for kind in plan.kinds:  # rayconv's temporaries with no ledger to resume them: nothing may reuse them
+            if layouts[kind].staging_root != layouts[kind].final_root:
+                remove_output(layouts[kind].staging_root)
+    record = ledger.start(plan.fingerprint(), summary, started_ns, **fields)
+    for kind in plan.kinds:
+        layout, state = layouts[kind], ledger.commit_state(kind)
+        if state == COMMITTED and not is_complete(layout):
+            raise OutputError(f"the ledger says the {kind} checkpoint was committed, but "
+                              f"{layout.final_root.join(MARKER).uri} is missing (moved or deleted?); rerun with "
+                              "--restart to write it again")
+        if state is None:
+            foreign = (occupied(layout.final_root) if layout.final_root != layout.staging_root
+                       else is_complete(layout) or layout.item().exists(MARKER))
+            if foreign:
+                raise OutputError(f"{layout.final_root.uri} holds a checkpoint this conversion did not commit; move "
+                                  "it away or rerun with --restart to replace it")
+    return record
+
+
+def compatibility_note(plan: Plan) -> str:
+    """Which MaxText versions load this run's AQT checkpoint, and how to get the other tree layout."""
+    if plan.layout == "linen":
+        return (f"The {plan.quantize_type} checkpoint has the classic (linen) AQT tree: JetStream-MaxText and MaxText "
+                "<= 0.2.4 (with pure_nnx=false enable_nnx=false pure_nnx_decoder=false) load it; MaxText >= 0.2.5 "
+                "does not: convert again with --maxtext_layout nnx (or --inference_server maxtext) for it")
+    return (f"The {plan.quantize_type} checkpoint has MaxText 0.2.5's NNX AQT tree: MaxText >= 0.2.5 loads it "
+            "(quantization=... checkpoint_is_quantized=true scan_layers=false); JetStream-MaxText and MaxText <= 0.2.4 "
+            "do not: convert again with --maxtext_layout linen for them")
 
 
 def convert(options: ConvertOptions) -> ConvertResult:
@@ -160,59 +250,122 @@ def convert(options: ConvertOptions) -> ConvertResult:
     started_ns = time.time_ns()
     LOG.info("Reading checkpoint index from %s", options.input_display)
     checkpoint = open_checkpoint(options)
+    if options.verify_md5:
+        from rayconv.source.hashing import verify_input
+
+        Location.parse(options.output).check_writable()  # fail fast, before a long md5 pass
+        read = set(checkpoint.shards)
+        verify_input(options.files, options.input_display,
+                     ["params.json", *(name for name, uri in options.files.items() if uri in read)])
     spec = checkpoint.spec
     LOG.info("Model %s: %d layers, dim %d, %d heads, %d kv heads (params.json says %d), ffn %d, vocab %d, "
              "%d shards, %s", spec.maxtext_name, spec.n_layers, spec.dim, spec.n_heads, spec.n_kv_heads,
              spec.params_kv_heads, spec.ffn_dim, spec.vocab_size, spec.n_shards, human_bytes(checkpoint.nbytes))
+    if checkpoint.fp8:
+        LOG.info("Source is Meta's FP8 SKU: FFN weights of layers 1..%d are float8 with row scales, dequantized to "
+                 "bf16 on the fly; the bf16 outputs hold these FP8-rounded weights (not the original bf16 model) "
+                 "and int8 is quantized from them", spec.n_layers - 2)
+    out = Location.parse(options.output)
+    out.check_writable()
+    lock = OutputLock(out).acquire()
+    try:
+        return _convert_locked(options, checkpoint, out, lock, start, started_ns)
+    finally:
+        lock.release()
+
+
+def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Location, lock: OutputLock,
+                    start: float, started_ns: int) -> ConvertResult:
+    spec = checkpoint.spec
+    ledger = Ledger(out)
+    if not options.restart:
+        options = resume_options(options, checkpoint, ledger.plan_record(), out)
     plan = make_plan(checkpoint, options)
     summary = describe(plan)
     LOG.info("Plan %s: %d units, %d pieces, largest piece %s, outputs %s", summary["fingerprint"], summary["units"],
              summary["pieces"], human_bytes(summary["largest_piece_bytes"]), ", ".join(plan.kinds))
 
-    out = Location.parse(options.output)
-    layouts = output_layouts(out, plan.quantize_type)
-    ledger, record = _prepare_output(out, layouts, plan.kinds, options.restart, plan.fingerprint(), summary,
-                                     started_ns)
+    layouts = output_layouts(out, plan.quantize_type, plan.tree)
+    identities = source_identities(checkpoint)
+    budgets = _budgets(options)
+    fields = {"source": source_digest(identities), "piece_budget": budgets[0], "unit_budget": budgets[1],
+              "quantize_type": plan.quantize_type, "compression": options.compression,
+              "outputs": {k: relative(out, layouts[k].final_root) for k in plan.kinds}}
+    record = _prepare_output(out, ledger, layouts, plan, options.restart, summary, started_ns, fields)
     started_ns = record.get("started_ns", started_ns)
-    done = {} if options.restart else ledger.receipts()
-    todo = [u for u in plan.units if u.id not in done]
-    committed = set(record.get("committed", []))
+    committed = [k for k in plan.kinds if ledger.commit_state(k) == COMMITTED]
+    pending = [k for k in plan.kinds if k not in committed]
+    # Outputs whose commit finished before an interruption need no units; the rest are built.
+    to_build = [k for k in pending if not is_complete(layouts[k])]
+    done = resumable(ledger, plan, identities, layouts, to_build) if to_build else {}
+    todo = [u for u in plan.units if u.id not in done] if to_build else []
     if done:
         LOG.info("Resuming: %d of %d units already done", len(done), len(plan.units))
 
-    executor = _make_executor(options) if todo or set(plan.kinds) - committed else None
+    executor = _make_executor(options) if todo or to_build else None
     receipts = [done[u.id] for u in plan.units if u.id in done]
     bytes_total = plan.input_bytes
     progress = Progress(bytes_total, len(plan.units), done_bytes=sum(r.bytes_read for r in receipts),
                         done_units=len(receipts), enabled=options.progress)
     try:
         if todo:
+            for kind in to_build:  # new databases: a complete staging directory must be rebuilt, not renamed
+                if layouts[kind].staging_root != layouts[kind].final_root:
+                    layouts[kind].staging_root.delete(MARKER)
+                    layouts[kind].item(staging=True).delete(MARKER)
             LOG.info("Converting %s with %d %s worker(s)", human_bytes(sum(u.read_bytes for u in todo)),
                      executor.workers, executor.name)
-            ctx = JobContext.create(plan, layouts, options.compression,
+            ctx = JobContext.create(dataclasses.replace(plan, kinds=tuple(to_build)), layouts, options.compression,
                                     batch_bytes=min(COMMIT_BATCH_BYTES, piece_budget(options)))
-            for receipt in executor.run(ctx, todo):
-                ledger.record(receipt)
+            units = {u.id: u for u in todo}
+            for n, receipt in enumerate(executor.run(ctx, todo), 1):
+                ledger.record(receipt, {s: identities[s] for s in unit_shards(units[receipt.unit])})
                 receipts.append(receipt)
                 progress.update(receipt.bytes_read, 1)
+                stop_point("units", str(n))
         progress.close()
-        verified = verify_crcs(checkpoint, receipts)
-        LOG.info("Verified CRC-32 of %d source tensors", verified)
+        if to_build:
+            verified, failed = crc_check(checkpoint, receipts)
+            if failed:
+                # Forget what the corrupt bytes produced, so a rerun after re-downloading re-reads them.
+                bad = set(failed)
+                ledger.forget([r.unit for r in receipts if any((c[0], c[1]) in bad for c in r.crcs)])
+                raise _crc_error(checkpoint, failed, "corrupt shard; re-download it and rerun: only the units "
+                                 "that read it are redone")
+            LOG.info("Verified CRC-32 of %d source tensors", verified)
 
         by_unit = {r.unit: r for r in receipts}
-        outputs = {kind: layouts[kind].items_path.uri for kind in plan.kinds if kind in committed}
-        pending = [kind for kind in plan.kinds if kind not in committed]
-        calls = []
+        outputs = {kind: layouts[kind].items_path.uri for kind in committed}
+        lock.check()
         for kind in pending:
+            if ledger.commit_state(kind) != COMMITTING:
+                ledger.set_commit_state(kind, COMMITTING, layouts[kind].items_path.uri)
+        if pending:
+            stop_point("intent")
+        calls, results = [], {}
+        for kind in pending:
+            custom = layouts[kind].tree.custom_metadata(kind)
+            kwargs = {"compression": options.compression, "custom_metadata": custom, "started_ns": started_ns}
+            if kind not in to_build:  # only to be checked and recorded: no need for a committer
+                LOG.info("Found the %s checkpoint committed by an interrupted run; checking and recording it", kind)
+                results[kind] = commit_or_error(layouts[kind], plan.arrays(kind), [], **kwargs)
+                continue
             dbs = [by_unit[u.id].dbs[kind] for u in plan.units]
             LOG.info("Committing %s checkpoint (%d arrays from %d databases)", kind, len(plan.arrays(kind)), len(dbs))
-            custom = {"scan_layers": kind == "scanned", "converter": "rayconv"} if kind != "int8" else {}
-            calls.append((commit_output, (layouts[kind], plan.arrays(kind), dbs),
-                          {"compression": options.compression, "custom_metadata": custom, "started_ns": started_ns}))
-        for kind, item in zip(pending, executor.call_all(calls) if calls else []):
-            ledger.mark_committed(kind)
-            outputs[kind] = item.uri
-            LOG.info("Wrote %s checkpoint to %s", kind, item.uri)
+            calls.append((commit_or_error, (layouts[kind], plan.arrays(kind), dbs), kwargs))
+        results.update(zip([k for k in pending if k in to_build], executor.call_all(calls) if calls else []))
+        failure: Exception | None = None
+        for kind in pending:
+            result = results[kind]
+            if isinstance(result, Exception):
+                failure = failure or result
+                continue
+            ledger.mark_committed(kind, result.uri)
+            stop_point("ledger", kind)
+            outputs[kind] = result.uri
+            LOG.info("Wrote %s checkpoint to %s", kind, result.uri)
+        if failure is not None:
+            raise failure
     finally:
         progress.close()
         if executor is not None:
@@ -225,6 +378,7 @@ def convert(options: ConvertOptions) -> ConvertResult:
     if "int8" in outputs:
         LOG.info("Completed quantizing model %s with %s to %s", spec.maxtext_name, plan.quantize_type,
                  outputs["int8"])
+        LOG.info(compatibility_note(plan))
     return ConvertResult(
         outputs=outputs, plan=summary, seconds=time.monotonic() - start,
         bytes_read=sum(r.bytes_read for r in receipts), bytes_written=sum(r.bytes_written for r in receipts),

@@ -1,61 +1,270 @@
-"""The job ledger: which units are done, kept next to the output so a rerun resumes.
+"""The job ledger: what this conversion is, which units are done, which outputs are committed.
 
-``<out>/.rayconv/plan.json`` names the plan fingerprint; ``<out>/.rayconv/receipts/<unit>.json``
-is written by the driver when a unit's receipt arrives, i.e. after the unit's databases are fully
-written. A rerun with the same plan skips every unit that has a receipt; a different plan against
-the same output is refused instead of mixing two jobs' chunks.
+Everything lives next to the output so a rerun resumes (``<out>/.rayconv/``):
+
+* ``plan.json``: the plan fingerprint, the *source digest* (the shards' zip directories: tensor
+  names, offsets, sizes, CRC-32s — a different model with the same shapes has another digest), the
+  piece and unit budgets the plan was cut with, and the output directories this conversion writes.
+  A rerun with another fingerprint or source digest is a different conversion and is refused.
+* ``receipts/<unit>.json``: written by the driver when a unit's receipt arrives, i.e. after the
+  unit's databases are fully written. Each carries the *byte identity* of every shard the unit read
+  (size + mtime + inode locally, generation on GCS): a unit whose shard was replaced since (a
+  re-downloaded shard) is run again, every other unit resumes.
+* ``commits/<kind>.json``: ``committing`` is written before the first step of an output's commit
+  makes anything visible, ``committed`` after its last; see :mod:`rayconv.sink.commit` and the state
+  machine in docs/architecture.md.
+* ``lock``: the output lock (:mod:`rayconv.sink.lock`); ``--restart`` clears everything but it.
+
+Also here: which recorded units a resume may keep (:func:`resumable`) and what ``--restart``
+removes (:func:`restart_targets`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import json
-from typing import Any
+import os
+import time
+from typing import TYPE_CHECKING, Any, Sequence
 
 from rayconv.errors import OutputError
+from rayconv.plan import Plan, Unit
+from rayconv.progress import LOG
+from rayconv.sink.commit import missing_databases
+from rayconv.sink.layout import OutputLayout, output_layouts
+from rayconv.source.pth import TensorInfo
 from rayconv.storage import Location
 from rayconv.worker import Receipt
+
+if TYPE_CHECKING:
+    from rayconv.source.checkpoint import MetaCheckpoint
+
+COMMITTING, COMMITTED = "committing", "committed"
 
 
 class Ledger:
     def __init__(self, out: Location) -> None:
         self.root = out.join(".rayconv")
 
-    def plan_record(self) -> dict[str, Any] | None:
-        data = self.root.read_bytes("plan.json")
-        return json.loads(data) if data else None
+    def _load(self, key: str) -> Any | None:
+        data = self.root.read_bytes(key)
+        if data is None:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise OutputError(f"{self.root.join(key).uri} is not valid JSON (damaged ledger); rerun with --restart "
+                              "to start this output over") from None
 
-    def start(self, fingerprint: str, summary: dict[str, Any], started_ns: int) -> dict[str, Any]:
-        """Begin or resume; returns the plan record in force."""
-        record = self.plan_record()
-        if record is not None and record.get("fingerprint") != fingerprint:
-            raise OutputError(
-                f"{self.root.parent.uri} holds a partial output of a different conversion "
-                f"(plan {record.get('fingerprint')}, this one is {fingerprint}); rerun with --restart to replace it")
-        if record is None:
-            record = {"fingerprint": fingerprint, "summary": summary, "started_ns": started_ns, "committed": []}
-            self.root.write_bytes("plan.json", json.dumps(record, indent=1).encode())
+    def plan_record(self) -> dict[str, Any] | None:
+        record = self._load("plan.json")
+        if record is not None and not isinstance(record, dict):
+            raise OutputError(f"{self.root.join('plan.json').uri} is damaged; rerun with --restart")
         return record
 
-    def receipts(self) -> dict[str, Receipt]:
+    def start(self, fingerprint: str, summary: dict[str, Any], started_ns: int, **fields: Any) -> dict[str, Any]:
+        """Begin or resume; returns the plan record in force. ``fields`` (source digest, budgets,
+        output directories) are stored when the record is created and compared on resume."""
+        record = self.plan_record()
+        if record is not None:
+            if record.get("fingerprint") != fingerprint:
+                raise OutputError(
+                    f"{self.root.parent.uri} holds the output of a different conversion (plan "
+                    f"{record.get('fingerprint')}, this one is {fingerprint}: other model, outputs or options); "
+                    "choose another --output_directory or rerun with --restart to replace it")
+            if "compression" in record and record.get("compression") != fields.get("compression"):
+                raise OutputError(
+                    f"{self.root.parent.uri} was started with --compression {record.get('compression') or 'none'}; "
+                    "resume with the same, or rerun with --restart to start over")
+            if "source" in fields and record.get("source") != fields["source"]:
+                raise OutputError(
+                    f"{self.root.parent.uri} holds the output of a different source checkpoint (same shapes, "
+                    "other tensors: the shards' CRC-32s differ); choose another --output_directory or rerun "
+                    "with --restart to replace it")
+            return record
+        record = {"fingerprint": fingerprint, "summary": summary, "started_ns": started_ns, **fields}
+        self.root.write_bytes("plan.json", json.dumps(record, indent=1).encode())
+        return record
+
+    # Receipts -------------------------------------------------------------------------------
+
+    def receipts(self) -> dict[str, tuple[Receipt, dict[str, str]]]:
+        """unit → (receipt, {shard index: byte identity when it was read})."""
         keys = [k for k in self.root.list_keys("receipts/") if k.endswith(".json")]
 
-        def load(key: str) -> Receipt | None:
-            data = self.root.read_bytes(key)
-            return Receipt.from_json(json.loads(data)) if data else None
+        def load(key: str) -> tuple[Receipt, dict[str, str]] | None:
+            try:
+                data = self._load(key)
+                if data is None:
+                    return None
+                sources = {str(k): str(v) for k, v in (data.pop("sources", None) or {}).items()}
+                receipt = Receipt.from_json(data)
+                if not isinstance(receipt.dbs, dict) or not isinstance(receipt.unit, str):
+                    raise TypeError(receipt)
+                return receipt, sources
+            except (OutputError, TypeError, KeyError, ValueError, AttributeError):
+                # A receipt only saves work: a damaged one costs its unit a rerun, nothing else.
+                LOG.warning("%s is not a valid rayconv receipt; its unit runs again", self.root.join(key).uri)
+                return None
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
             loaded = [r for r in pool.map(load, keys) if r is not None]
-        return {r.unit: r for r in loaded}
+        return {r.unit: (r, s) for r, s in loaded}
 
-    def record(self, receipt: Receipt) -> None:
-        self.root.write_bytes(f"receipts/{receipt.unit}.json", json.dumps(receipt.to_json()).encode())
+    def record(self, receipt: Receipt, sources: dict[int, str] | None = None) -> None:
+        data = receipt.to_json()
+        data["sources"] = {str(k): v for k, v in (sources or {}).items()}
+        self.root.write_bytes(f"receipts/{receipt.unit}.json", json.dumps(data).encode())
 
-    def mark_committed(self, kind: str) -> None:
-        record = self.plan_record() or {}
-        committed = set(record.get("committed", [])) | {kind}
-        record["committed"] = sorted(committed)
-        self.root.write_bytes("plan.json", json.dumps(record, indent=1).encode())
+    def forget(self, units: list[str]) -> None:
+        """Drop receipts (their units run again on the next attempt)."""
+        for unit in units:
+            self.root.delete(f"receipts/{unit}.json")
+
+    # Commits --------------------------------------------------------------------------------
+
+    def commit_state(self, kind: str) -> str | None:
+        state = self._load(f"commits/{kind}.json")
+        if state is None:
+            record = self.plan_record() or {}
+            return COMMITTED if kind in record.get("committed", []) else None  # ledgers before commits/
+        return state.get("state") if isinstance(state, dict) else None
+
+    def set_commit_state(self, kind: str, state: str, final: str) -> None:
+        body = {"state": state, "final": final, "time": time.time()}
+        self.root.write_bytes(f"commits/{kind}.json", json.dumps(body).encode())
+
+    def mark_committed(self, kind: str, final: str = "") -> None:
+        self.set_commit_state(kind, COMMITTED, final)
 
     def clear(self) -> None:
-        self.root.delete_all()
+        """Forget this output's conversion (``--restart``); the lock stays, it is ours."""
+        self.root.join("receipts").delete_all()
+        self.root.join("commits").delete_all()
+        for key in self.root.list_keys():
+            if not key.startswith("lock"):
+                self.root.delete(key)
+
+
+# Source identity ---------------------------------------------------------------------------
+
+
+def unit_shards(unit: Unit) -> set[int]:
+    """The shards a unit reads (its receipt is valid while these are the same bytes)."""
+    return {r.shard for p in unit.pieces for r in (*p.reads, *p.duplicates)}
+
+
+def _index_digest(index: dict[str, TensorInfo]) -> str:
+    """A shard's zip directory as indexed: tensor names, dtypes, shapes, offsets, sizes and CRC-32s."""
+    rows = sorted((i.name, i.dtype, list(i.shape), i.offset, i.nbytes, i.crc32) for i in index.values())
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
+def _byte_identity(uri: str) -> str:
+    """Which bytes a shard is now: size + mtime + inode locally, the object generation on GCS.
+
+    HTTP(S) sources have none worth trusting (signed URLs change); their index digest and the CRC-32
+    check stand for them."""
+    if uri.startswith("gs://"):
+        from rayconv.source.gcs import object_info, parse_gs
+
+        info = object_info(*parse_gs(uri))
+        return "" if info is None else f"{info['size']}:g{info['generation']}"
+    if "://" in uri:
+        return ""
+    try:
+        st = os.stat(uri)
+    except OSError:
+        return ""
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
+def source_identities(checkpoint: MetaCheckpoint) -> list[str]:
+    """Per shard, ``<index digest>/<byte identity>``: what a receipt records for each shard it read."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        identities = list(pool.map(_byte_identity, checkpoint.shards))
+    return [f"{_index_digest(index)}/{ident}" for index, ident in zip(checkpoint.indexes, identities)]
+
+
+def source_digest(identities: list[str]) -> str:
+    """The source checkpoint's content identity (index digests only: a re-downloaded copy of the same
+    shard keeps it; a different model with the same shapes does not)."""
+    digests = [ident.split("/", 1)[0] for ident in identities]
+    return hashlib.sha256(json.dumps(digests).encode()).hexdigest()[:16]
+
+
+# Resume and restart ----------------------------------------------------------------------
+
+
+def resumable(ledger: Ledger, plan: Plan, identities: Sequence[str], layouts: dict[str, OutputLayout],
+              to_build: Sequence[str]) -> dict[str, Receipt]:
+    """Recorded receipts still valid: every shard the unit read is the same bytes (else it is run
+    again — a re-downloaded shard is re-read), and its databases are there for the outputs to build."""
+    recorded = ledger.receipts()
+    done: dict[str, Receipt] = {}
+    changed: set[int] = set()
+    rerun = 0
+    for unit in plan.units:
+        if unit.id not in recorded:
+            continue
+        receipt, sources = recorded[unit.id]
+        stale = [s for s in unit_shards(unit) if sources.get(str(s)) != identities[s]]
+        if stale:
+            changed.update(stale)
+            rerun += 1
+            continue
+        done[unit.id] = receipt
+    if rerun:
+        names = ", ".join(plan.shards[s].split("?", 1)[0].rsplit("/", 1)[-1] for s in sorted(changed)[:3])
+        LOG.info("%d finished unit(s) read shards that changed since (%s%s): running them again", rerun, names,
+                 ", …" if len(changed) > 3 else "")
+    for kind in to_build:
+        item = layouts[kind].item(staging=True)
+        by_db = {r.dbs[kind]: unit for unit, r in done.items() if kind in r.dbs}
+        lost = missing_databases(item, by_db)
+        missing_kind = [u for u, r in done.items() if kind not in r.dbs]
+        for unit in [by_db[db] for db in lost] + missing_kind:
+            done.pop(unit, None)
+        if lost or missing_kind:
+            LOG.info("%d finished unit(s) have no %s database under %s: running them again",
+                     len(lost) + len(missing_kind), kind, item.uri)
+    return done
+
+
+def relative(out: Location, location: Location) -> str:
+    return location.path[len(out.path):].lstrip("/")
+
+
+def remove_output(location: Location) -> None:
+    if location.is_local and (os.path.isfile(location.path) or os.path.islink(location.path)):
+        os.remove(location.path)
+    else:
+        location.delete_all()
+
+
+def restart_targets(out: Location, layouts: dict[str, OutputLayout], kinds: Sequence[str],
+                    previous: dict[str, Any] | None) -> list[Location]:
+    """What ``--restart`` removes: every output this plan writes, every output the previous
+    conversion of this directory recorded (a stale ``int8/`` next to new bf16 outputs), and rayconv's
+    staging directories. Anything else under the output directory is left alone."""
+    from rayconv.quantize import QUANT_TYPES
+
+    targets = [layouts[k].final_root for k in kinds]
+    if previous:
+        recorded = previous.get("outputs")
+        if isinstance(recorded, dict):
+            targets += [out.join(str(rel)) for rel in recorded.values() if rel and ".." not in str(rel).split("/")]
+        else:  # ledgers written before outputs were recorded
+            old = output_layouts(out, None)
+            summary = previous.get("summary")
+            kinds_before = summary.get("outputs", []) if isinstance(summary, dict) else []
+            targets += [old[k].final_root for k in kinds_before if isinstance(k, str) and k in old]
+    for qtype in (None, *QUANT_TYPES):
+        targets += [layout.staging_root for layout in output_layouts(out, qtype).values() if out.is_local]
+    unique: dict[str, Location] = {}
+    base = out.path.rstrip("/") + "/" if out.path else ""
+    for target in targets:  # only ever strictly inside the output directory
+        if target.path.startswith(base) and target.path.rstrip("/") != out.path.rstrip("/"):
+            unique.setdefault(target.uri, target)
+    return list(unique.values())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from rayconv import mapping
+from rayconv import fp8, mapping
 from rayconv.engine.driver import (MEMORY_PER_PIECE_BYTE, WORKER_BASE_BYTES, ConvertOptions, make_plan,
                                    open_checkpoint)
 from rayconv.models import KNOWN_SIZES, Descriptor, ModelSpec, resolve_spec
@@ -24,7 +24,8 @@ GiB = 1 << 30
 DEFAULT_WORKER_MB_S = 150.0
 
 
-def simulated_indexes(spec: ModelSpec) -> list[dict[str, TensorInfo]]:
+def simulated_indexes(spec: ModelSpec, fp8_sku: bool = False) -> list[dict[str, TensorInfo]]:
+    """Shard indexes as torch.save lays them out; ``fp8_sku``: FFN weights of layers 1..n-2 as float8 (1 byte)."""
     indexes = []
     for shard in range(spec.n_shards):
         offset, index = 64, {}
@@ -32,11 +33,26 @@ def simulated_indexes(spec: ModelSpec) -> list[dict[str, TensorInfo]]:
             shape = mapping.shard_shape(rule, spec)
             for layer in (range(spec.n_layers) if rule.per_layer else (None,)):
                 key = rule.key(layer)
-                nbytes = math.prod(shape) * 2
-                index[key] = TensorInfo(key, "bfloat16", shape, offset, nbytes)
+                dtype = fp8.FP8_DTYPE if fp8_sku and fp8.is_fp8_tensor(key, spec.n_layers) else "bfloat16"
+                nbytes = math.prod(shape) * (1 if dtype == fp8.FP8_DTYPE else 2)
+                index[key] = TensorInfo(key, dtype, shape, offset, nbytes)
                 offset += nbytes + 64
         indexes.append(index)
     return indexes
+
+
+def simulated_scales(indexes: list[dict[str, TensorInfo]], n_layers: int) -> fp8.Scales:
+    """fp8_scales_{r}.pt indexes for simulated FP8 shards: one float32 [rows] tensor per float8 tensor."""
+    scale_indexes = []
+    for shard, index in enumerate(indexes):
+        offset, scales = 64, {}
+        for key, info in index.items():
+            if fp8.is_fp8_tensor(key, n_layers):
+                name = fp8.scale_key(key, shard)
+                scales[name] = TensorInfo(name, "float32", (info.shape[0],), offset, 4 * info.shape[0])
+                offset += 4 * info.shape[0] + 64
+        scale_indexes.append(scales)
+    return fp8.Scales(files=tuple(fp8.scale_file_name(r) for r in range(len(indexes))), indexes=tuple(scale_indexes))
 
 
 def _published_params(descriptor: Descriptor) -> dict[str, Any]:
@@ -74,10 +90,14 @@ def simulate(model_name: str | None, model_path: str | None, kinds: Sequence[str
     options = ConvertOptions(files={}, input_display=model_path, output="", worker_memory_gb=worker_memory_gb,
                              kinds=tuple(kinds), quantize_type=quantize_type)
     # The same planner convert runs, over indexes laid out as torch.save would lay out these shards.
+    fp8_sku = descriptor.sku == "fp8"
+    indexes = simulated_indexes(spec, fp8_sku)
     checkpoint = MetaCheckpoint(spec=spec, shards=[f"consolidated.{i:02d}.pth" for i in range(spec.n_shards)],
-                                indexes=simulated_indexes(spec), files={})
+                                indexes=indexes, files={},
+                                scales=simulated_scales(indexes, spec.n_layers) if fp8_sku else None)
     plan = make_plan(checkpoint, options)
-    return {"simulated": True, "plan": describe(plan), **estimates(plan, worker_memory_gb, throughput_mb_s)}
+    source = {"source_sku": descriptor.sku} if fp8_sku else {}
+    return {"simulated": True, **source, "plan": describe(plan), **estimates(plan, worker_memory_gb, throughput_mb_s)}
 
 
 def report_for_files(files, display, model_name, model_path, kv_heads, kinds, quantize_type, worker_memory_gb,

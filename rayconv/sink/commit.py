@@ -1,103 +1,83 @@
 """Turn finished units into an Orbax checkpoint: merge, describe, mark committed — in that order.
 
-The commit protocol, in one place:
+The commit protocol of one output (the driver records ``committing`` in the ledger before it and
+``committed`` after it; docs/architecture.md draws the whole state machine):
 
-1. write each array's ``zarr.json`` (and the ``step`` scalar) into the root OCDBT database and
-   graft every recorded child database into it, in one atomic tensorstore transaction — the same
-   merge Orbax's multi-host finalize performs, but over exactly the databases the ledger names;
-2. write Orbax's JSON: ``_METADATA`` (tree metadata with the value types MaxText's own converter
-   records), ``_sharding``, ``array_metadatas/process_0``, ``_CHECKPOINT_METADATA``;
-3. write ``commit_success.txt`` in the item directory, then in the step directory;
-4. on a local filesystem, rename the staging directory into place.
+1. ``merge``: into a *fresh* root OCDBT database (any root manifest and root data files of an
+   interrupted attempt are deleted first), write each array's ``zarr.json`` (and the ``step``
+   scalar) and graft every recorded child database, in one atomic tensorstore transaction — the
+   merge Orbax's multi-host finalize performs, over exactly the databases the receipts name (each
+   is checked to exist first: a missing one would silently become missing chunks);
+2. ``metadata``: Orbax's JSON: ``_METADATA`` (tree metadata with the value types MaxText's own
+   converter records), ``_sharding``, ``array_metadatas/process_0``, ``_CHECKPOINT_METADATA``;
+3. ``item_marker``, ``step_marker``: ``commit_success.txt`` in the item directory, then in the step
+   directory (bf16 outputs are CheckpointManager steps; int8 is a bare item);
+4. ``rename``: on a local filesystem, rename the staging directory into place.
 
-Until step 3 (GCS) or step 4 (local), nothing looks like a finished checkpoint to Orbax.
+Until step 3 (GCS) or step 4 (local), nothing looks like a finished checkpoint to Orbax. Every step
+is recognisable from storage, so :func:`commit_output` can be called again after a crash at any
+instant: a final output carrying its last marker is checked (cheaply) and kept, never rebuilt or
+deleted; a complete staging directory is only renamed; anything else is rebuilt from the child
+databases, which no step modifies.
 """
 
 from __future__ import annotations
 
-import base64
+import concurrent.futures
 import json
+import os
 import time
 from typing import Any, Iterable
 
 import numpy as np
 import tensorstore as ts
 
+from rayconv import trees
 from rayconv.plan import ArraySpec
 from rayconv.sink.layout import OutputLayout, array_spec, ocdbt_kvstore
-from rayconv.storage import Location, output_errors
+from rayconv.errors import OutputError
+from rayconv.storage import Location, output_errors, storage_reason
 
-PYTREE_HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
-_SINGLE_DEVICE = json.dumps({"sharding_type": "SingleDeviceSharding", "device_str": "cpu:0"})
+# Tree paths and Orbax's JSON depend on the MaxText layout: see rayconv.trees (OutputLayout.tree).
+PYTREE_HANDLER = trees.LEGACY_PYTREE_HANDLER  # kept for importers; the layouts name their handlers
+MARKER = "commit_success.txt"
 
-
-def _key_metadata(path: tuple[str, ...], sequence_keys: Iterable[int] = ()) -> list[dict[str, Any]]:
-    sequence = set(sequence_keys)
-    return [{"key": part, "key_type": 1 if i in sequence else 2} for i, part in enumerate(path)]
-
-
-def _entry(path: tuple[str, ...], value: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    # Orbax keys tree_metadata by the repr of the key tuple; list indices ("scale", "0") are sequence keys.
-    seq = [i for i, part in enumerate(path) if part.isdigit() and i > 0 and path[i - 1] == "scale"]
-    return repr(path), {"key_metadata": _key_metadata(path, seq), "value_metadata": value}
+#: The steps of a commit, in order ("intent" and "ledger" are the driver's). For tests,
+#: ``RAYCONV_TEST_STOP_AFTER=<step>[:<kind>]`` ends the process (``os._exit``) right after a step —
+#: a crash at that instant; ``RAYCONV_TEST_WAIT_AFTER`` pauses there until ``RAYCONV_TEST_WAIT_FILE``
+#: exists. The driver also offers ``units:<n>`` (after the n-th receipt of this run is recorded).
+STEPS = ("intent", "merge", "metadata", "item_marker", "step_marker", "rename", "ledger")
+STOP_EXIT_CODE = 99
 
 
-def _empty_kernel_paths(arrays: list[ArraySpec]) -> list[tuple[str, ...]]:
-    """int8: quantized kernels are replaced by empty dicts under params/params (MaxText's tree)."""
-    paths = []
-    for array in arrays:
-        if array.path[:2] == ("params", "aqt") and array.path[-1] == "qvalue":
-            module = array.path[2:-4]  # strip AqtDotGeneral_0/qrhs/frozen/qvalue
-            paths.append(("params", "params") + module + ("kernel",))
-    return paths
+def _hook_matches(want: str, step: str, qualifier: str | None) -> bool:
+    name, _, which = want.partition(":")
+    return name == step and (not which or which == qualifier)
 
 
-def tree_metadata(kind: str, arrays: list[ArraySpec]) -> dict[str, Any]:
-    """``_METADATA`` as Orbax 0.12 writes it for MaxText's trees."""
-    entries: dict[str, Any] = {}
-    if kind != "int8":
-        entries.update([_entry(("step",), {"value_type": "scalar", "skip_deserialize": False})])
-    for array in arrays:
-        entries.update([_entry(array.path, {"value_type": "jax.Array", "skip_deserialize": False,
-                                            "write_shape": list(array.chunks)})])
-        if array.path[-1] == "qvalue":
-            frozen = array.path[:-1]
-            entries.update([
-                _entry(frozen + ("sparsity_mask",), {"value_type": "None", "skip_deserialize": True}),
-                _entry(frozen + ("scale_t",), {"value_type": "None", "skip_deserialize": True}),
-                _entry(frozen + ("bias",), {"value_type": "List", "skip_deserialize": True}),
-            ])
-    for path in _empty_kernel_paths(arrays):
-        entries.update([_entry(path, {"value_type": "Dict", "skip_deserialize": True})])
-    if kind != "int8":
-        entries.update([_entry(("opt_state",), {"value_type": "Dict", "skip_deserialize": True})])
-    return {
-        "tree_metadata": entries,
-        "use_ocdbt": True,
-        "use_zarr3": True,
-        "store_array_data_equal_to_fill_value": True,
-        "custom_metadata": None,
-    }
+def stop_point(step: str, qualifier: str | None = None) -> None:
+    """Test hook (no-op unless the RAYCONV_TEST_* variables are set)."""
+    stop = os.environ.get("RAYCONV_TEST_STOP_AFTER")
+    if stop and _hook_matches(stop, step, qualifier):
+        os._exit(STOP_EXIT_CODE)
+    wait = os.environ.get("RAYCONV_TEST_WAIT_AFTER")
+    if wait and _hook_matches(wait, step, qualifier):
+        release = os.environ["RAYCONV_TEST_WAIT_FILE"]
+        with open(release + ".reached", "w"):
+            pass
+        while not os.path.exists(release):
+            time.sleep(0.05)
 
 
-def _sharding_file(arrays: list[ArraySpec]) -> dict[str, str]:
-    return {base64.urlsafe_b64encode(a.param_name.encode()).decode(): _SINGLE_DEVICE for a in arrays}
-
-
-def _array_metadatas(arrays: list[ArraySpec]) -> dict[str, Any]:
-    return {"array_metadatas": [
-        {"array_metadata": {"param_name": a.param_name, "write_shape": list(a.chunks), "chunk_shape": list(a.chunks),
-                            "ext_metadata": None}} for a in arrays]}
-
-
-def _checkpoint_metadata(item_handlers: Any, custom: dict[str, Any], started_ns: int) -> dict[str, Any]:
-    return {"item_handlers": item_handlers, "metrics": {}, "performance_metrics": {},
-            "init_timestamp_nsecs": started_ns, "commit_timestamp_nsecs": time.time_ns(), "custom_metadata": custom}
+def tree_metadata(kind: str, arrays: list[ArraySpec], tree: trees.TreeLayout = trees.LINEN) -> dict[str, Any]:
+    """``_METADATA`` as Orbax 0.12 writes it for MaxText's trees (see :meth:`rayconv.trees.TreeLayout.tree_metadata`)."""
+    return tree.tree_metadata(kind, arrays)
 
 
 def merge_databases(item: Location, arrays: list[ArraySpec], dbs: Iterable[str], *, with_step: bool,
                     compression: str | None) -> None:
-    """Step 1: one atomic transaction on the root database."""
+    """Step 1: one atomic transaction on a fresh root database."""
+    fresh_root(item)
     context = ts.Context({"file_io_concurrency": {"limit": 64}})
     txn = ts.Transaction(atomic=True)
     root = ts.KvStore.open(ocdbt_kvstore(item), context=context).result()
@@ -120,29 +100,132 @@ def merge_databases(item: Location, arrays: list[ArraySpec], dbs: Iterable[str],
     txn.commit_async().result()
 
 
-def commit_output(layout: OutputLayout, arrays: list[ArraySpec], dbs: list[str], *, compression: str | None,
-                  custom_metadata: dict[str, Any], started_ns: int) -> Location:
-    """Steps 1-4 for one output; returns the final item location (what MaxText loads)."""
+def fresh_root(item: Location) -> None:
+    """Remove the root database an interrupted merge may have left (its manifest and its own data
+    files under ``d/``); the child databases under ``ocdbt.process_*/`` are left alone."""
+    item.delete("manifest.ocdbt")
+    item.join("d").delete_all()
+
+
+def missing_databases(item: Location, dbs: Iterable[str]) -> list[str]:
+    """Child databases (named by receipts) whose manifest is not in ``item``."""
+    dbs = list(dbs)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        present = list(pool.map(lambda db: item.exists(f"ocdbt.process_{db}/manifest.ocdbt"), dbs))
+    return [db for db, ok in zip(dbs, present) if not ok]
+
+
+def marker_dir(layout: OutputLayout, staging: bool) -> Location:
+    """Where the *last* marker of an output goes: the step directory, or the item for a bare item."""
+    # A step directory for bf16; for int8 the root *is* the item.
+    return layout.staging_root if staging else layout.final_root
+
+
+def is_complete(layout: OutputLayout, staging: bool = False) -> bool:
+    """The output carries its last ``commit_success.txt`` (what Orbax takes as finished)."""
+    return marker_dir(layout, staging).exists(MARKER)
+
+
+def occupied(location: Location) -> bool:
+    """Anything at all at ``location`` (locally also a plain file where a directory should be)."""
+    if location.is_local:
+        return os.path.lexists(location.path)
+    return location.exists()
+
+
+def check_committed(layout: OutputLayout, arrays: list[ArraySpec]) -> Location:
+    """A cheap check that a final output with its markers is the tree this conversion writes: the
+    same ``_METADATA`` and a root database. (Its data is this conversion's when the ledger recorded
+    ``committing`` for it: nothing else writes there while the lock is held.)"""
+    item = layout.item(staging=False)
+    try:
+        stored = json.loads(item.read_bytes("_METADATA") or b"null")
+    except ValueError:
+        stored = None
+    expected = json.loads(json.dumps(layout.tree.tree_metadata(layout.kind, arrays)))
+    if stored != expected:
+        raise OutputError(f"{item.uri} carries {MARKER} but its _METADATA is not the tree this conversion writes "
+                          "(another model or rayconv version?); rerun with --restart to replace it")
+    if not item.exists("manifest.ocdbt"):
+        raise OutputError(f"{item.uri} carries {MARKER} but has no manifest.ocdbt (damaged output); rerun with "
+                          "--restart to rewrite it")
+    return item
+
+
+def _write_markers(layout: OutputLayout, *, item_done: bool = False) -> None:
+    item, final_item = layout.item(staging=True), layout.item(staging=False)
+    if not item_done:
+        item.write_bytes(MARKER, f"Checkpoint commit was successful to {final_item.uri}".encode())
+        stop_point("item_marker", layout.kind)
+    if layout.has_step:
+        layout.staging_root.write_bytes(MARKER, f"Checkpoint commit was successful to {layout.final_root.uri}"
+                                        .encode())
+        stop_point("step_marker", layout.kind)
+
+
+def _build(layout: OutputLayout, arrays: list[ArraySpec], dbs: list[str], *, compression: str | None,
+           custom_metadata: dict[str, Any] | None, started_ns: int) -> None:
+    """Steps 1-3 into the staging location (which is the final one on GCS)."""
     item = layout.item(staging=True)
     kind = layout.kind
+    tree = layout.tree
     with output_errors(item):
-        merge_databases(item, arrays, dbs, with_step=layout.has_step, compression=compression)
-    item.write_bytes("_METADATA", json.dumps(tree_metadata(kind, arrays)).encode())
-    item.write_bytes("_sharding", json.dumps(_sharding_file(arrays)).encode())
-    item.write_bytes("array_metadatas/process_0", json.dumps(_array_metadatas(arrays)).encode())
-    final_item = layout.item(staging=False)
+        missing = missing_databases(item, dbs)
+        if missing:
+            raise OutputError(f"{item.uri}/ocdbt.process_{missing[0]} is missing ({len(missing)} of the units' "
+                              "databases are): rerun to redo those units")
+        merge_databases(item, arrays, dbs, with_step=layout.step_leaf, compression=compression)
+    stop_point("merge", kind)
+    item.write_bytes("_METADATA", json.dumps(tree.tree_metadata(kind, arrays)).encode())
+    item.write_bytes("_sharding", json.dumps(tree.sharding_file(arrays)).encode())
+    item.write_bytes("array_metadatas/process_0", json.dumps(tree.array_metadatas(arrays)).encode())
     if layout.has_step:
-        step = layout.staging_root
-        step.write_bytes("_CHECKPOINT_METADATA", json.dumps(
-            _checkpoint_metadata({"items": PYTREE_HANDLER}, custom_metadata, started_ns)).encode())
-        item.write_bytes("commit_success.txt", f"Checkpoint commit was successful to {final_item.uri}".encode())
-        step.write_bytes("commit_success.txt", f"Checkpoint commit was successful to {layout.final_root.uri}".encode())
+        layout.staging_root.write_bytes("_CHECKPOINT_METADATA", json.dumps(
+            tree.checkpoint_metadata(kind, True, custom_metadata, started_ns)).encode())
     else:
         item.write_bytes("_CHECKPOINT_METADATA", json.dumps(
-            _checkpoint_metadata(PYTREE_HANDLER, custom_metadata, started_ns)).encode())
-        item.write_bytes("commit_success.txt", f"Checkpoint commit was successful to {final_item.uri}".encode())
-    if layout.staging_root != layout.final_root:
-        if layout.final_root.exists():
-            layout.final_root.delete_all()
+            tree.checkpoint_metadata(kind, False, custom_metadata, started_ns)).encode())
+    stop_point("metadata", kind)
+    _write_markers(layout)
+
+
+def commit_output(layout: OutputLayout, arrays: list[ArraySpec], dbs: list[str], *, compression: str | None,
+                  custom_metadata: dict[str, Any] | None, started_ns: int) -> Location:
+    """Steps 1-4 for one output, resumed from whatever state storage shows; returns the final item
+    location (what MaxText loads). Never deletes or rewrites an output that carries its last marker.
+
+    ``custom_metadata`` None: what the layout's MaxText writer records (``layout.tree``)."""
+    if is_complete(layout, staging=False):
+        return check_committed(layout, arrays)
+    kwargs = {"compression": compression, "custom_metadata": custom_metadata, "started_ns": started_ns}
+    if layout.staging_root == layout.final_root:  # GCS: built in place, the markers are the last writes
+        if layout.has_step and layout.item(staging=True).exists(MARKER):
+            check_committed(layout, arrays)  # interrupted between the item marker and the step marker
+            _write_markers(layout, item_done=True)
+        else:
+            _build(layout, arrays, dbs, **kwargs)
+        return layout.item(staging=False)
+    # Local: built under the temporary name, then renamed into place (never over anything).
+    if occupied(layout.final_root):
+        raise OutputError(f"{layout.final_root.uri} exists but is not a checkpoint this conversion committed (no "
+                          f"{MARKER}); move it away or rerun with --restart to replace it")
+    if not is_complete(layout, staging=True):
+        _build(layout, arrays, dbs, **kwargs)
+    try:
         layout.staging_root.rename(layout.final_root)
-    return final_item
+    except OSError as exc:
+        raise OutputError(f"cannot move {layout.staging_root.uri} to {layout.final_root.uri}: "
+                          f"{storage_reason(exc)}") from None
+    stop_point("rename", layout.kind)
+    return layout.item(staging=False)
+
+
+def commit_or_error(*args: Any, **kwargs: Any) -> Location | OutputError:
+    """:func:`commit_output`, with a user-facing failure returned instead of raised, so one output's
+    failure (a full disk, an unwritable directory) does not hide that the others committed."""
+    from rayconv.errors import ConversionError
+
+    try:
+        return commit_output(*args, **kwargs)
+    except ConversionError as exc:
+        return OutputError(str(exc))

@@ -8,7 +8,10 @@ The three outputs use the layouts MaxText and JetStream read:
 * ``<out>/int8`` (or ``<out>/int8w``, ``<out>/int4w``): a bare PyTreeCheckpointer directory, as
   ``load_and_quantize_checkpoint`` saves it.
 
-Each item is an OCDBT database of zarr3 arrays keyed ``params.params.decoder…/``. Workers write
+Each item is an OCDBT database of zarr3 arrays keyed by the dotted tree path (``params.params.decoder…/``
+in the ``linen`` layout, ``decoder.layers_0….kernel.value/`` in ``nnx``; :mod:`rayconv.trees` decides). The
+directory structure is the same in both layouts: MaxText 0.2.5 also saves bf16 outputs as CheckpointManager
+steps and int8 as a bare PyTreeCheckpointer directory. Workers write
 chunks into their own child databases (``items/ocdbt.process_<db>/``); the committer merges them
 into the root database, as Orbax's own multi-host finalize does.
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from rayconv import trees
 from rayconv.plan import ArraySpec
 from rayconv.storage import Location
 
@@ -43,6 +47,12 @@ class OutputLayout:
     kind: str
     final_root: Location  # the directory MaxText users point at, minus "/items"
     has_step: bool  # CheckpointManager step dir (bf16) or bare item dir (int8)
+    tree: trees.TreeLayout = trees.LINEN  # paths and Orbax metadata of the tree inside
+
+    @property
+    def step_leaf(self) -> bool:
+        """Whether the tree holds the ``step`` scalar (a TrainState), not whether there is a step directory."""
+        return self.tree.has_step_leaf(self.kind)
 
     @property
     def staging_root(self) -> Location:
@@ -65,12 +75,13 @@ class OutputLayout:
         return self.item(staging=False)
 
 
-def output_layouts(out: Location, quantize_type: str | None = None) -> dict[str, OutputLayout]:
+def output_layouts(out: Location, quantize_type: str | None = None,
+                   tree: trees.TreeLayout = trees.LINEN) -> dict[str, OutputLayout]:
     """Output locations; the AQT checkpoint's directory is named after its type (``<out>/int8``)."""
     return {
-        "scanned": OutputLayout("scanned", out.join("bf16", "scanned", "0"), True),
-        "unscanned": OutputLayout("unscanned", out.join("bf16", "unscanned", "checkpoints", "0"), True),
-        "int8": OutputLayout("int8", out.join(quantize_type or "int8"), False),
+        "scanned": OutputLayout("scanned", out.join("bf16", "scanned", "0"), True, tree),
+        "unscanned": OutputLayout("unscanned", out.join("bf16", "unscanned", "checkpoints", "0"), True, tree),
+        "int8": OutputLayout("int8", out.join(quantize_type or "int8"), False, tree),
     }
 
 

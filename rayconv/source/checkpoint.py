@@ -11,9 +11,9 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import re
-from typing import Mapping
+from typing import Any, Mapping
 
-from rayconv import mapping
+from rayconv import fp8, mapping
 from rayconv.errors import SourceError
 from rayconv.models import Descriptor, ModelSpec, load_params, resolve_spec
 from rayconv.source.bytesource import open_source
@@ -26,14 +26,14 @@ IGNORED_KEYS = frozenset({"rope.freqs"})
 
 
 def list_input(input_directory: str) -> dict[str, str]:
-    """{file name: uri} of a local directory or gs:// prefix (non-recursive)."""
+    """{file name: uri} of the files directly in a local directory or gs:// prefix (non-recursive)."""
     location = Location.parse(input_directory)
     if location.is_local:
         import os
 
         if not os.path.isdir(location.path):
             raise SourceError(f"input directory {location.path} does not exist")
-        names = os.listdir(location.path)
+        names = [n for n in os.listdir(location.path) if os.path.isfile(os.path.join(location.path, n))]
     else:
         names = [k for k in location.list_keys() if "/" not in k]
         if not names:
@@ -42,18 +42,28 @@ def list_input(input_directory: str) -> dict[str, str]:
 
 
 def shard_files(files: Mapping[str, str], expected: int | None, display: str) -> list[str]:
-    """Shard uris in index order; every index from 00 to N-1 must be present."""
+    """Shard uris in index order; every index from 00 to N-1 must be present, each under one name.
+
+    ``consolidated.1.pth`` next to ``consolidated.01.pth`` names shard 1 twice: which one is the
+    right copy is the user's call, so both are refused rather than one picked.
+    """
     found: dict[int, str] = {}
-    for name, uri in files.items():
+    names: dict[int, str] = {}
+    for name, uri in sorted(files.items()):
         match = SHARD_NAME.match(name)
-        if match:
-            found[int(match.group(1))] = uri
+        if not match:
+            continue
+        index = int(match.group(1))
+        if index in names:
+            raise SourceError(f"{names[index]} and {name} in {display} are both shard {index:02d}; "
+                              f"remove the one that is not Meta's consolidated.{index:02d}.pth")
+        found[index], names[index] = uri, name
     if not found:
         raise SourceError(f"no consolidated.NN.pth shards in {display}")
     count = expected if expected is not None else max(found) + 1
-    missing = [i for i in range(count) if i not in found]
-    if missing:
-        raise SourceError(f"missing shard consolidated.{missing[0]:02d}.pth in {display} "
+    missing = next((i for i in range(count) if i not in found), None)  # lazy: an index can be absurd
+    if missing is not None:
+        raise SourceError(f"missing shard consolidated.{missing:02d}.pth in {display} "
                           f"(expected {count} shards, found {len(found)})")
     extra = sorted(i for i in found if i >= count)
     if extra:
@@ -72,6 +82,7 @@ class MetaCheckpoint:
     shards: list[str]
     indexes: list[dict[str, TensorInfo]]
     files: dict[str, str]
+    scales: Any = None  # rayconv.fp8.Scales of Meta's FP8 SKU; None for bf16 checkpoints
 
     @classmethod
     def open(cls, files: Mapping[str, str], *, display: str, model_name: str | None,
@@ -98,6 +109,8 @@ class MetaCheckpoint:
         spec = resolve_spec(params, n_shards=len(shards), vocab_size=vocab, model_name=model_name,
                             descriptor=descriptor, kv_heads_override=kv_heads, source=f"{display}/params.json")
         checkpoint = cls(spec=spec, shards=shards, indexes=indexes, files=dict(files))
+        if fp8.detect(files, indexes) or (descriptor is not None and descriptor.sku == "fp8"):
+            checkpoint.scales = _open_fp8(files, shards, indexes, spec, display, descriptor)
         checkpoint.check_shapes()
         return checkpoint
 
@@ -119,13 +132,37 @@ class MetaCheckpoint:
                     raise SourceError(f"{name}: {key} has shape {list(info.shape)}, but params.json and "
                                       f"{spec.n_shards} shards imply {list(shape)} (params.json disagrees "
                                       "with the shards, or the wrong --model_path)")
-                if info.dtype != "bfloat16":
-                    raise SourceError(f"{name}: {key} is {info.dtype}; rayconv converts bf16 checkpoints")
+                wanted = self.expected_dtype(key)
+                if info.dtype != wanted:
+                    kind = "FP8 SKU: float8 FFN weights of layers 1..n-2 only" if self.fp8 else "bf16 checkpoint"
+                    raise SourceError(f"{name}: {key} is {info.dtype}; expected {wanted} ({kind})")
             unexpected = sorted(set(index) - set(expected) - IGNORED_KEYS)
             if unexpected:
                 raise SourceError(f"{name} holds unexpected tensor {unexpected[0]} (params.json says "
                                   f"{spec.n_layers} layers; is this a Llama checkpoint of the named family?)")
 
     @property
+    def fp8(self) -> bool:
+        return self.scales is not None
+
+    def expected_dtype(self, key: str) -> str:
+        return fp8.FP8_DTYPE if self.fp8 and fp8.is_fp8_tensor(key, self.spec.n_layers) else "bfloat16"
+
+    @property
     def nbytes(self) -> int:
         return sum(info.nbytes for index in self.indexes for info in index.values())
+
+
+def _open_fp8(files: Mapping[str, str], shards: list[str], indexes: list[dict[str, TensorInfo]], spec: ModelSpec,
+              display: str, descriptor: Descriptor | None) -> "fp8.Scales":
+    """An FP8 checkpoint (Meta's FP8 SKU): the descriptor must agree, and every shard needs its scale file."""
+    has_fp8 = any(info.dtype == fp8.FP8_DTYPE for index in indexes for info in index.values())
+    if descriptor is not None and descriptor.sku != "fp8":
+        raise SourceError(f"{display} holds an FP8 checkpoint (float8 FFN weights / fp8_scales_*.pt) but "
+                          f"--model_path {descriptor.text} names a bf16 SKU; use e.g. Llama3.1-405B-Instruct")
+    if not has_fp8:
+        raise SourceError(f"{display} has no float8 tensors, but "
+                          + (f"--model_path {descriptor.text} names Meta's FP8 SKU" if descriptor is not None
+                             and descriptor.sku == "fp8" else "it has fp8_scales_*.pt files")
+                          + "; is this the bf16 checkpoint (:bf16-mp8 / :bf16-mp16)?")
+    return fp8.open_scales(files, shards, display, spec.n_layers, indexes)

@@ -22,9 +22,9 @@ import json
 import re
 from typing import Any, Mapping
 
-from rayconv import mapping
+from rayconv import catalog, mapping
 from rayconv.errors import SourceError, SpecError
-from rayconv.models import _DESCRIPTOR, FAMILIES, KNOWN_SIZES, ModelSpec
+from rayconv.models import FAMILIES, KNOWN_SIZES, ModelSpec
 from rayconv.source.bytesource import open_source
 from rayconv.source.pth import TensorInfo
 from rayconv.source.safetensors import index_safetensors
@@ -140,17 +140,16 @@ def detect_format(files: Mapping[str, str], source_format: str, display: str, *,
 
 def _hub_descriptor(text: str) -> tuple[str, str]:
     """(family, size) from ``--model_path``: a Meta descriptor or a Hub repo id (meta-llama/Llama-3.1-8B)."""
-    name = text.strip().rsplit("/", 1)[-1].split(":", 1)[0]
+    name = text.strip().rsplit("/", 1)[-1].split(":", 1)[0]  # the SKU suffix names Meta's files, not these
     name = re.sub(r"-hf$", "", name, flags=re.IGNORECASE)
-    match = _DESCRIPTOR.match(name)
-    if not match:
+    try:
+        model = catalog.lookup(name)
+    except SpecError:
         raise SpecError(f"--model_path {text!r} names no Llama model (expected e.g. meta-llama/Llama-3.1-8B-Instruct "
-                        "or Llama3.1-8B)")
-    family = f"llama-{match['version']}"
-    if family not in FAMILIES:
-        raise SpecError(f"--model_path {text!r}: Llama {match['version']} is not supported (supported: "
-                        f"{', '.join(FAMILIES)})")
-    return family, f"{match['size']}b"
+                        "or Llama3.1-8B)") from None
+    if model.family not in FAMILIES:
+        raise SpecError(f"--model_path {text!r}: {model.family} is not supported (supported: {', '.join(FAMILIES)})")
+    return model.family, model.size
 
 
 def _int(config: Mapping[str, Any], key: str, source: str, default: int | None = None) -> int:
@@ -268,6 +267,8 @@ class HFCheckpoint:
     indexes: list[dict[str, TensorInfo]]  # per file: {HF name: TensorInfo}
     files: dict[str, str]
     where: dict[str, tuple[int, TensorInfo]]  # Meta key → (file index, TensorInfo)
+    scales: None = None  # the driver's FP8 hook (MetaCheckpoint.scales); HF's FP8 variant is not supported
+    fp8: bool = False
 
     @classmethod
     def open(cls, files: Mapping[str, str], *, display: str, model_name: str | None, model_path: str | None,

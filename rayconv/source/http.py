@@ -8,8 +8,11 @@
   rest; bytes are written at absolute offsets into the buffer, so a retry can never duplicate data
   (the append-on-retry bug of ``llama download``).
 * 403 → "signed URL expired" (when the policy's epoch time is past) or "invalid"; 404 → missing
-  file; 416 / short object → truncated. Messages name the file; the query string (the signature)
-  is never put in a message or log line: use :func:`redact` for anything shown to a user.
+  file (both :class:`HttpStatusError`, with ``.status``); 416 / short object → truncated. Messages
+  name the file; the query string (the signature) is never put in a message or log line: use
+  :func:`redact` for anything shown to a user.
+* A server that stops sending is noticed after ``--http_timeout_s`` (``RAYCONV_HTTP_TIMEOUT_S``,
+  default 60 s) without a byte; every retry is logged with the file and the byte range it waits for.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import urllib.parse
 import urllib3
 
 from rayconv.errors import SourceError
+from rayconv.process_local import per_process
 from rayconv.source.bytesource import RangeSource, register_scheme
 
 log = logging.getLogger(__name__)
@@ -45,15 +49,63 @@ MAX_GET = 27_000_000_000
 _READ_BLOCK = 4 * MiB  # bytes per socket read call (bounded copy through urllib3)
 
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
+#: Seconds without a byte from the server before a request is retried (the socket read timeout).
+TIMEOUT_ENV = "RAYCONV_HTTP_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 60.0
+
+
+class HttpStatusError(SourceError):
+    """The server answered with an HTTP error status (``.status``) that retrying does not fix."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def default_timeout() -> float:
+    """``RAYCONV_HTTP_TIMEOUT_S`` (set by ``--http_timeout_s``; forwarded to Ray workers), else 60 s."""
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise SourceError(f"{TIMEOUT_ENV}={raw!r} (--http_timeout_s) must be a positive number of seconds")
+    return value
+
+
+def check_url(url: str, what: str = "URL") -> urllib.parse.SplitResult:
+    """Parse an http(s) URL or raise one line naming what is wrong (host, port, scheme), never the query."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # raises ValueError when out of range or not a number
+    except ValueError as exc:
+        raise SourceError(f"{what} {redact(url)} is malformed: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise SourceError(f"{what} {redact(url)} is not an http(s) URL")
+    if not parts.hostname:
+        raise SourceError(f"{what} {redact(url)} names no host")
+    if port == 0:
+        raise SourceError(f"{what} {redact(url)} has port 0")
+    return parts
 
 
 def redact(url: str) -> str:
-    """The URL without query string, fragment or credentials: safe to print or log."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+    """The URL without query string, fragment or credentials: safe to print or log (never raises)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+    except ValueError:
+        # Malformed host or port: show what precedes the query and any credentials, nothing else.
+        head = url.split("?", 1)[0].split("#", 1)[0]
+        scheme, sep, rest = head.partition("://")
+        netloc, slash, path = rest.partition("/")
+        return f"{scheme}{sep}{netloc.rsplit('@', 1)[-1]}{slash}{path}" if sep else head
 
 
 def display_name(url: str) -> str:
@@ -83,26 +135,6 @@ def format_time(epoch: float) -> str:
     return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-class _Process:
-    """Per-process HTTP pool and thread pool (recreated after fork)."""
-
-    pid = -1
-    pool: urllib3.PoolManager
-    executor: concurrent.futures.ThreadPoolExecutor
-    lock = threading.Lock()
-
-    @classmethod
-    def get(cls) -> type["_Process"]:
-        if cls.pid != os.getpid():
-            with cls.lock:
-                if cls.pid != os.getpid():
-                    cls.pool = _make_pool()
-                    cls.executor = concurrent.futures.ThreadPoolExecutor(
-                        DEFAULT_CONCURRENCY, thread_name_prefix="rayconv-http")
-                    cls.pid = os.getpid()
-        return cls
-
-
 def _make_pool() -> urllib3.PoolManager:
     kwargs = dict(num_pools=16, maxsize=max(4, 2 * DEFAULT_CONCURRENCY), block=False, retries=False)
     try:
@@ -117,6 +149,12 @@ def _make_pool() -> urllib3.PoolManager:
     return urllib3.PoolManager(**kwargs)
 
 
+#: Per-process connection pool and sub-request threads (rebuilt after fork).
+_pool = per_process(_make_pool)
+_executor = per_process(lambda: concurrent.futures.ThreadPoolExecutor(DEFAULT_CONCURRENCY,
+                                                                      thread_name_prefix="rayconv-http"))
+
+
 _SIZES: dict[str, int] = {}
 
 
@@ -124,29 +162,41 @@ class HttpFile(RangeSource):
     """A ByteSource over an HTTP(S) URL (``uri`` keeps the full URL so workers can reopen it)."""
 
     def __init__(self, url: str, *, size: int | None = None, chunk_size: int | None = None,
-                 retries: int | None = None, timeout: float = 60.0) -> None:
+                 retries: int | None = None, timeout: float | None = None) -> None:
+        check_url(url)
         self.uri = url
         self.name = display_name(url)
         self.chunk_size = max(1, min(chunk_size or DEFAULT_CHUNK, MAX_GET))
         self.retries = DEFAULT_RETRIES if retries is None else retries
-        self.timeout = urllib3.Timeout(connect=min(30.0, timeout), read=timeout)
+        self.timeout_s = default_timeout() if timeout is None else timeout
+        self.timeout = urllib3.Timeout(connect=min(30.0, self.timeout_s), read=self.timeout_s)
         self._size = size if size is not None else _SIZES.get(redact(url))
 
     def __repr__(self) -> str:
         return f"HttpFile({redact(self.uri)!r})"
 
     # -- errors -----------------------------------------------------------------------------------
-    def _status_error(self, status: int, what: str) -> SourceError:
+    def _status_error(self, status: int, what: str) -> HttpStatusError:
         if status == 403:
             expiry = policy_expiry(self.uri)
             if expiry is not None and time.time() >= expiry:
-                return SourceError(f"{self.name}: the signed URL expired at {format_time(expiry)} (HTTP 403); "
-                                   f"request a new URL from Meta and rerun (finished work is kept)")
-            return SourceError(f"{self.name}: access denied (HTTP 403): the signed URL is expired or invalid, "
-                               f"or does not cover this file")
+                return HttpStatusError(f"{self.name}: the signed URL expired at {format_time(expiry)} (HTTP 403); "
+                                       f"request a new URL from Meta and rerun (finished work is kept)", status)
+            return HttpStatusError(f"{self.name}: access denied (HTTP 403): the signed URL is expired or "
+                                   f"invalid, or does not cover this file", status)
         if status == 404:
-            return SourceError(f"missing file {self.name} on {redact(self.uri)} (HTTP 404)")
-        return SourceError(f"{self.name}: HTTP {status} while {what}")
+            return HttpStatusError(f"missing file {self.name} on {redact(self.uri)} (HTTP 404)", status)
+        return HttpStatusError(f"{self.name}: HTTP {status} while {what}", status)
+
+    def _reason(self, exc: BaseException) -> str:
+        """Why an attempt failed, for logs and the final error (no URL: urllib3 messages carry it)."""
+        if isinstance(exc, _Transient):
+            return str(exc)
+        if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
+            return f"no connection within {min(30.0, self.timeout_s):g} s"
+        if isinstance(exc, (urllib3.exceptions.ReadTimeoutError, TimeoutError)):
+            return f"no data for {self.timeout_s:g} s (--http_timeout_s)"
+        return type(exc).__name__
 
     # -- ByteSource -------------------------------------------------------------------------------
     def size(self) -> int:
@@ -159,20 +209,24 @@ class HttpFile(RangeSource):
         failures = 0
         while True:
             try:
-                resp = _Process.get().pool.request(
+                resp = _pool().request(
                     "GET", self.uri, headers={"Range": "bytes=0-0", "Accept-Encoding": "identity"},
                     preload_content=False, decode_content=False, timeout=self.timeout, redirect=True)
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 failures += 1
                 if failures > self.retries:
-                    raise SourceError(f"{self.name}: cannot connect to {redact(self.uri)}: "
-                                      f"{type(exc).__name__}") from None
+                    raise SourceError(f"{self.name}: cannot connect to {redact(self.uri)} after {self.retries} "
+                                      f"retries: {self._reason(exc)}") from None
+                log.warning("%s: waiting for its size (bytes 0-0): %s; retry %d of %d", self.name,
+                            self._reason(exc), failures, self.retries)
                 _backoff(failures)
                 continue
             try:
                 status = resp.status
                 if status in RETRYABLE_STATUS and failures < self.retries:
                     failures += 1
+                    log.warning("%s: HTTP %d while reading its size; retry %d of %d", self.name, status,
+                                failures, self.retries)
                     _backoff(failures)
                     continue
                 if status == 206:
@@ -204,7 +258,7 @@ class HttpFile(RangeSource):
             self._get_range(offset, buffer, None)
             return
         abort = threading.Event()
-        executor = _Process.get().executor
+        executor = _executor()
         futures = [executor.submit(self._get_range, offset + a, buffer[a:a + step], abort)
                    for a in range(0, length, step)]
         try:
@@ -229,7 +283,7 @@ class HttpFile(RangeSource):
             first = start + got
             resp = None
             try:
-                resp = _Process.get().pool.request(
+                resp = _pool().request(
                     "GET", self.uri,
                     headers={"Range": f"bytes={first}-{start + n - 1}", "Accept-Encoding": "identity"},
                     preload_content=False, decode_content=False, timeout=self.timeout, redirect=True)
@@ -266,11 +320,12 @@ class HttpFile(RangeSource):
                 raise
             except (_Transient, urllib3.exceptions.HTTPError, OSError) as exc:
                 failures += 1
-                last_reason = str(exc) if isinstance(exc, _Transient) else type(exc).__name__
+                last_reason = self._reason(exc)
                 if failures > self.retries:
-                    raise SourceError(f"{self.name}: download failed at byte {start + got} after "
-                                      f"{self.retries} retries ({last_reason})") from None
-                log.info("%s: retrying at byte %d after %s", self.name, start + got, last_reason)
+                    raise SourceError(f"{self.name}: download failed at byte {start + got} (reading bytes "
+                                      f"{start}-{start + n - 1}) after {self.retries} retries: {last_reason}") from None
+                log.warning("%s: waiting for bytes %d-%d: %s; retry %d of %d", self.name, start + got,
+                            start + n - 1, last_reason, failures, self.retries)
                 _backoff(failures)
             finally:
                 if resp is not None:

@@ -1,17 +1,28 @@
 """Index a ``torch.save`` zip (``consolidated.NN.pth``) without torch, and read tensors by byte range.
 
-A .pth file is a zip of STORED records: ``<prefix>/data.pkl`` describes every tensor as
-``_rebuild_tensor_v2(storage, offset, size, stride)`` with the storage as a persistent id naming a
-record ``<prefix>/data/<key>``. We parse the central directory and the pickle once (a restricted
+A .pth file is a zip of STORED records: ``<archive>/data.pkl`` describes every tensor as
+``_rebuild_tensor_v2(storage, offset, size, stride, …)`` (or ``_rebuild_tensor_v3(…, dtype)`` for
+dtypes without a legacy storage class, such as float8) with the storage as a persistent id naming a
+record ``<archive>/data/<key>``. We parse the central directory and the pickle once (a restricted
 unpickler that never imports torch and cannot execute anything else), then each tensor is one
 contiguous byte range of the file: reading a 250 MB tensor costs 250 MB, not a shard.
+
+The index accepts only what ``torch.load(weights_only=True, map_location="cpu")`` (torch 2.13)
+accepts, and reads exactly the bytes torch would read: it follows torch's record lookup (the
+archive is the first entry's folder, names match case-insensitively as in miniz), torch's
+storage cache (the first reference to a storage key fixes its dtype and size) and torch's
+``set_`` bounds rules (offset ≥ 0, every element inside the storage record). Where torch would
+accept a file but the answer depends on miniz internals or cannot be served by range reads, the
+index refuses it with one line instead: duplicate entry names (miniz's binary search picks one by
+position), compressed tensor records, big-endian byte order, non-contiguous or negative-size
+tensors, conj/neg metadata, non-string state-dict keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import pickle
+import re
 import struct
 import zipfile
 from typing import Any, Mapping
@@ -19,25 +30,51 @@ from typing import Any, Mapping
 import ml_dtypes
 import numpy as np
 
-from rayconv.errors import SourceError
+from rayconv.errors import ConversionError, SourceError
 from rayconv.source.bytesource import ByteSource, RangeFile
 
-#: torch storage class name → numpy dtype of the stored elements.
-_STORAGE_DTYPES: dict[str, np.dtype] = {
-    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
-    "HalfStorage": np.dtype(np.float16),
-    "FloatStorage": np.dtype(np.float32),
-    "DoubleStorage": np.dtype(np.float64),
-    "LongStorage": np.dtype(np.int64),
-    "IntStorage": np.dtype(np.int32),
-    "ShortStorage": np.dtype(np.int16),
-    "CharStorage": np.dtype(np.int8),
-    "ByteStorage": np.dtype(np.uint8),
-    "BoolStorage": np.dtype(np.bool_),
-    "Float8_e4m3fnStorage": np.dtype(ml_dtypes.float8_e4m3fn),
+#: torch dtype name → numpy dtype. The names are TensorInfo.dtype values.
+DTYPES: dict[str, np.dtype] = {
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+    "float32": np.dtype(np.float32),
+    "float64": np.dtype(np.float64),
+    "int64": np.dtype(np.int64),
+    "int32": np.dtype(np.int32),
+    "int16": np.dtype(np.int16),
+    "int8": np.dtype(np.int8),
+    "uint8": np.dtype(np.uint8),
+    "bool": np.dtype(np.bool_),
+    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+    "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
+}
+_FLOATING = frozenset({"bfloat16", "float16", "float32", "float64", "float8_e4m3fn", "float8_e5m2"})
+
+#: torch legacy storage class (``torch.<name>``, used by ``_rebuild_tensor_v2``) → dtype name. There is
+#: no ``Float8_e4m3fnStorage``: torch pickles float8 tensors with ``torch.storage.UntypedStorage`` and
+#: ``_rebuild_tensor_v3(…, torch.float8_e4m3fn)``, and refuses a pickle that names such a class.
+_STORAGE_DTYPES: dict[str, str] = {
+    "BFloat16Storage": "bfloat16",
+    "HalfStorage": "float16",
+    "FloatStorage": "float32",
+    "DoubleStorage": "float64",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
 }
 
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zipfile's sizeFileHeader layout (30 bytes)
+#: data.pkl may be deflated (torch decompresses it); bound what it may expand to before reading it.
+#: A Meta shard's pickle is ~100 KB; 64 MiB leaves room for a million tensors.
+MAX_PICKLE_BYTES = 64 << 20
+#: torch 2.13 reads file format versions 1..10 (caffe2/serialize/versions.h).
+_VERSIONS = range(1, 11)
+_ENCRYPTED = 0x1 | 0x40  # zip flag bits miniz refuses (traditional / strong encryption)
+_INT64_MAX = (1 << 63) - 1
+_UINT64_MAX = (1 << 64) - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +90,7 @@ class TensorInfo:
 
     @property
     def np_dtype(self) -> np.dtype:
-        return np.dtype(ml_dtypes.bfloat16) if self.dtype == "bfloat16" else np.dtype(self.dtype)
+        return DTYPES[self.dtype]
 
     @property
     def row_bytes(self) -> int:
@@ -64,128 +101,313 @@ class TensorInfo:
         return self.offset + start * self.row_bytes, (stop - start) * self.row_bytes
 
 
+class _Invalid(Exception):
+    """Raised inside the unpickler for a file torch would refuse (or rayconv cannot serve); becomes SourceError."""
+
+
 @dataclasses.dataclass(frozen=True)
 class _Storage:
-    key: str
-    dtype: np.dtype
-    numel: int
+    record: str
+    dtype: str  # element dtype of the storage (uint8 for an untyped storage)
+    nbytes: int
+    start: int  # absolute file offset of the record's data
+    crc32: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _StorageType:
+    dtype: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dtype:
+    name: str
 
 
 class _Rebuilt:
-    """Stand-in for a tensor in the unpickled state dict."""
+    """Stand-in for a tensor in the unpickled state dict (already validated against its storage)."""
 
-    def __init__(self, storage: _Storage, offset: int, size: tuple[int, ...], stride: tuple[int, ...]):
-        self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
-
-
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, *_args):  # noqa: ANN001 - pickle callback
-    return _Rebuilt(storage, storage_offset, size, stride)
+    def __init__(self, storage: _Storage, dtype: str, offset: int, size: tuple[int, ...]) -> None:
+        self.storage, self.dtype, self.offset, self.size = storage, dtype, offset, size
 
 
-class _StorageType:
-    def __init__(self, name: str) -> None:
-        self.name = name
+def _is_int(value: Any) -> bool:
+    return type(value) is int  # bool and floats are refused by torch's set_()
+
+
+def _rebuild(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any, metadata: Any,
+             dtype: str, v3: bool) -> _Rebuilt:
+    """torch's ``t.set_(storage, storage_offset, size, stride)`` checks, then rayconv's contiguity rule."""
+    if not isinstance(storage, _Storage):
+        raise _Invalid(f"a tensor's storage is {type(storage).__name__}, not a storage record")
+    if not isinstance(size, (tuple, list)) or not isinstance(stride, (tuple, list)):
+        raise _Invalid(f"tensor size/stride must be sequences, got {type(size).__name__}/{type(stride).__name__}")
+    size, stride = tuple(size), tuple(stride)
+    if not all(_is_int(v) for v in (storage_offset, *size, *stride)):
+        raise _Invalid(f"tensor offset/size/stride must be integers, got {storage_offset!r}/{size!r}/{stride!r}")
+    if len(size) != len(stride):
+        raise _Invalid(f"tensor size {list(size)} and stride {list(stride)} differ in length")
+    if not all(-_INT64_MAX - 1 < v <= _INT64_MAX for v in (storage_offset, *size, *stride)):
+        raise _Invalid(f"tensor offset/size/stride overflow int64 ({storage_offset}, {list(size)}, {list(stride)})")
+    if storage_offset < 0:
+        raise _Invalid(f"tensor storage offset {storage_offset} is negative")
+    if any(v < 0 for v in size):
+        raise _Invalid(f"tensor size {list(size)} is negative")
+    numel = 1
+    for v in size:  # c10::safe_multiply_u64, in order: an early overflow is fatal even if a later dim is 0
+        numel *= v
+        if numel > _UINT64_MAX:
+            raise _Invalid(f"tensor size {list(size)} overflows")
+    if numel > _INT64_MAX:
+        raise _Invalid(f"tensor size {list(size)} overflows")
+    if type(requires_grad) is not bool:
+        raise _Invalid(f"requires_grad must be a bool, got {requires_grad!r}")
+    if requires_grad and (v3 or dtype not in _FLOATING):
+        raise _Invalid(f"a {dtype} tensor cannot require gradients here (torch refuses it)")
+    if metadata:
+        if not isinstance(metadata, dict):
+            raise _Invalid(f"tensor metadata must be a dict, got {type(metadata).__name__}")
+        raise _Invalid(f"tensor metadata {sorted(map(str, metadata))} (conj/neg views) is not supported")
+    itemsize = DTYPES[dtype].itemsize
+    span = itemsize
+    for v in size:
+        span *= max(v, 1)
+    if span > _INT64_MAX:  # an empty tensor torch accepts, but no array can have this shape
+        raise _Invalid(f"tensor size {list(size)} is too large")
+    if numel:
+        extent = storage_offset
+        for dim, step in zip(size, stride):
+            if dim > 1 and step < 0:
+                raise _Invalid(f"tensor stride {list(stride)} is negative")
+            extent += (dim - 1) * step
+        needed = (extent + 1) * itemsize
+        if needed > storage.nbytes:
+            raise _Invalid(f"tensor (offset {storage_offset}, size {list(size)}, stride {list(stride)}) "
+                           f"needs {needed} bytes of record {storage.record}, which has {storage.nbytes}")
+        expected = 1
+        for dim, step in zip(reversed(size), reversed(stride)):
+            if dim != 1:
+                if step != expected:
+                    raise _Invalid(f"tensor size {list(size)} stride {list(stride)} is not contiguous")
+                expected *= dim
+    return _Rebuilt(storage, dtype, storage_offset, size)
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks,  # noqa: ANN001
+                       metadata=None):  # noqa: ANN001 - pickle callback with torch's exact arity
+    dtype = storage.dtype if isinstance(storage, _Storage) else "uint8"
+    return _rebuild(storage, storage_offset, size, stride, requires_grad, metadata, dtype, v3=False)
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,  # noqa: ANN001
+                       metadata=None):  # noqa: ANN001 - pickle callback with torch's exact arity
+    if not isinstance(dtype, _Dtype):
+        raise _Invalid(f"tensor dtype {dtype!r} is not a torch dtype rayconv reads")
+    return _rebuild(storage, storage_offset, size, stride, requires_grad, metadata, dtype.name, v3=True)
+
+
+def _encode(obj: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    if not isinstance(obj, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8", "ascii"):
+        raise _Invalid(f"unexpected _codecs.encode({type(obj).__name__}, {encoding!r}) in a weights file")
+    return obj.encode(encoding, errors)
+
+
+class _Archive:
+    """A torch zip as ``PyTorchStreamReader`` sees it: records under the first entry's folder, found case-insensitively."""
+
+    def __init__(self, source: ByteSource, name: str) -> None:
+        self.source, self.name = source, name
+        head = source.read(0, 4) if source.size() >= 4 else b""
+        if head != b"PK\x03\x04":
+            raise SourceError(f"{name} is not a readable torch checkpoint (it does not start with a zip entry)")
+        try:
+            self.zip = zipfile.ZipFile(RangeFile(source))
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+            raise SourceError(f"{name} is not a readable torch checkpoint (truncated or corrupt zip: {exc})") from None
+        entries = self.zip.infolist()
+        if not entries:
+            raise SourceError(f"{name} is an empty zip, not a torch checkpoint")
+        if "/" not in entries[0].filename:
+            raise SourceError(f"{name}: first zip entry {entries[0].filename!r} is not in a folder "
+                              "(not a torch.save checkpoint)")
+        self.prefix = entries[0].filename.split("/", 1)[0] + "/"
+        self.entries: dict[str, zipfile.ZipInfo] = {}
+        for info in entries:
+            folded = info.filename.lower()
+            if folded in self.entries:
+                raise SourceError(f"{name} has duplicate zip entries named {info.filename!r} (torch would read "
+                                  "one of them depending on their order; refusing an ambiguous checkpoint)")
+            self.entries[folded] = info
+
+    def find(self, record: str) -> zipfile.ZipInfo | None:
+        return self.entries.get((self.prefix + record).lower())
+
+    def read_small(self, record: str, limit: int) -> bytes:
+        """A metadata record (pickle, version, byte order), decompressed if need be, at most ``limit`` bytes."""
+        info = self.find(record)
+        assert info is not None
+        if info.file_size > limit:
+            raise SourceError(f"{self.name}: {info.filename} declares {info.file_size} bytes (limit {limit})")
+        try:
+            with self.zip.open(info) as f:
+                data = f.read(limit + 1)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as exc:
+            raise SourceError(f"{self.name}: cannot read {info.filename} ({exc})") from None
+        if len(data) > limit:
+            raise SourceError(f"{self.name}: {info.filename} expands past {limit} bytes")
+        return data
+
+    def data_start(self, info: zipfile.ZipInfo) -> int:
+        """Absolute offset of a STORED entry's bytes (after its local header, as torch computes it)."""
+        header = self.source.read(info.header_offset, _LOCAL_HEADER.size)
+        fields = _LOCAL_HEADER.unpack(header)
+        if fields[0] != b"PK\x03\x04":
+            raise SourceError(f"{self.name}: bad local header for {info.filename} (corrupt file)")
+        return info.header_offset + _LOCAL_HEADER.size + fields[10] + fields[11]
 
 
 class _IndexUnpickler(pickle.Unpickler):
-    """Resolves only what a weights-only state dict may contain."""
+    """Resolves only what a weights-only state dict may contain; validates each storage as torch loads it."""
+
+    def __init__(self, data: bytes, archive: _Archive) -> None:
+        import io
+
+        super().__init__(io.BytesIO(data))
+        self.archive = archive
+        self.loaded: dict[Any, _Storage] = {}  # torch's loaded_storages: the first reference to a key wins
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
             return _rebuild_tensor_v2
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v3"):
+            return _rebuild_tensor_v3
+        if (module, name) == ("_codecs", "encode"):  # how protocol 2 pickles bytes; torch allows it
+            return _encode
         if (module, name) == ("collections", "OrderedDict"):
             import collections
 
             return collections.OrderedDict
         if module == "torch" and name in _STORAGE_DTYPES:
-            return _StorageType(name)
+            return _StorageType(_STORAGE_DTYPES[name])
+        if (module, name) == ("torch.storage", "UntypedStorage"):
+            return _StorageType("uint8")
+        if module == "torch" and name in DTYPES:
+            return _Dtype(name)
         raise pickle.UnpicklingError(f"unexpected object {module}.{name} in a weights file")
 
     def persistent_load(self, pid: Any) -> _Storage:
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        if type(pid) is not tuple or not pid:
+            raise _Invalid(f"unexpected persistent id {pid!r}")
+        tag = pid[0].decode("ascii", "replace") if isinstance(pid[0], bytes) else pid[0]
+        if tag != "storage" or len(pid) != 5:
+            raise _Invalid(f"unexpected persistent id {pid!r} (torch expects ('storage', type, key, location, numel))")
         _, storage_type, key, _location, numel = pid
-        return _Storage(key=str(key), dtype=_STORAGE_DTYPES[storage_type.name], numel=int(numel))
+        if not isinstance(storage_type, _StorageType):
+            raise _Invalid(f"persistent id names {storage_type!r}, not a storage type")
+        if key in self.loaded:
+            return self.loaded[key]
+        if not isinstance(numel, int) or numel < 0:
+            raise _Invalid(f"storage {key!r} has element count {numel!r}")
+        record = f"data/{key}"
+        info = self.archive.find(record)
+        if info is None:
+            raise _Invalid(f"a tensor points at missing record {self.archive.prefix}{record}")
+        nbytes = int(numel) * DTYPES[storage_type.dtype].itemsize
+        if info.file_size != nbytes:
+            raise _Invalid(f"record {info.filename} has {info.file_size} bytes, its storage says {nbytes}")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise _Invalid(f"record {info.filename} is compressed; rayconv range-reads STORED records only")
+        if info.flag_bits & _ENCRYPTED:
+            raise _Invalid(f"record {info.filename} is encrypted")
+        if info.compress_size != info.file_size:
+            raise _Invalid(f"STORED record {info.filename} has {info.compress_size} stored bytes for "
+                           f"{info.file_size} (corrupt zip directory)")
+        start = self.archive.data_start(info)
+        if start + nbytes > self.archive.source.size():
+            raise SourceError(f"{self.archive.name} is truncated: record {info.filename} ends at byte "
+                              f"{start + nbytes}, file has {self.archive.source.size()}")
+        storage = _Storage(record=info.filename, dtype=storage_type.dtype, nbytes=nbytes, start=start, crc32=info.CRC)
+        if nbytes:  # torch caches only storages with data (typed_storage._data_ptr() != 0)
+            self.loaded[key] = storage
+        return storage
 
 
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, acc = [], 1
-    for dim in reversed(shape):
-        strides.append(acc)
-        acc *= dim
-    return tuple(reversed(strides))
+def _check_container(archive: _Archive) -> None:
+    """The records torch's reader itself checks before unpickling (version, byte order, alignment)."""
+    if archive.find("constants.pkl") is not None:
+        raise SourceError(f"{archive.name} is a TorchScript archive, not a state dict")
+    version_record = ".data/version" if archive.find(".data/version") is not None else "version"
+    if archive.find(version_record) is None:
+        raise SourceError(f"{archive.name} has no {archive.prefix}version record: not a torch.save checkpoint")
+    text = archive.read_small(version_record, 64).decode("ascii", "replace")
+    match = re.match(r"\s*(\d+)", text)
+    if not match or int(match.group(1)) not in _VERSIONS:
+        raise SourceError(f"{archive.name}: torch file format version {text.strip()!r} is not one torch 2.13 reads")
+    if archive.find("byteorder") is not None:
+        order = archive.read_small("byteorder", 64)
+        if order != b"little":
+            raise SourceError(f"{archive.name}: byte order {order[:16]!r}; rayconv reads little-endian checkpoints")
+    if archive.find(".storage_alignment") is not None:
+        try:
+            int(archive.read_small(".storage_alignment", 64))
+        except ValueError:
+            raise SourceError(f"{archive.name}: unreadable .storage_alignment record") from None
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def index_pth(source: ByteSource, display: str | None = None) -> dict[str, TensorInfo]:
     """Parse a .pth file's zip directory and pickle into {tensor name: TensorInfo}.
 
-    Raises SourceError for anything that is not an intact torch zip checkpoint (truncated file,
-    missing records, non-contiguous tensors), naming the file.
+    Raises SourceError (one line naming the file) for anything ``torch.load(weights_only=True)`` would
+    refuse, and for the ambiguous or unservable files listed in the module docstring.
     """
     name = display or source.uri
-    try:
-        archive = zipfile.ZipFile(RangeFile(source))
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise SourceError(f"{name} is not a readable torch checkpoint (truncated or corrupt zip: {exc})") from None
-    with archive:
-        infos = {info.filename: info for info in archive.infolist()}
-        pkl = next((n for n in infos if n.endswith("/data.pkl") or n == "data.pkl"), None)
-        if pkl is None:
-            raise SourceError(f"{name} has no data.pkl: not a torch.save checkpoint")
-        prefix = pkl[: -len("data.pkl")]
+    archive = _Archive(source, name)
+    with archive.zip:
+        _check_container(archive)
+        if archive.find("data.pkl") is None:
+            raise SourceError(f"{name} has no {archive.prefix}data.pkl: not a torch.save checkpoint")
+        data = archive.read_small("data.pkl", MAX_PICKLE_BYTES)
         try:
-            state = _IndexUnpickler(archive.open(pkl)).load()
-        except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, KeyError, ValueError) as exc:
-            raise SourceError(f"{name}: cannot parse its tensor index ({exc})") from None
-        if not isinstance(state, Mapping):
-            raise SourceError(f"{name} does not hold a state dict")
+            state = _IndexUnpickler(data, archive).load()
+        except ConversionError:
+            raise
+        except _Invalid as exc:  # hostile values can have huge reprs: keep the line short
+            raise SourceError(f"{name}: {_clip(str(exc))}") from None
+        except Exception as exc:  # noqa: BLE001 - any failure to parse hostile bytes is the file's fault
+            raise SourceError(f"{name}: cannot parse its tensor index ({type(exc).__name__}: {_clip(str(exc))})") from None
+    if not isinstance(state, Mapping):
+        raise SourceError(f"{name} does not hold a state dict")
 
-        record_offsets: dict[str, tuple[int, zipfile.ZipInfo]] = {}
-        tensors: dict[str, TensorInfo] = {}
-        for key, value in state.items():
-            if not isinstance(value, _Rebuilt):
-                continue
-            storage = value.storage
-            record = f"{prefix}data/{storage.key}"
-            info = infos.get(record)
-            if info is None:
-                raise SourceError(f"{name}: tensor {key} points at missing record {record}")
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise SourceError(f"{name}: record {record} is compressed; cannot range-read it")
-            if record not in record_offsets:
-                header = source.read(info.header_offset, _LOCAL_HEADER.size)
-                fields = _LOCAL_HEADER.unpack(header)
-                if fields[0] != b"PK\x03\x04":
-                    raise SourceError(f"{name}: bad local header for {record} (corrupt file)")
-                start = info.header_offset + _LOCAL_HEADER.size + fields[10] + fields[11]
-                record_offsets[record] = (start, info)
-            start, info = record_offsets[record]
-            itemsize = storage.dtype.itemsize
-            if info.file_size != storage.numel * itemsize:
-                raise SourceError(f"{name}: record {record} has {info.file_size} bytes, expected "
-                                  f"{storage.numel * itemsize}")
-            if value.stride != _contiguous_strides(value.size) and math.prod(value.size) > 1:
-                raise SourceError(f"{name}: tensor {key} is not contiguous (stride {value.stride})")
-            nbytes = math.prod(value.size) * itemsize
-            whole = value.offset == 0 and nbytes == info.file_size
-            tensors[key] = TensorInfo(
-                name=key,
-                dtype="bfloat16" if storage.dtype == np.dtype(ml_dtypes.bfloat16) else storage.dtype.name,
-                shape=value.size,
-                offset=start + value.offset * itemsize,
-                nbytes=nbytes,
-                crc32=info.CRC if whole else None,
-            )
-        end = max((t.offset + t.nbytes for t in tensors.values()), default=0)
-        if end > source.size():
-            raise SourceError(f"{name} is truncated: tensor data ends at byte {end}, file has {source.size()}")
-        return tensors
+    tensors: dict[str, TensorInfo] = {}
+    for key, value in state.items():
+        if not isinstance(value, _Rebuilt):
+            continue
+        if not isinstance(key, str):
+            raise SourceError(f"{name}: state dict key {key!r} is not a string")
+        storage, itemsize = value.storage, DTYPES[value.dtype].itemsize
+        count = 1
+        for dim in value.size:
+            count *= dim
+        nbytes = count * itemsize
+        offset = storage.start + value.offset * itemsize if nbytes else storage.start
+        whole = value.offset == 0 and nbytes == storage.nbytes
+        tensors[key] = TensorInfo(name=key, dtype=value.dtype, shape=value.size, offset=offset, nbytes=nbytes,
+                                  crc32=storage.crc32 if whole else None)
+    end = max((t.offset + t.nbytes for t in tensors.values()), default=0)
+    if end > source.size():
+        raise SourceError(f"{name} is truncated: tensor data ends at byte {end}, file has {source.size()}")
+    return tensors
 
 
 def read_rows(source: ByteSource, info: TensorInfo, start: int = 0, stop: int | None = None,
               out: np.ndarray | None = None) -> np.ndarray:
     """Read rows [start, stop) of a tensor into a new (or the given) C-contiguous array."""
-    stop = info.shape[0] if stop is None else stop
+    stop = (info.shape[0] if info.shape else 0) if stop is None else stop
     shape = (stop - start,) + tuple(info.shape[1:]) if info.shape else ()
     if out is None:
         out = np.empty(shape, dtype=info.np_dtype)
@@ -194,4 +416,3 @@ def read_rows(source: ByteSource, info: TensorInfo, start: int = 0, stop: int | 
     offset, length = info.row_range(start, stop) if info.shape else (info.offset, info.nbytes)
     source.readinto(offset, memoryview(out.reshape(-1).view(np.uint8)))
     return out
-

@@ -1,11 +1,13 @@
-"""Shared helpers for the scripts that run INSIDE the MaxText reference env (Python 3.12, maxtext 0.2.4).
+"""Shared helpers for the scripts that run INSIDE the MaxText reference env (Python 3.12, maxtext 0.2.4 or 0.2.5).
 
 These scripts are invoked as ``python tests/maxtext_ref/<script>.py --model '<json>' ...`` by
 ``tests/reference.py``. They must not import rayconv: the model is passed as a JSON dict with the
 SyntheticModel fields plus the derived ``head_dim`` and ``ffn_dim``.
 
-Environment: ``RAYCONV_MAXTEXT_PATH`` (the ``pip install --no-deps --target`` dir of maxtext 0.2.4) is put
-first on sys.path; ``DECOUPLE_GCLOUD=TRUE`` and ``JAX_PLATFORMS=cpu`` are forced.
+Environment: ``RAYCONV_MAXTEXT_PATH`` (the ``pip install --no-deps --target`` dir of the maxtext version to run)
+is put first on sys.path; ``RAYCONV_MAXTEXT_LAYOUT`` says which code path to drive: ``linen`` (maxtext 0.2.4
+with its three NNX switches off: the classic tree JetStream-MaxText loads) or ``nnx`` (maxtext 0.2.5 with default
+flags; 0.2.5 has no Linen path and no such switches). ``DECOUPLE_GCLOUD=TRUE`` and ``JAX_PLATFORMS=cpu`` are forced.
 """
 
 from __future__ import annotations
@@ -22,6 +24,14 @@ CLASSIC = ["pure_nnx=false", "enable_nnx=false", "pure_nnx_decoder=false"]
 
 QUANT_CFG = {"int8w": "int8_weight_only.json", "int4w": "int4_weight_only.json"}
 QUANT_KINDS = ("int8", "int8w", "int4w")
+
+
+def layout() -> str:
+  """``linen`` (maxtext 0.2.4, classic flags) or ``nnx`` (maxtext 0.2.5, default flags)."""
+  value = os.environ.get("RAYCONV_MAXTEXT_LAYOUT", "linen")
+  if value not in ("linen", "nnx"):
+    raise SystemExit(f"RAYCONV_MAXTEXT_LAYOUT must be linen or nnx, not {value!r}")
+  return value
 
 
 class Unsupported(Exception):
@@ -116,7 +126,7 @@ def config_args(model: dict, *extra: str) -> list[str]:
       "async_checkpointing=false",
       "weight_dtype=bfloat16",
       "enable_checkpointing=true",
-      *CLASSIC,
+      *(CLASSIC if layout() == "linen" else []),
   ]
   return args + list(extra)
 
@@ -190,7 +200,8 @@ def load_engine(model: dict, path: str, kind: str, workdir: str):
   argv = engine_args(model, path, kind, workdir)
   print("ARGV", " ".join(argv[1:]), flush=True)
   config = pyconfig.initialize(argv)
-  assert not config.pure_nnx, "expected the classic (Linen) code path"
+  if layout() == "linen":
+    assert not config.pure_nnx, "expected the classic (Linen) code path"
   engine = maxengine.MaxEngine(config)
   params = engine.load_params(rng=jax.random.PRNGKey(0))
   return engine, config, params
@@ -210,8 +221,17 @@ def flatten(tree, prefix: str = "params") -> dict:
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   out = {}
   for path, leaf in flat:
-    out["/".join([prefix] + [_key_str(k) for k in path])] = leaf
+    out["/".join(([prefix] if prefix else []) + [_key_str(k) for k in path])] = leaf
   return out
+
+
+def nnx_canonical(path: str) -> str:
+  """An NNX tree path without its Variable ``value`` wrappers: the on-disk ``…/kernel/value`` and
+  ``…/qrhs/frozen/value/qvalue`` and a restored ``…/kernel`` (or a ``Partitioned`` box's ``…/qvalue/value``) all
+  map to one key. A module named ``value`` (``self_attention/value``) is neither last nor after ``frozen``."""
+  parts = path.split("/")
+  keep = [p for i, p in enumerate(parts) if not (p == "value" and (i == len(parts) - 1 or parts[i - 1] == "frozen"))]
+  return "/".join(keep)
 
 
 def is_array(leaf) -> bool:

@@ -1,4 +1,5 @@
-"""Load a checkpoint with MaxText 0.2.4's own serving loader and print a JSON summary of what it restored.
+"""Load a checkpoint with MaxText's own serving loader (0.2.4 classic, or 0.2.5 NNX with default flags) and print a
+JSON summary of what it restored.
 
 Usage (reference env): python load_check.py --model '<json>' --path <ckpt> --kind scanned|unscanned|int8|int8w|int4w
                        [--out summary.json] [--lenient]
@@ -47,6 +48,50 @@ def abstract_target(engine, config):
   return abstract_state.params
 
 
+def nnx_restored(engine, params) -> dict:
+  """{canonical path: array} of what MaxText 0.2.5's MaxEngine restored: the nnx.Param state it returns plus the
+  AQT ``qrhs.frozen`` payloads it keeps in the engine's rest state (serve mode)."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  restored = {_common.nnx_canonical(k): v for k, v in _common.flatten(nnx.to_pure_dict(params), prefix="").items()}
+  rest = _common.flatten(nnx.to_pure_dict(engine._nnx_rest_state), prefix="")  # pylint: disable=protected-access
+  restored.update({_common.nnx_canonical(k): v for k, v in rest.items() if "/qrhs/frozen/" in k})
+  return restored
+
+
+def main_nnx(args, model, path, stored):
+  """0.2.5: every stored array restored with its stored shape and dtype, every model weight taken from disk."""
+  t0 = time.time()
+  problems = []
+  by_canon = {_common.nnx_canonical(k): k for k in stored}
+  with tempfile.TemporaryDirectory(prefix="maxtext_ref_") as work:
+    engine, _, params = _common.load_engine(model, path, args.kind, work)
+    restored = nnx_restored(engine, params)
+    for canon in sorted(restored):
+      leaf = restored[canon]
+      if not _common.is_array(leaf):
+        problems.append(f"{canon}: not restored (got {type(leaf).__name__})")
+      elif canon not in by_canon:
+        problems.append(f"{canon}: the model holds it but the checkpoint does not (left at its initial value)")
+      elif not args.lenient:
+        s_shape, s_dtype = stored[by_canon[canon]]
+        if list(s_shape) != list(leaf.shape) or s_dtype != str(leaf.dtype):
+          problems.append(f"{canon}: stored as {s_dtype}{s_shape}, restored as {leaf.dtype}{list(leaf.shape)}")
+    stored_only = sorted(k for c, k in by_canon.items() if c not in restored)
+    if stored_only and not args.lenient:
+      problems += [f"{k}: stored but not restored by the model" for k in stored_only]
+    if problems:
+      print(f"MaxText could not restore {path} as {args.kind}:", file=sys.stderr)
+      for p in problems[:200]:
+        print(f"  - {p}", file=sys.stderr)
+      raise SystemExit(1)
+    leaves = {by_canon[c]: _common.leaf_summary(v) for c, v in sorted(restored.items())}
+  if args.kind in _common.QUANT_KINDS and not any("/AqtDotGeneral_0/" in k for k in leaves):
+    raise SystemExit("quantized load restored no AQT tensors")
+  return {"kind": args.kind, "model_name": _common.model_name(model), "path": path, "stored_only": stored_only,
+          "leaves": leaves, "load_s": round(time.time() - t0, 2)}
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--model", required=True)
@@ -60,6 +105,17 @@ def main():
   if not os.path.exists(os.path.join(path, "_METADATA")):
     raise SystemExit(f"{path} has no _METADATA: not an Orbax PyTree checkpoint directory")
   stored = _common.stored_arrays(path)
+  if _common.layout() == "nnx":
+    summary = main_nnx(args, model, path, stored)
+    if not summary["leaves"]:
+      raise SystemExit("MaxText restored no arrays")
+    text = json.dumps(summary, sort_keys=True)
+    if args.out:
+      with open(args.out, "w", encoding="utf8") as f:
+        f.write(text)
+    print("REF_LOAD_CHECK_JSON")
+    print(text)
+    return
 
   t0 = time.time()
   problems = []

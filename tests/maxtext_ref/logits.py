@@ -1,4 +1,4 @@
-"""Prefill logits of a checkpoint with MaxText 0.2.4's MaxEngine (CPU, classic Linen path).
+"""Prefill logits of a checkpoint with MaxText's MaxEngine (CPU; 0.2.4 classic Linen path, or 0.2.5 NNX defaults).
 
 Usage (reference env): python logits.py --model '<json>' --path <ckpt> --kind scanned|unscanned|int8|int8w|int4w
                        --out logits.npy [--tokens 1,5,17,...]
@@ -42,6 +42,36 @@ def register_result_tokens_stub():
 
   jax.tree_util.register_pytree_node(cls, flatten, unflatten)
   cls._rayconv_registered = True  # pylint: disable=protected-access
+
+
+def nnx_full_logits(engine, config, n, length):
+  """Exactly MaxText 0.2.5 MaxEngine._prefill_jit's model call (NNX: _nnx_run_model on an empty prefill cache),
+  returning every position's logits."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax.core.spmd import logical_axis_rules  # pylint: disable=import-outside-toplevel
+  from maxtext.common.common_types import DECODING_ACTIVE_SEQUENCE_INDICATOR, MODEL_MODE_PREFILL  # pylint: disable=import-outside-toplevel
+
+  @jax.jit
+  def full_logits(p, toks):
+    input_tokens = jnp.expand_dims(toks, 0)
+    positions = jnp.expand_dims(jnp.arange(0, length), 0)
+    seg = jnp.expand_dims((jnp.arange(0, length) < n) * DECODING_ACTIVE_SEQUENCE_INDICATOR, 0)
+    cache = engine._nnx_init_cache_dict(mode=MODEL_MODE_PREFILL)  # pylint: disable=protected-access
+    with engine._mesh, logical_axis_rules(config.logical_axis_rules):  # pylint: disable=protected-access
+      flat_logits, _ = engine._nnx_run_model(  # pylint: disable=protected-access
+          params=p,
+          cache_dict=cache,
+          decoder_input_tokens=input_tokens,
+          decoder_positions=positions,
+          decoder_segment_ids=seg,
+          enable_dropout=False,
+          model_mode=MODEL_MODE_PREFILL,
+          true_length=n,
+      )
+    return flat_logits
+
+  return full_logits
 
 
 def main():
@@ -93,6 +123,8 @@ def main():
         )
       return flat_logits
 
+    if _common.layout() == "nnx":
+      full_logits = nnx_full_logits(engine, config, n, length)
     logits = np.asarray(full_logits(params, padded)[0, :n].astype(jnp.float32))
     prefix, _ = engine.prefill(params=params, padded_tokens=padded, true_length=n, rng=jax.random.PRNGKey(0))
     last = np.asarray(prefix["logits"].astype(jnp.float32)).reshape(-1)

@@ -1,6 +1,9 @@
-"""MaxText unscanned bf16 checkpoint -> AQT quantized checkpoint (classic Linen tree), with MaxText 0.2.4's
-maxtext.checkpoint_conversion.load_and_quantize_checkpoint (MaxEngine.load_params -> quantize_params ->
-save_quantized_params_path).
+"""MaxText unscanned bf16 checkpoint -> AQT quantized checkpoint.
+
+* linen (maxtext 0.2.4, classic flags): maxtext.checkpoint_conversion.load_and_quantize_checkpoint
+  (MaxEngine.load_params -> quantize_params -> save_quantized_params_path), the classic ``params/aqt`` tree;
+* nnx (maxtext 0.2.5, default flags): maxtext.utils.layerwise_quantization, the NNX tree
+  ``decoder/.../AqtDotGeneral_0/qrhs/frozen/value/...`` (0.2.5's load_and_quantize_checkpoint writes nothing).
 
 Usage (reference env): python quantized.py --model '<json>' --unscanned <.../0/items> --out <dir> [--quant int8|int8w|int4w]
 Writes the PyTreeCheckpointer directory <out> (no step dir, no items).
@@ -30,7 +33,10 @@ def main():
   model = _common.load_model(args.model)
 
   t0 = time.time()
-  from maxtext.checkpoint_conversion import load_and_quantize_checkpoint as laq  # pylint: disable=import-outside-toplevel
+  if _common.layout() == "nnx":
+    from maxtext.utils import layerwise_quantization as laq  # pylint: disable=import-outside-toplevel
+  else:
+    from maxtext.checkpoint_conversion import load_and_quantize_checkpoint as laq  # pylint: disable=import-outside-toplevel
 
   t_import = time.time() - t0
   argv = _common.config_args(

@@ -1,4 +1,5 @@
-"""Meta consolidated.NN.pth -> MaxText scanned bf16 checkpoint, with MaxText 0.2.4's llama_or_mistral_ckpt.
+"""Meta consolidated.NN.pth -> MaxText scanned bf16 checkpoint, with MaxText's llama_or_mistral_ckpt
+(0.2.4 or 0.2.5: the same tree; 0.2.5 saves it through Orbax's v1 Checkpointer).
 
 Usage (reference env): python scanned.py --model '<json>' --src <meta dir> --out <dir>
 Writes <out>/0/items. Mirrors the script's __main__: 16 simulated CPU devices, ocdbt + zarr3 on.

@@ -1,5 +1,6 @@
-"""MaxText scanned checkpoint -> unscanned bf16 param-only checkpoint, with MaxText 0.2.4's
-maxtext.utils.generate_param_only_checkpoint (classic Linen layout: pure_nnx/enable_nnx/pure_nnx_decoder=false).
+"""MaxText scanned checkpoint -> unscanned bf16 param-only checkpoint, with maxtext.utils.generate_param_only_checkpoint:
+maxtext 0.2.4 with pure_nnx/enable_nnx/pure_nnx_decoder=false writes the classic Linen tree (``params/params/...``,
+``step``, ``opt_state``); maxtext 0.2.5 (default flags) writes an NNX decode checkpoint (``decoder/.../kernel/value``).
 
 Usage (reference env): python unscanned.py --model '<json>' --scanned <.../0/items> --out-base <dir> --run-name <name>
 Writes <out-base>/<run-name>/checkpoints/0/items.

@@ -1,0 +1,372 @@
+"""One conversion per output: ``<out>/.rayconv/lock``, with an owner, a heartbeat and safe takeover.
+
+Two conversions writing one output would merge each other's databases and mark each other's
+work committed. The lock is a small JSON object (owner id, host, pid, start and heartbeat times):
+
+* **acquire**: create it only if absent — ``O_CREAT | O_EXCL`` on a local disk, an upload with
+  ``ifGenerationMatch=0`` on GCS. If it exists and its holder is alive, refuse with one line naming
+  the holder (host, pid, age of its heartbeat). A holder on this host is alive while its pid is; a
+  holder on another host is watched until its heartbeat advances (alive: refuse) or goes stale (take
+  over), so a job retried on a fresh cluster right after its driver's node died waits, not fails.
+* **stale** means: the holder ran on this host and its pid is gone, or its heartbeat is older than
+  :data:`STALE_SECONDS` (``RAYCONV_LOCK_STALE_SECONDS``). A stale lock is replaced with a
+  compare-and-swap — a generation precondition on GCS; locally a ``flock``-guarded read-compare-
+  replace — so of two processes that both saw it stale exactly one wins; the other sees a fresh
+  holder and refuses.
+* **heartbeat**: a daemon thread rewrites the lock every ``stale/4`` seconds with the same
+  compare-and-swap; if the lock is no longer ours (taken over after this process stalled), it
+  records that, and :meth:`OutputLock.check` makes the driver stop before committing anything.
+* **release**: deleted at the end of the run, success or error, only if still ours. A killed run
+  leaves it behind; the next run on the same host takes it over at once (dead pid), any other host
+  after the heartbeat timeout.
+
+Heartbeat ages compare the holder's clock with ours: hosts sharing an output should keep time
+(NTP). The local guard (``flock``) is per host; a local output shared by several hosts over NFS is
+protected by the heartbeat timeout only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Iterator, Protocol
+
+from rayconv.errors import OutputError
+from rayconv.storage import Location, storage_reason
+
+log = logging.getLogger("rayconv")
+
+#: A heartbeat older than this marks the lock stale (seconds). Two minutes: long enough to ride out
+#: a stalled storage request, short enough that a crashed run on another host blocks a retry briefly.
+STALE_SECONDS = 120.0
+LOCK_KEY = ".rayconv/lock"
+
+
+def stale_seconds() -> float:
+    """:data:`STALE_SECONDS`, or ``RAYCONV_LOCK_STALE_SECONDS`` when set (tests, slow storage)."""
+    value = os.environ.get("RAYCONV_LOCK_STALE_SECONDS")
+    try:
+        return float(value) if value else STALE_SECONDS
+    except ValueError:
+        raise OutputError(f"RAYCONV_LOCK_STALE_SECONDS={value!r} is not a number of seconds") from None
+
+
+class OutputLocked(OutputError):
+    """Another live conversion holds the output."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Holder:
+    owner: str
+    host: str
+    pid: int
+    started: float
+    heartbeat: float
+
+    @classmethod
+    def parse(cls, data: bytes) -> "Holder | None":
+        try:
+            d = json.loads(data)
+            return cls(str(d["owner"]), str(d["host"]), int(d["pid"]), float(d["started"]), float(d["heartbeat"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def encode(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self)).encode()
+
+    def describe(self, now: float) -> str:
+        return f"host {self.host}, pid {self.pid}, last heartbeat {max(0.0, now - self.heartbeat):.0f} s ago"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Backend(Protocol):
+    """Compare-and-swap primitives over one lock object. ``token`` identifies a version."""
+
+    uri: str
+
+    def create(self, data: bytes) -> Any | None: ...  # token, or None when it exists
+
+    def read(self) -> tuple[bytes, Any, float] | None: ...  # (data, token, modified time) or None
+
+    def replace(self, data: bytes, token: Any) -> Any | None: ...  # new token, or None when token is stale
+
+    def delete(self, token: Any) -> None: ...
+
+
+class _LocalBackend:
+    """O_EXCL create; a ``flock`` on a guard file serialises read-compare-replace (takeover, heartbeat)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.uri = path
+        self._guard = path + ".guard"
+
+    @contextlib.contextmanager
+    def _guarded(self) -> Iterator[None]:
+        import fcntl
+
+        fd = os.open(self._guard, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def create(self, data: bytes) -> Any | None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return None
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return data
+
+    def read(self) -> tuple[bytes, Any, float] | None:
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+                return data, data, os.fstat(f.fileno()).st_mtime
+        except FileNotFoundError:
+            return None
+
+    def replace(self, data: bytes, token: Any) -> Any | None:
+        with self._guarded():
+            current = self.read()
+            if current is None or current[1] != token:
+                return None
+            tmp = f"{self.path}.{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            return data
+
+    def delete(self, token: Any) -> None:
+        with self._guarded():
+            current = self.read()
+            if current is not None and current[1] == token:
+                os.remove(self.path)
+
+
+class _GcsBackend:
+    """Generation preconditions: ``ifGenerationMatch=0`` to create, ``=<generation>`` to replace/delete."""
+
+    def __init__(self, bucket: str, name: str) -> None:
+        self.bucket, self.name = bucket, name
+        self.uri = f"gs://{bucket}/{name}"
+
+    def _blob(self):
+        from rayconv.source.gcs import client
+
+        return client().bucket(self.bucket).blob(self.name)
+
+    def _write(self, data: bytes, generation: int) -> Any | None:
+        from google.api_core import exceptions as gexc
+
+        blob = self._blob()
+        try:
+            blob.upload_from_string(data, content_type="application/json", if_generation_match=generation)
+        except gexc.PreconditionFailed:
+            # A retried request whose first attempt succeeded also ends here: then the object is ours.
+            current = self.read()
+            return current[1] if current is not None and current[0] == data else None
+        return blob.generation
+
+    def create(self, data: bytes) -> Any | None:
+        return self._write(data, 0)
+
+    def read(self) -> tuple[bytes, Any, float] | None:
+        from google.api_core import exceptions as gexc
+
+        blob = self._blob().bucket.get_blob(self.name)
+        if blob is None:
+            return None
+        try:
+            data = blob.download_as_bytes(if_generation_match=blob.generation)
+        except (gexc.NotFound, gexc.PreconditionFailed):
+            return self.read()  # replaced or deleted between the two requests: look again
+        modified = blob.updated.timestamp() if blob.updated else 0.0
+        return data, blob.generation, modified
+
+    def replace(self, data: bytes, token: Any) -> Any | None:
+        return self._write(data, int(token))
+
+    def delete(self, token: Any) -> None:
+        from google.api_core import exceptions as gexc
+
+        try:
+            self._blob().delete(if_generation_match=int(token))
+        except (gexc.NotFound, gexc.PreconditionFailed):
+            pass
+
+
+def _backend(out: Location) -> _Backend:
+    key = out.join(LOCK_KEY)
+    if out.is_local:
+        return _LocalBackend(key.path)
+    return _GcsBackend(key.bucket, key.path)
+
+
+class OutputLock:
+    """Exclusive ownership of an output directory for one conversion (a context manager)."""
+
+    def __init__(self, out: Location, *, stale: float | None = None, heartbeat: float | None = None) -> None:
+        self.out = out
+        self.stale = stale_seconds() if stale is None else stale
+        self.interval = heartbeat if heartbeat is not None else max(0.5, self.stale / 4)
+        self._backend = _backend(out)
+        self._holder: Holder | None = None
+        self._token: Any = None
+        self._lost: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._mutex = threading.Lock()
+        self.took_over: Holder | None = None
+
+    @property
+    def uri(self) -> str:
+        return self._backend.uri
+
+    def _new_holder(self) -> Holder:
+        now = time.time()
+        return Holder(uuid.uuid4().hex, socket.gethostname(), os.getpid(), now, now)
+
+    def is_stale(self, holder: Holder | None, modified: float, now: float) -> bool:
+        if holder is None:  # unreadable (being written, or garbage): judge by the object's age
+            return now - modified > self.stale
+        if holder.host == socket.gethostname() and not pid_alive(holder.pid):
+            return True
+        return now - holder.heartbeat > self.stale
+
+    def acquire(self) -> "OutputLock":
+        try:
+            self._acquire()
+        except OutputError:
+            raise
+        except Exception as exc:  # OSError locally; google.api_core errors on GCS
+            raise OutputError(f"cannot lock {self.out.uri}: {storage_reason(exc)}") from None
+        self._thread = threading.Thread(target=self._beat, name="rayconv-lock-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def _acquire(self) -> None:
+        seen_alive = False
+        for _ in range(10):
+            mine = self._new_holder()
+            token = self._backend.create(mine.encode())
+            if token is not None:
+                self._holder, self._token = mine, token
+                return
+            current = self._backend.read()
+            if current is None:
+                continue  # released meanwhile: try to create again
+            data, token, modified = current
+            holder, now = Holder.parse(data), time.time()
+            if not self.is_stale(holder, modified, now):
+                who = holder.describe(now) if holder else f"unreadable lock, written {now - modified:.0f} s ago"
+                local = holder is not None and holder.host == socket.gethostname()
+                if seen_alive or local:  # a live pid here, or a heartbeat seen to advance
+                    raise OutputLocked(f"{self.out.uri} is being written by another conversion ({who}); wait for "
+                                       f"it to finish, or remove {self.uri} if that process is gone")
+                # Another host: alive if it beats again, dead if it goes stale (a retried job on a new cluster).
+                stale_at = (holder.heartbeat if holder else modified) + self.stale
+                log.warning("The output lock of %s is held by %s; waiting up to %.0f s for it to beat again (then "
+                            "this run stops) or go stale (then this run takes it over)", self.out.uri, who,
+                            stale_at - now)
+                seen_alive = self._watch(token, stale_at)
+                continue
+            new = self._backend.replace(mine.encode(), token)
+            if new is not None:
+                self._holder, self._token, self.took_over = mine, new, holder
+                log.warning("Took over the stale output lock of %s", holder.describe(now) if holder else "an unknown "
+                            "holder")
+                return
+            # Someone else replaced or removed it first: look again (they may have won).
+        raise OutputLocked(f"could not lock {self.out.uri}: the lock keeps changing hands")
+
+    def _watch(self, token: Any, until: float) -> bool:
+        """Poll the lock until ``until``; True as soon as it changed (rewritten, released or replaced)."""
+        poll = max(0.2, min(2.0, self.interval / 4))
+        while time.time() < until:
+            time.sleep(min(poll, max(0.0, until - time.time())))
+            current = self._backend.read()
+            if current is None or current[1] != token:
+                return True
+        return False
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.refresh()
+            except Exception as exc:  # transient storage trouble: the next beat retries
+                log.warning("output lock heartbeat failed: %s", storage_reason(exc))
+            if self._lost:
+                return
+
+    def refresh(self) -> None:
+        """Rewrite the heartbeat, if the lock is still ours."""
+        with self._mutex:
+            if self._holder is None or self._lost:
+                return
+            beat = dataclasses.replace(self._holder, heartbeat=time.time())
+            token = self._backend.replace(beat.encode(), self._token)
+            if token is None:
+                current = self._backend.read()
+                other = Holder.parse(current[0]) if current else None
+                self._lost = other.describe(time.time()) if other else "nobody (the lock was removed)"
+                log.error("lost the output lock of %s to %s", self.out.uri, self._lost)
+                return
+            self._holder, self._token = beat, token
+
+    def check(self) -> None:
+        """Raise if the lock was taken from us (before any step that makes output visible)."""
+        if self._lost:
+            raise OutputLocked(f"lost the lock on {self.out.uri} to {self._lost} (a run that stalls for over "
+                               f"{self.stale:.0f} s counts as dead); stopped before committing: rerun to resume")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.interval + 30)
+        with self._mutex:
+            if self._holder is not None and not self._lost:
+                try:
+                    self._backend.delete(self._token)
+                except Exception as exc:  # the next run takes a leftover lock over (dead pid / timeout)
+                    log.warning("could not release the output lock %s: %s", self.uri, storage_reason(exc))
+            self._holder = None
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def read_holder(out: Location) -> Holder | None:
+    """The current holder of ``out``'s lock, if any (for tests and diagnostics)."""
+    current = _backend(out).read()
+    return Holder.parse(current[0]) if current else None
+
+

@@ -1,0 +1,220 @@
+"""The checkpoint *tree layouts*: which tree paths and which Orbax metadata each MaxText generation reads.
+
+rayconv computes the same numbers for every layout; a layout only decides where a leaf sits in the
+PyTree and what Orbax's JSON files around it say. Two layouts exist, one object each:
+
+* ``linen`` (:data:`LINEN`) — MaxText 0.2.4 with its NNX switches off, the trees JetStream-MaxText and the GKE
+  tutorial use: ``params/params/…`` plus ``step``/``opt_state`` (bf16), and the classic AQT tree
+  ``params/aqt/…/AqtDotGeneral_0/qrhs/frozen/{qvalue,scale/0}`` with the quantized kernels left as ``{}``
+  under ``params/params`` (int8); Orbax's legacy ``PyTreeCheckpointHandler`` everywhere.
+* ``nnx`` (:data:`NNX`) — what MaxText 0.2.5 writes with default flags (it has no Linen path):
+  ``llama_or_mistral_ckpt`` still writes the classic scanned tree, but through Orbax's v1 Checkpointer (its
+  ``PyTreeHandler`` in ``_CHECKPOINT_METADATA``); ``generate_param_only_checkpoint`` writes an NNX decode tree —
+  no ``params`` wrapper, no ``step``/``opt_state``, every leaf under a trailing ``value`` key
+  (``decoder/layers_0/mlp/wi_0/kernel/value``); ``layerwise_quantization`` writes the NNX int8 tree
+  ``decoder/layers_0/mlp/wi_0/AqtDotGeneral_0/qrhs/frozen/value/{qvalue,scale/0,…}`` with the quantized kernels
+  dropped (legacy handler, bare directory). MaxText 0.2.5 records ``custom_metadata {}`` for all three, so
+  serving the unscanned tree needs ``scan_layers=false`` on its command line (as for 0.2.5's own output).
+
+Adding a layout is adding one :class:`TreeLayout` to :data:`LAYOUTS`. This module does no I/O: the plan asks
+it for paths, the sink for the JSON it writes, ``rayconv verify`` for what a tree must hold.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import time
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+from rayconv.errors import SpecError
+
+if TYPE_CHECKING:
+    from rayconv.mapping import Rule
+    from rayconv.plan import ArraySpec
+
+Path = tuple[str, ...]
+
+#: Orbax's legacy (v0) handler: MaxText 0.2.4's CheckpointManager and every PyTreeCheckpointer save.
+LEGACY_PYTREE_HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
+#: Orbax's v1 handler, as MaxText 0.2.5's ``ocp.training.Checkpointer`` records it (orbax-checkpoint 0.12.8).
+V1_PYTREE_HANDLER = "orbax.checkpoint.experimental.v1._src.handlers.pytree_handler.PyTreeHandler"
+_SINGLE_DEVICE = json.dumps({"sharding_type": "SingleDeviceSharding", "device_str": "cpu:0"})
+
+#: The QTensor fields Orbax records besides the two arrays (aqtp 0.9.0): metadata-only, never restored.
+_FROZEN_PLACEHOLDERS: tuple[tuple[str, str], ...] = (("sparsity_mask", "None"), ("scale_t", "None"), ("bias", "List"))
+
+
+def _layer_target(rule: "Rule", layer: int | None, scanned: bool) -> Path:
+    """The rule's MaxText path under the model root: ``layers`` (scanned) or ``layers_{i}``."""
+    if layer is None or scanned:
+        return rule.target
+    return tuple(f"layers_{layer}" if part == "layers" else part for part in rule.target)
+
+
+def _key_metadata(path: Path, sequence_keys: Iterable[int] = ()) -> list[dict[str, Any]]:
+    sequence = set(sequence_keys)
+    return [{"key": part, "key_type": 1 if i in sequence else 2} for i, part in enumerate(path)]
+
+
+def _entry(path: Path, value: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    # Orbax keys tree_metadata by the repr of the key tuple; list indices ("scale", "0") are sequence keys.
+    seq = [i for i, part in enumerate(path) if part.isdigit() and i > 0 and path[i - 1] == "scale"]
+    return repr(path), {"key_metadata": _key_metadata(path, seq), "value_metadata": value}
+
+
+def _array_value(array: "ArraySpec") -> dict[str, Any]:
+    return {"value_type": "jax.Array", "skip_deserialize": False, "write_shape": list(array.chunks)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeLayout:
+    """One MaxText tree layout: leaf paths and Orbax metadata for each output kind.
+
+    ``handlers[kind]`` names the Orbax handler MaxText's writer records for that output; ``step_leaf`` lists
+    the kinds whose tree carries the ``step`` scalar and the empty ``opt_state`` (a TrainState).
+    """
+
+    name: str
+    handlers: dict[str, str]
+    step_leaf: frozenset[str]
+    #: AQT types this generation of MaxText writes and loads (None: all of rayconv's), and why not the others.
+    quantize_types: frozenset[str] | None = None
+    unsupported_quantize_reason: str = ""
+
+    def check_quantize_type(self, quantize_type: str | None) -> None:
+        """Refuse, in one line, an AQT type this layout's MaxText has no checkpoint for."""
+        if quantize_type and self.quantize_types is not None and quantize_type not in self.quantize_types:
+            raise SpecError(f"--quantize_type {quantize_type} has no --maxtext_layout {self.name} form: "
+                            f"{self.unsupported_quantize_reason}")
+
+    # ------------------------------------------------------------------ paths
+    def leaf_path(self, rule: "Rule", layer: int | None, kind: str) -> Path:
+        """Tree path of a rule's (non-quantized) leaf in output ``kind``."""
+        raise NotImplementedError
+
+    def aqt_paths(self, rule: "Rule", layer: int) -> tuple[Path, Path]:
+        """(qvalue path, scale path) of an AQT-frozen kernel."""
+        raise NotImplementedError
+
+    def frozen_of(self, qvalue_path: Path) -> Path:
+        """The QTensor node a qvalue path belongs to (its placeholders sit beside the qvalue)."""
+        return qvalue_path[:-1]
+
+    def empty_kernel_paths(self, arrays: Sequence["ArraySpec"]) -> list[Path]:
+        """Quantized kernels that stay in the int8 tree as empty ``{}`` nodes (none unless the layout keeps them)."""
+        return []
+
+    # ------------------------------------------------------------------ metadata
+    def has_step_leaf(self, kind: str) -> bool:
+        return kind in self.step_leaf
+
+    def tree_metadata(self, kind: str, arrays: Sequence["ArraySpec"]) -> dict[str, Any]:
+        """``_METADATA`` as Orbax 0.12 writes it for this layout's tree."""
+        entries: dict[str, Any] = {}
+        if self.has_step_leaf(kind):
+            entries.update([_entry(("step",), {"value_type": "scalar", "skip_deserialize": False})])
+        for array in arrays:
+            entries.update([_entry(array.path, _array_value(array))])
+            if array.path[-1] == "qvalue":
+                frozen = self.frozen_of(array.path)
+                entries.update([_entry(frozen + (name,), {"value_type": vtype, "skip_deserialize": True})
+                                for name, vtype in _FROZEN_PLACEHOLDERS])
+        for path in self.empty_kernel_paths(arrays):
+            entries.update([_entry(path, {"value_type": "Dict", "skip_deserialize": True})])
+        if self.has_step_leaf(kind):
+            entries.update([_entry(("opt_state",), {"value_type": "Dict", "skip_deserialize": True})])
+        return {
+            "tree_metadata": entries,
+            "use_ocdbt": True,
+            "use_zarr3": True,
+            "store_array_data_equal_to_fill_value": True,
+            "custom_metadata": None,
+        }
+
+    def sharding_file(self, arrays: Sequence["ArraySpec"]) -> dict[str, str]:
+        """``_sharding``: one (single-device) sharding per array, keyed by its base64 param name."""
+        return {base64.urlsafe_b64encode(a.param_name.encode()).decode(): _SINGLE_DEVICE for a in arrays}
+
+    def array_metadatas(self, arrays: Sequence["ArraySpec"]) -> dict[str, Any]:
+        return {"array_metadatas": [
+            {"array_metadata": {"param_name": a.param_name, "write_shape": list(a.chunks),
+                                "chunk_shape": list(a.chunks), "ext_metadata": None}} for a in arrays]}
+
+    def custom_metadata(self, kind: str) -> dict[str, Any]:
+        """``custom_metadata`` of the step's ``_CHECKPOINT_METADATA``."""
+        return {}
+
+    def checkpoint_metadata(self, kind: str, step_dir: bool, custom: dict[str, Any] | None,
+                            started_ns: int) -> dict[str, Any]:
+        """``_CHECKPOINT_METADATA``: in the step dir (``{"items": handler}``) or a bare item dir (the handler)."""
+        handler = self.handlers[kind]
+        return {"item_handlers": {"items": handler} if step_dir else handler, "metrics": {},
+                "performance_metrics": {}, "init_timestamp_nsecs": started_ns,
+                "commit_timestamp_nsecs": time.time_ns(),
+                "custom_metadata": self.custom_metadata(kind) if custom is None else custom}
+
+
+class _Linen(TreeLayout):
+    """MaxText 0.2.4 classic trees (JetStream-MaxText, the GKE tutorial)."""
+
+    def leaf_path(self, rule: "Rule", layer: int | None, kind: str) -> Path:
+        return ("params", "params") + _layer_target(rule, layer, kind == "scanned")
+
+    def aqt_paths(self, rule: "Rule", layer: int) -> tuple[Path, Path]:
+        module = _layer_target(rule, layer, False)[:-1]
+        frozen = ("params", "aqt") + module + ("AqtDotGeneral_0", "qrhs", "frozen")
+        return frozen + ("qvalue",), frozen + ("scale", "0")
+
+    def empty_kernel_paths(self, arrays: Sequence["ArraySpec"]) -> list[Path]:
+        """int8: load_and_quantize_checkpoint replaces each quantized kernel under params/params by ``{}``."""
+        paths = []
+        for array in arrays:
+            if array.path[:2] == ("params", "aqt") and array.path[-1] == "qvalue":
+                module = array.path[2:-4]  # strip AqtDotGeneral_0/qrhs/frozen/qvalue
+                paths.append(("params", "params") + module + ("kernel",))
+        return paths
+
+    def custom_metadata(self, kind: str) -> dict[str, Any]:
+        # MaxText ≥ 0.2.4 reads scan_layers from here (verify_and_sync_scan_layers); the int8 dir has none.
+        return {} if kind == "int8" else {"scan_layers": kind == "scanned", "converter": "rayconv"}
+
+
+class _Nnx(TreeLayout):
+    """MaxText 0.2.5 default trees: classic scanned, NNX decode unscanned, NNX int8."""
+
+    def leaf_path(self, rule: "Rule", layer: int | None, kind: str) -> Path:
+        if kind == "scanned":  # llama_or_mistral_ckpt: the classic TrainState tree, unchanged in 0.2.5
+            return ("params", "params") + _layer_target(rule, layer, True)
+        return _layer_target(rule, layer, False) + ("value",)
+
+    def aqt_paths(self, rule: "Rule", layer: int) -> tuple[Path, Path]:
+        module = _layer_target(rule, layer, False)[:-1]
+        frozen = module + ("AqtDotGeneral_0", "qrhs", "frozen", "value")
+        return frozen + ("qvalue",), frozen + ("scale", "0")
+
+
+LINEN = _Linen("linen", handlers={"scanned": LEGACY_PYTREE_HANDLER, "unscanned": LEGACY_PYTREE_HANDLER,
+                                  "int8": LEGACY_PYTREE_HANDLER},
+               step_leaf=frozenset({"scanned", "unscanned"}))
+NNX = _Nnx("nnx", handlers={"scanned": V1_PYTREE_HANDLER, "unscanned": V1_PYTREE_HANDLER,
+                            "int8": LEGACY_PYTREE_HANDLER},
+           step_leaf=frozenset({"scanned"}), quantize_types=frozenset({"int8"}),
+           # Measured: 0.2.5's layerwise_quantization with quantization=intmp fails building the model
+           # (quantizations._get_mixed_precision_cfg reads Linen's module stack, None under NNX); MaxEngine builds
+           # the same model to load, so there is neither a writer nor a loader to be compatible with.
+           unsupported_quantize_reason="MaxText 0.2.5 can neither write nor load weight-only (intmp) AQT checkpoints "
+                                       "(its mixed-precision config needs the Linen module stack); use int8, or "
+                                       "--maxtext_layout linen for JetStream-MaxText / MaxText 0.2.4")
+
+LAYOUTS: dict[str, TreeLayout] = {layout.name: layout for layout in (LINEN, NNX)}
+DEFAULT_LAYOUT = "linen"
+
+
+def get(name: str | None) -> TreeLayout:
+    """The layout called ``name`` (None: the default, ``linen``)."""
+    layout = LAYOUTS.get(name or DEFAULT_LAYOUT)
+    if layout is None:
+        raise SpecError(f"unknown --maxtext_layout {name!r} (choose from {', '.join(LAYOUTS)})")
+    return layout
