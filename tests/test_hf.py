@@ -126,6 +126,17 @@ def test_hf_source_is_bit_equal_to_meta_source(name, converted_pair):
     assert counts == [13, 4 + 9 * model.n_layers, 3 + (2 + 7 * 2) * model.n_layers]
 
 
+def test_hf_source_in_the_nnx_layout(tmp_path):
+    """The MaxText 0.2.5 (nnx) trees from HF files equal those from Meta's shards too: the layout is orthogonal."""
+    model = HF_MODELS["llama31-405b"]
+    run_convert(hf_checkpoint("llama31-405b"), tmp_path / "hf", kinds=KINDS, quantize_type="int8", executor="local",
+                maxtext_layout="nnx")
+    run_convert(synthetic_checkpoint(model), tmp_path / "meta", model_name=model.family, kinds=KINDS,
+                quantize_type="int8", executor="local", kv_heads=model.n_kv_heads, maxtext_layout="nnx")
+    for sub in SUBDIRS:
+        leaves_equal(tmp_path / "hf" / sub, tmp_path / "meta" / sub)
+
+
 def test_rope_inverse_only_for_the_families_stored_interleaved():
     """llama-3.1 stores Meta's interleaved order (HF needs the inverse); llama-2/3 store HF's half-split as is."""
     for name, model in HF_MODELS.items():
