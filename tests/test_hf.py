@@ -204,6 +204,24 @@ def test_hub_snapshot_root_hf_by_default_original_with_meta(tmp_path):
     assert isinstance(open_checkpoint(_options(both, source_format="hf")), HFCheckpoint)
 
 
+def test_snapshot_original_through_the_cli_checks_its_md5(tmp_path, converted_pair):
+    """`--source_format meta` at a snapshot root converts original/ (md5-checked against original/checklist.chk)
+    to the same bytes as the safetensors beside it."""
+    model = HF_MODELS["llama31-8b"]
+    snap = tmp_path / "snapshot"
+    shutil.copytree(hf_checkpoint("llama31-8b"), snap)
+    shutil.copytree(synthetic_checkpoint(model), snap / "original")
+    out = tmp_path / "out"
+    result = cli("convert", "--no_progress", "--executor", "local", "--input_directory", str(snap), "--source_format",
+                 "meta", "--model_name", "llama-3.1", "--output_directory", str(out), "--quantize_type", "int8",
+                 "--quantize_weights", "True")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "md5 of 2 files matches checklist.chk" in result.stderr, result.stderr[-3000:]
+    hf, _ = converted_pair("llama31-8b")
+    for sub in SUBDIRS:
+        leaves_equal(out / sub, hf / sub)
+
+
 def test_405b_snapshot_original_holds_two_layouts(tmp_path):
     """meta-llama/Llama-3.1-405B* keep Meta's MP16 and MP8 copies in original/mp16 and original/mp8."""
     from rayconv.engine.driver import open_checkpoint

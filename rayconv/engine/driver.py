@@ -14,6 +14,7 @@ from rayconv import checksum
 from rayconv.engine.ledger import (COMMITTED, COMMITTING, Ledger, relative, remove_output, restart_targets, resumable,
                                    source_digest, source_identities, unit_shards)
 from rayconv.errors import OutputError, SourceError, SpecError
+from rayconv.mapping import source_format
 from rayconv.models import Descriptor
 from rayconv.plan import Plan, build_plan, describe
 from rayconv.progress import LOG, Progress, human_bytes
@@ -250,13 +251,16 @@ def convert(options: ConvertOptions) -> ConvertResult:
     started_ns = time.time_ns()
     LOG.info("Reading checkpoint index from %s", options.input_display)
     checkpoint = open_checkpoint(options)
-    if options.verify_md5:
+    if options.verify_md5 and source_format(checkpoint.spec) == "hf":
+        LOG.info("Hugging Face checkpoint: no checklist.chk to check md5 against, and safetensors have no CRCs")
+    elif options.verify_md5:
         from rayconv.source.hashing import verify_input
 
         Location.parse(options.output).check_writable()  # fail fast, before a long md5 pass
         read = set(checkpoint.shards)
-        verify_input(options.files, options.input_display,
-                     ["params.json", *(name for name, uri in options.files.items() if uri in read)])
+        files = checkpoint.files  # the folder actually opened (a Hub snapshot's original/, say)
+        verify_input(files, options.input_display,
+                     ["params.json", *(name for name, uri in files.items() if uri in read)])
     spec = checkpoint.spec
     LOG.info("Model %s: %d layers, dim %d, %d heads, %d kv heads (params.json says %d), ffn %d, vocab %d, "
              "%d shards, %s", spec.maxtext_name, spec.n_layers, spec.dim, spec.n_heads, spec.n_kv_heads,
