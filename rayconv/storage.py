@@ -47,10 +47,6 @@ def _prefix_range(prefix: str) -> ts.KvStore.KeyRange:
     return ts.KvStore.KeyRange(low, high)
 
 
-#: Kept for callers of the old name; the one helper is :func:`rayconv.errors.one_line_reason`.
-storage_reason = one_line_reason
-
-
 @contextlib.contextmanager
 def output_errors(location: "Location") -> Iterator[None]:
     """Storage failures (disk full, permission, bucket gone) become one-line OutputErrors."""

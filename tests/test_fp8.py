@@ -287,7 +287,8 @@ def test_fp8_from_meta_url_and_bucket(tmp_path, fp8_src, fp8_out, gcs_prefix, mo
     from servers import SignedUrlServer
     from test_download import copy_down
 
-    from rayconv.download import resolve_input, stage
+    from rayconv.download import resolve_input
+    from rayconv.staging import stage
     from rayconv.engine.driver import ConvertOptions, convert
     from rayconv.source.checkpoint import list_input
 

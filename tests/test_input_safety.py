@@ -367,7 +367,7 @@ def test_descriptor_is_a_dataclass_view_of_the_catalog():
 
     d = Descriptor.parse("Llama-2-70b-chat")
     model = catalog.lookup("Llama-2-70b-chat")
-    assert dataclasses.astuple(d)[1:] == (model.family, model.size, model.instruct, model.shards)
+    assert dataclasses.astuple(d)[1:] == (model.family, model.size, model.instruct, model.shards, model.dtype)
 
 
 def test_every_convertible_size_is_a_catalog_release():

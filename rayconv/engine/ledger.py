@@ -167,7 +167,7 @@ def _byte_identity(uri: str) -> str:
     HTTP(S) sources have none worth trusting (signed URLs change); their index digest and the CRC-32
     check stand for them."""
     if uri.startswith("gs://"):
-        from rayconv.source.gcs import object_info, parse_gs
+        from rayconv.gcs_api import object_info, parse_gs
 
         info = object_info(*parse_gs(uri))
         return "" if info is None else f"{info['size']}:g{info['generation']}"

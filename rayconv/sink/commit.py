@@ -35,8 +35,8 @@ import tensorstore as ts
 from rayconv import trees
 from rayconv.plan import ArraySpec
 from rayconv.sink.layout import OutputLayout, array_spec, ocdbt_kvstore
-from rayconv.errors import OutputError
-from rayconv.storage import Location, output_errors, storage_reason
+from rayconv.errors import OutputError, one_line_reason
+from rayconv.storage import Location, output_errors
 
 # Tree paths and Orbax's JSON depend on the MaxText layout: see rayconv.trees (OutputLayout.tree).
 PYTREE_HANDLER = trees.LEGACY_PYTREE_HANDLER  # kept for importers; the layouts name their handlers
@@ -215,7 +215,7 @@ def commit_output(layout: OutputLayout, arrays: list[ArraySpec], dbs: list[str],
         layout.staging_root.rename(layout.final_root)
     except OSError as exc:
         raise OutputError(f"cannot move {layout.staging_root.uri} to {layout.final_root.uri}: "
-                          f"{storage_reason(exc)}") from None
+                          f"{one_line_reason(exc)}") from None
     stop_point("rename", layout.kind)
     return layout.item(staging=False)
 

@@ -38,8 +38,8 @@ import time
 import uuid
 from typing import Any, Iterator, Protocol
 
-from rayconv.errors import OutputError
-from rayconv.storage import Location, storage_reason
+from rayconv.errors import OutputError, one_line_reason
+from rayconv.storage import Location
 
 log = logging.getLogger("rayconv")
 
@@ -177,7 +177,7 @@ class _GcsBackend:
         self.uri = f"gs://{bucket}/{name}"
 
     def _blob(self):
-        from rayconv.source.gcs import client
+        from rayconv.gcs_api import client
 
         return client().bucket(self.bucket).blob(self.name)
 
@@ -265,7 +265,7 @@ class OutputLock:
         except OutputError:
             raise
         except Exception as exc:  # OSError locally; google.api_core errors on GCS
-            raise OutputError(f"cannot lock {self.out.uri}: {storage_reason(exc)}") from None
+            raise OutputError(f"cannot lock {self.out.uri}: {one_line_reason(exc)}") from None
         self._thread = threading.Thread(target=self._beat, name="rayconv-lock-heartbeat", daemon=True)
         self._thread.start()
         return self
@@ -320,7 +320,7 @@ class OutputLock:
             try:
                 self.refresh()
             except Exception as exc:  # transient storage trouble: the next beat retries
-                log.warning("output lock heartbeat failed: %s", storage_reason(exc))
+                log.warning("output lock heartbeat failed: %s", one_line_reason(exc))
             if self._lost:
                 return
 
@@ -354,7 +354,7 @@ class OutputLock:
                 try:
                     self._backend.delete(self._token)
                 except Exception as exc:  # the next run takes a leftover lock over (dead pid / timeout)
-                    log.warning("could not release the output lock %s: %s", self.uri, storage_reason(exc))
+                    log.warning("could not release the output lock %s: %s", self.uri, one_line_reason(exc))
             self._holder = None
 
     def __enter__(self) -> "OutputLock":
