@@ -6,15 +6,18 @@ usage mistakes exit 2 (click's convention).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
-from rayconv.errors import ConversionError, SpecError
+from rayconv.errors import ConversionError, SpecError, user_error
 from rayconv.progress import LOG, human_bytes, setup_logging
 
 INFERENCE_SERVERS = ("jetstream-maxtext",)
@@ -85,6 +88,9 @@ def engine_options(fn: Callable) -> Callable:
         _option("--num_workers", type=int, default=None, help="Worker actors (default: CPUs / memory allow)."),
         _option("--worker_memory_gb", type=float, default=4.0, show_default=True,
                 help="Memory each worker actor reserves; the planner cuts work to fit it."),
+        _option("--worker_start_timeout", type=float, default=600.0, show_default=True,
+                help="Seconds to wait for worker actors to be scheduled (e.g. while a cluster scales up); "
+                     "then continue with those that started, or fail if none did."),
     ]):
         fn = decorator(fn)
     return fn
@@ -173,9 +179,50 @@ def _default_output(output_directory: str | None, bucket_name: str | None, model
     return DEFAULT_OUTPUT
 
 
-def _fail(exc: ConversionError) -> None:
+def _fail(exc: ConversionError | str) -> None:
     click.echo(f"rayconv: error: {exc}", err=True)
     sys.exit(1)
+
+
+# -- error and signal handling (one line per user-caused failure) --------------------------------------------
+
+
+@contextlib.contextmanager
+def _one_line_errors(verbose: bool = False, *, signals: bool = False):
+    """Turn a user-caused failure into ``rayconv: error: …`` and exit status 1; let a bug keep its traceback.
+
+    What counts as user-caused is decided in one place, :func:`rayconv.errors.user_error` (ConversionError,
+    also when Ray wrapped it; OS errors of the environment). With ``--verbose`` the traceback of a user
+    error is printed too. ``signals``: SIGTERM/SIGINT stop the run with one line (:mod:`rayconv.interrupt`).
+    """
+    from rayconv import interrupt
+
+    if signals:
+        interrupt.install()
+    try:
+        yield
+    except interrupt.Interrupted as exc:
+        _fail(str(exc))
+    except Exception as exc:
+        error = user_error(exc)
+        if error is None:
+            raise
+        if verbose:
+            traceback.print_exception(exc)
+        _fail(error)
+
+
+def _check_engine_flags(num_workers: int | None, worker_memory_gb: float | None, num_kv_heads: int | None,
+                        worker_start_timeout: float | None = None) -> None:
+    """Numbers the planner divides by or sizes memory with: refused up front, before Ray starts."""
+    if num_workers is not None and num_workers < 1:
+        raise ConversionError(f"--num_workers must be at least 1, got {num_workers}")
+    if worker_memory_gb is not None and not (math.isfinite(worker_memory_gb) and 0.5 <= worker_memory_gb <= 1 << 20):
+        raise ConversionError(f"--worker_memory_gb must be a number of GiB from 0.5 up, got {worker_memory_gb}")
+    if num_kv_heads is not None and num_kv_heads < 1:
+        raise ConversionError(f"--num_kv_heads must be at least 1, got {num_kv_heads}")
+    if worker_start_timeout is not None and not (math.isfinite(worker_start_timeout) and worker_start_timeout > 0):
+        raise ConversionError(f"--worker_start_timeout must be a positive number of seconds, got {worker_start_timeout}")
 
 
 @click.group()
@@ -206,10 +253,11 @@ def main() -> None:
 def convert(model_name, model_path, input_directory, meta_url, download_directory, synthetic, num_kv_heads,
             source_format, bucket_name, output_directory, inference_server, maxtext_layout, quantize_type,
             quantize_weights, skip_scanned, restart, compression, skip_md5, executor, address, num_workers,
-            worker_memory_gb, no_progress, verbose) -> None:
+            worker_memory_gb, worker_start_timeout, no_progress, verbose) -> None:
     """Convert a Meta (or Hugging Face) checkpoint into MaxText checkpoints under the output directory."""
     setup_logging(verbose)
-    try:
+    with _one_line_errors(verbose, signals=True):
+        _check_engine_flags(num_workers, worker_memory_gb, num_kv_heads, worker_start_timeout)
         if inference_server not in INFERENCE_SERVERS and inference_server not in SERVER_LAYOUTS:
             raise SpecError(f"unsupported --inference_server {inference_server!r} (supported: "
                             f"{', '.join(sorted(set(INFERENCE_SERVERS) | set(SERVER_LAYOUTS)))})")
@@ -229,13 +277,11 @@ def convert(model_name, model_path, input_directory, meta_url, download_director
             output=_default_output(output_directory, bucket_name, model_path, model_name),
             model_name=model_name, model_path=model_path, kinds=kinds, quantize_type=quantize_type,
             worker_memory_gb=worker_memory_gb, executor=executor, address=address, num_workers=num_workers,
+            worker_start_timeout=worker_start_timeout,
             restart=restart, compression=None if compression == "none" else compression,
             kv_heads=num_kv_heads or kv, progress=not no_progress, maxtext_layout=maxtext_layout,
             verify_md5=verify_md5, source_format=source_format, input_directory=input_directory)
         result = run(options)
-    except ConversionError as exc:
-        _fail(exc)
-        return
     LOG.info("Done in %.1f s: read %s, wrote %s, %d units (%d resumed), %d workers, worker peak RSS %s",
              result.seconds, human_bytes(result.bytes_read), human_bytes(result.bytes_written), result.units_run,
              result.units_skipped, result.workers, human_bytes(result.worker_peak_rss))
@@ -257,7 +303,10 @@ def plan(model_name, model_path, input_directory, meta_url, download_directory, 
     setup_logging()
     from rayconv.engine import planning
 
-    try:
+    with _one_line_errors(signals=True):
+        _check_engine_flags(None, worker_memory_gb, num_kv_heads)
+        if throughput_mb_s is not None and not (math.isfinite(throughput_mb_s) and throughput_mb_s > 0):
+            raise ConversionError(f"--throughput_mb_s must be a positive number, got {throughput_mb_s}")
         kinds, quantize_type = _kinds(quantize_type, bool(quantize_type) or None, False)
         if simulate:
             report = planning.simulate(model_name, model_path, kinds, quantize_type, worker_memory_gb,
@@ -268,9 +317,6 @@ def plan(model_name, model_path, input_directory, meta_url, download_directory, 
             report = planning.report_for_files(files, display, model_name, model_path, num_kv_heads or kv, kinds,
                                                quantize_type, worker_memory_gb, throughput_mb_s,
                                                source_format=source_format, input_directory=input_directory)
-    except ConversionError as exc:
-        _fail(exc)
-        return
     click.echo(json.dumps(report, indent=2))
 
 
@@ -290,15 +336,13 @@ def verify(source, output, model_name, model_path, num_kv_heads, maxtext_layout,
     from rayconv.source.checkpoint import list_input
     from rayconv.verify import verify as run
 
-    try:
+    with _one_line_errors(signals=True):
+        _check_engine_flags(None, None, num_kv_heads)
         options = ConvertOptions(files=list_input(source), input_display=source, output=output,
                                  model_name=model_name, model_path=model_path, kv_heads=num_kv_heads,
                                  maxtext_layout=maxtext_layout, source_format=source_format,
                                  input_directory=source)
         report = run(options, output)
-    except ConversionError as exc:
-        _fail(exc)
-        return
     click.echo(f"verified {report.arrays} arrays ({report.regions} regions, {human_bytes(report.bytes_compared)}) "
                f"in {', '.join(report.outputs)}: identical to the mapping of {source}")
 
@@ -324,7 +368,9 @@ def synthetic(preset_or_dims, out, n_shards, n_layers, seed, fp8) -> None:
     if fp8:
         changes["fp8"] = True
     model = dataclasses.replace(model, **changes)
-    syn.write_checkpoint(model, out)
+    with _one_line_errors(signals=True):
+        model.validate()
+        syn.write_checkpoint(model, out)
     click.echo(f"wrote {human_bytes(model.nbytes())} synthetic {model.family} checkpoint to {out}")
 
 

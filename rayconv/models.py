@@ -162,10 +162,62 @@ class ModelSpec:
         return cls(**data)
 
 
+#: Upper bounds for params.json dimensions, far above every published Llama (405B: dim 16384, 126 layers,
+#: 128 heads, vocab 128256, ffn 53248) and low enough that nothing proportional to them is allocated before
+#: the shards are compared with them. An absurd value fails here in microseconds.
+MAX_DIM = 1 << 17
+MAX_LAYERS = 1 << 12
+MAX_HEADS = 1 << 12
+MAX_VOCAB = 1 << 24
+MAX_FFN_DIM = 1 << 20
+
+
 def _require(params: Mapping[str, Any], key: str, source: str) -> Any:
     if key not in params:
         raise SpecError(f"{source} has no {key!r}")
     return params[key]
+
+
+def _int_field(params: Mapping[str, Any], key: str, source: str, *, low: int, high: int,
+               default: Any = ..., allow: tuple[int, ...] = ()) -> Any:
+    """``params[key]`` as an int in [low, high] (or one of ``allow``); JSON floats, strings and bools are refused.
+
+    ``default`` is returned when the key is absent or null; without one the key is required.
+    """
+    value = params.get(key)
+    if value is None:
+        if default is ...:
+            _require(params, key, source)
+            raise SpecError(f"{source}: {key} is null; it must be an integer")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{source}: {key} must be an integer, got {_shown(value)}")
+    if value in allow:
+        return value
+    if not low <= value <= high:
+        raise SpecError(f"{source}: {key} {_shown(value)} is out of range (expected {low} to {high})")
+    return value
+
+
+def _float_field(params: Mapping[str, Any], key: str, source: str, default: float | None, *,
+                 high: float = math.inf) -> float | None:
+    """``params[key]`` as a positive finite number (ints allowed), or ``default`` when absent or null."""
+    value = params.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SpecError(f"{source}: {key} must be a number, got {_shown(value)}")
+    value = float(value)
+    if not (math.isfinite(value) and 0 < value <= high):
+        raise SpecError(f"{source}: {key} {_shown(value)} must be a positive finite number"
+                        + (f" at most {high:g}" if high != math.inf else ""))
+    return value
+
+
+def _shown(value: Any) -> str:
+    """A short, one-line rendering of a (possibly hostile) JSON value for an error message."""
+    text = json.dumps(value) if not isinstance(value, float) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def resolve_spec(
@@ -195,13 +247,13 @@ def resolve_spec(
     if family not in FAMILIES:
         raise SpecError(f"unknown --model_name {family!r} (supported: {', '.join(FAMILIES)})")
 
-    dim = int(_require(params, "dim", source))
-    n_layers = int(_require(params, "n_layers", source))
-    n_heads = int(_require(params, "n_heads", source))
-    params_kv = int(params.get("n_kv_heads") or n_heads)
+    dim = _int_field(params, "dim", source, low=1, high=MAX_DIM)
+    n_layers = _int_field(params, "n_layers", source, low=1, high=MAX_LAYERS)
+    n_heads = _int_field(params, "n_heads", source, low=1, high=min(MAX_HEADS, dim))
+    params_kv = _int_field(params, "n_kv_heads", source, low=1, high=n_heads, default=n_heads)
     if dim % n_heads:
         raise SpecError(f"{source}: dim {dim} is not a multiple of n_heads {n_heads}")
-    declared_vocab = int(params.get("vocab_size", -1))
+    declared_vocab = _int_field(params, "vocab_size", source, low=1, high=MAX_VOCAB, default=-1, allow=(-1,))
     if declared_vocab <= 0:
         if vocab_size is None:
             raise SpecError(f"{source} has vocab_size {declared_vocab} and the shards do not say")
@@ -209,6 +261,19 @@ def resolve_spec(
     elif vocab_size is not None and vocab_size != declared_vocab:
         raise SpecError(f"{source} says vocab_size {declared_vocab} but the shards hold {vocab_size} rows "
                         "of tok_embeddings")
+    multiple_of = _int_field(params, "multiple_of", source, low=1, high=MAX_FFN_DIM, default=256)
+    multiplier = _float_field(params, "ffn_dim_multiplier", source, None, high=64.0)
+    hidden = ffn_dim(dim, multiple_of, multiplier)
+    if not 1 <= hidden <= MAX_FFN_DIM:
+        raise SpecError(f"{source}: dim {dim}, multiple_of {multiple_of} and ffn_dim_multiplier {multiplier} give "
+                        f"a feed-forward width of {hidden} (expected 1 to {MAX_FFN_DIM})")
+    norm_eps = _float_field(params, "norm_eps", source, 1e-5, high=1.0)
+    rope_theta = _float_field(params, "rope_theta", source, 10000.0)
+    use_scaled_rope = params.get("use_scaled_rope", False)
+    if use_scaled_rope is None:
+        use_scaled_rope = False
+    if not isinstance(use_scaled_rope, bool):
+        raise SpecError(f"{source}: use_scaled_rope must be true or false, got {_shown(use_scaled_rope)}")
 
     if descriptor is not None and descriptor.shards is not None and descriptor.shards != n_shards:
         raise SpecError(f"--model_path {descriptor.text} expects {descriptor.shards} shards "
@@ -224,6 +289,8 @@ def resolve_spec(
         # 405B MP16: params.json counts the repeated copies; MaxText's config has the real heads.
         n_kv = known.n_kv_heads
     if kv_heads_override is not None:
+        if isinstance(kv_heads_override, bool) or not 1 <= kv_heads_override <= n_heads:
+            raise SpecError(f"--num_kv_heads {kv_heads_override} is out of range (1 to n_heads {n_heads})")
         n_kv = kv_heads_override
     if n_heads % n_kv:
         raise SpecError(f"{source}: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv}")
@@ -240,10 +307,10 @@ def resolve_spec(
         n_kv_heads=n_kv,
         params_kv_heads=params_kv,
         vocab_size=declared_vocab,
-        ffn_dim=ffn_dim(dim, int(params.get("multiple_of", 256)), params.get("ffn_dim_multiplier")),
-        norm_eps=float(params.get("norm_eps", 1e-5)),
-        rope_theta=float(params.get("rope_theta", 10000.0)),
-        use_scaled_rope=bool(params.get("use_scaled_rope", False)),
+        ffn_dim=hidden,
+        norm_eps=norm_eps,
+        rope_theta=rope_theta,
+        use_scaled_rope=use_scaled_rope,
         n_shards=n_shards,
     )
 

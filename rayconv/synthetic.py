@@ -82,6 +82,18 @@ class SyntheticModel:
         return params
 
     def validate(self) -> None:
+        """Refuse dimensions that cannot be sharded like a Meta checkpoint (one line, as a SpecError)."""
+        from rayconv.errors import SpecError
+        from rayconv.models import MAX_DIM, MAX_HEADS, MAX_LAYERS, MAX_VOCAB
+
+        bounds = {"dim": MAX_DIM, "n_layers": MAX_LAYERS, "n_heads": MAX_HEADS, "n_kv_heads": MAX_HEADS,
+                  "vocab_size": MAX_VOCAB, "multiple_of": MAX_DIM, "n_shards": MAX_HEADS}
+        for name, high in bounds.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+                raise SpecError(f"synthetic model: {name} must be an integer from 1 to {high}, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise SpecError(f"synthetic model: seed must be a non-negative integer, got {self.seed!r}")
         mp = self.n_shards
         problems = []
         if self.dim % self.n_heads:
@@ -96,7 +108,7 @@ class SyntheticModel:
         if split % mp:
             problems.append("the embedding's split axis must be a multiple of n_shards")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise SpecError("synthetic model: " + "; ".join(problems))
 
     def nbytes(self) -> int:
         """Approximate total size of the shards (bf16, including repeated kv heads)."""

@@ -51,16 +51,42 @@ def _present_kinds(out: Location) -> tuple[dict[str, Location], str | None]:
     return found, quantize_type
 
 
+def _stored_tree(kind: str, item: Location) -> dict:
+    """``tree_metadata`` of ``item/_METADATA``; a damaged or foreign file is reported, not parsed blindly."""
+    raw = item.read_bytes("_METADATA")
+    if raw is None:
+        raise VerificationError(f"{item.uri} has no _METADATA: the {kind} checkpoint is incomplete")
+    try:
+        tree = json.loads(raw.decode("utf-8")).get("tree_metadata")
+    except (UnicodeDecodeError, ValueError, AttributeError):
+        tree = None
+    if not isinstance(tree, dict):
+        raise VerificationError(f"{item.uri}/_METADATA is damaged (not Orbax tree metadata JSON): the {kind} "
+                                "checkpoint cannot be trusted")
+    return tree
+
+
+def _store_error(kind: str, item: Location, path: tuple[str, ...], exc: Exception) -> VerificationError:
+    """A tensorstore failure on a stored leaf (missing or truncated file, damaged manifest) as one line."""
+    reason = str(exc).split("\n", 1)[0]
+    reason = reason if len(reason) <= 300 else reason[:297] + "..."
+    return VerificationError(f"{kind} leaf {'/'.join(path)} under {item.uri} cannot be read (the checkpoint is "
+                             f"damaged): {reason}")
+
+
 def _detect_layout(present: dict[str, Location]) -> str:
     """The tree layout of existing outputs: NNX trees have no ``params`` root (unscanned, int8); a scanned-only
     output tells by the Orbax handler its step records (MaxText 0.2.5 saves through Orbax's v1 API)."""
     for kind in ("unscanned", "int8"):
         if kind in present:
-            stored = json.loads(present[kind].read_bytes("_METADATA") or b"{}").get("tree_metadata", {})
+            stored = _stored_tree(kind, present[kind])
             return "linen" if any(key.startswith("('params',") for key in stored) else "nnx"
     if "scanned" in present:
-        step = json.loads(present["scanned"].parent.read_bytes("_CHECKPOINT_METADATA") or b"{}")
-        handlers = step.get("item_handlers")
+        try:
+            step = json.loads(present["scanned"].parent.read_bytes("_CHECKPOINT_METADATA") or b"{}")
+        except (UnicodeDecodeError, ValueError):
+            step = {}
+        handlers = step.get("item_handlers") if isinstance(step, dict) else None
         if isinstance(handlers, dict) and handlers.get("items") == trees.V1_PYTREE_HANDLER:
             return "nnx"
     return trees.DEFAULT_LAYOUT
@@ -69,7 +95,7 @@ def _detect_layout(present: dict[str, Location]) -> str:
 def _check_tree(kind: str, item: Location, arrays: list[ArraySpec], tree: trees.TreeLayout = trees.LINEN) -> None:
     if item.read_bytes("commit_success.txt") is None:
         raise VerificationError(f"{item.uri} has no commit_success.txt: the {kind} checkpoint is incomplete")
-    stored = json.loads(item.read_bytes("_METADATA") or b"{}").get("tree_metadata", {})
+    stored = _stored_tree(kind, item)
     expected = tree.tree_metadata(kind, arrays)["tree_metadata"]
     missing = sorted(set(expected) - set(stored))
     extra = sorted(set(stored) - set(expected))
@@ -100,7 +126,10 @@ def verify(options: ConvertOptions, output: str) -> VerifyReport:
     def stored(kind: str, path: tuple[str, ...]) -> ts.TensorStore:
         if (kind, path) not in stores:
             spec = {"driver": "zarr3", "kvstore": dict(ocdbt_kvstore(present[kind]), path=arrays[kind][path].param_name + "/")}
-            stores[(kind, path)] = ts.open(spec, open=True, read=True).result()
+            try:
+                stores[(kind, path)] = ts.open(spec, open=True, read=True).result()
+            except ValueError as exc:  # tensorstore reports storage and format errors as ValueError
+                raise _store_error(kind, present[kind], path, exc) from None
         return stores[(kind, path)]
 
     sources = Sources(plan.shards, plan.scale_files)
@@ -111,7 +140,10 @@ def verify(options: ConvertOptions, output: str) -> VerifyReport:
         for piece in unit.pieces:
             block = read_block(piece, sources, crcs)
             for kind, path, region, expected in piece_outputs(ctx, rules[piece.rule], piece, block):
-                got = stored(kind, path)[region].read().result()
+                try:
+                    got = stored(kind, path)[region].read().result()
+                except ValueError as exc:
+                    raise _store_error(kind, present[kind], path, exc) from None
                 if got.shape != expected.shape or got.tobytes() != np.ascontiguousarray(expected).tobytes():
                     raise VerificationError(
                         f"{kind} leaf {'/'.join(path)} differs from the source at "

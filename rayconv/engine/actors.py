@@ -17,6 +17,10 @@ class ConverterWorker:
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
 
+    def ready(self) -> bool:
+        """Answers once the actor is scheduled and constructed (the driver waits on it, bounded)."""
+        return True
+
     def run(self, unit: Unit) -> dict[str, Any]:
         receipt = run_unit(self.ctx, unit)
         receipt.node = ray.get_runtime_context().get_node_id()

@@ -51,6 +51,7 @@ class ConvertOptions:
     executor: str = "ray"
     address: str | None = None
     num_workers: int | None = None
+    worker_start_timeout: float = 600.0  # seconds to wait for worker actors to be scheduled
     restart: bool = False
     compression: str | None = None
     kv_heads: int | None = None
@@ -160,7 +161,7 @@ def _make_executor(options: ConvertOptions):
     if options.executor == "local":
         return LocalExecutor()
     return RayExecutor(address=options.address, num_workers=options.num_workers,
-                       worker_memory_gb=options.worker_memory_gb)
+                       worker_memory_gb=options.worker_memory_gb, start_timeout=options.worker_start_timeout)
 
 
 def _budgets(options: ConvertOptions) -> tuple[int, int]:

@@ -43,19 +43,31 @@ if TYPE_CHECKING:
 COMMITTING, COMMITTED = "committing", "committed"
 
 
+# -- JSON loading that survives damaged files (helper D, issue 11 item 9; kept apart for merging) -----------
+
+
+def _json_object(data: bytes) -> dict[str, Any] | None:
+    """``data`` as a JSON object, or None when it is not one (torn write, garbage, another file)."""
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 class Ledger:
     def __init__(self, out: Location) -> None:
         self.root = out.join(".rayconv")
 
-    def _load(self, key: str) -> Any | None:
+    def _load(self, key: str) -> dict[str, Any] | None:
         data = self.root.read_bytes(key)
         if data is None:
             return None
-        try:
-            return json.loads(data)
-        except ValueError:
-            raise OutputError(f"{self.root.join(key).uri} is not valid JSON (damaged ledger); rerun with --restart "
-                              "to start this output over") from None
+        value = _json_object(data)
+        if value is None:
+            raise OutputError(f"{self.root.join(key).uri} is damaged (not a rayconv ledger record); rerun with "
+                              "--restart to start this output over")
+        return value
 
     def plan_record(self) -> dict[str, Any] | None:
         record = self._load("plan.json")

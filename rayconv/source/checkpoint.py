@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import pickle
 import re
+import struct
+import zipfile
 from typing import Any, Mapping
 
 from rayconv import fp8, mapping
@@ -23,6 +26,8 @@ from rayconv.storage import Location
 SHARD_NAME = re.compile(r"^consolidated\.(\d+)\.pth$")
 #: Keys some Meta releases carry that MaxText does not use (llama-2's precomputed rope table).
 IGNORED_KEYS = frozenset({"rope.freqs"})
+#: params.json is a few hundred bytes; anything this large is not one (and is not read into memory).
+MAX_PARAMS_BYTES = 1 << 20
 
 
 def list_input(input_directory: str) -> dict[str, str]:
@@ -76,6 +81,25 @@ def _display_name(uri: str) -> str:
     return uri.split("?", 1)[0]
 
 
+#: What parsing hostile bytes can raise from inside the index reader (a pickle of allowed classes with
+#: wrong argument types or arity, absurd nesting). A shard that makes the parser fail this way is not a
+#: readable checkpoint; the original exception stays chained (shown with --verbose).
+_PARSE_ERRORS = (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError, RecursionError,
+                 EOFError, pickle.UnpicklingError, struct.error, zipfile.BadZipFile)
+
+
+def _index_untrusted(uri: str) -> dict[str, TensorInfo]:
+    """index_pth, with any parse failure of the (untrusted) shard reported as a one-line SourceError."""
+    name = _display_name(uri)
+    try:
+        return index_pth(open_source(uri), name)
+    except SourceError:
+        raise
+    except _PARSE_ERRORS as exc:
+        raise SourceError(f"{name}: not a readable torch checkpoint (its tensor index is malformed: "
+                          f"{type(exc).__name__}: {str(exc)[:200]})") from exc
+
+
 @dataclasses.dataclass
 class MetaCheckpoint:
     spec: ModelSpec
@@ -90,12 +114,15 @@ class MetaCheckpoint:
         if "params.json" not in files:
             raise SourceError(f"params.json is missing from {display}")
         params_source = open_source(files["params.json"])
-        params = load_params(params_source.read(0, params_source.size()).decode("utf-8", "replace"),
+        params_size = params_source.size()
+        if params_size > MAX_PARAMS_BYTES:
+            raise SourceError(f"{display}/params.json is {params_size} bytes: not a Meta params.json")
+        params = load_params(params_source.read(0, params_size).decode("utf-8", "replace"),
                              f"{display}/params.json")
         shards = shard_files(files, descriptor.shards if descriptor else None, display)
 
         def index(uri: str) -> dict[str, TensorInfo]:
-            return index_pth(open_source(uri), _display_name(uri))
+            return _index_untrusted(uri)
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(threads, len(shards))) as pool:
             indexes = list(pool.map(index, shards))
@@ -117,11 +144,23 @@ class MetaCheckpoint:
     def check_shapes(self) -> None:
         """Every shard must hold exactly the expected tensors, as bf16, with the expected shapes."""
         spec = self.spec
-        expected: dict[str, tuple[int, ...]] = {}
-        for rule in mapping.rules(spec):
-            layers = range(spec.n_layers) if rule.per_layer else (None,)
-            for layer in layers:
-                expected[rule.key(layer)] = mapping.shard_shape(rule, spec)
+        rules = mapping.rules(spec)
+
+        def keys():
+            for rule in rules:
+                for layer in (range(spec.n_layers) if rule.per_layer else (None,)):
+                    yield rule, layer
+
+        # Bound what is built below by what the shards hold, so params.json cannot make it grow: when it names
+        # more tensors than a shard has, one of the first len(index) + 1 names is missing, found lazily.
+        count = sum(spec.n_layers if rule.per_layer else 1 for rule in rules)
+        for uri, index in zip(self.shards, self.indexes):
+            if count > len(set(index) - IGNORED_KEYS):
+                missing = next(rule.key(layer) for rule, layer in keys() if rule.key(layer) not in index)
+                raise SourceError(f"{_display_name(uri)} has no tensor {missing} (params.json says "
+                                  f"{spec.n_layers} layers)")
+        expected: dict[str, tuple[int, ...]] = {rule.key(layer): mapping.shard_shape(rule, spec)
+                                                for rule, layer in keys()}
         for shard, (uri, index) in enumerate(zip(self.shards, self.indexes)):
             name = _display_name(uri)
             for key, shape in expected.items():
