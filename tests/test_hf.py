@@ -253,6 +253,16 @@ def test_model_flags_and_config_json(tmp_path):
         open_checkpoint(_options(path, model_name="llama-3"))
     with pytest.raises(ConversionError, match="disagrees with .*num_key_value_heads 8"):
         open_checkpoint(_options(path, kv_heads=16))
+    from rayconv.source.hf import spec_from_config
+
+    config = json.loads((path / "config.json").read_text())
+    for key, value, needle in (("rope_parameters", {"rope_type": "llama3", "rope_theta": "big"}, "rope_theta is 'big'"),
+                               ("rms_norm_eps", None, "rms_norm_eps is None"),
+                               ("num_attention_heads", 7.5, "num_attention_heads is 7.5"),
+                               ("head_dim", 64, "head_dim 64 is not hidden_size / num_attention_heads"),
+                               ("model_type", "qwen2", "not a Llama checkpoint")):
+        with pytest.raises(ConversionError, match=needle):
+            spec_from_config(dict(config, **{key: value}), model_name=None, model_path=None)
 
 
 # ------------------------------------------------------------------------------------------------

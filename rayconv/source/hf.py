@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
+import math
 import re
 from typing import Any, Mapping
 
@@ -161,6 +162,13 @@ def _int(config: Mapping[str, Any], key: str, source: str, default: int | None =
     return value
 
 
+def _float(config: Mapping[str, Any], key: str, source: str, default: float) -> float:
+    value = config.get(key, default)
+    if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+        raise SpecError(f"{source}: {key} is {value!r}, expected a positive number")
+    return float(value)
+
+
 def spec_from_config(config: Mapping[str, Any], *, model_name: str | None, model_path: str | None,
                      kv_heads: int | None = None, source: str = CONFIG) -> HFModelSpec:
     """Translate a transformers ``LlamaConfig`` into the ModelSpec the Meta path would build.
@@ -198,7 +206,7 @@ def spec_from_config(config: Mapping[str, Any], *, model_name: str | None, model
     if rope_type not in ("default", "llama3"):
         raise SpecError(f"{source}: rope type {rope_type!r} is not a Llama 2/3/3.1 rope")
     scaled = rope_type == "llama3"
-    rope_theta = float(config.get("rope_theta", rope.get("rope_theta", 10000.0)))
+    rope_theta = _float(config, "rope_theta", source, _float(rope, "rope_theta", source, 10000.0))
 
     family, size = model_name, None
     if model_path:
@@ -220,7 +228,7 @@ def spec_from_config(config: Mapping[str, Any], *, model_name: str | None, model
     return HFModelSpec(
         family=family, maxtext_name=f"{FAMILIES[family]}-{size}" if size else f"{FAMILIES[family]}-custom",
         dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, params_kv_heads=n_kv, vocab_size=vocab,
-        ffn_dim=ffn, norm_eps=float(config.get("rms_norm_eps", 1e-5)), rope_theta=rope_theta, use_scaled_rope=scaled,
+        ffn_dim=ffn, norm_eps=_float(config, "rms_norm_eps", source, 1e-5), rope_theta=rope_theta, use_scaled_rope=scaled,
         n_shards=1)
 
 
