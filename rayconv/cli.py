@@ -217,8 +217,13 @@ def _check_engine_flags(num_workers: int | None, worker_memory_gb: float | None,
     """Numbers the planner divides by or sizes memory with: refused up front, before Ray starts."""
     if num_workers is not None and num_workers < 1:
         raise ConversionError(f"--num_workers must be at least 1, got {num_workers}")
-    if worker_memory_gb is not None and not (math.isfinite(worker_memory_gb) and 0.5 <= worker_memory_gb <= 1 << 20):
-        raise ConversionError(f"--worker_memory_gb must be a number of GiB from 0.5 up, got {worker_memory_gb}")
+    if worker_memory_gb is not None:
+        from rayconv.engine.driver import GiB, WORKER_BASE_BYTES
+
+        floor = WORKER_BASE_BYTES / GiB  # a worker's fixed overhead: below it no piece fits at all
+        if not (math.isfinite(worker_memory_gb) and floor < worker_memory_gb <= 1 << 20):
+            raise ConversionError(f"--worker_memory_gb must be a number of GiB above {floor:.2f} (a worker's fixed "
+                                  f"overhead), got {worker_memory_gb}")
     if num_kv_heads is not None and num_kv_heads < 1:
         raise ConversionError(f"--num_kv_heads must be at least 1, got {num_kv_heads}")
     if worker_start_timeout is not None and not (math.isfinite(worker_start_timeout) and worker_start_timeout > 0):
