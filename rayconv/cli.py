@@ -45,13 +45,20 @@ def _http_timeout(ctx: click.Context, param: click.Parameter, value: float | Non
     os.environ["RAYCONV_HTTP_TIMEOUT_S"] = repr(value)
 
 
+SOURCE_FORMAT = _option(
+    "--source_format", type=click.Choice(["auto", "meta", "hf"]), default="auto", show_default=True,
+    help="Input checkpoint format: meta (consolidated.NN.pth; at a Hub snapshot's root, its original/ folder), "
+         "hf (config.json + *.safetensors), auto: whichever the directory holds.")
+
+
 def input_options(fn: Callable) -> Callable:
     for decorator in reversed([
         _option("--model_name", default=None, help="llama-2, llama-3, llama-3.1 or llama-3.3."),
         _option("--model_path", default=None,
                 help="Meta model descriptor, e.g. Llama3.1-405B-Instruct:bf16-mp16 (sets family, size, shard count)."),
         _option("--input_directory", default=None,
-                help="Directory (local or gs://bucket/prefix) holding consolidated.NN.pth and params.json."),
+                help="Directory (local or gs://bucket/prefix) holding a Meta checkpoint (consolidated.NN.pth, "
+                     "params.json) or a Hugging Face one (config.json, *.safetensors)."),
         _option("--meta_url", default=None, envvar="RAYCONV_META_URL", show_envvar=True,
                 help="Meta's signed download URL (with the '*' placeholder). Prefer the environment variable "
                      "(e.g. from a Kubernetes Secret): a flag is echoed by Ray's job log."),
@@ -66,6 +73,7 @@ def input_options(fn: Callable) -> Callable:
                 callback=_http_timeout, expose_value=False,
                 help="With --meta_url: seconds without a byte from the server before a read is retried "
                      "(each retry is logged with the file and byte range). Default 60."),
+        SOURCE_FORMAT,
     ]):
         fn = decorator(fn)
     return fn
@@ -209,8 +217,13 @@ def _check_engine_flags(num_workers: int | None, worker_memory_gb: float | None,
     """Numbers the planner divides by or sizes memory with: refused up front, before Ray starts."""
     if num_workers is not None and num_workers < 1:
         raise ConversionError(f"--num_workers must be at least 1, got {num_workers}")
-    if worker_memory_gb is not None and not (math.isfinite(worker_memory_gb) and 0.5 <= worker_memory_gb <= 1 << 20):
-        raise ConversionError(f"--worker_memory_gb must be a number of GiB from 0.5 up, got {worker_memory_gb}")
+    if worker_memory_gb is not None:
+        from rayconv.engine.driver import GiB, WORKER_BASE_BYTES
+
+        floor = WORKER_BASE_BYTES / GiB  # a worker's fixed overhead: below it no piece fits at all
+        if not (math.isfinite(worker_memory_gb) and floor < worker_memory_gb <= 1 << 20):
+            raise ConversionError(f"--worker_memory_gb must be a number of GiB above {floor:.2f} (a worker's fixed "
+                                  f"overhead), got {worker_memory_gb}")
     if num_kv_heads is not None and num_kv_heads < 1:
         raise ConversionError(f"--num_kv_heads must be at least 1, got {num_kv_heads}")
     if worker_start_timeout is not None and not (math.isfinite(worker_start_timeout) and worker_start_timeout > 0):
@@ -285,13 +298,14 @@ def _build_options(flags: dict[str, Any], *, for_plan: bool = False, simulate: b
         worker_memory_gb=flags["worker_memory_gb"], executor=flags["executor"], address=flags["address"],
         num_workers=flags["num_workers"], worker_start_timeout=flags["worker_start_timeout"], restart=flags["restart"],
         compression=None if compression == "none" else compression, kv_heads=flags["num_kv_heads"] or kv,
-        progress=not flags["no_progress"], maxtext_layout=maxtext_layout, verify_md5=verify_md5)
+        progress=not flags["no_progress"], maxtext_layout=maxtext_layout, verify_md5=verify_md5,
+        source_format=flags["source_format"], input_directory=flags["input_directory"])
 
 
 @main.command()
 @convert_options
 def convert(**flags: Any) -> None:
-    """Convert a Meta checkpoint into MaxText checkpoints under the output directory."""
+    """Convert a Meta (or Hugging Face) checkpoint into MaxText checkpoints under the output directory."""
     setup_logging(flags["verbose"])
     with _one_line_errors(flags["verbose"], signals=True):
         _check_engine_flags(flags["num_workers"], flags["worker_memory_gb"], flags["num_kv_heads"],
@@ -422,8 +436,9 @@ def plan(simulate: bool, json_output: bool, throughput_mb_s: float, source_kind:
 @_option("--num_kv_heads", type=int, default=None)
 @_option("--maxtext_layout", type=click.Choice(["linen", "nnx"]), default=None,
          help="The tree layout OUTPUT must have (default: the one it has). " + MAXTEXT_LAYOUT_HELP)
-def verify(source, output, model_name, model_path, num_kv_heads, maxtext_layout) -> None:
-    """Re-read SOURCE (Meta shards) and prove every leaf under OUTPUT equals its mapping."""
+@SOURCE_FORMAT
+def verify(source, output, model_name, model_path, num_kv_heads, maxtext_layout, source_format) -> None:
+    """Re-read SOURCE (Meta shards or HF safetensors) and prove every leaf under OUTPUT equals its mapping."""
     setup_logging()
     from rayconv.engine.driver import ConvertOptions
     from rayconv.source.checkpoint import list_input
@@ -433,7 +448,8 @@ def verify(source, output, model_name, model_path, num_kv_heads, maxtext_layout)
         _check_engine_flags(None, None, num_kv_heads)
         options = ConvertOptions(files=list_input(source), input_display=source, output=output,
                                  model_name=model_name, model_path=model_path, kv_heads=num_kv_heads,
-                                 maxtext_layout=maxtext_layout)
+                                 maxtext_layout=maxtext_layout, source_format=source_format,
+                                 input_directory=source)
         report = run(options, output)
     click.echo(f"verified {report.arrays} arrays ({report.regions} regions, {human_bytes(report.bytes_compared)}) "
                f"in {', '.join(report.outputs)}: identical to the mapping of {source}")

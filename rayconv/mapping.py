@@ -47,6 +47,11 @@ class Rule:
     def key(self, layer: int | None) -> str:
         return self.meta.format(layer) if self.per_layer else self.meta
 
+    def source_key(self, layer: int | None, source: str = "meta") -> str:
+        """The tensor's name in a checkpoint of the given source format (``SOURCE_KEYS``)."""
+        template = self.meta if source == "meta" else SOURCE_KEYS[source][self.meta]
+        return template.format(layer) if self.per_layer else template
+
 
 ATTN = ("decoder", "layers", "self_attention")
 MLP = ("decoder", "layers", "mlp")
@@ -67,6 +72,37 @@ RULES: tuple[Rule, ...] = (
     Rule("norm.weight", ("decoder", "decoder_norm", "scale"), None, "norm"),
     Rule("output.weight", ("decoder", "logits_dense", "kernel"), 0, "logits"),
 )
+
+
+#: The key column of other source formats: Meta key template → that format's name for the same tensor.
+#: Hugging Face's Llama names (transformers' ``convert_llama_weights_to_hf``): same [out, in] orientation,
+#: never split across files, each kv head once; only the q/k row order differs (``SOURCE_ROPE_ORDER``).
+SOURCE_KEYS: dict[str, dict[str, str]] = {
+    "hf": {
+        "tok_embeddings.weight": "model.embed_tokens.weight",
+        "layers.{}.attention.wq.weight": "model.layers.{}.self_attn.q_proj.weight",
+        "layers.{}.attention.wk.weight": "model.layers.{}.self_attn.k_proj.weight",
+        "layers.{}.attention.wv.weight": "model.layers.{}.self_attn.v_proj.weight",
+        "layers.{}.attention.wo.weight": "model.layers.{}.self_attn.o_proj.weight",
+        "layers.{}.feed_forward.w1.weight": "model.layers.{}.mlp.gate_proj.weight",
+        "layers.{}.feed_forward.w3.weight": "model.layers.{}.mlp.up_proj.weight",
+        "layers.{}.feed_forward.w2.weight": "model.layers.{}.mlp.down_proj.weight",
+        "layers.{}.attention_norm.weight": "model.layers.{}.input_layernorm.weight",
+        "layers.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+        "norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight",
+    },
+}
+
+#: Order of the rows of each q/k head in a source format. Meta stores rope pairs interleaved
+#: (d0, d1 rotate together); HF's conversion permuted each head to halves (even indices, then odd),
+#: which is also MaxText's default rope layout.
+SOURCE_ROPE_ORDER: dict[str, str] = {"meta": "interleaved", "hf": "half"}
+
+
+def source_format(spec: ModelSpec) -> str:
+    """The source format a spec was read from ("meta" unless the spec says otherwise, see source/hf.py)."""
+    return getattr(spec, "source_format", "meta")
 
 
 def rules(spec: ModelSpec) -> tuple[Rule, ...]:
@@ -154,6 +190,26 @@ def permute_rope(kernel: np.ndarray) -> np.ndarray:
     return np.concatenate((kernel[..., 0::2], kernel[..., 1::2]), axis=-1)
 
 
+def unpermute_rope(kernel: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`permute_rope`: half-split (HF) → interleaved pairs (Meta, MaxText's llama3.1)."""
+    d = kernel.shape[-1]
+    return np.ascontiguousarray(kernel.reshape(kernel.shape[:-1] + (2, d // 2)).swapaxes(-1, -2)).reshape(
+        kernel.shape)
+
+
+def rope_order(kernel: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """Reorder each head's last axis from the source's rope order to the one MaxText uses for the family.
+
+    MaxText wants half-split for llama-2/-3 (``rope_permuted``) and Meta's interleaved pairs for
+    llama-3.1/3.3; a permutation, so no value changes.
+    """
+    have = SOURCE_ROPE_ORDER[source_format(spec)]
+    want = "half" if spec.rope_permuted else "interleaved"
+    if have == want:
+        return kernel
+    return permute_rope(kernel) if want == "half" else unpermute_rope(kernel)
+
+
 def scale_query(kernel: np.ndarray, divisor: float) -> np.ndarray:
     """bf16(float32(w) / float32(bf16(sqrt(head_dim)))), as llama_or_mistral_ckpt computes it."""
     from rayconv.quantize import slab_rows
@@ -169,22 +225,22 @@ def scale_query(kernel: np.ndarray, divisor: float) -> np.ndarray:
     return out
 
 
-def _heads(block: np.ndarray, spec: ModelSpec, *, permute: bool) -> np.ndarray:
-    """G rows = (head, head_dim) → kernel [E, heads, D]."""
+def _heads(block: np.ndarray, spec: ModelSpec, *, rope: bool) -> np.ndarray:
+    """G rows = (head, head_dim) → kernel [E, heads, D]; q/k (``rope``) in MaxText's rope order."""
     kernel = transpose(block).reshape(block.shape[1], block.shape[0] // spec.head_dim, spec.head_dim)
-    return permute_rope(kernel) if permute else kernel
+    return rope_order(kernel, spec) if rope else kernel
 
 
 def _query(block: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    return scale_query(_heads(block, spec, permute=spec.rope_permuted), spec.query_scale_divisor)
+    return scale_query(_heads(block, spec, rope=True), spec.query_scale_divisor)
 
 
 def _key(block: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    return _heads(block, spec, permute=spec.rope_permuted)
+    return _heads(block, spec, rope=True)
 
 
 def _value(block: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    return _heads(block, spec, permute=False)
+    return _heads(block, spec, rope=False)
 
 
 def _out(block: np.ndarray, spec: ModelSpec) -> np.ndarray:

@@ -18,7 +18,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -89,9 +89,9 @@ class ScaleRead:
 
 @dataclasses.dataclass(frozen=True)
 class Read:
-    """One contiguous byte range of one shard: rows [row0, row1) of a tensor."""
+    """One contiguous byte range of one source file: rows [row0, row1) of a tensor."""
 
-    shard: int
+    shard: int  # index into Plan.shards: a consolidated.NN.pth, or a .safetensors file
     tensor: str
     offset: int
     length: int
@@ -134,7 +134,7 @@ class Unit:
 @dataclasses.dataclass(frozen=True)
 class Plan:
     spec: ModelSpec
-    shards: tuple[str, ...]  # source uri per shard index
+    shards: tuple[str, ...]  # source uri per file index (Read.shard)
     kinds: tuple[str, ...]
     quantize_type: str | None
     piece_rows: dict[int, int]  # rule index → rows per piece
@@ -188,13 +188,25 @@ def piece_rows(rule: Rule, spec: ModelSpec, budget: int) -> int:
     return _divisor_rows(per_shard, quantum, width, budget)
 
 
+#: Where logical shard ``s``'s copy of a tensor (named by its Meta key) lives: (file index, TensorInfo).
+#: Reads point at files. For Meta checkpoints shard s *is* file s (``shard_locator``); a Hugging Face
+#: checkpoint is one logical shard spread over many files (``HFCheckpoint.locate``).
+Locate = Callable[[int, str], tuple[int, TensorInfo]]
+
+
+def shard_locator(indexes: Sequence[dict[str, TensorInfo]]) -> Locate:
+    """Meta layout: tensor ``key`` of shard s is in file s, under its Meta name."""
+    return lambda shard, key: (shard, indexes[shard][key])
+
+
 def _layers(rule: Rule, spec: ModelSpec) -> Sequence[int | None]:
     return range(spec.n_layers) if rule.per_layer else (None,)
 
 
-def build_pieces(spec: ModelSpec, indexes: Sequence[dict[str, TensorInfo]], budget: int) -> tuple[
-        dict[int, int], list[Piece]]:
+def build_pieces(spec: ModelSpec, indexes: Sequence[dict[str, TensorInfo]], budget: int,
+                 locate: Locate | None = None) -> tuple[dict[int, int], list[Piece]]:
     """Cut every tensor of every layer into budget-sized row blocks of G."""
+    locate = locate or shard_locator(indexes)
     rows_by_rule: dict[int, int] = {}
     pieces: list[Piece] = []
     for ri, rule in enumerate(mapping.rules(spec)):
@@ -204,29 +216,29 @@ def build_pieces(spec: ModelSpec, indexes: Sequence[dict[str, TensorInfo]], budg
         for layer in _layers(rule, spec):
             key = rule.key(layer)
             if rule.split is None:  # replicated: shard 0's copy (MaxText ignores the others)
-                info = indexes[0][key]
-                pieces.append(Piece(ri, layer, 0, g_rows, (_read(0, info, 0, info.shape[0]),)))
+                file, info = locate(0, key)
+                pieces.append(Piece(ri, layer, 0, g_rows, (_read(file, info, 0, info.shape[0]),)))
                 continue
             for row0 in range(0, g_rows, rows):
-                pieces.append(_piece(rule, ri, spec, indexes, layer, key, row0, row0 + rows))
+                pieces.append(_piece(rule, ri, spec, locate, layer, key, row0, row0 + rows))
     return rows_by_rule, pieces
 
 
-def _read(shard: int, info: TensorInfo, r0: int, r1: int) -> Read:
+def _read(file: int, info: TensorInfo, r0: int, r1: int) -> Read:
     offset, length = info.row_range(r0, r1)
-    return Read(shard, info.name, offset, length, (r0, r1), (r1 - r0,) + tuple(info.shape[1:]))
+    return Read(file, info.name, offset, length, (r0, r1), (r1 - r0,) + tuple(info.shape[1:]))
 
 
-def _piece(rule: Rule, ri: int, spec: ModelSpec, indexes, layer, key: str, row0: int, row1: int) -> Piece:
+def _piece(rule: Rule, ri: int, spec: ModelSpec, locate: Locate, layer, key: str, row0: int, row1: int) -> Piece:
     if rule.split == 1:
-        reads = tuple(_read(s, indexes[s][key], row0, row1) for s in range(spec.n_shards))
+        reads = tuple(_read(*locate(s, key), row0, row1) for s in range(spec.n_shards))
         return Piece(ri, layer, row0, row1, reads)
     per_shard = mapping.global_shape(rule, spec)[0] // mapping.source_shards(rule, spec)
     source, local0 = divmod(row0, per_shard)
     step = spec.kv_step if rule.transform in ("key", "value") else 1
     shard = source * step
-    read = _read(shard, indexes[shard][key], local0, local0 + row1 - row0)
-    dups = tuple(_read(s, indexes[s][key], local0, local0 + row1 - row0) for s in range(shard + 1, shard + step))
+    read = _read(*locate(shard, key), local0, local0 + row1 - row0)
+    dups = tuple(_read(*locate(s, key), local0, local0 + row1 - row0) for s in range(shard + 1, shard + step))
     return Piece(ri, layer, row0, row1, (read,), dups)
 
 
@@ -260,12 +272,14 @@ def group_units(pieces: Iterable[Piece], unit_budget: int) -> tuple[Unit, ...]:
 
 def build_plan(spec: ModelSpec, shards: Sequence[str], indexes: Sequence[dict[str, TensorInfo]], *,
                kinds: Sequence[str], quantize_type: str | None, piece_budget: int,
-               unit_budget: int, scales: Any = None, layout: str = trees.DEFAULT_LAYOUT) -> Plan:
-    """``scales`` (a rayconv.fp8.Scales) makes the float8 reads carry their row scales (FP8 SKU)."""
+               unit_budget: int, scales: Any = None, layout: str = trees.DEFAULT_LAYOUT,
+               locate: Locate | None = None) -> Plan:
+    """``scales`` (a rayconv.fp8.Scales) makes the float8 reads carry their row scales (FP8 SKU); ``locate``
+    says which file holds each shard's tensor when that is not file = shard (a Hugging Face checkpoint)."""
     tree = trees.get(layout)
     if "int8" in kinds:
         tree.check_quantize_type(quantize_type)
-    rows, pieces = build_pieces(spec, indexes, piece_budget)
+    rows, pieces = build_pieces(spec, indexes, piece_budget, locate)
     if scales is not None:
         from rayconv import fp8
 

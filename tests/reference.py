@@ -28,6 +28,7 @@ Main API::
 
     ref = MaxTextReference(cache_dir)               # or MaxTextReference() for the default
     ref.scanned(model, src_dir=None)    -> Path     # <...>/0/items (llama_or_mistral_ckpt)
+    ref.scanned_hf(model, hf_dir)       -> Path     # the same from HF safetensors (--huggingface-checkpoint true)
     ref.unscanned(model, src_dir=None)  -> Path     # <...>/checkpoints/0/items (generate_param_only_checkpoint)
     ref.quantized(model, src_dir=None, quant="int8") -> Path   # save_quantized_params_path dir
                                                    # (0.2.4: load_and_quantize_checkpoint; 0.2.5: layerwise_quantization)
@@ -490,6 +491,23 @@ class MaxTextReference:
             (tmp / "run.txt").write_text(out)
 
         return self._cached(entry, build, "scanned.py") / "out" / "0" / "items"
+
+    def scanned_hf(self, model: Any, hf_dir: str | Path) -> Path:
+        """llama_or_mistral_ckpt ``--huggingface-checkpoint true`` on the HF safetensors in ``hf_dir`` holding
+        ``model``'s weights; returns ``<entry>/out/0/items``. HF files are unsharded, so the MaxText model name
+        is the family's single-shard one (its HF route only looks at the name's family prefix)."""
+        spec = dict(model_spec(model), n_shards=1)
+        maxtext_model_name(spec)
+        hf_dir = Path(hf_dir).resolve()
+        entry = self._entry("scanned-hf", {"model": spec, "src": path_fingerprint(hf_dir),
+                                            "scripts": script_hash("scanned_hf.py")})
+
+        def build(tmp: Path) -> None:
+            out = self._run("scanned_hf.py", ["--model", self._model_file(tmp, spec), "--src", hf_dir, "--out",
+                                              tmp / "out"], tmp)
+            (tmp / "run.txt").write_text(out)
+
+        return self._cached(entry, build, "scanned_hf.py") / "out" / "0" / "items"
 
     def unscanned(self, model: Any, src_dir: str | Path | None = None) -> Path:
         """generate_param_only_checkpoint on the scanned reference; returns ``<entry>/out/unscanned/checkpoints/0/items``."""

@@ -359,7 +359,7 @@ def test_damaged_ledger_entries(src, uninterrupted, tmp_path):
     assert_complete(Location.parse(str(out)), uninterrupted, tmp_path)
 
     (out / ".rayconv/plan.json").write_text("{not json")
-    assert "plan.json is not valid JSON (damaged ledger); rerun with --restart" in one_error(cli(src, str(out)))
+    assert "plan.json is damaged (not a rayconv ledger record); rerun with --restart" in one_error(cli(src, str(out)))
 
     other = tmp_path / "other"
     assert cli(src, str(other), stop="units:1").returncode == STOP_EXIT_CODE

@@ -13,7 +13,8 @@ from typing import Any, Sequence
 from rayconv import checksum
 from rayconv.engine.ledger import (COMMITTED, COMMITTING, Ledger, relative, remove_output, restart_targets, resumable,
                                    source_digest, source_identities, unit_shards)
-from rayconv.errors import OutputError, SourceError
+from rayconv.errors import OutputError, SourceError, SpecError
+from rayconv.mapping import source_format
 from rayconv.models import Descriptor
 from rayconv.plan import Plan, build_plan, describe
 from rayconv.progress import LOG, Progress, human_bytes
@@ -58,6 +59,8 @@ class ConvertOptions:
     maxtext_layout: str | None = "linen"  # MaxText tree layout: linen (0.2.4 classic, JetStream) or nnx (0.2.5); rayconv.trees
     #: Check the shards and params.json against the input's checklist.chk (if any) before converting.
     verify_md5: bool = False
+    source_format: str = "auto"  # meta | hf | auto (see source/hf.detect_format)
+    input_directory: str | None = None  # where files were listed from (finds a Hub snapshot's original/)
 
 
 #: The phases of a run, in order, as the closing log line and the benchmark name them.
@@ -111,9 +114,24 @@ def piece_budget(options: ConvertOptions) -> int:
     return max(1 << 20, int(usable / MEMORY_PER_PIECE_BYTE))
 
 
-def open_checkpoint(options: ConvertOptions) -> MetaCheckpoint:
+def open_checkpoint(options: ConvertOptions) -> MetaCheckpoint:  # or an HFCheckpoint (same interface)
+    """Open the input as a Meta or a Hugging Face checkpoint (``options.source_format``, detected when auto)."""
+    from rayconv.source.hf import HFCheckpoint, detect_format
+
+    descriptor = None
+    if options.model_path and options.source_format != "hf":
+        try:  # a Hub repo id (meta-llama/Llama-3.1-8B) names HF files but is no Meta descriptor
+            descriptor = Descriptor.parse(options.model_path)
+        except SpecError:
+            pass  # parsed again below if the input turns out to be Meta's
+    fmt, files, display = detect_format(options.files, options.source_format, options.input_display,
+                                        input_directory=options.input_directory,
+                                        descriptor_shards=descriptor.shards if descriptor else None)
+    if fmt == "hf":
+        return HFCheckpoint.open(files, display=display, model_name=options.model_name,
+                                 model_path=options.model_path, kv_heads=options.kv_heads)
     descriptor = Descriptor.parse(options.model_path) if options.model_path else None
-    return MetaCheckpoint.open(options.files, display=options.input_display, model_name=options.model_name,
+    return MetaCheckpoint.open(files, display=display, model_name=options.model_name,
                                descriptor=descriptor, kv_heads=options.kv_heads)
 
 
@@ -121,7 +139,8 @@ def make_plan(checkpoint: MetaCheckpoint, options: ConvertOptions) -> Plan:
     return build_plan(checkpoint.spec, checkpoint.shards, checkpoint.indexes, kinds=options.kinds,
                       quantize_type=options.quantize_type, piece_budget=piece_budget(options),
                       unit_budget=max(options.unit_budget, piece_budget(options)), scales=checkpoint.scales,
-                      layout=options.maxtext_layout)
+                      layout=options.maxtext_layout,
+                      locate=getattr(checkpoint, "locate", None))  # HF: tensors live in several files
 
 
 def crc_check(checkpoint: MetaCheckpoint, receipts: Sequence[Receipt]) -> tuple[int, list[tuple[int, str]]]:
@@ -266,13 +285,16 @@ def convert(options: ConvertOptions) -> ConvertResult:
     LOG.info("Reading checkpoint index from %s", options.input_display)
     checkpoint = open_checkpoint(options)
     timer.lap("index")
-    if options.verify_md5:
+    if options.verify_md5 and source_format(checkpoint.spec) == "hf":
+        LOG.info("Hugging Face checkpoint: no checklist.chk to check md5 against, and safetensors have no CRCs")
+    elif options.verify_md5:
         from rayconv.source.hashing import verify_input
 
         Location.parse(options.output).check_writable()  # fail fast, before a long md5 pass
         read = set(checkpoint.shards)
-        verify_input(options.files, options.input_display,
-                     ["params.json", *(name for name, uri in options.files.items() if uri in read)])
+        files = checkpoint.files  # the folder actually opened (a Hub snapshot's original/, say)
+        verify_input(files, options.input_display,
+                     ["params.json", *(name for name, uri in files.items() if uri in read)])
         timer.lap("md5")
     spec = checkpoint.spec
     LOG.info("Model %s: %d layers, dim %d, %d heads, %d kv heads (params.json says %d), ffn %d, vocab %d, "

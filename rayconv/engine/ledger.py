@@ -71,8 +71,10 @@ class Ledger:
 
     def plan_record(self) -> dict[str, Any] | None:
         record = self._load("plan.json")
-        if record is not None and not isinstance(record, dict):
-            raise OutputError(f"{self.root.join('plan.json').uri} is damaged; rerun with --restart")
+        if record is not None and not (isinstance(record.get("fingerprint"), str)
+                                       and isinstance(record.get("committed", []), list)):
+            raise OutputError(f"{self.root.join('plan.json').uri} is damaged (not a rayconv plan record); rerun "
+                              "with --restart to start this output over")
         return record
 
     def start(self, fingerprint: str, summary: dict[str, Any], started_ns: int, **fields: Any) -> dict[str, Any]:

@@ -1,0 +1,364 @@
+"""A Hugging Face Llama checkpoint as a whole: config.json, the safetensors files, and their consistency.
+
+What people download from the Hub (``huggingface-cli download meta-llama/Llama-3.1-405B-Instruct``):
+``config.json``, ``model-0000k-of-0000n.safetensors`` and ``model.safetensors.index.json`` (plus, under
+``original/``, Meta's own ``consolidated.NN.pth``). The converter treats it as *one logical shard*
+spread over several files: every tensor is whole (never split, each kv head once), so with
+``n_shards = 1`` the Meta rules of :mod:`rayconv.mapping` apply unchanged and :meth:`HFCheckpoint.locate`
+tells the planner which file holds each tensor. Only the q/k row order differs (HF's conversion
+half-split each head), which :func:`rayconv.mapping.rope_order` undoes for the families that need it.
+
+Opening reads config.json, the index and each file's header (never tensor data), then checks that
+the index, the headers and config.json agree and that every tensor the model needs is present exactly
+once, as bf16, with the shape config.json implies, so a missing, truncated or foreign file fails
+before anything is written.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import math
+import re
+from typing import Any, Mapping
+
+from rayconv import catalog, mapping
+from rayconv.errors import SourceError, SpecError
+from rayconv.models import FAMILIES, KNOWN_SIZES, ModelSpec
+from rayconv.source.bytesource import open_source
+from rayconv.source.pth import TensorInfo
+from rayconv.source.safetensors import index_safetensors
+from rayconv.storage import Location
+
+SOURCE_FORMATS = ("auto", "meta", "hf")
+CONFIG = "config.json"
+INDEX = "model.safetensors.index.json"
+_SHARDED = re.compile(r"^(?P<stem>.+)-(?P<k>\d+)-of-(?P<n>\d+)\.safetensors$")
+_META_SHARD = re.compile(r"^consolidated\.\d+\.pth$")
+#: Tensors some HF Llama checkpoints carry that are derived, not learned (old transformers' rope cache).
+IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+
+
+@dataclasses.dataclass(frozen=True)
+class HFModelSpec(ModelSpec):
+    """A ModelSpec read from config.json: ``source_format`` tells the mapping the q/k rows are half-split."""
+
+    source_format: str = "hf"
+
+
+# ------------------------------------------------------------------------------------------------
+# Which format is this directory?
+
+
+def _is_hf(files: Mapping[str, str]) -> bool:
+    return CONFIG in files and any(name.endswith(".safetensors") for name in files)
+
+
+def _is_meta(files: Mapping[str, str]) -> bool:
+    return any(_META_SHARD.match(name) for name in files)
+
+
+def _subfolder(files: Mapping[str, str], input_directory: str | None, name: str) -> str | None:
+    """uri of ``<input>/<name>/``: from the input directory, or next to any listed file."""
+    if input_directory and not input_directory.startswith(("http://", "https://")):
+        return Location.parse(input_directory).join(name).uri
+    for uri in files.values():
+        if "://" not in uri or uri.startswith("gs://"):
+            return Location.parse(uri).parent().join(name).uri
+    return None
+
+
+def _original(files: Mapping[str, str], input_directory: str | None, display: str,
+              descriptor_shards: int | None) -> tuple[dict[str, str], str] | None:
+    """Meta's files in a Hub snapshot's ``original/`` (or ``original/mpN/`` for 405B), if there."""
+    from rayconv.source.checkpoint import list_input
+
+    base = _subfolder(files, input_directory, "original")
+    if base is None:
+        return None
+    try:
+        inner = list_input(base)
+    except SourceError:
+        return None
+    if _is_meta(inner):
+        return inner, f"{display.rstrip('/')}/original"
+    layouts = sorted(n for n in _list_dirs(base) if re.fullmatch(r"mp\d+", n))
+    if not layouts:
+        return None
+    pick = f"mp{descriptor_shards}" if descriptor_shards else None
+    if pick not in layouts:
+        raise SourceError(f"{display}/original holds Meta checkpoints in {', '.join(layouts)}: choose one with "
+                          f"--model_path (e.g. Llama3.1-405B-Instruct:bf16-{layouts[0]}) or point --input_directory "
+                          "at that folder")
+    return list_input(Location.parse(base).join(pick).uri), f"{display.rstrip('/')}/original/{pick}"
+
+
+def _list_dirs(uri: str) -> list[str]:
+    location = Location.parse(uri)
+    if location.is_local:
+        import os
+
+        return [n for n in os.listdir(location.path) if os.path.isdir(os.path.join(location.path, n))]
+    return sorted({k.split("/", 1)[0] for k in location.list_keys() if "/" in k})
+
+
+def detect_format(files: Mapping[str, str], source_format: str, display: str, *, input_directory: str | None = None,
+                  descriptor_shards: int | None = None) -> tuple[str, dict[str, str], str]:
+    """→ (``"meta"`` or ``"hf"``, the files to read, how to name them in messages).
+
+    ``auto`` picks whichever checkpoint the directory holds (Meta's ``consolidated.NN.pth`` or HF's
+    ``config.json`` + ``*.safetensors``) and refuses to guess when it holds both. A Hub snapshot's
+    ``original/`` folder is Meta's checkpoint: used with ``--source_format meta`` at the snapshot root,
+    or by ``auto`` when the root has nothing else (``huggingface-cli download --include "original/*"``).
+    """
+    if source_format not in SOURCE_FORMATS:
+        raise SpecError(f"unknown --source_format {source_format!r} (choose from {', '.join(SOURCE_FORMATS)})")
+    files = dict(files)
+    hf, meta = _is_hf(files), _is_meta(files)
+    if source_format == "hf":
+        if not hf:
+            raise SourceError(f"{display} is not a Hugging Face checkpoint: it needs {CONFIG} and *.safetensors")
+        return "hf", files, display
+    if source_format == "auto" and hf and meta:
+        raise SourceError(f"{display} holds both a Meta checkpoint (consolidated.NN.pth) and a Hugging Face one "
+                          "(*.safetensors): say which with --source_format meta or --source_format hf")
+    if source_format == "auto" and hf:
+        return "hf", files, display
+    if meta:
+        return "meta", files, display
+    original = _original(files, input_directory, display, descriptor_shards)
+    if original is not None:
+        return "meta", original[0], original[1]
+    if source_format == "auto" and CONFIG in files:
+        raise SourceError(f"{display} has {CONFIG} but no *.safetensors files (incomplete Hugging Face download?)")
+    return "meta", files, display  # MetaCheckpoint names what is missing
+
+
+# ------------------------------------------------------------------------------------------------
+# config.json → ModelSpec
+
+
+def _hub_descriptor(text: str) -> tuple[str, str]:
+    """(family, size) from ``--model_path``: a Meta descriptor or a Hub repo id (meta-llama/Llama-3.1-8B)."""
+    name = text.strip().rsplit("/", 1)[-1].split(":", 1)[0]  # the SKU suffix names Meta's files, not these
+    name = re.sub(r"-hf$", "", name, flags=re.IGNORECASE)
+    try:
+        model = catalog.lookup(name)
+    except SpecError:
+        raise SpecError(f"--model_path {text!r} names no Llama model (expected e.g. meta-llama/Llama-3.1-8B-Instruct "
+                        "or Llama3.1-8B)") from None
+    if model.family not in FAMILIES:
+        raise SpecError(f"--model_path {text!r}: {model.family} is not supported (supported: {', '.join(FAMILIES)})")
+    return model.family, model.size
+
+
+def _int(config: Mapping[str, Any], key: str, source: str, default: int | None = None) -> int:
+    value = config.get(key, default)
+    if value is None:
+        raise SpecError(f"{source} has no {key!r}")
+    if type(value) is not int or value <= 0:
+        raise SpecError(f"{source}: {key} is {value!r}, expected a positive integer")
+    return value
+
+
+def _float(config: Mapping[str, Any], key: str, source: str, default: float) -> float:
+    value = config.get(key, default)
+    if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+        raise SpecError(f"{source}: {key} is {value!r}, expected a positive number")
+    return float(value)
+
+
+def spec_from_config(config: Mapping[str, Any], *, model_name: str | None, model_path: str | None,
+                     kv_heads: int | None = None, source: str = CONFIG) -> HFModelSpec:
+    """Translate a transformers ``LlamaConfig`` into the ModelSpec the Meta path would build.
+
+    The family comes from ``--model_name``/``--model_path`` when given (and must agree with the rope
+    scaling), else from config.json: ``rope_type: llama3`` is Llama 3.1/3.3 (3.1 unless named 3.3:
+    the conversions are identical), otherwise a 128K vocabulary or rope_theta ≥ 500000 is Llama 3,
+    anything else Llama 2. FFN width is ``intermediate_size`` itself (no multiple_of arithmetic).
+    """
+    if config.get("model_type", "llama") != "llama":
+        raise SpecError(f"{source}: model_type {config.get('model_type')!r} is not a Llama checkpoint")
+    for flag in ("attention_bias", "mlp_bias"):
+        if config.get(flag):
+            raise SpecError(f"{source}: {flag} is set; Llama (and MaxText's llama models) have no biases")
+    dim = _int(config, "hidden_size", source)
+    n_layers = _int(config, "num_hidden_layers", source)
+    n_heads = _int(config, "num_attention_heads", source)
+    n_kv = _int(config, "num_key_value_heads", source, n_heads)
+    if dim % n_heads:
+        raise SpecError(f"{source}: hidden_size {dim} is not a multiple of num_attention_heads {n_heads}")
+    head_dim = _int(config, "head_dim", source, dim // n_heads)
+    if head_dim != dim // n_heads:
+        raise SpecError(f"{source}: head_dim {head_dim} is not hidden_size / num_attention_heads ({dim // n_heads}); "
+                        "MaxText's llama models need it to be")
+    if n_heads % n_kv:
+        raise SpecError(f"{source}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv}")
+    if kv_heads is not None and kv_heads != n_kv:
+        raise SpecError(f"--num_kv_heads {kv_heads} disagrees with {source} (num_key_value_heads {n_kv})")
+    vocab = _int(config, "vocab_size", source)
+    ffn = _int(config, "intermediate_size", source)
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(rope, Mapping):
+        raise SpecError(f"{source}: rope_scaling is {rope!r}, expected an object")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise SpecError(f"{source}: rope type {rope_type!r} is not a Llama 2/3/3.1 rope")
+    scaled = rope_type == "llama3"
+    rope_theta = _float(config, "rope_theta", source, _float(rope, "rope_theta", source, 10000.0))
+
+    family, size = model_name, None
+    if model_path:
+        named, size = _hub_descriptor(model_path)
+        if family is not None and family != named:
+            raise SpecError(f"--model_name {family} disagrees with --model_path {model_path} ({named})")
+        family = named
+    if family is None:
+        family = "llama-3.1" if scaled else ("llama-3" if vocab >= 128000 or rope_theta >= 500000 else "llama-2")
+    if family not in FAMILIES:
+        raise SpecError(f"unknown --model_name {family!r} (supported: {', '.join(FAMILIES)})")
+    if scaled != (family in ("llama-3.1", "llama-3.3")):
+        have = "has rope_type llama3 (Llama 3.1/3.3)" if scaled else "has no llama3 rope scaling"
+        raise SpecError(f"{source} {have}, which disagrees with model {family}")
+    if size is None:  # as on the Meta path: --model_path names the size, else the published dims do
+        known = next((k for k in KNOWN_SIZES[family] if (k.dim, k.n_layers, k.n_heads) == (dim, n_layers, n_heads)),
+                     None)
+        size = known.size if known else None
+    return HFModelSpec(
+        family=family, maxtext_name=f"{FAMILIES[family]}-{size}" if size else f"{FAMILIES[family]}-custom",
+        dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, params_kv_heads=n_kv, vocab_size=vocab,
+        ffn_dim=ffn, norm_eps=_float(config, "rms_norm_eps", source, 1e-5), rope_theta=rope_theta, use_scaled_rope=scaled,
+        n_shards=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# The checkpoint
+
+
+def _read_json(uri: str, display: str) -> Any:
+    source = open_source(uri)
+    try:
+        return json.loads(source.read(0, source.size()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{display} is not valid JSON ({exc})") from None
+
+
+def _weight_files(files: Mapping[str, str], index: Mapping[str, Any] | None, display: str) -> list[str]:
+    """Names of the safetensors files that make up the checkpoint, all of which must be present."""
+    if index is not None:
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise SourceError(f"{display}/{INDEX} has no weight_map")
+        names = sorted(set(weight_map.values()))
+    else:
+        names = sorted(n for n in files if n.endswith(".safetensors"))
+    counts = {int(m["n"]) for m in map(_SHARDED.match, names) if m}
+    for total in counts:  # model-0000k-of-0000n: all n files, even if the index forgot one
+        stem = next(m["stem"] for m in map(_SHARDED.match, names) if m and int(m["n"]) == total)
+        width = len(next(m["k"] for m in map(_SHARDED.match, names) if m and int(m["n"]) == total))
+        names = sorted(set(names) | {f"{stem}-{k:0{width}d}-of-{total:0{width}d}.safetensors"
+                                     for k in range(1, total + 1)})
+    missing = [n for n in names if n not in files]
+    if missing:
+        where = f" (listed in {INDEX})" if index is not None else ""
+        raise SourceError(f"{missing[0]} is missing from {display}{where}")
+    return names
+
+
+@dataclasses.dataclass
+class HFCheckpoint:
+    """config.json + safetensors headers; the planner sees one logical shard located across files."""
+
+    spec: HFModelSpec
+    shards: list[str]  # uri per safetensors file: Read.shard indexes this
+    indexes: list[dict[str, TensorInfo]]  # per file: {HF name: TensorInfo}
+    files: dict[str, str]
+    where: dict[str, tuple[int, TensorInfo]]  # Meta key → (file index, TensorInfo)
+    scales: None = None  # the driver's FP8 hook (MetaCheckpoint.scales); HF's FP8 variant is not supported
+    fp8: bool = False
+
+    @classmethod
+    def open(cls, files: Mapping[str, str], *, display: str, model_name: str | None, model_path: str | None,
+             kv_heads: int | None = None, threads: int = 8) -> "HFCheckpoint":
+        config = _read_json(files[CONFIG], f"{display}/{CONFIG}")
+        if not isinstance(config, dict):
+            raise SpecError(f"{display}/{CONFIG} is not a JSON object")
+        spec = spec_from_config(config, model_name=model_name, model_path=model_path, kv_heads=kv_heads,
+                                source=f"{display}/{CONFIG}")
+        index = _read_json(files[INDEX], f"{display}/{INDEX}") if INDEX in files else None
+        if index is not None and not isinstance(index, dict):
+            raise SourceError(f"{display}/{INDEX} is not a JSON object")
+        names = _weight_files(files, index, display)
+        uris = [files[n] for n in names]
+
+        def read(i: int) -> dict[str, TensorInfo]:
+            return index_safetensors(open_source(uris[i]), f"{display.rstrip('/')}/{names[i]}")
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(threads, len(uris)))) as pool:
+            indexes = list(pool.map(read, range(len(uris))))
+        located = _locate_all(names, indexes, index, display)
+        where = _check(spec, names, indexes, located, config, display)
+        return cls(spec=spec, shards=uris, indexes=indexes, files=dict(files), where=where)
+
+    def locate(self, shard: int, key: str) -> tuple[int, TensorInfo]:
+        """plan.Locate: the one logical shard's tensor ``key`` (a Meta key) → (file index, TensorInfo)."""
+        if shard != 0:
+            raise ValueError(f"a Hugging Face checkpoint has one logical shard, not shard {shard}")
+        return self.where[key]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(info.nbytes for index in self.indexes for info in index.values())
+
+
+def _locate_all(names: list[str], indexes: list[dict[str, TensorInfo]], index: Mapping[str, Any] | None,
+                display: str) -> dict[str, int]:
+    """{HF name: file index}: each tensor in exactly one header, and where the index says it is."""
+    located: dict[str, int] = {}
+    for i, tensors in enumerate(indexes):
+        for key in tensors:
+            if key in located:
+                raise SourceError(f"tensor {key} is listed twice: in {names[located[key]]} and {names[i]} "
+                                  f"({display})")
+            located[key] = i
+    if index is not None:
+        weight_map = index["weight_map"]
+        for key, name in weight_map.items():
+            if key not in located:
+                raise SourceError(f"{INDEX} places {key} in {name}, whose header does not have it ({display})")
+            if names[located[key]] != name:
+                raise SourceError(f"{INDEX} places {key} in {name}, but it is in {names[located[key]]} ({display})")
+        extra = sorted(set(located) - set(weight_map))
+        if extra:
+            raise SourceError(f"{names[located[extra[0]]]} holds {extra[0]}, which {INDEX} does not list ({display})")
+    return located
+
+
+def _check(spec: ModelSpec, names: list[str], indexes: list[dict[str, TensorInfo]], located: dict[str, int],
+           config: Mapping[str, Any], display: str) -> dict[str, tuple[int, TensorInfo]]:
+    """Every tensor the model needs, once, bf16, shaped as config.json implies; nothing unexpected."""
+    where: dict[str, tuple[int, TensorInfo]] = {}
+    wanted: set[str] = set()
+    for rule in mapping.rules(spec):
+        for layer in (range(spec.n_layers) if rule.per_layer else (None,)):
+            key = rule.source_key(layer, "hf")
+            wanted.add(key)
+            if key not in located:
+                hint = (" (tie_word_embeddings: rayconv needs lm_head.weight stored)"
+                        if key == "lm_head.weight" and config.get("tie_word_embeddings") else "")
+                raise SourceError(f"{display} has no tensor {key} ({CONFIG} says {spec.n_layers} layers){hint}")
+            file = located[key]
+            info = indexes[file][key]
+            shape = mapping.global_shape(rule, spec)
+            if tuple(info.shape) != shape:
+                raise SourceError(f"{names[file]}: {key} has shape {list(info.shape)}, but {CONFIG} implies "
+                                  f"{list(shape)} ({CONFIG} disagrees with the tensors)")
+            if info.dtype != "bfloat16":
+                raise SourceError(f"{names[file]}: {key} is {info.dtype}; rayconv converts bf16 checkpoints")
+            where[rule.key(layer)] = (file, info)
+    unexpected = sorted(k for k in set(located) - wanted if not IGNORED.match(k))
+    if unexpected:
+        raise SourceError(f"{names[located[unexpected[0]]]} holds unexpected tensor {unexpected[0]} ({CONFIG} says "
+                          f"{spec.n_layers} layers; is this a Llama checkpoint?)")
+    return where
