@@ -39,9 +39,10 @@ from rayconv.source.pth import TensorInfo
 
 GiB = 1 << 30
 #: Per-worker conversion throughput (input MB/s: read + transform + write all three outputs + CRC),
-#: measured by scripts/bench.py's real-width preset (405B tensor shapes, one worker on 2 cores, local
-#: disk); docs/benchmarks.md. Override with --throughput_mb_s.
-DEFAULT_WORKER_MB_S = 150.0
+#: measured at the 405B's real tensor widths (scripts/bench.py --preset real-width: 6.6 GB converted by two
+#: workers sharing 2 cores, i.e. one core each, on a quiet machine, local disk; docs/benchmarks.md).
+#: Override with --throughput_mb_s.
+DEFAULT_WORKER_MB_S = 95.0
 #: Fixed seconds of a run (Ray and worker start, shutdown), measured on narrow fixtures; docs/benchmarks.md.
 DEFAULT_FIXED_SECONDS = 6.0
 #: Commit seconds per unit database (grafting its OCDBT root into each output), measured locally.
@@ -58,8 +59,9 @@ class Environment:
 
     #: Per-worker conversion rate, input MB/s (measured: DEFAULT_WORKER_MB_S).
     worker_mb_s: float = DEFAULT_WORKER_MB_S
-    #: Workers per VM. The per-worker rate was measured with 2 cores per worker, so 8 on a 16-vCPU VM.
-    workers_per_vm: int = 8
+    #: Workers per VM. The per-worker rate was measured with one core per worker: 16 on a 16-vCPU VM
+    #: (n2-highmem-16, 128 GB, holds 16 workers of the default 4 GiB).
+    workers_per_vm: int = 16
     #: Network bandwidth of one VM, each direction, Gbit/s (GCE's default tier for 16+ vCPU N2/C3 VMs: 32).
     vm_gbps: float = 32.0
     #: Cloud Storage Google-egress bandwidth quota of the bucket's region (project default: 200 Gbit/s).
