@@ -107,7 +107,7 @@ def test_estimate_names_the_bottleneck():
 
     _, plan, _ = _simulated(BF16_405B, 4.0)
     written = sum(o["bytes"] for o in planning.output_bytes(plan).values())
-    env = planning.Environment(worker_mb_s=100.0, destination="local")
+    env = planning.Environment(worker_mb_s=100.0, workers_per_vm=8, destination="local")
     compute = planning.estimate(plan, written, 16, env)
     assert compute["bottleneck"] == "compute"
     largest_unit = max(u.read_bytes for u in plan.units)
