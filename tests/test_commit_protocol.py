@@ -115,13 +115,15 @@ def resume(src: Path, out: Location, **kwargs):
 
 LOCAL_STOPS = ["units:1", "intent", "merge:scanned", "merge:int8", "metadata:unscanned", "item_marker:int8",
                "item_marker:scanned", "step_marker:unscanned", "rename:scanned", "rename:int8", "ledger:unscanned",
-               "ledger:int8", "merge:unscanned,rename:int8"]
+               "ledger:int8", "merge:int8,rename:int8"]
 GCS_STOPS = ["units:1", "intent", "merge:int8", "metadata:scanned", "item_marker:scanned", "item_marker:int8",
-             "step_marker:unscanned", "ledger:scanned", "metadata:int8,item_marker:unscanned"]
+             "step_marker:unscanned", "ledger:scanned", "metadata:int8,item_marker:int8"]
 
 
 def interrupted_then_resumed(src, out: Location, stops: str, uninterrupted, scratch) -> None:
-    for stop in stops.split(","):  # several interruptions in a row, each resumed by the next run
+    # Several interruptions in a row, each resumed by the next run. The outputs commit concurrently, so a
+    # later stop names the same output as the one before (another output may already have finished).
+    for stop in stops.split(","):
         killed = cli(src, out.uri, stop=stop)
         assert killed.returncode == STOP_EXIT_CODE, f"{stop} was never reached: {killed.stderr[-3000:]}"
         assert_marked_outputs_are_right(out, uninterrupted, scratch)
