@@ -95,7 +95,8 @@ def synthetic_checkpoint(model) -> Path:
 def run_convert(src: Path, out: Path, *, model_name=None, model_path=None, kinds=("scanned", "unscanned"),
                 quantize_type=None, executor="ray", kv_heads=None, verify=True, **kwargs):
     """Convert in-process; then, like every conversion in the tests, prove the output with rayconv verify."""
-    from rayconv.engine.driver import ConvertOptions, convert
+    from rayconv.engine.driver import convert
+    from rayconv.job import ConvertOptions
     from rayconv.source.checkpoint import list_input
     from rayconv.verify import verify as verify_output
 

@@ -215,7 +215,7 @@ BAD_TENSOR = "layers.0.feed_forward.w2.weight"
 
 def _units_reading(src: Path, shard: int, tensor: str | None = None) -> tuple[int, int]:
     """(units of the plan reading ``shard`` [``tensor``], all units)."""
-    from rayconv.engine.driver import ConvertOptions, make_plan, open_checkpoint
+    from rayconv.job import ConvertOptions, make_plan, open_checkpoint
     from rayconv.source.checkpoint import list_input
 
     options = ConvertOptions(files=list_input(str(src)), input_display=str(src), output="", model_path=DESCRIPTOR,
@@ -286,7 +286,7 @@ WIDE = SyntheticModel(family="llama-3", dim=256, n_layers=1, n_heads=8, n_kv_hea
 
 
 def _fingerprint(src: Path, worker_memory_gb: float) -> str:
-    from rayconv.engine.driver import ConvertOptions, make_plan, open_checkpoint
+    from rayconv.job import ConvertOptions, make_plan, open_checkpoint
     from rayconv.source.checkpoint import list_input
 
     options = ConvertOptions(files=list_input(str(src)), input_display=str(src), output="", model_name="llama-3",
@@ -333,7 +333,7 @@ def test_reuploaded_gcs_shard_is_reread_and_the_rest_resumes(src, uninterrupted,
     assert cli(bucket_src.uri, str(out), stop="intent").returncode == STOP_EXIT_CODE  # every unit done
     bucket_src.write_bytes("consolidated.01.pth", (src / "consolidated.01.pth").read_bytes())  # new generation
 
-    from rayconv.engine.driver import ConvertOptions, make_plan, open_checkpoint
+    from rayconv.job import ConvertOptions, make_plan, open_checkpoint
     from rayconv.source.checkpoint import list_input
 
     options = ConvertOptions(files=list_input(bucket_src.uri), input_display=bucket_src.uri, output="",

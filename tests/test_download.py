@@ -406,7 +406,9 @@ def copy_down(location: Location, target) -> None:
 def test_convert_from_url_and_bucket_bit_equal_to_local(tmp_path, gcs_prefix):
     from reference import read_leaves
 
-    from rayconv.engine.driver import ConvertOptions, convert
+    from rayconv.engine.driver import convert
+
+    from rayconv.job import ConvertOptions
     from rayconv.source.checkpoint import list_input
     from rayconv.synthetic import SyntheticModel, write_checkpoint
 

@@ -289,7 +289,8 @@ def test_fp8_from_meta_url_and_bucket(tmp_path, fp8_src, fp8_out, gcs_prefix, mo
 
     from rayconv.download import resolve_input
     from rayconv.staging import stage
-    from rayconv.engine.driver import ConvertOptions, convert
+    from rayconv.engine.driver import convert
+    from rayconv.job import ConvertOptions
     from rayconv.source.checkpoint import list_input
 
     monkeypatch.setenv("RAYCONV_META_SHARD_SIZES", "ignore")  # synthetic shards, not Meta's 60.9 GB

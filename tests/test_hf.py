@@ -164,7 +164,7 @@ def test_scanned_bit_equal_to_maxtext_huggingface_route(name, converted_pair, re
 
 
 def _options(path: Path, **kw):
-    from rayconv.engine.driver import ConvertOptions
+    from rayconv.job import ConvertOptions
     from rayconv.source.checkpoint import list_input
 
     return ConvertOptions(files=list_input(str(path)), input_display=str(path), output="", input_directory=str(path),
@@ -173,7 +173,7 @@ def _options(path: Path, **kw):
 
 def test_hub_snapshot_root_hf_by_default_original_with_meta(tmp_path):
     """A snapshot holding both model-*.safetensors and original/consolidated.NN.pth (as meta-llama repos do)."""
-    from rayconv.engine.driver import open_checkpoint
+    from rayconv.job import open_checkpoint
     from rayconv.source.checkpoint import MetaCheckpoint
     from rayconv.source.hf import HFCheckpoint
 
@@ -224,7 +224,7 @@ def test_snapshot_original_through_the_cli_checks_its_md5(tmp_path, converted_pa
 
 def test_405b_snapshot_original_holds_two_layouts(tmp_path):
     """meta-llama/Llama-3.1-405B* keep Meta's MP16 and MP8 copies in original/mp16 and original/mp8."""
-    from rayconv.engine.driver import open_checkpoint
+    from rayconv.job import open_checkpoint
 
     model, descriptor = MODELS["llama31-405b-mp16"]
     snap = tmp_path / "snapshot"
@@ -239,7 +239,7 @@ def test_405b_snapshot_original_holds_two_layouts(tmp_path):
 
 
 def test_model_flags_and_config_json(tmp_path):
-    from rayconv.engine.driver import open_checkpoint
+    from rayconv.job import open_checkpoint
 
     path = hf_checkpoint("llama31-405b")
     spec = open_checkpoint(_options(path)).spec

@@ -196,7 +196,7 @@ def test_inference_server_maxtext_selects_nnx_and_logs_which_maxtext_loads_it(tm
 
 def test_layout_is_part_of_the_plan_fingerprint(tmp_path):
     """A linen run's receipts are never resumed into an nnx output (the units write other paths)."""
-    from rayconv.engine.driver import ConvertOptions, make_plan, open_checkpoint
+    from rayconv.job import ConvertOptions, make_plan, open_checkpoint
     from rayconv.source.checkpoint import list_input
 
     model, _ = MODELS[TINY]

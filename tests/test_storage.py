@@ -220,7 +220,9 @@ def test_orbax_restores_converted_params_from_gcs(gcs_prefix, tmp_path):
     import jax
     import orbax.checkpoint as ocp
 
-    from rayconv.engine.driver import ConvertOptions, convert
+    from rayconv.engine.driver import convert
+
+    from rayconv.job import ConvertOptions
     from rayconv.source.checkpoint import list_input
     from rayconv.synthetic import SyntheticModel, write_checkpoint
 
