@@ -14,7 +14,6 @@ import time
 import numpy as np
 import pytest
 
-from conftest_storage import *  # noqa: F401,F403  (fixtures; also imported by tests/conftest.py)
 from rayconv import catalog, download, staging
 from rayconv.catalog import lookup
 from rayconv.download import check_expiry, check_meta_url, file_url, resolve, resolve_input

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest_storage import *  # noqa: F401,F403  (fixtures; also imported by tests/conftest.py)
 from rayconv import catalog
 from rayconv.errors import SourceError, SpecError, one_line_reason
 from rayconv.source.checkpoint import list_input, shard_files

@@ -15,7 +15,6 @@ import time
 import pytest
 
 from conftest import MODELS, synthetic_checkpoint
-from conftest_storage import *  # noqa: F401,F403
 from rayconv.sink.lock import OutputLock, OutputLocked, read_holder
 from rayconv.storage import Location
 

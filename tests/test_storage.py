@@ -15,7 +15,6 @@ import zipfile
 import numpy as np
 import pytest
 
-from conftest_storage import *  # noqa: F401,F403  (fixtures; also imported by tests/conftest.py)
 from rayconv.errors import ConversionError, OutputError, SourceError
 from rayconv.source.bytesource import RangeFile, open_source
 from rayconv.gcs_api import object_info
