@@ -168,6 +168,41 @@ def test_job_budgets_follow_worker_memory():
 
 
 # ------------------------------------------------------------------------------------------------
+# CRC-32 of what the receipts say was read, against the zip directory
+
+
+def test_crc_check_combines_receipts_and_names_the_damaged_tensor():
+    import random
+    import zlib
+
+    from rayconv.checksum import crc_check, crc_error
+    from rayconv.source.pth import TensorInfo
+
+    rng = random.Random(0)
+    data = {name: rng.randbytes(4096) for name in ("a", "b")}
+    index = {name: TensorInfo(name, "bfloat16", (16, 128), 1000 * i, 4096, zlib.crc32(raw))
+             for i, (name, raw) in enumerate(data.items())}
+    checkpoint = MetaCheckpoint(spec=SPECS["llama3-mp1"], shards=["gs://b/consolidated.00.pth?sig=x"],
+                                indexes=[index], files={})
+
+    def receipt(unit: str, name: str, start: int, stop: int, flip: bool = False) -> Receipt:
+        raw = bytearray(data[name][start:stop])
+        raw[0] ^= 0xFF if flip else 0
+        return Receipt(unit, {}, stop - start, 0, 0.0, [(0, name, index[name].offset + start, stop - start,
+                                                         zlib.crc32(raw))])
+
+    # Row ranges read by different units, in any order, rebuild each record's CRC.
+    good = [receipt("u2", "a", 1024, 4096), receipt("u1", "a", 0, 1024), receipt("u3", "b", 0, 4096)]
+    assert crc_check(checkpoint, good) == (2, [])
+    # A record read only in part cannot be verified (nor failed).
+    assert crc_check(checkpoint, good[:1]) == (0, [])
+    bad = [receipt("u1", "a", 0, 1024), receipt("u2", "a", 1024, 4096, flip=True), good[2]]
+    assert crc_check(checkpoint, bad) == (1, [(0, "a")])
+    error = str(crc_error(checkpoint, [(0, "a")]))
+    assert error == "gs://b/consolidated.00.pth: tensor a fails its CRC-32 check (corrupt shard; re-download it)"
+
+
+# ------------------------------------------------------------------------------------------------
 # Ledger resume on a local directory
 
 
