@@ -218,7 +218,7 @@ def _check_engine_flags(num_workers: int | None, worker_memory_gb: float | None,
     if num_workers is not None and num_workers < 1:
         raise ConversionError(f"--num_workers must be at least 1, got {num_workers}")
     if worker_memory_gb is not None:
-        from rayconv.engine.driver import GiB, WORKER_BASE_BYTES
+        from rayconv.job import GiB, WORKER_BASE_BYTES
 
         floor = WORKER_BASE_BYTES / GiB  # a worker's fixed overhead: below it no piece fits at all
         if not (math.isfinite(worker_memory_gb) and floor < worker_memory_gb <= 1 << 20):
@@ -273,7 +273,8 @@ def convert(model_name, model_path, input_directory, meta_url, download_director
         trees.get(maxtext_layout).check_quantize_type(quantize_type)  # before any download or write
         files, display, model_name, model_path, kv = _resolve_input(
             model_name, model_path, input_directory, meta_url, download_directory, synthetic, bucket_name)
-        from rayconv.engine.driver import ConvertOptions, convert as run
+        from rayconv.engine.driver import convert as run
+        from rayconv.job import ConvertOptions
 
         verify_md5 = _md5_policy(skip_md5, meta_url, download_directory or bucket_name)
 
@@ -337,7 +338,7 @@ def plan(model_name, model_path, input_directory, meta_url, download_directory, 
 def verify(source, output, model_name, model_path, num_kv_heads, maxtext_layout, source_format) -> None:
     """Re-read SOURCE (Meta shards or HF safetensors) and prove every leaf under OUTPUT equals its mapping."""
     setup_logging()
-    from rayconv.engine.driver import ConvertOptions
+    from rayconv.job import ConvertOptions
     from rayconv.source.checkpoint import list_input
     from rayconv.verify import verify as run
 

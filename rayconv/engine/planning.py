@@ -11,8 +11,7 @@ import math
 from typing import Any, Sequence
 
 from rayconv import fp8, mapping
-from rayconv.engine.driver import (MEMORY_PER_PIECE_BYTE, WORKER_BASE_BYTES, ConvertOptions, make_plan,
-                                   open_checkpoint)
+from rayconv.job import MEMORY_PER_PIECE_BYTE, WORKER_BASE_BYTES, ConvertOptions, make_plan, open_checkpoint
 from rayconv.models import KNOWN_SIZES, Descriptor, ModelSpec, resolve_spec
 from rayconv.plan import Plan, describe
 from rayconv.source.checkpoint import MetaCheckpoint
