@@ -9,7 +9,13 @@ byte anywhere in a record that was read fails the conversion before anything is 
 from __future__ import annotations
 
 import functools
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+from rayconv.errors import SourceError
+
+if TYPE_CHECKING:
+    from rayconv.receipts import Receipt
+    from rayconv.source.checkpoint import MetaCheckpoint
 
 _POLY = 0xEDB88320
 
@@ -63,3 +69,46 @@ def combine_segments(segments: Iterable[tuple[int, int, int]]) -> tuple[int, int
         crc = combine(crc, seg_crc, length)
         position += length
     return crc, position
+
+
+def crc_check(checkpoint: MetaCheckpoint, receipts: Sequence[Receipt]) -> tuple[int, list[tuple[int, str]]]:
+    """Combine per-range CRCs into per-record CRCs and compare with the zip directory.
+
+    Returns (records verified, (shard, tensor) of every record that fails)."""
+    segments: dict[tuple[int, str], list[tuple[int, int, int]]] = {}
+    for receipt in receipts:
+        for shard, tensor, offset, length, crc in receipt.crcs:
+            segments.setdefault((shard, tensor), []).append((offset, length, crc))
+    verified = 0
+    failed: list[tuple[int, str]] = []
+    for (shard, tensor), parts in segments.items():
+        # shard -1-r: the row scales in fp8_scales_{r}.pt of an FP8 checkpoint (see worker._read_fp8).
+        info = (checkpoint.indexes[shard] if shard >= 0 else checkpoint.scales.indexes[-1 - shard])[tensor]
+        if info.crc32 is None:
+            continue
+        unique = sorted({(off - info.offset, length, crc) for off, length, crc in parts})
+        combined = combine_segments(unique)
+        if combined is None or combined[1] != info.nbytes:
+            continue
+        if combined[0] != info.crc32:
+            failed.append((shard, tensor))
+            continue
+        verified += 1
+    return verified, failed
+
+
+def crc_error(checkpoint: MetaCheckpoint, failed: Sequence[tuple[int, str]],
+               hint: str = "corrupt shard; re-download it") -> SourceError:
+    shard, tensor = failed[0]
+    # shard -1-r: the row scales in fp8_scales_{r}.pt of an FP8 checkpoint (see worker._read_fp8).
+    uri = checkpoint.shards[shard] if shard >= 0 else checkpoint.scales.files[-1 - shard]
+    name = uri.split("?", 1)[0]
+    return SourceError(f"{name}: tensor {tensor} fails its CRC-32 check ({hint})")
+
+
+def verify_crcs(checkpoint: MetaCheckpoint, receipts: Sequence[Receipt]) -> int:
+    """:func:`crc_check`, raising on the first record that fails."""
+    verified, failed = crc_check(checkpoint, receipts)
+    if failed:
+        raise crc_error(checkpoint, failed)
+    return verified

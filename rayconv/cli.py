@@ -218,7 +218,7 @@ def _check_engine_flags(num_workers: int | None, worker_memory_gb: float | None,
     if num_workers is not None and num_workers < 1:
         raise ConversionError(f"--num_workers must be at least 1, got {num_workers}")
     if worker_memory_gb is not None:
-        from rayconv.engine.driver import GiB, WORKER_BASE_BYTES
+        from rayconv.job import GiB, WORKER_BASE_BYTES
 
         floor = WORKER_BASE_BYTES / GiB  # a worker's fixed overhead: below it no piece fits at all
         if not (math.isfinite(worker_memory_gb) and floor < worker_memory_gb <= 1 << 20):
@@ -272,7 +272,7 @@ def _build_options(flags: dict[str, Any], *, for_plan: bool = False, simulate: b
     """ConvertOptions from convert's flags. ``for_plan``: nothing is downloaded or checked (the shard indexes are
     read where the files are, from the signed URL if that is where they are); ``simulate``: no input at all."""
     from rayconv import trees
-    from rayconv.engine.driver import ConvertOptions
+    from rayconv.job import ConvertOptions
 
     inference_server = flags["inference_server"]
     if inference_server not in INFERENCE_SERVERS and inference_server not in SERVER_LAYOUTS:
@@ -440,7 +440,7 @@ def plan(simulate: bool, json_output: bool, throughput_mb_s: float, source_kind:
 def verify(source, output, model_name, model_path, num_kv_heads, maxtext_layout, source_format) -> None:
     """Re-read SOURCE (Meta shards or HF safetensors) and prove every leaf under OUTPUT equals its mapping."""
     setup_logging()
-    from rayconv.engine.driver import ConvertOptions
+    from rayconv.job import ConvertOptions
     from rayconv.source.checkpoint import list_input
     from rayconv.verify import verify as run
 

@@ -15,12 +15,14 @@ import numpy as np
 import tensorstore as ts
 
 from rayconv import mapping, trees
-from rayconv.engine.driver import ConvertOptions, make_plan, open_checkpoint, verify_crcs
+from rayconv.checksum import verify_crcs
 from rayconv.errors import ConversionError
+from rayconv.job import ConvertOptions, make_plan, open_checkpoint
 from rayconv.plan import ArraySpec
+from rayconv.receipts import JobContext, Receipt
 from rayconv.sink.layout import output_layouts, ocdbt_kvstore
 from rayconv.storage import Location
-from rayconv.worker import JobContext, Receipt, Sources, piece_outputs, read_block
+from rayconv.worker import Sources, piece_outputs, read_block
 
 
 class VerificationError(ConversionError):

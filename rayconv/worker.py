@@ -11,12 +11,11 @@ commit, so a retried or duplicated attempt can never mix partial chunks into the
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import secrets
 import time
 import zlib
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import tensorstore as ts
@@ -24,67 +23,11 @@ import tensorstore as ts
 from rayconv import fp8, mapping, quantize, trees
 from rayconv.errors import SourceError
 from rayconv.mapping import Rule
-from rayconv.models import ModelSpec
-from rayconv.plan import ArraySpec, Piece, Plan, Read, Unit, aqt_paths, block_region, leaf_paths
-from rayconv.sink.layout import OutputLayout, array_spec
+from rayconv.plan import Piece, Read, Unit, aqt_paths, block_region, leaf_paths
+from rayconv.receipts import JobContext, Receipt
+from rayconv.sink.layout import array_spec
 from rayconv.source.bytesource import ByteSource, open_source
 from rayconv.storage import Location, output_errors
-
-
-@dataclasses.dataclass(frozen=True)
-class JobContext:
-    """What every worker needs besides its unit; shipped once per worker."""
-
-    spec: ModelSpec
-    shards: tuple[str, ...]
-    kinds: tuple[str, ...]
-    quantize_type: str | None
-    arrays: dict[str, dict[tuple[str, ...], ArraySpec]]  # kind → path → array
-    items: dict[str, str]  # kind → staging item uri
-    compression: str | None = None
-    batch_bytes: int = 16 << 20  # output bytes per OCDBT commit
-    scale_files: tuple[str, ...] = ()  # FP8 SKU: fp8_scales_{r}.pt per shard
-    layout: str = trees.DEFAULT_LAYOUT  # MaxText tree layout: decides the leaf paths (rayconv.trees)
-
-    @classmethod
-    def create(cls, plan: Plan, layouts: dict[str, OutputLayout], compression: str | None,
-               batch_bytes: int = 16 << 20) -> "JobContext":
-        return cls(
-            spec=plan.spec,
-            shards=plan.shards,
-            kinds=plan.kinds,
-            quantize_type=plan.quantize_type,
-            arrays={k: {a.path: a for a in plan.arrays(k)} for k in plan.kinds},
-            items={k: layouts[k].item(staging=True).uri for k in plan.kinds},
-            compression=compression,
-            batch_bytes=batch_bytes,
-            scale_files=plan.scale_files,
-            layout=plan.layout,
-        )
-
-
-@dataclasses.dataclass
-class Receipt:
-    """What a finished unit reports: small, JSON-able, enough to resume and to verify."""
-
-    unit: str
-    dbs: dict[str, str]  # kind → child database id
-    bytes_read: int
-    bytes_written: int
-    seconds: float
-    crcs: list[tuple[int, str, int, int, int]]  # (shard, tensor, file offset, length, crc32)
-    worker: str = ""
-    peak_rss: int = 0
-    node: str = ""  # Ray node id, when run on Ray
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Receipt":
-        data = dict(data)
-        data["crcs"] = [tuple(c) for c in data["crcs"]]
-        return cls(**data)
 
 
 class Sources:

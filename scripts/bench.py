@@ -53,7 +53,7 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tools" / "maxtext_ref"))  # the MaxText harness (reference.py)
 sys.path.insert(0, str(REPO))
 
 from rayconv.synthetic import PRESETS, SyntheticModel, ensure_checkpoint  # noqa: E402

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run MaxText 0.2.4's own converters/loaders (the reference rayconv is compared with) from the command line.
 
-Wraps tests/reference.py (same cache, same reference env). Examples:
+Wraps tools/maxtext_ref/reference.py (same cache, same reference env). Examples:
 
     .venvs/main/bin/python scripts/maxtext_reference.py chain --preset demo           # scanned+unscanned+int8
     .venvs/main/bin/python scripts/maxtext_reference.py scanned --model '{"family": "llama-3.1", "dim": 256}'
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO), str(REPO / "tools" / "maxtext_ref")]
 
 import numpy as np  # noqa: E402
 

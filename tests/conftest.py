@@ -14,11 +14,13 @@ import pytest
 
 from rayconv.synthetic import SyntheticModel
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from conftest_storage import *  # noqa: E402,F401,F403  (fake GCS + signed-URL server fixtures)
-
 REPO = Path(__file__).resolve().parents[1]
+# tests/ (helpers, servers, the storage fixture plugin) and the MaxText reference harness (tools/maxtext_ref).
+sys.path[:0] = [str(Path(__file__).parent), str(REPO / "tools" / "maxtext_ref")]
+
+#: fake GCS + signed-URL server fixtures, loaded as a plugin.
+pytest_plugins = ["conftest_storage"]
+
 CACHE = Path(os.environ.get("RAYCONV_TEST_CACHE", REPO / ".cache"))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -95,7 +97,8 @@ def synthetic_checkpoint(model) -> Path:
 def run_convert(src: Path, out: Path, *, model_name=None, model_path=None, kinds=("scanned", "unscanned"),
                 quantize_type=None, executor="ray", kv_heads=None, verify=True, **kwargs):
     """Convert in-process; then, like every conversion in the tests, prove the output with rayconv verify."""
-    from rayconv.engine.driver import ConvertOptions, convert
+    from rayconv.engine.driver import convert
+    from rayconv.job import ConvertOptions
     from rayconv.source.checkpoint import list_input
     from rayconv.verify import verify as verify_output
 

@@ -1,8 +1,7 @@
 """Pytest fixtures for the storage layer: a fake GCS server, a signed-URL server, small checkpoints.
 
-Use from ``tests/conftest.py`` with ``from conftest_storage import *  # noqa: F401,F403``. The test
-modules that need them import them the same way; the GCS server is a process-wide singleton, so
-importing the fixtures in several places still starts one server.
+Loaded as a pytest plugin by ``tests/conftest.py`` (``pytest_plugins = ["conftest_storage"]``), so every
+test module sees the fixtures without importing them; the GCS server is a session fixture (one server).
 """
 
 from __future__ import annotations

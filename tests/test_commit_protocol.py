@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 
 from conftest import MODELS, run_convert, synthetic_checkpoint
-from conftest_storage import *  # noqa: F401,F403
+from helpers import leaf_bytes as read_leaves
+from helpers import one_error, run_convert_cli
 from rayconv.sink.commit import STOP_EXIT_CODE
 from rayconv.storage import Location
 from rayconv.synthetic import SyntheticModel
@@ -35,12 +36,6 @@ MODEL = MODELS["llama2-mp2"][0]  # 2 shards: several units, so each output merge
 KINDS = ("scanned", "unscanned", "int8")
 STEP_DIRS = {"scanned": "bf16/scanned/0", "unscanned": "bf16/unscanned/checkpoints/0", "int8": "int8"}
 ITEMS = {"scanned": "bf16/scanned/0/items", "unscanned": "bf16/unscanned/checkpoints/0/items", "int8": "int8"}
-
-
-def read_leaves(path) -> dict[str, tuple[str, bytes]]:
-    from reference import read_leaves as read
-
-    return {k: (str(v.dtype), v.tobytes()) for k, v in read(path).items()}
 
 
 @pytest.fixture(scope="module")
@@ -57,20 +52,11 @@ def uninterrupted(src, tmp_path_factory) -> dict[str, dict]:
 
 def cli(src: Path, out: str, *extra: str, stop: str | None = None, quantize: bool = True,
         env: dict | None = None) -> subprocess.CompletedProcess:
-    full = dict(os.environ, JAX_PLATFORMS="cpu", RAY_USAGE_STATS_ENABLED="0", **(env or {}))
-    if stop:
-        full["RAYCONV_TEST_STOP_AFTER"] = stop
+    full = dict(env or {}, **({"RAYCONV_TEST_STOP_AFTER": stop} if stop else {}))
     args = ["--input_directory", str(src), "--model_name", MODEL.family, "--output_directory", out, *extra]
     if quantize:
         args += ["--quantize_type", "int8", "--quantize_weights", "True"]
-    return subprocess.run([sys.executable, "-m", "rayconv.cli", "convert", "--no_progress", "--executor", "local",
-                           *args], capture_output=True, text=True, env=full, timeout=300)
-
-
-def one_error(result: subprocess.CompletedProcess) -> str:
-    errors = [line for line in result.stderr.splitlines() if line.startswith("rayconv: error:")]
-    assert result.returncode == 1 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    return errors[0]
+    return run_convert_cli(*args, env=full)
 
 
 def local_item(out: Location, kind: str, scratch: Path) -> Path:
@@ -115,13 +101,15 @@ def resume(src: Path, out: Location, **kwargs):
 
 LOCAL_STOPS = ["units:1", "intent", "merge:scanned", "merge:int8", "metadata:unscanned", "item_marker:int8",
                "item_marker:scanned", "step_marker:unscanned", "rename:scanned", "rename:int8", "ledger:unscanned",
-               "ledger:int8", "merge:unscanned,rename:int8"]
+               "ledger:int8", "merge:int8,rename:int8"]
 GCS_STOPS = ["units:1", "intent", "merge:int8", "metadata:scanned", "item_marker:scanned", "item_marker:int8",
-             "step_marker:unscanned", "ledger:scanned", "metadata:int8,item_marker:unscanned"]
+             "step_marker:unscanned", "ledger:scanned", "metadata:int8,item_marker:int8"]
 
 
 def interrupted_then_resumed(src, out: Location, stops: str, uninterrupted, scratch) -> None:
-    for stop in stops.split(","):  # several interruptions in a row, each resumed by the next run
+    # Several interruptions in a row, each resumed by the next run. The outputs commit concurrently, so a
+    # later stop names the same output as the one before (another output may already have finished).
+    for stop in stops.split(","):
         killed = cli(src, out.uri, stop=stop)
         assert killed.returncode == STOP_EXIT_CODE, f"{stop} was never reached: {killed.stderr[-3000:]}"
         assert_marked_outputs_are_right(out, uninterrupted, scratch)
@@ -215,7 +203,7 @@ BAD_TENSOR = "layers.0.feed_forward.w2.weight"
 
 def _units_reading(src: Path, shard: int, tensor: str | None = None) -> tuple[int, int]:
     """(units of the plan reading ``shard`` [``tensor``], all units)."""
-    from rayconv.engine.driver import ConvertOptions, make_plan, open_checkpoint
+    from rayconv.job import ConvertOptions, make_plan, open_checkpoint
     from rayconv.source.checkpoint import list_input
 
     options = ConvertOptions(files=list_input(str(src)), input_display=str(src), output="", model_path=DESCRIPTOR,
@@ -286,7 +274,7 @@ WIDE = SyntheticModel(family="llama-3", dim=256, n_layers=1, n_heads=8, n_kv_hea
 
 
 def _fingerprint(src: Path, worker_memory_gb: float) -> str:
-    from rayconv.engine.driver import ConvertOptions, make_plan, open_checkpoint
+    from rayconv.job import ConvertOptions, make_plan, open_checkpoint
     from rayconv.source.checkpoint import list_input
 
     options = ConvertOptions(files=list_input(str(src)), input_display=str(src), output="", model_name="llama-3",
@@ -333,7 +321,7 @@ def test_reuploaded_gcs_shard_is_reread_and_the_rest_resumes(src, uninterrupted,
     assert cli(bucket_src.uri, str(out), stop="intent").returncode == STOP_EXIT_CODE  # every unit done
     bucket_src.write_bytes("consolidated.01.pth", (src / "consolidated.01.pth").read_bytes())  # new generation
 
-    from rayconv.engine.driver import ConvertOptions, make_plan, open_checkpoint
+    from rayconv.job import ConvertOptions, make_plan, open_checkpoint
     from rayconv.source.checkpoint import list_input
 
     options = ConvertOptions(files=list_input(bucket_src.uri), input_display=bucket_src.uri, output="",

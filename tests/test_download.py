@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest_storage import *  # noqa: F401,F403  (fixtures; also imported by tests/conftest.py)
+from helpers import copy_down
 from rayconv import catalog, download, staging
 from rayconv.catalog import lookup
 from rayconv.download import check_expiry, check_meta_url, file_url, resolve, resolve_input
@@ -395,18 +395,12 @@ def test_stage_reuses_existing_local_copy(signed_url_server, small_checkpoint, t
 # End to end: URL → gs:// and staged gs:// → gs:// convert to the same bytes as local → local
 
 
-def copy_down(location: Location, target) -> None:
-    """Mirror a gs:// prefix into a local directory (to read it with the local reference reader)."""
-    for key in location.list_keys():
-        path = target / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(location.read_bytes(key))
-
-
 def test_convert_from_url_and_bucket_bit_equal_to_local(tmp_path, gcs_prefix):
     from reference import read_leaves
 
-    from rayconv.engine.driver import ConvertOptions, convert
+    from rayconv.engine.driver import convert
+
+    from rayconv.job import ConvertOptions
     from rayconv.source.checkpoint import list_input
     from rayconv.synthetic import SyntheticModel, write_checkpoint
 

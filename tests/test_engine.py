@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from conftest import run_convert, synthetic_checkpoint
+from helpers import output_leaves as leaves
+from helpers import run_cli
 from rayconv.synthetic import PRESETS, SyntheticModel
 
 MODEL = SyntheticModel(family="llama-3.1", dim=512, n_layers=3, n_heads=16, n_kv_heads=8, vocab_size=1024,
@@ -37,24 +39,12 @@ def verify(src: Path, out: Path, model_path: str = DESCRIPTOR, model_name: str |
     return result.stdout
 
 
-def leaves(out: Path) -> dict[str, bytes]:
-    from reference import read_leaves
-
-    found = {}
-    for sub in ("bf16/scanned/0/items", "bf16/unscanned/checkpoints/0/items", "int8"):
-        for key, value in read_leaves(out / sub).items():
-            found[f"{sub}:{key}"] = value.tobytes()
-    return found
-
-
 def receipts(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((out / ".rayconv/receipts").glob("*.json"))]
 
 
 def cli(*args: str, timeout: int = 600, **popen) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", RAY_USAGE_STATS_ENABLED="0")
-    return subprocess.run([sys.executable, "-m", "rayconv.cli", "convert", "--no_progress", *args],
-                          capture_output=True, text=True, env=env, timeout=timeout, **popen)
+    return run_cli("convert", "--no_progress", *args, timeout=timeout, **popen)
 
 
 @pytest.fixture(scope="module")

@@ -7,23 +7,19 @@ inside a worker) against damaged copies of a synthetic 405B-layout checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import synthetic_checkpoint
+from helpers import MP16_DESCRIPTOR, assert_clean_failure, mp16_convert_args, mp16_model, run_convert_cli
 from rayconv.source.bytesource import open_source
 from rayconv.source.pth import index_pth
-from rayconv.synthetic import SyntheticModel
 
-MODEL = SyntheticModel(family="llama-3.1", dim=256, n_layers=1, n_heads=16, n_kv_heads=8, vocab_size=256,
-                       multiple_of=64, n_shards=16, seed=11)
-DESCRIPTOR = "Llama3.1-405B-Instruct:bf16-mp16"
+MODEL = mp16_model()
+DESCRIPTOR = MP16_DESCRIPTOR
 
 
 @pytest.fixture()
@@ -38,33 +34,10 @@ def damaged(tmp_path):
     return dst
 
 
-def rayconv(*args: str, executor: str = "local") -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", RAY_USAGE_STATS_ENABLED="0")
-    return subprocess.run([sys.executable, "-m", "rayconv.cli", "convert", "--no_progress", "--executor", executor,
-                           *args], capture_output=True, text=True, env=env, timeout=300)
-
-
-def assert_clean_failure(result: subprocess.CompletedProcess, out: Path, needle: str) -> None:
-    assert result.returncode != 0, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("rayconv: error:")]
-    assert len(errors) == 1, result.stderr[-2000:]
-    assert needle in errors[0], errors[0]
-    assert "Traceback" not in result.stderr
-    # Nothing that Orbax or a user would take for a finished checkpoint.
-    assert not list(out.rglob("commit_success.txt")) if out.exists() else True
-    for step in ("bf16/scanned/0", "bf16/unscanned/checkpoints/0", "int8"):
-        assert not (out / step).exists(), step
-
-
-def convert_args(src: Path, out: Path, *extra: str) -> list[str]:
-    return ["--input_directory", str(src), "--output_directory", str(out), "--model_path", DESCRIPTOR,
-            "--quantize_type", "int8", "--quantize_weights", "True", *extra]
-
-
 def test_missing_shard(damaged, tmp_path):
     (damaged / "consolidated.05.pth").unlink()
     out = tmp_path / "out"
-    assert_clean_failure(rayconv(*convert_args(damaged, out)), out, "missing shard consolidated.05.pth")
+    assert_clean_failure(run_convert_cli(*mp16_convert_args(damaged, out)), out, "missing shard consolidated.05.pth")
 
 
 @pytest.mark.parametrize("fraction", [0.3, 0.97])
@@ -73,7 +46,7 @@ def test_truncated_shard(damaged, tmp_path, fraction):
     data = shard.read_bytes()
     shard.write_bytes(data[: int(len(data) * fraction)])
     out = tmp_path / "out"
-    assert_clean_failure(rayconv(*convert_args(damaged, out)), out, "consolidated.03.pth")
+    assert_clean_failure(run_convert_cli(*mp16_convert_args(damaged, out)), out, "consolidated.03.pth")
 
 
 @pytest.mark.parametrize("field,value,needle", [("n_layers", 2, "has no tensor layers.1"),
@@ -84,7 +57,7 @@ def test_params_json_disagrees_with_shards(damaged, tmp_path, field, value, need
     params[field] = value
     (damaged / "params.json").write_text(json.dumps(params))
     out = tmp_path / "out"
-    assert_clean_failure(rayconv(*convert_args(damaged, out)), out, needle)
+    assert_clean_failure(run_convert_cli(*mp16_convert_args(damaged, out)), out, needle)
 
 
 def test_unequal_duplicated_kv_heads(damaged, tmp_path):
@@ -94,7 +67,7 @@ def test_unequal_duplicated_kv_heads(damaged, tmp_path):
     state["layers.0.attention.wk.weight"] = state["layers.0.attention.wk.weight"] * 2
     torch.save(state, path)
     out = tmp_path / "out"
-    assert_clean_failure(rayconv(*convert_args(damaged, out), executor="ray"), out,
+    assert_clean_failure(run_convert_cli(*mp16_convert_args(damaged, out), executor="ray"), out,
                          "kv-head copy in shard 01 differs from shard 00")
 
 
@@ -107,7 +80,7 @@ def test_flipped_bytes_fail_the_crc_before_commit(damaged, tmp_path):
         f.seek(info.offset + info.nbytes // 2)
         f.write(bytes([byte[0] ^ 0x40]))
     out = tmp_path / "out"
-    assert_clean_failure(rayconv(*convert_args(damaged, out), executor="ray"), out,
+    assert_clean_failure(run_convert_cli(*mp16_convert_args(damaged, out), executor="ray"), out,
                          "layers.0.feed_forward.w2.weight fails its CRC-32 check")
 
 
@@ -123,14 +96,14 @@ def test_bad_flags(tmp_path, args, needle):
     base = ["--input_directory", str(src), "--output_directory", str(out)]
     if "--model_path" not in args and "--model_name" not in args:
         base += ["--model_path", DESCRIPTOR]
-    assert_clean_failure(rayconv(*base, *args), out, needle)
+    assert_clean_failure(run_convert_cli(*base, *args), out, needle)
 
 
 def test_unwritable_output(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     out = blocker / "out"
-    result = rayconv(*convert_args(synthetic_checkpoint(MODEL), out))
+    result = run_convert_cli(*mp16_convert_args(synthetic_checkpoint(MODEL), out))
     assert result.returncode == 1 and f"cannot write to {out}" in result.stderr
 
 
@@ -139,7 +112,7 @@ def test_existing_foreign_output_is_not_overwritten(tmp_path):
     (out / "bf16/scanned/0/items").mkdir(parents=True)
     marker = out / "bf16/scanned/0/items/precious"
     marker.write_text("x")
-    result = rayconv(*convert_args(synthetic_checkpoint(MODEL), out))
+    result = run_convert_cli(*mp16_convert_args(synthetic_checkpoint(MODEL), out))
     assert result.returncode == 1 and "--restart" in result.stderr and marker.exists()
 
 
@@ -155,5 +128,5 @@ def small_disk(tmp_path):
 
 def test_out_of_disk(small_disk):
     out = small_disk / "out"
-    result = rayconv(*convert_args(synthetic_checkpoint(MODEL), out), executor="ray")
+    result = run_convert_cli(*mp16_convert_args(synthetic_checkpoint(MODEL), out), executor="ray")
     assert_clean_failure(result, out, "No space left on device")

@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from conftest import run_convert, synthetic_checkpoint
+from helpers import assert_clean_failure, assert_same_leaves, copy_down, run_convert_cli
+from helpers import output_leaves as leaves
 from rayconv import fp8
 from rayconv.models import Descriptor
 from rayconv.source.bytesource import open_source
 from rayconv.source.pth import index_pth
 from rayconv.synthetic import SyntheticModel, shard_tensors
-from test_engine import leaves
-from test_errors import assert_clean_failure, rayconv
 
 # The FP8 SKU layout scaled down: 8 shards, 8 kv heads (one per shard), 4 layers (1 and 2 are FP8).
 MODEL = SyntheticModel(family="llama-3.1", dim=256, n_layers=4, n_heads=16, n_kv_heads=8, vocab_size=256,
@@ -236,7 +236,7 @@ def test_bad_fp8_input_is_one_line(case, tmp_path, fp8_src):
     shutil.copytree(fp8_src, src)
     damage(src)
     out = tmp_path / "out"
-    result = rayconv("--input_directory", str(src), "--output_directory", str(out), "--model_path", FP8_PATH,
+    result = run_convert_cli("--input_directory", str(src), "--output_directory", str(out), "--model_path", FP8_PATH,
                      "--quantize_type", "int8", "--quantize_weights", "True")
     assert result.returncode == 1, result.stderr[-2000:]
     assert_clean_failure(result, out, needle)
@@ -244,10 +244,10 @@ def test_bad_fp8_input_is_one_line(case, tmp_path, fp8_src):
 
 def test_sku_and_files_must_agree(tmp_path, fp8_src):
     out = tmp_path / "out"
-    result = rayconv("--input_directory", str(fp8_src), "--output_directory", str(out), "--model_path", BF16_PATH)
+    result = run_convert_cli("--input_directory", str(fp8_src), "--output_directory", str(out), "--model_path", BF16_PATH)
     assert_clean_failure(result, out, "names a bf16 SKU")
     bf16 = synthetic_checkpoint(SyntheticModel(**{**MODEL.__dict__, "fp8": False}))
-    result = rayconv("--input_directory", str(bf16), "--output_directory", str(out), "--model_path", FP8_PATH)
+    result = run_convert_cli("--input_directory", str(bf16), "--output_directory", str(out), "--model_path", FP8_PATH)
     assert_clean_failure(result, out, "has no float8 tensors")
 
 
@@ -273,7 +273,6 @@ def test_simulated_405b_fp8_plan_reads_40_percent_less():
 
 def test_parity_with_maxtext_on_the_dequantized_shards(fp8_out, dequantized_src, reference):
     """All three outputs of the FP8 source equal what MaxText 0.2.4's converters write for its dequantized shards."""
-    from test_parity import assert_same_leaves
 
     out, _ = fp8_out
     assert assert_same_leaves(out / "bf16/scanned/0/items", reference.scanned(MODEL, dequantized_src)) == 13
@@ -285,11 +284,11 @@ def test_parity_with_maxtext_on_the_dequantized_shards(fp8_out, dequantized_src,
 def test_fp8_from_meta_url_and_bucket(tmp_path, fp8_src, fp8_out, gcs_prefix, monkeypatch):
     """Behind a signed URL: streamed (md5-checked inline) and staged to gs://, the FP8 SKU converts to the same bytes."""
     from servers import SignedUrlServer
-    from test_download import copy_down
 
     from rayconv.download import resolve_input
     from rayconv.staging import stage
-    from rayconv.engine.driver import ConvertOptions, convert
+    from rayconv.engine.driver import convert
+    from rayconv.job import ConvertOptions
     from rayconv.source.checkpoint import list_input
 
     monkeypatch.setenv("RAYCONV_META_SHARD_SIZES", "ignore")  # synthetic shards, not Meta's 60.9 GB

@@ -15,8 +15,6 @@ import json
 import os
 import shutil
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import ml_dtypes
@@ -24,6 +22,8 @@ import numpy as np
 import pytest
 
 from conftest import CACHE, MODELS, run_convert, synthetic_checkpoint
+from helpers import assert_same_leaves as leaves_equal
+from helpers import copy_down, run_cli
 from hf_checkpoints import ensure_hf_checkpoint, hf_permute, merged_meta
 from rayconv import mapping
 from rayconv.errors import ConversionError
@@ -52,17 +52,6 @@ HF_MODELS: dict[str, SyntheticModel] = {
 
 def hf_checkpoint(name: str) -> Path:
     return ensure_hf_checkpoint(HF_MODELS[name], CACHE / "synthetic-hf", max_shard_size="300KB")
-
-
-def leaves_equal(a: Path, b: Path) -> int:
-    from reference import read_leaves
-
-    x, y = read_leaves(a), read_leaves(b)
-    assert x and sorted(x) == sorted(y), (sorted(set(x) ^ set(y)))[:4]
-    for key in x:
-        assert x[key].dtype == y[key].dtype and x[key].shape == y[key].shape, key
-        assert x[key].tobytes() == y[key].tobytes(), f"{key}: {np.mean(x[key] != y[key]):.3%} differ"
-    return len(x)
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +153,7 @@ def test_scanned_bit_equal_to_maxtext_huggingface_route(name, converted_pair, re
 
 
 def _options(path: Path, **kw):
-    from rayconv.engine.driver import ConvertOptions
+    from rayconv.job import ConvertOptions
     from rayconv.source.checkpoint import list_input
 
     return ConvertOptions(files=list_input(str(path)), input_display=str(path), output="", input_directory=str(path),
@@ -173,7 +162,7 @@ def _options(path: Path, **kw):
 
 def test_hub_snapshot_root_hf_by_default_original_with_meta(tmp_path):
     """A snapshot holding both model-*.safetensors and original/consolidated.NN.pth (as meta-llama repos do)."""
-    from rayconv.engine.driver import open_checkpoint
+    from rayconv.job import open_checkpoint
     from rayconv.source.checkpoint import MetaCheckpoint
     from rayconv.source.hf import HFCheckpoint
 
@@ -212,7 +201,7 @@ def test_snapshot_original_through_the_cli_checks_its_md5(tmp_path, converted_pa
     shutil.copytree(hf_checkpoint("llama31-8b"), snap)
     shutil.copytree(synthetic_checkpoint(model), snap / "original")
     out = tmp_path / "out"
-    result = cli("convert", "--no_progress", "--executor", "local", "--input_directory", str(snap), "--source_format",
+    result = run_cli("convert", "--no_progress", "--executor", "local", "--input_directory", str(snap), "--source_format",
                  "meta", "--model_name", "llama-3.1", "--output_directory", str(out), "--quantize_type", "int8",
                  "--quantize_weights", "True")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -224,7 +213,7 @@ def test_snapshot_original_through_the_cli_checks_its_md5(tmp_path, converted_pa
 
 def test_405b_snapshot_original_holds_two_layouts(tmp_path):
     """meta-llama/Llama-3.1-405B* keep Meta's MP16 and MP8 copies in original/mp16 and original/mp8."""
-    from rayconv.engine.driver import open_checkpoint
+    from rayconv.job import open_checkpoint
 
     model, descriptor = MODELS["llama31-405b-mp16"]
     snap = tmp_path / "snapshot"
@@ -239,7 +228,7 @@ def test_405b_snapshot_original_holds_two_layouts(tmp_path):
 
 
 def test_model_flags_and_config_json(tmp_path):
-    from rayconv.engine.driver import open_checkpoint
+    from rayconv.job import open_checkpoint
 
     path = hf_checkpoint("llama31-405b")
     spec = open_checkpoint(_options(path)).spec
@@ -267,12 +256,6 @@ def test_model_flags_and_config_json(tmp_path):
 
 # ------------------------------------------------------------------------------------------------
 # Bad input: one line, exit 1, nothing that looks finished
-
-
-def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", RAY_USAGE_STATS_ENABLED="0")
-    return subprocess.run([sys.executable, "-m", "rayconv.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
 
 
 def _header(path: Path) -> tuple[dict, int]:
@@ -355,7 +338,7 @@ def test_bad_hf_input_is_one_line(case, tmp_path):
     shutil.copytree(hf_checkpoint("llama31-8b"), src)
     damage(src)
     out = tmp_path / "out"
-    result = cli("convert", "--no_progress", "--executor", "local", "--input_directory", str(src),
+    result = run_cli("convert", "--no_progress", "--executor", "local", "--input_directory", str(src),
                  "--output_directory", str(out), "--quantize_type", "int8", "--quantize_weights", "True")
     assert result.returncode == 1, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("rayconv: error:")]
@@ -382,23 +365,22 @@ def test_tensor_listed_twice_in_one_header_is_rejected(tmp_path):
 
 
 def test_hf_from_fake_gcs_through_ray(tmp_path, fake_gcs, gcs_prefix, converted_pair):
-    from test_download import copy_down
 
     src = hf_checkpoint("llama31-405b")
     bucket_src = gcs_prefix.join("hub/Llama-3.1-405B-Instruct")
     for f in sorted(src.iterdir()):
         bucket_src.write_bytes(f.name, f.read_bytes())
     out = gcs_prefix.join("out")
-    planned = cli("plan", "--json", "--input_directory", bucket_src.uri)
+    planned = run_cli("plan", "--json", "--input_directory", bucket_src.uri)
     assert planned.returncode == 0, planned.stderr[-2000:]
     plan = json.loads(planned.stdout)["plan"]
     assert plan["model"] == "llama3.1-custom" and plan["shards"] == len(list(src.glob("*.safetensors")))
-    result = cli("convert", "--no_progress", "--input_directory", bucket_src.uri, "--output_directory", out.uri,
+    result = run_cli("convert", "--no_progress", "--input_directory", bucket_src.uri, "--output_directory", out.uri,
                  "--quantize_type", "int8", "--quantize_weights", "True", "--num_workers", "2",
                  "--worker_memory_gb", "0.5", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Completed conversion of llama3.1-custom" in result.stderr
-    verified = cli("verify", bucket_src.uri, out.uri)
+    verified = run_cli("verify", bucket_src.uri, out.uri)
     assert verified.returncode == 0 and "identical to the mapping" in verified.stdout, verified.stderr[-2000:]
     copy_down(out, tmp_path / "down")
     _, meta = converted_pair("llama31-405b")

@@ -19,33 +19,16 @@ from pathlib import Path
 import pytest
 
 from conftest import synthetic_checkpoint
+from helpers import assert_one_line, run_cli
 from rayconv.synthetic import SyntheticModel
 
 MODEL = SyntheticModel(family="llama-3.1", dim=256, n_layers=1, n_heads=8, n_kv_heads=4, vocab_size=256,
                        multiple_of=64, n_shards=2, seed=41)
 
 
-def rayconv(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", RAY_USAGE_STATS_ENABLED="0")
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "rayconv.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
-
-
 def convert(src: Path, out: Path, *extra: str, executor: str = "local") -> subprocess.CompletedProcess:
-    return rayconv("convert", "--no_progress", "--executor", executor, "--input_directory", str(src),
+    return run_cli("convert", "--no_progress", "--executor", executor, "--input_directory", str(src),
                    "--output_directory", str(out), "--model_name", "llama-3.1", *extra)
-
-
-def assert_one_line(result: subprocess.CompletedProcess, needle: str, out: Path | None = None) -> str:
-    assert result.returncode == 1, result.stderr[-3000:]
-    lines = result.stderr.strip().splitlines()
-    assert lines and lines[-1].startswith("rayconv: error:"), result.stderr[-3000:]
-    assert needle in lines[-1], lines[-1]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    if out is not None and out.exists():
-        assert not list(out.rglob("commit_success.txt"))
-    return lines[-1]
 
 
 @pytest.fixture()
@@ -182,7 +165,7 @@ def test_engine_flags_are_checked_before_ray_starts(checkpoint, tmp_path, flags,
 
 def test_plan_refuses_bad_budgets(checkpoint):
     for value in ("0", "nan"):
-        result = rayconv("plan", "--input_directory", str(checkpoint), "--model_name", "llama-3.1",
+        result = run_cli("plan", "--input_directory", str(checkpoint), "--model_name", "llama-3.1",
                          "--worker_memory_gb", value)
         assert_one_line(result, "--worker_memory_gb must be")
 
@@ -199,7 +182,7 @@ def test_plan_refuses_bad_budgets(checkpoint):
 ])
 def test_synthetic_refuses_invalid_dims(tmp_path, flags, needle):
     out = tmp_path / "syn"
-    assert_one_line(rayconv("synthetic", "demo", "--out", str(out), *flags), needle)
+    assert_one_line(run_cli("synthetic", "demo", "--out", str(out), *flags), needle)
     assert not out.exists() or not any(out.iterdir())
 
 
@@ -243,12 +226,12 @@ def test_verify_reports_a_damaged_output_in_one_line(converted, tmp_path, damage
     out = tmp_path / "out"
     shutil.copytree(converted, out)
     damage(out / ITEMS)
-    result = rayconv("verify", str(synthetic_checkpoint(MODEL)), str(out), "--model_name", "llama-3.1")
+    result = run_cli("verify", str(synthetic_checkpoint(MODEL)), str(out), "--model_name", "llama-3.1")
     assert_one_line(result, needle)
 
 
 def test_verify_passes_the_undamaged_output(converted):
-    result = rayconv("verify", str(synthetic_checkpoint(MODEL)), str(converted), "--model_name", "llama-3.1")
+    result = run_cli("verify", str(synthetic_checkpoint(MODEL)), str(converted), "--model_name", "llama-3.1")
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -296,7 +279,7 @@ def test_damaged_receipt_is_redone_not_fatal(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "is not a valid rayconv receipt; its unit runs again" in result.stderr
     assert f"Resuming: {len(receipts) - 2} of" in result.stderr
-    verified = rayconv("verify", str(src), str(out), "--model_name", "llama-3.1")
+    verified = run_cli("verify", str(src), str(out), "--model_name", "llama-3.1")
     assert verified.returncode == 0, verified.stderr[-3000:]
 
 
@@ -360,5 +343,5 @@ def test_os_error_from_storage_is_one_line(tmp_path):
     """An OSError that no rayconv check anticipated (here: the output's parent is a file) still ends in one line."""
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    result = rayconv("synthetic", "demo", "--out", str(blocker / "syn"), "--n_layers", "1")
+    result = run_cli("synthetic", "demo", "--out", str(blocker / "syn"), "--n_layers", "1")
     assert_one_line(result, str(blocker))

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest_storage import *  # noqa: F401,F403  (fixtures; also imported by tests/conftest.py)
 from rayconv import catalog
 from rayconv.errors import SourceError, SpecError, one_line_reason
 from rayconv.source.checkpoint import list_input, shard_files
@@ -28,6 +27,7 @@ from rayconv.source.http import HttpFile, HttpStatusError
 from rayconv.staging import stage
 from rayconv.storage import Location
 from rayconv.synthetic import SyntheticModel, write_checkpoint
+from helpers import one_error, run_cli
 from servers import SignedUrlServer
 
 DESCRIPTOR = "Llama3.1-8B"
@@ -43,19 +43,9 @@ def one_line(text: str) -> str:
     return text
 
 
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    full = dict(os.environ, JAX_PLATFORMS="cpu", RAY_USAGE_STATS_ENABLED="0", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "rayconv.cli", *args], capture_output=True, text=True, env=full,
-                          timeout=timeout)
-
-
 def error_line(result: subprocess.CompletedProcess) -> str:
-    """Exit 1, no traceback, exactly one ``rayconv: error:`` line; returns it."""
-    assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("rayconv: error:")]
-    assert len(errors) == 1, result.stderr[-3000:]
-    return one_line(errors[0])
+    """Exit 1, no traceback, exactly one ``rayconv: error:`` line, no secret in it; returns it."""
+    return one_line(one_error(result))
 
 
 @contextlib.contextmanager
@@ -127,7 +117,7 @@ def test_hostile_checklist_names_write_nothing(hostile, dest_kind, small_checkpo
 def test_hostile_checklist_through_the_cli(small_checkpoint, tmp_path):
     hostile_tree(tmp_path / "cdn", small_checkpoint, "../x")
     with SignedUrlServer(tmp_path / "cdn") as server:
-        result = cli("convert", "--meta_url", server.url(), "--model_path", DESCRIPTOR, "--download_directory",
+        result = run_cli("convert", "--meta_url", server.url(), "--model_path", DESCRIPTOR, "--download_directory",
                      str(tmp_path / "dl" / "base"), "--output_directory", str(tmp_path / "out"), "--executor", "local")
     assert "'../x'" in error_line(result)
     assert not (tmp_path / "dl" / "x").exists() and not (tmp_path / "out").exists()
@@ -212,7 +202,7 @@ def test_timeout_flag_through_the_cli(signed_url_server, tmp_path):
     # params.json is the first file convert reads through the URL (checklist.chk is read by resolve).
     signed_url_server.stall[f"{FOLDER}/params.json"] = (6.0, None)
     start = time.monotonic()
-    result = cli("convert", "--meta_url", signed_url_server.url(), "--model_path", DESCRIPTOR, "--http_timeout_s",
+    result = run_cli("convert", "--meta_url", signed_url_server.url(), "--model_path", DESCRIPTOR, "--http_timeout_s",
                  "1", "--executor", "local", "--output_directory", str(tmp_path / "out"),
                  env={"RAYCONV_HTTP_RETRIES": "1"})
     elapsed = time.monotonic() - start
@@ -221,9 +211,9 @@ def test_timeout_flag_through_the_cli(signed_url_server, tmp_path):
     assert not (tmp_path / "out").exists()
     assert "WARNING" in result.stderr and "waiting for bytes" in result.stderr
     assert elapsed < 60, elapsed
-    bad = cli("convert", "--meta_url", signed_url_server.url(), "--model_path", DESCRIPTOR, "--http_timeout_s", "0")
+    bad = run_cli("convert", "--meta_url", signed_url_server.url(), "--model_path", DESCRIPTOR, "--http_timeout_s", "0")
     assert bad.returncode == 2 and "--http_timeout_s" in bad.stderr and "Traceback" not in bad.stderr
-    env_bad = cli("convert", "--meta_url", signed_url_server.url(), "--model_path", DESCRIPTOR,
+    env_bad = run_cli("convert", "--meta_url", signed_url_server.url(), "--model_path", DESCRIPTOR,
                   env={"RAYCONV_HTTP_TIMEOUT_S": "soon"})
     assert env_bad.returncode == 2 and "Traceback" not in env_bad.stderr
 
@@ -237,7 +227,7 @@ def test_timeout_flag_through_the_cli(signed_url_server, tmp_path):
     "https://host:port/*?Signature=y", "ftp://host/*?Signature=y", "https://host:0/*",
 ])
 def test_malformed_meta_url_is_one_line(url):
-    line = error_line(cli("convert", "--meta_url", url, "--model_path", DESCRIPTOR, "--executor", "local"))
+    line = error_line(run_cli("convert", "--meta_url", url, "--model_path", DESCRIPTOR, "--executor", "local"))
     assert "--meta_url" in line, line
     with pytest.raises(SourceError):
         HttpFile(url.replace("*", "x"))
@@ -266,7 +256,7 @@ def test_ambiguous_shard_names_are_refused(tmp_path):
     with pytest.raises(SourceError) as info:
         shard_files(files, None, str(src))
     assert "consolidated.01.pth and consolidated.1.pth" in one_line(str(info.value))
-    result = cli("convert", "--input_directory", str(src), "--model_name", "llama-3.1", "--executor", "local",
+    result = run_cli("convert", "--input_directory", str(src), "--model_name", "llama-3.1", "--executor", "local",
                  "--output_directory", str(tmp_path / "out"))
     assert "both shard 01" in error_line(result)
     assert not (tmp_path / "out").exists()
@@ -289,17 +279,17 @@ def test_local_input_md5_checked_against_checklist(tmp_path):
     src = write_checkpoint(TINY, tmp_path / "ckpt")
     args = ("convert", "--input_directory", str(src), "--model_name", "llama-3.1", "--executor", "local",
             "--no_progress", "--skip_scanned")
-    good = cli(*args, "--output_directory", str(tmp_path / "good"))
+    good = run_cli(*args, "--output_directory", str(tmp_path / "good"))
     assert good.returncode == 0, good.stderr[-3000:]
     assert "md5 of 3 files matches checklist.chk" in good.stderr
     assert (tmp_path / "good" / "bf16/unscanned/checkpoints/0/items/commit_success.txt").exists()
 
     break_checklist(src, SHARD)
-    line = error_line(cli(*args, "--output_directory", str(tmp_path / "bad")))
+    line = error_line(run_cli(*args, "--output_directory", str(tmp_path / "bad")))
     assert SHARD in line and "md5 mismatch" in line, line
     assert not any((tmp_path / "bad").rglob("commit_success.txt"))
 
-    skipped = cli(*args, "--output_directory", str(tmp_path / "skipped"), "--skip_md5")
+    skipped = run_cli(*args, "--output_directory", str(tmp_path / "skipped"), "--skip_md5")
     assert skipped.returncode == 0, skipped.stderr[-3000:]
     assert "--skip_md5" in skipped.stderr and "md5 of" not in skipped.stderr
 

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import MODELS, synthetic_checkpoint
-from conftest_storage import *  # noqa: F401,F403
+from helpers import cli_env, run_convert_cli
 from rayconv.sink.lock import OutputLock, OutputLocked, read_holder
 from rayconv.storage import Location
 
@@ -153,11 +153,10 @@ def test_heartbeat_refreshes_and_notices_a_takeover(out):
 
 
 def cli(*args: str, env: dict | None = None, wait: bool = True):
-    full = dict(os.environ, JAX_PLATFORMS="cpu", RAY_USAGE_STATS_ENABLED="0", **(env or {}))
-    cmd = [sys.executable, "-m", "rayconv.cli", "convert", "--no_progress", "--executor", "local", *args]
     if wait:
-        return subprocess.run(cmd, capture_output=True, text=True, env=full, timeout=300)
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full)
+        return run_convert_cli(*args, env=env)
+    cmd = [sys.executable, "-m", "rayconv.cli", "convert", "--no_progress", "--executor", "local", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(env))
 
 
 def test_second_conversion_into_one_output_refuses_while_the_first_runs(out, tmp_path):

@@ -13,15 +13,13 @@ MaxText. Nothing is skipped: a missing 0.2.5 overlay fails.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import MODELS, run_convert, synthetic_checkpoint
+from helpers import run_cli
 
 SHAPES = ("llama31-405b-mp16", "llama3-mp1")
 SERVED = "llama31-405b-mp16"
@@ -151,12 +149,6 @@ def test_maxtext_025_serves_the_linen_unscanned_output_too(tmp_path, reference_0
 # Without MaxText: flags, the log line, verify, resume safety
 
 
-def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", RAY_USAGE_STATS_ENABLED="0")
-    return subprocess.run([sys.executable, "-m", "rayconv.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
-
-
 TINY = "llama3-mp1"
 
 
@@ -165,13 +157,13 @@ def test_inference_server_maxtext_selects_nnx_and_logs_which_maxtext_loads_it(tm
     src = str(synthetic_checkpoint(model))
     common = ("convert", "--no_progress", "--executor", "local", "--input_directory", src, "--model_name",
               model.family, "--quantize_type", "int8", "--quantize_weights", "True", "--skip_scanned")
-    nnx = _cli(*common, "--output_directory", str(tmp_path / "nnx"), "--inference_server", "maxtext")
+    nnx = run_cli(*common, "--output_directory", str(tmp_path / "nnx"), "--inference_server", "maxtext")
     assert nnx.returncode == 0, nnx.stderr[-3000:]
     assert "MaxText >= 0.2.5 loads it" in nnx.stderr
     assert "('decoder', 'layers_0', 'mlp', 'wi_0', 'AqtDotGeneral_0', 'qrhs', 'frozen', 'value', 'qvalue')" in \
         json.loads((tmp_path / "nnx/int8/_METADATA").read_text())["tree_metadata"]
 
-    linen = _cli(*common, "--output_directory", str(tmp_path / "linen"))
+    linen = run_cli(*common, "--output_directory", str(tmp_path / "linen"))
     assert linen.returncode == 0, linen.stderr[-3000:]
     note = [line for line in linen.stderr.splitlines() if "classic (linen) AQT tree" in line]
     assert len(note) == 1 and "JetStream-MaxText" in note[0] and "--maxtext_layout nnx" in note[0], linen.stderr
@@ -179,24 +171,24 @@ def test_inference_server_maxtext_selects_nnx_and_logs_which_maxtext_loads_it(tm
         in json.loads((tmp_path / "linen/int8/_METADATA").read_text())["tree_metadata"]
 
     # --maxtext_layout wins over the server's default; an unknown server is one line, exit 1.
-    forced = _cli(*common, "--output_directory", str(tmp_path / "forced"), "--inference_server", "maxtext",
+    forced = run_cli(*common, "--output_directory", str(tmp_path / "forced"), "--inference_server", "maxtext",
                   "--maxtext_layout", "linen")
     assert forced.returncode == 0 and "classic (linen) AQT tree" in forced.stderr, forced.stderr[-3000:]
-    bad = _cli(*common, "--output_directory", str(tmp_path / "bad"), "--inference_server", "vllm")
+    bad = run_cli(*common, "--output_directory", str(tmp_path / "bad"), "--inference_server", "vllm")
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("rayconv: error: unsupported "
                                                                                  "--inference_server 'vllm'")
 
     # verify finds the layout each output has; asked for the other one, it names the first missing leaf.
     for layout in ("nnx", "linen"):
-        ok = _cli("verify", src, str(tmp_path / layout), "--model_name", model.family)
+        ok = run_cli("verify", src, str(tmp_path / layout), "--model_name", model.family)
         assert ok.returncode == 0, ok.stderr[-3000:]
-    wrong = _cli("verify", src, str(tmp_path / "nnx"), "--model_name", model.family, "--maxtext_layout", "linen")
+    wrong = run_cli("verify", src, str(tmp_path / "nnx"), "--model_name", model.family, "--maxtext_layout", "linen")
     assert wrong.returncode == 1 and "tree at" in wrong.stderr and "missing" in wrong.stderr, wrong.stderr[-2000:]
 
 
 def test_layout_is_part_of_the_plan_fingerprint(tmp_path):
     """A linen run's receipts are never resumed into an nnx output (the units write other paths)."""
-    from rayconv.engine.driver import ConvertOptions, make_plan, open_checkpoint
+    from rayconv.job import ConvertOptions, make_plan, open_checkpoint
     from rayconv.source.checkpoint import list_input
 
     model, _ = MODELS[TINY]
@@ -233,7 +225,7 @@ def test_weight_only_types_are_refused_for_nnx_in_one_line(quant, tmp_path):
     fails in quantizations._get_mixed_precision_cfg, which reads Linen's module stack); rayconv refuses up front."""
     model, _ = MODELS[TINY]
     out = tmp_path / "out"
-    result = _cli("convert", "--no_progress", "--executor", "local", "--input_directory",
+    result = run_cli("convert", "--no_progress", "--executor", "local", "--input_directory",
                   str(synthetic_checkpoint(model)), "--model_name", model.family, "--output_directory", str(out),
                   "--quantize_type", quant, "--quantize_weights", "True", "--maxtext_layout", "nnx")
     assert result.returncode == 1

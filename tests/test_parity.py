@@ -13,29 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import MODELS, run_convert, synthetic_checkpoint
-
-def assert_same_leaves(ours, theirs):
-    from reference import read_leaves
-
-    a, b = read_leaves(ours), read_leaves(theirs)
-    assert sorted(a) == sorted(b), f"tree differs: only rayconv {sorted(set(a) - set(b))[:3]}, " \
-                                   f"only MaxText {sorted(set(b) - set(a))[:3]}"
-    for key in b:
-        x, y = a[key], b[key]
-        assert (x.dtype, x.shape) == (y.dtype, y.shape), key
-        assert x.tobytes() == y.tobytes(), f"{key}: {np.mean(x.view(np.uint8) != y.view(np.uint8)):.4%} bytes differ"
-    return len(b)
-
-
-def assert_same_tree_metadata(ours, theirs):
-    from reference import metadata_tree
-
-    a, b = metadata_tree(ours), metadata_tree(theirs)
-    assert sorted(a) == sorted(b)
-    for key in b:
-        assert a[key]["value_type"] == b[key]["value_type"], key
-        assert a[key].get("skip_deserialize") == b[key].get("skip_deserialize"), key
-
+from helpers import assert_same_leaves, assert_same_tree_metadata
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_scanned_bit_equal_to_llama_or_mistral_ckpt(name, converted, reference):

@@ -1,7 +1,6 @@
 """The torch-free .pth index reader against torch.load itself."""
 
 import os
-import shutil
 import zlib
 
 import numpy as np
@@ -43,20 +42,11 @@ def test_views_into_shared_storage_honour_offsets(pth):
     assert index["view"].crc32 is None and index["a"].crc32 is not None
 
 
-def test_index_crc_catches_a_flipped_byte(pth, tmp_path):
-    """The zip CRC-32 the index records is what the driver checks every read range against."""
+def test_index_records_the_zip_crc_of_the_tensor_bytes(pth):
+    """The zip CRC-32 the index records is what the driver checks every read range against (checksum.crc_check)."""
     good = open_source(str(pth))
     info = index_pth(good)["a"]
     assert zlib.crc32(read_rows(good, info).view(np.uint8)) == info.crc32
-    bad = tmp_path / "consolidated.00.pth"
-    shutil.copy(pth, bad)
-    with open(bad, "r+b") as f:
-        f.seek(info.offset + 100)
-        byte = f.read(1)
-        f.seek(info.offset + 100)
-        f.write(bytes([byte[0] ^ 0xFF]))
-    source = open_source(str(bad))
-    assert zlib.crc32(read_rows(source, index_pth(source)["a"]).view(np.uint8)) != info.crc32
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.999])

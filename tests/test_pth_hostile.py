@@ -324,10 +324,10 @@ def test_crafting_reproduces_torch_save(tmp_path):
 def test_cli_refuses_a_shard_whose_tensor_runs_past_its_record(tmp_path):
     """End to end: a shard with one tensor pointing past its storage record ends in one line, exit 1, nothing done."""
     from conftest import synthetic_checkpoint
-    from test_errors import MODEL, assert_clean_failure, convert_args, rayconv
+    from helpers import assert_clean_failure, mp16_convert_args, mp16_model, run_convert_cli
 
     src = tmp_path / "in"
-    shutil.copytree(synthetic_checkpoint(MODEL), src)
+    shutil.copytree(synthetic_checkpoint(mp16_model()), src)
     shard = src / "consolidated.03.pth"
     with zipfile.ZipFile(shard) as z:
         items = [(info.filename, z.read(info)) for info in z.infolist()]
@@ -341,7 +341,7 @@ def test_cli_refuses_a_shard_whose_tensor_runs_past_its_record(tmp_path):
             z.writestr(zipfile.ZipInfo(entry), payload)
     assert isinstance(_torch_load(shard), Exception)
     out = tmp_path / "out"
-    result = rayconv(*convert_args(src, out))
+    result = run_convert_cli(*mp16_convert_args(src, out))
     assert result.returncode == 1, result.stderr
     assert_clean_failure(result, out, "consolidated.03.pth")
     assert "needs" in result.stderr and "which has" in result.stderr, result.stderr

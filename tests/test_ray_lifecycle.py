@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+import helpers
 from conftest import synthetic_checkpoint
 from rayconv.synthetic import SyntheticModel
 
@@ -33,9 +34,7 @@ GiB = 1 << 30
 
 
 def cli_env() -> dict[str, str]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)
-    return env
+    return helpers.cli_env({"PYTHONUNBUFFERED": "1"})
 
 
 def convert_argv(out: Path, *extra: str) -> list[str]:
@@ -198,7 +197,7 @@ def test_ray_job_submit_without_address_joins_the_jobs_cluster(tmp_path):
     """`ray job submit -- rayconv convert …` with no --address: RAY_ADDRESS is set in the job, rayconv joins it."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from test_deploy import LocalRayCluster, _bin
+    from ray_cluster import LocalRayCluster, bin_path
 
     env = {**cli_env(), "RAY_AUTH_MODE": "disabled",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -206,7 +205,7 @@ def test_ray_job_submit_without_address_joins_the_jobs_cluster(tmp_path):
     try:
         out = tmp_path / "out"
         argv = [a for a in convert_argv(out, "--num_workers", "1", "--worker_memory_gb", "1", "--skip_scanned")]
-        submitted = subprocess.run([_bin("ray"), "job", "submit", "--address", cluster.address, "--",
+        submitted = subprocess.run([bin_path("ray"), "job", "submit", "--address", cluster.address, "--",
                                     *[json.dumps(a) if " " in a else a for a in argv]],
                                    env=env, capture_output=True, text=True, timeout=600)
         client = JobSubmissionClient(cluster.address)

@@ -12,13 +12,13 @@ import dataclasses
 import json
 import os
 import subprocess
-import sys
 
 from conftest import run_convert
+from helpers import assert_same_leaves as leaves_equal
+from helpers import copy_down, run_cli
 from rayconv.storage import Location
 from rayconv.synthetic import PRESETS, write_checkpoint
 from servers import SignedUrlServer
-from test_download import copy_down
 
 DESCRIPTOR = "Llama3.1-405B-Instruct:bf16-mp16"
 FOLDER = "Llama-3.1-405B-Instruct-MP16"  # Meta's CloudFront folder for that descriptor
@@ -27,19 +27,8 @@ SECRET_BITS = ("Signature=", "Policy=", "Key-Pair-Id=")
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", RAY_USAGE_STATS_ENABLED="0",
-               RAYCONV_META_SHARD_SIZES="ignore")  # synthetic shards are not Meta's published 405B sizes
-    return subprocess.run([sys.executable, "-m", "rayconv.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=900)
-
-
-def leaves_equal(a, b) -> None:
-    from reference import read_leaves
-
-    x, y = read_leaves(a), read_leaves(b)
-    assert x and sorted(x) == sorted(y)
-    for key in x:
-        assert x[key].dtype == y[key].dtype and x[key].tobytes() == y[key].tobytes(), key
+    # synthetic shards are not Meta's published 405B sizes
+    return run_cli(*args, env={"RAYCONV_META_SHARD_SIZES": "ignore"}, timeout=900)
 
 
 def test_signed_url_and_bucket_to_bucket_through_ray(tmp_path, fake_gcs, gcs_bucket):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import MODELS, run_convert, synthetic_checkpoint
-from test_parity import assert_same_leaves, assert_same_tree_metadata
+from helpers import assert_same_leaves, assert_same_tree_metadata
 
 NAME = "llama31-405b-mp16"
 

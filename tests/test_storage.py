@@ -15,7 +15,6 @@ import zipfile
 import numpy as np
 import pytest
 
-from conftest_storage import *  # noqa: F401,F403  (fixtures; also imported by tests/conftest.py)
 from rayconv.errors import ConversionError, OutputError, SourceError
 from rayconv.source.bytesource import RangeFile, open_source
 from rayconv.gcs_api import object_info
@@ -220,7 +219,9 @@ def test_orbax_restores_converted_params_from_gcs(gcs_prefix, tmp_path):
     import jax
     import orbax.checkpoint as ocp
 
-    from rayconv.engine.driver import ConvertOptions, convert
+    from rayconv.engine.driver import convert
+
+    from rayconv.job import ConvertOptions
     from rayconv.source.checkpoint import list_input
     from rayconv.synthetic import SyntheticModel, write_checkpoint
 

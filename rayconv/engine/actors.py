@@ -7,7 +7,8 @@ from typing import Any, Callable
 import ray
 
 from rayconv.plan import Unit
-from rayconv.worker import JobContext, run_unit
+from rayconv.receipts import JobContext
+from rayconv.worker import run_unit
 
 
 @ray.remote

@@ -1,66 +1,32 @@
 """The conversion job, start to finish: open → plan → run units → verify → commit.
 
 The driver holds only metadata: shard indexes, the plan, receipts. Tensor bytes move between
-storage and workers directly.
+storage and workers directly. It only orchestrates: what the job is (options, budgets, plan) lives in
+rayconv/job.py, the CRC proof in rayconv/checksum.py, the receipts in rayconv/receipts.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Sequence
+from typing import Any
 
-from rayconv import checksum
+from rayconv.checksum import crc_check
+from rayconv.checksum import crc_error as _crc_error
 from rayconv.engine.ledger import (COMMITTED, COMMITTING, Ledger, relative, remove_output, restart_targets, resumable,
                                    source_digest, source_identities, unit_shards)
-from rayconv.errors import OutputError, SourceError, SpecError
+from rayconv.errors import OutputError
+from rayconv.job import COMMIT_BATCH_BYTES, ConvertOptions, make_plan, open_checkpoint, piece_budget, resume_options
+from rayconv.job import budgets as _budgets
 from rayconv.mapping import source_format
-from rayconv.models import Descriptor
-from rayconv.plan import Plan, build_plan, describe
+from rayconv.plan import Plan, describe
 from rayconv.progress import LOG, Progress, human_bytes
+from rayconv.receipts import JobContext
 from rayconv.sink.commit import MARKER, commit_or_error, is_complete, occupied, stop_point
 from rayconv.sink.layout import OutputLayout, output_layouts
 from rayconv.sink.lock import OutputLock
 from rayconv.source.checkpoint import MetaCheckpoint
 from rayconv.storage import Location
-from rayconv.worker import JobContext, Receipt
-
-GiB = 1 << 30
-#: Peak worker memory per piece byte: the read buffer, the transformed copy, float32 temporaries
-#: of the query scaling / int8 math and tensorstore's write buffer (measured; see docs/benchmarks.md).
-MEMORY_PER_PIECE_BYTE = 8
-#: Output bytes staged per OCDBT commit. Per-chunk commits cost ~20 fsyncs per MB of output; 64 MiB
-#: batches stall on one big write; 8-16 MiB measured fastest (docs/benchmarks.md).
-COMMIT_BATCH_BYTES = 16 << 20
-#: Fixed overhead per worker (Python, numpy, tensorstore, Ray worker) observed in receipts.
-WORKER_BASE_BYTES = 300 * (1 << 20)
-
-
-@dataclasses.dataclass
-class ConvertOptions:
-    files: dict[str, str]  # input file name → uri
-    input_display: str
-    output: str
-    model_name: str | None = None
-    model_path: str | None = None
-    kinds: tuple[str, ...] = ("scanned", "unscanned")
-    quantize_type: str | None = None
-    worker_memory_gb: float = 4.0
-    piece_budget: int | None = None
-    unit_budget: int = 1 << 30
-    executor: str = "ray"
-    address: str | None = None
-    num_workers: int | None = None
-    worker_start_timeout: float = 600.0  # seconds to wait for worker actors to be scheduled
-    restart: bool = False
-    compression: str | None = None
-    kv_heads: int | None = None
-    progress: bool = True
-    maxtext_layout: str | None = "linen"  # MaxText tree layout: linen (0.2.4 classic, JetStream) or nnx (0.2.5); rayconv.trees
-    #: Check the shards and params.json against the input's checklist.chk (if any) before converting.
-    verify_md5: bool = False
-    source_format: str = "auto"  # meta | hf | auto (see source/hf.detect_format)
-    input_directory: str | None = None  # where files were listed from (finds a Hub snapshot's original/)
 
 
 #: The phases of a run, in order, as the closing log line and the benchmark name them.
@@ -107,85 +73,6 @@ class ConvertResult:
     local_ray: bool = False
 
 
-def piece_budget(options: ConvertOptions) -> int:
-    if options.piece_budget:
-        return options.piece_budget
-    usable = options.worker_memory_gb * GiB - WORKER_BASE_BYTES
-    return max(1 << 20, int(usable / MEMORY_PER_PIECE_BYTE))
-
-
-def open_checkpoint(options: ConvertOptions) -> MetaCheckpoint:  # or an HFCheckpoint (same interface)
-    """Open the input as a Meta or a Hugging Face checkpoint (``options.source_format``, detected when auto)."""
-    from rayconv.source.hf import HFCheckpoint, detect_format
-
-    descriptor = None
-    if options.model_path and options.source_format != "hf":
-        try:  # a Hub repo id (meta-llama/Llama-3.1-8B) names HF files but is no Meta descriptor
-            descriptor = Descriptor.parse(options.model_path)
-        except SpecError:
-            pass  # parsed again below if the input turns out to be Meta's
-    fmt, files, display = detect_format(options.files, options.source_format, options.input_display,
-                                        input_directory=options.input_directory,
-                                        descriptor_shards=descriptor.shards if descriptor else None)
-    if fmt == "hf":
-        return HFCheckpoint.open(files, display=display, model_name=options.model_name,
-                                 model_path=options.model_path, kv_heads=options.kv_heads)
-    descriptor = Descriptor.parse(options.model_path) if options.model_path else None
-    return MetaCheckpoint.open(files, display=display, model_name=options.model_name,
-                               descriptor=descriptor, kv_heads=options.kv_heads)
-
-
-def make_plan(checkpoint: MetaCheckpoint, options: ConvertOptions) -> Plan:
-    return build_plan(checkpoint.spec, checkpoint.shards, checkpoint.indexes, kinds=options.kinds,
-                      quantize_type=options.quantize_type, piece_budget=piece_budget(options),
-                      unit_budget=max(options.unit_budget, piece_budget(options)), scales=checkpoint.scales,
-                      layout=options.maxtext_layout,
-                      locate=getattr(checkpoint, "locate", None))  # HF: tensors live in several files
-
-
-def crc_check(checkpoint: MetaCheckpoint, receipts: Sequence[Receipt]) -> tuple[int, list[tuple[int, str]]]:
-    """Combine per-range CRCs into per-record CRCs and compare with the zip directory.
-
-    Returns (records verified, (shard, tensor) of every record that fails)."""
-    segments: dict[tuple[int, str], list[tuple[int, int, int]]] = {}
-    for receipt in receipts:
-        for shard, tensor, offset, length, crc in receipt.crcs:
-            segments.setdefault((shard, tensor), []).append((offset, length, crc))
-    verified = 0
-    failed: list[tuple[int, str]] = []
-    for (shard, tensor), parts in segments.items():
-        # shard -1-r: the row scales in fp8_scales_{r}.pt of an FP8 checkpoint (see worker._read_fp8).
-        info = (checkpoint.indexes[shard] if shard >= 0 else checkpoint.scales.indexes[-1 - shard])[tensor]
-        if info.crc32 is None:
-            continue
-        unique = sorted({(off - info.offset, length, crc) for off, length, crc in parts})
-        combined = checksum.combine_segments(unique)
-        if combined is None or combined[1] != info.nbytes:
-            continue
-        if combined[0] != info.crc32:
-            failed.append((shard, tensor))
-            continue
-        verified += 1
-    return verified, failed
-
-
-def _crc_error(checkpoint: MetaCheckpoint, failed: Sequence[tuple[int, str]],
-               hint: str = "corrupt shard; re-download it") -> SourceError:
-    shard, tensor = failed[0]
-    # shard -1-r: the row scales in fp8_scales_{r}.pt of an FP8 checkpoint (see worker._read_fp8).
-    uri = checkpoint.shards[shard] if shard >= 0 else checkpoint.scales.files[-1 - shard]
-    name = uri.split("?", 1)[0]
-    return SourceError(f"{name}: tensor {tensor} fails its CRC-32 check ({hint})")
-
-
-def verify_crcs(checkpoint: MetaCheckpoint, receipts: Sequence[Receipt]) -> int:
-    """:func:`crc_check`, raising on the first record that fails."""
-    verified, failed = crc_check(checkpoint, receipts)
-    if failed:
-        raise _crc_error(checkpoint, failed)
-    return verified
-
-
 def _make_executor(options: ConvertOptions):
     from rayconv.engine.executors import LocalExecutor, RayExecutor
 
@@ -193,42 +80,6 @@ def _make_executor(options: ConvertOptions):
         return LocalExecutor()
     return RayExecutor(address=options.address, num_workers=options.num_workers,
                        worker_memory_gb=options.worker_memory_gb, start_timeout=options.worker_start_timeout)
-
-
-def _budgets(options: ConvertOptions) -> tuple[int, int]:
-    piece = piece_budget(options)
-    return piece, max(options.unit_budget, piece)
-
-
-def resume_options(options: ConvertOptions, checkpoint: MetaCheckpoint, record: dict[str, Any] | None,
-                   out: Location) -> ConvertOptions:
-    """Plan a resume with the budgets the output was started with, so its finished units stay valid
-    after --worker_memory_gb changed (e.g. raised after an out-of-memory kill) — as long as the new
-    workers can hold that plan's largest piece."""
-    if not isinstance(record, dict) or "piece_budget" not in record:
-        return options
-    try:
-        recorded = (int(record["piece_budget"]), int(record["unit_budget"]))
-    except (KeyError, TypeError, ValueError):
-        raise OutputError(f"{out.uri}/.rayconv/plan.json is damaged (piece_budget, unit_budget); rerun with --restart "
-                          "to start this output over") from None
-    current = _budgets(options)
-    if recorded == current:
-        return options
-    resumed = dataclasses.replace(options, piece_budget=recorded[0], unit_budget=recorded[1])
-    plan = make_plan(checkpoint, resumed)
-    if plan.fingerprint() != record.get("fingerprint"):
-        return options  # another conversion whatever the budget: the ledger refuses it with the reason
-    largest = max((p.nbytes for u in plan.units for p in u.pieces), default=0)
-    if largest > current[0]:
-        need = (largest * MEMORY_PER_PIECE_BYTE + WORKER_BASE_BYTES) / GiB
-        raise OutputError(f"{out.uri} holds a partial conversion planned for workers of at least {need:.2f} GiB "
-                          f"(pieces up to {human_bytes(largest)}); resume with --worker_memory_gb {need:.2f} or more, "
-                          "or rerun with --restart to replan for the smaller workers")
-    LOG.info("Resuming with the plan this output was started with (pieces up to %s; --worker_memory_gb %s would "
-             "cut pieces of up to %s): finished units are kept", human_bytes(largest), options.worker_memory_gb,
-             human_bytes(current[0]))
-    return resumed
 
 
 def _prepare_output(out: Location, ledger: Ledger, layouts: dict[str, OutputLayout], plan: Plan, restart: bool,

@@ -35,7 +35,7 @@ from rayconv.sink.commit import missing_databases
 from rayconv.sink.layout import OutputLayout, output_layouts
 from rayconv.source.pth import TensorInfo
 from rayconv.storage import Location
-from rayconv.worker import Receipt
+from rayconv.receipts import Receipt
 
 if TYPE_CHECKING:
     from rayconv.source.checkpoint import MetaCheckpoint

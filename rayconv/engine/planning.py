@@ -30,8 +30,8 @@ import math
 from typing import Any, Sequence
 
 from rayconv import fp8, mapping
-from rayconv.engine.driver import (COMMIT_BATCH_BYTES, MEMORY_PER_PIECE_BYTE, WORKER_BASE_BYTES, ConvertOptions,
-                                   make_plan, open_checkpoint, piece_budget)
+from rayconv.job import (COMMIT_BATCH_BYTES, MEMORY_PER_PIECE_BYTE, WORKER_BASE_BYTES, ConvertOptions, make_plan,
+                         open_checkpoint, piece_budget)
 from rayconv.models import KNOWN_SIZES, Descriptor, ModelSpec, resolve_spec
 from rayconv.plan import Plan, describe, piece_rows
 from rayconv.source.checkpoint import MetaCheckpoint

@@ -3,8 +3,8 @@
 A .pth file is a zip of STORED records: ``<archive>/data.pkl`` describes every tensor as
 ``_rebuild_tensor_v2(storage, offset, size, stride, …)`` (or ``_rebuild_tensor_v3(…, dtype)`` for
 dtypes without a legacy storage class, such as float8) with the storage as a persistent id naming a
-record ``<archive>/data/<key>``. We parse the central directory and the pickle once (a restricted
-unpickler that never imports torch and cannot execute anything else), then each tensor is one
+record ``<archive>/data/<key>``. We parse the central directory (rayconv/source/torch_zip.py) and the pickle once (a
+restricted unpickler that never imports torch and cannot execute anything else), then each tensor is one
 contiguous byte range of the file: reading a 250 MB tensor costs 250 MB, not a shard.
 
 The index accepts only what ``torch.load(weights_only=True, map_location="cpu")`` (torch 2.13)
@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
-import re
-import struct
 import zipfile
 from typing import Any, Mapping
 
@@ -31,7 +29,8 @@ import ml_dtypes
 import numpy as np
 
 from rayconv.errors import ConversionError, SourceError
-from rayconv.source.bytesource import ByteSource, RangeFile
+from rayconv.source.bytesource import ByteSource
+from rayconv.source.torch_zip import ENCRYPTED, Archive, check_container
 
 #: torch dtype name → numpy dtype. The names are TensorInfo.dtype values.
 DTYPES: dict[str, np.dtype] = {
@@ -66,13 +65,9 @@ _STORAGE_DTYPES: dict[str, str] = {
     "BoolStorage": "bool",
 }
 
-_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zipfile's sizeFileHeader layout (30 bytes)
 #: data.pkl may be deflated (torch decompresses it); bound what it may expand to before reading it.
 #: A Meta shard's pickle is ~100 KB; 64 MiB leaves room for a million tensors.
 MAX_PICKLE_BYTES = 64 << 20
-#: torch 2.13 reads file format versions 1..10 (caffe2/serialize/versions.h).
-_VERSIONS = range(1, 11)
-_ENCRYPTED = 0x1 | 0x40  # zip flag bits miniz refuses (traditional / strong encryption)
 _INT64_MAX = (1 << 63) - 1
 _UINT64_MAX = (1 << 64) - 1
 
@@ -212,64 +207,10 @@ def _encode(obj: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
     return obj.encode(encoding, errors)
 
 
-class _Archive:
-    """A torch zip as ``PyTorchStreamReader`` sees it: records under the first entry's folder, found case-insensitively."""
-
-    def __init__(self, source: ByteSource, name: str) -> None:
-        self.source, self.name = source, name
-        head = source.read(0, 4) if source.size() >= 4 else b""
-        if head != b"PK\x03\x04":
-            raise SourceError(f"{name} is not a readable torch checkpoint (it does not start with a zip entry)")
-        try:
-            self.zip = zipfile.ZipFile(RangeFile(source))
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-            raise SourceError(f"{name} is not a readable torch checkpoint (truncated or corrupt zip: {exc})") from None
-        entries = self.zip.infolist()
-        if not entries:
-            raise SourceError(f"{name} is an empty zip, not a torch checkpoint")
-        if "/" not in entries[0].filename:
-            raise SourceError(f"{name}: first zip entry {entries[0].filename!r} is not in a folder "
-                              "(not a torch.save checkpoint)")
-        self.prefix = entries[0].filename.split("/", 1)[0] + "/"
-        self.entries: dict[str, zipfile.ZipInfo] = {}
-        for info in entries:
-            folded = info.filename.lower()
-            if folded in self.entries:
-                raise SourceError(f"{name} has duplicate zip entries named {info.filename!r} (torch would read "
-                                  "one of them depending on their order; refusing an ambiguous checkpoint)")
-            self.entries[folded] = info
-
-    def find(self, record: str) -> zipfile.ZipInfo | None:
-        return self.entries.get((self.prefix + record).lower())
-
-    def read_small(self, record: str, limit: int) -> bytes:
-        """A metadata record (pickle, version, byte order), decompressed if need be, at most ``limit`` bytes."""
-        info = self.find(record)
-        assert info is not None
-        if info.file_size > limit:
-            raise SourceError(f"{self.name}: {info.filename} declares {info.file_size} bytes (limit {limit})")
-        try:
-            with self.zip.open(info) as f:
-                data = f.read(limit + 1)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as exc:
-            raise SourceError(f"{self.name}: cannot read {info.filename} ({exc})") from None
-        if len(data) > limit:
-            raise SourceError(f"{self.name}: {info.filename} expands past {limit} bytes")
-        return data
-
-    def data_start(self, info: zipfile.ZipInfo) -> int:
-        """Absolute offset of a STORED entry's bytes (after its local header, as torch computes it)."""
-        header = self.source.read(info.header_offset, _LOCAL_HEADER.size)
-        fields = _LOCAL_HEADER.unpack(header)
-        if fields[0] != b"PK\x03\x04":
-            raise SourceError(f"{self.name}: bad local header for {info.filename} (corrupt file)")
-        return info.header_offset + _LOCAL_HEADER.size + fields[10] + fields[11]
-
-
 class _IndexUnpickler(pickle.Unpickler):
     """Resolves only what a weights-only state dict may contain; validates each storage as torch loads it."""
 
-    def __init__(self, data: bytes, archive: _Archive) -> None:
+    def __init__(self, data: bytes, archive: Archive) -> None:
         import io
 
         super().__init__(io.BytesIO(data))
@@ -317,7 +258,7 @@ class _IndexUnpickler(pickle.Unpickler):
             raise _Invalid(f"record {info.filename} has {info.file_size} bytes, its storage says {nbytes}")
         if info.compress_type != zipfile.ZIP_STORED:
             raise _Invalid(f"record {info.filename} is compressed; rayconv range-reads STORED records only")
-        if info.flag_bits & _ENCRYPTED:
+        if info.flag_bits & ENCRYPTED:
             raise _Invalid(f"record {info.filename} is encrypted")
         if info.compress_size != info.file_size:
             raise _Invalid(f"STORED record {info.filename} has {info.compress_size} stored bytes for "
@@ -332,28 +273,6 @@ class _IndexUnpickler(pickle.Unpickler):
         return storage
 
 
-def _check_container(archive: _Archive) -> None:
-    """The records torch's reader itself checks before unpickling (version, byte order, alignment)."""
-    if archive.find("constants.pkl") is not None:
-        raise SourceError(f"{archive.name} is a TorchScript archive, not a state dict")
-    version_record = ".data/version" if archive.find(".data/version") is not None else "version"
-    if archive.find(version_record) is None:
-        raise SourceError(f"{archive.name} has no {archive.prefix}version record: not a torch.save checkpoint")
-    text = archive.read_small(version_record, 64).decode("ascii", "replace")
-    match = re.match(r"\s*(\d+)", text)
-    if not match or int(match.group(1)) not in _VERSIONS:
-        raise SourceError(f"{archive.name}: torch file format version {text.strip()!r} is not one torch 2.13 reads")
-    if archive.find("byteorder") is not None:
-        order = archive.read_small("byteorder", 64)
-        if order != b"little":
-            raise SourceError(f"{archive.name}: byte order {order[:16]!r}; rayconv reads little-endian checkpoints")
-    if archive.find(".storage_alignment") is not None:
-        try:
-            int(archive.read_small(".storage_alignment", 64))
-        except ValueError:
-            raise SourceError(f"{archive.name}: unreadable .storage_alignment record") from None
-
-
 def _clip(text: str, limit: int = 300) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -366,9 +285,9 @@ def index_pth(source: ByteSource, display: str | None = None) -> dict[str, Tenso
     refuse, and for the ambiguous or unservable files listed in the module docstring.
     """
     name = display or source.uri
-    archive = _Archive(source, name)
+    archive = Archive(source, name)
     with archive.zip:
-        _check_container(archive)
+        check_container(archive)
         if archive.find("data.pkl") is None:
             raise SourceError(f"{name} has no {archive.prefix}data.pkl: not a torch.save checkpoint")
         data = archive.read_small("data.pkl", MAX_PICKLE_BYTES)

@@ -1,9 +1,9 @@
-"""MaxText reference harness, used by the tests in the MAIN env (Python 3.11).
+"""MaxText reference harness, used by the tests and scripts/ in the MAIN env (Python 3.11).
 
 rayconv's parity tests compare its output bit-for-bit with what MaxText's OWN converter scripts write for
 the same synthetic input, and check that MaxText's own loader restores what rayconv writes. MaxText
 (0.2.4, classic Linen layout) needs Python 3.12 and a different jax, so it runs in a separate venv: the
-scripts in ``tests/maxtext_ref/`` are executed there through ``subprocess``.
+scripts next to this module (``tools/maxtext_ref/*.py``) are executed there through ``subprocess``.
 
 * ``RAYCONV_REF_PYTHON``   - the reference env's python (default ``<repo>/.venvs/ref/bin/python``)
 * ``RAYCONV_MAXTEXT_PATH`` - maxtext 0.2.4 installed with ``pip install --no-deps --target`` (default
@@ -19,9 +19,11 @@ logits use 0.2.5's MaxEngine.
 * ``RAYCONV_REF_CACHE``    - default cache directory (default ``<repo>/.cache/maxtext-ref``)
 
 Every MaxText run costs ~10-15 s and ~1.8 GB RSS just to import torch/TF/jax, so all outputs are cached
-under ``cache_dir``, keyed by a hash of the model spec, the script sources (``tests/maxtext_ref/*.py``,
-so editing a script invalidates its entries) and the installed maxtext version. Entries are built in a
-temp dir and renamed into place; a file lock per entry makes concurrent test processes share one run,
+under ``cache_dir``, keyed by a hash of the model spec, the script sources (``tools/maxtext_ref/*.py``, by file
+name and contents, never by path: editing a script invalidates its entries, moving it does not) and the installed
+maxtext version. (The scripts still name their old home ``tests/maxtext_ref/`` in comments: rewording them would
+change every key and rerun MaxText for every cached entry.) Entries are built in a temp dir and renamed
+into place; a file lock per entry makes concurrent test processes share one run,
 and a global lock keeps at most one MaxText process running at a time (2-core machine).
 
 Main API::
@@ -63,8 +65,9 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPTS_DIR = Path(__file__).resolve().parent / "maxtext_ref"
+#: The MaxText scripts sit next to this module, two levels under the repo (their ``bootstrap`` relies on that depth).
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS_DIR = Path(__file__).resolve().parent
 
 KINDS = ("scanned", "unscanned", "int8", "int8w", "int4w")
 QUANT_KINDS = ("int8", "int8w", "int4w")
@@ -160,7 +163,7 @@ def model_spec(model: Any) -> dict:
 
 
 def _ref_common():
-    """tests/maxtext_ref/_common.py imported in THIS env (it has no heavy module-level imports)."""
+    """tools/maxtext_ref/_common.py imported in THIS env (it has no heavy module-level imports)."""
     import importlib.util
 
     mod = sys.modules.get("_rayconv_maxtext_ref_common")

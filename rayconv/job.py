@@ -1,0 +1,128 @@
+"""What a conversion job is, as pure data and pure functions: its options, memory budgets and plan.
+
+Nothing here runs units, touches the output or starts Ray: ``rayconv convert`` (engine/driver.py),
+``rayconv plan`` (engine/planning.py) and ``rayconv verify`` (verify.py) all derive the same plan
+from the same options through these functions, so they cannot disagree about it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from rayconv.errors import OutputError, SpecError
+from rayconv.models import Descriptor
+from rayconv.plan import Plan, build_plan
+from rayconv.progress import LOG, human_bytes
+from rayconv.source.checkpoint import MetaCheckpoint
+from rayconv.storage import Location
+
+GiB = 1 << 30
+#: Peak worker memory per piece byte: the read buffer, the transformed copy, float32 temporaries
+#: of the query scaling / int8 math and tensorstore's write buffer (measured; see docs/benchmarks.md).
+MEMORY_PER_PIECE_BYTE = 8
+#: Output bytes staged per OCDBT commit. Per-chunk commits cost ~20 fsyncs per MB of output; 64 MiB
+#: batches stall on one big write; 8-16 MiB measured fastest (docs/benchmarks.md).
+COMMIT_BATCH_BYTES = 16 << 20
+#: Fixed overhead per worker (Python, numpy, tensorstore, Ray worker) observed in receipts.
+WORKER_BASE_BYTES = 300 * (1 << 20)
+
+
+@dataclasses.dataclass
+class ConvertOptions:
+    files: dict[str, str]  # input file name → uri
+    input_display: str
+    output: str
+    model_name: str | None = None
+    model_path: str | None = None
+    kinds: tuple[str, ...] = ("scanned", "unscanned")
+    quantize_type: str | None = None
+    worker_memory_gb: float = 4.0
+    piece_budget: int | None = None
+    unit_budget: int = 1 << 30
+    executor: str = "ray"
+    address: str | None = None
+    num_workers: int | None = None
+    worker_start_timeout: float = 600.0  # seconds to wait for worker actors to be scheduled
+    restart: bool = False
+    compression: str | None = None
+    kv_heads: int | None = None
+    progress: bool = True
+    maxtext_layout: str | None = "linen"  # MaxText tree layout: linen (0.2.4 classic, JetStream) or nnx (0.2.5); rayconv.trees
+    #: Check the shards and params.json against the input's checklist.chk (if any) before converting.
+    verify_md5: bool = False
+    source_format: str = "auto"  # meta | hf | auto (see source/hf.detect_format)
+    input_directory: str | None = None  # where files were listed from (finds a Hub snapshot's original/)
+
+
+def piece_budget(options: ConvertOptions) -> int:
+    if options.piece_budget:
+        return options.piece_budget
+    usable = options.worker_memory_gb * GiB - WORKER_BASE_BYTES
+    return max(1 << 20, int(usable / MEMORY_PER_PIECE_BYTE))
+
+
+def open_checkpoint(options: ConvertOptions) -> MetaCheckpoint:  # or an HFCheckpoint (same interface)
+    """Open the input as a Meta or a Hugging Face checkpoint (``options.source_format``, detected when auto)."""
+    from rayconv.source.hf import HFCheckpoint, detect_format
+
+    descriptor = None
+    if options.model_path and options.source_format != "hf":
+        try:  # a Hub repo id (meta-llama/Llama-3.1-8B) names HF files but is no Meta descriptor
+            descriptor = Descriptor.parse(options.model_path)
+        except SpecError:
+            pass  # parsed again below if the input turns out to be Meta's
+    fmt, files, display = detect_format(options.files, options.source_format, options.input_display,
+                                        input_directory=options.input_directory,
+                                        descriptor_shards=descriptor.shards if descriptor else None)
+    if fmt == "hf":
+        return HFCheckpoint.open(files, display=display, model_name=options.model_name,
+                                 model_path=options.model_path, kv_heads=options.kv_heads)
+    descriptor = Descriptor.parse(options.model_path) if options.model_path else None
+    return MetaCheckpoint.open(files, display=display, model_name=options.model_name,
+                               descriptor=descriptor, kv_heads=options.kv_heads)
+
+
+def make_plan(checkpoint: MetaCheckpoint, options: ConvertOptions) -> Plan:
+    return build_plan(checkpoint.spec, checkpoint.shards, checkpoint.indexes, kinds=options.kinds,
+                      quantize_type=options.quantize_type, piece_budget=piece_budget(options),
+                      unit_budget=max(options.unit_budget, piece_budget(options)), scales=checkpoint.scales,
+                      layout=options.maxtext_layout,
+                      locate=getattr(checkpoint, "locate", None))  # HF: tensors live in several files
+
+
+def budgets(options: ConvertOptions) -> tuple[int, int]:
+    """(piece budget, unit budget) in bytes: a unit holds at least one whole piece."""
+    piece = piece_budget(options)
+    return piece, max(options.unit_budget, piece)
+
+
+def resume_options(options: ConvertOptions, checkpoint: MetaCheckpoint, record: dict[str, Any] | None,
+                   out: Location) -> ConvertOptions:
+    """Plan a resume with the budgets the output was started with, so its finished units stay valid
+    after --worker_memory_gb changed (e.g. raised after an out-of-memory kill) — as long as the new
+    workers can hold that plan's largest piece."""
+    if not isinstance(record, dict) or "piece_budget" not in record:
+        return options
+    try:
+        recorded = (int(record["piece_budget"]), int(record["unit_budget"]))
+    except (KeyError, TypeError, ValueError):
+        raise OutputError(f"{out.uri}/.rayconv/plan.json is damaged (piece_budget, unit_budget); rerun with --restart "
+                          "to start this output over") from None
+    current = budgets(options)
+    if recorded == current:
+        return options
+    resumed = dataclasses.replace(options, piece_budget=recorded[0], unit_budget=recorded[1])
+    plan = make_plan(checkpoint, resumed)
+    if plan.fingerprint() != record.get("fingerprint"):
+        return options  # another conversion whatever the budget: the ledger refuses it with the reason
+    largest = max((p.nbytes for u in plan.units for p in u.pieces), default=0)
+    if largest > current[0]:
+        need = (largest * MEMORY_PER_PIECE_BYTE + WORKER_BASE_BYTES) / GiB
+        raise OutputError(f"{out.uri} holds a partial conversion planned for workers of at least {need:.2f} GiB "
+                          f"(pieces up to {human_bytes(largest)}); resume with --worker_memory_gb {need:.2f} or more, "
+                          "or rerun with --restart to replan for the smaller workers")
+    LOG.info("Resuming with the plan this output was started with (pieces up to %s; --worker_memory_gb %s would "
+             "cut pieces of up to %s): finished units are kept", human_bytes(largest), options.worker_memory_gb,
+             human_bytes(current[0]))
+    return resumed

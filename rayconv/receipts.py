@@ -1,0 +1,75 @@
+"""What travels between the driver and the workers: the job context out, one receipt per unit back.
+
+Both are small and JSON-able (a few hundred bytes): the plan's description of the arrays goes out
+once per worker, and a receipt names the child databases a unit wrote and the CRC-32 of every byte
+range it read, which is all the driver needs to resume (engine/ledger.py), verify
+(:func:`rayconv.checksum.crc_check`) and commit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from rayconv import trees
+from rayconv.models import ModelSpec
+from rayconv.plan import ArraySpec, Plan
+
+if TYPE_CHECKING:
+    from rayconv.sink.layout import OutputLayout
+
+
+@dataclasses.dataclass(frozen=True)
+class JobContext:
+    """What every worker needs besides its unit; shipped once per worker."""
+
+    spec: ModelSpec
+    shards: tuple[str, ...]
+    kinds: tuple[str, ...]
+    quantize_type: str | None
+    arrays: dict[str, dict[tuple[str, ...], ArraySpec]]  # kind → path → array
+    items: dict[str, str]  # kind → staging item uri
+    compression: str | None = None
+    batch_bytes: int = 16 << 20  # output bytes per OCDBT commit
+    scale_files: tuple[str, ...] = ()  # FP8 SKU: fp8_scales_{r}.pt per shard
+    layout: str = trees.DEFAULT_LAYOUT  # MaxText tree layout: decides the leaf paths (rayconv.trees)
+
+    @classmethod
+    def create(cls, plan: Plan, layouts: dict[str, OutputLayout], compression: str | None,
+               batch_bytes: int = 16 << 20) -> "JobContext":
+        return cls(
+            spec=plan.spec,
+            shards=plan.shards,
+            kinds=plan.kinds,
+            quantize_type=plan.quantize_type,
+            arrays={k: {a.path: a for a in plan.arrays(k)} for k in plan.kinds},
+            items={k: layouts[k].item(staging=True).uri for k in plan.kinds},
+            compression=compression,
+            batch_bytes=batch_bytes,
+            scale_files=plan.scale_files,
+            layout=plan.layout,
+        )
+
+
+@dataclasses.dataclass
+class Receipt:
+    """What a finished unit reports: small, JSON-able, enough to resume and to verify."""
+
+    unit: str
+    dbs: dict[str, str]  # kind → child database id
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    crcs: list[tuple[int, str, int, int, int]]  # (shard, tensor, file offset, length, crc32)
+    worker: str = ""
+    peak_rss: int = 0
+    node: str = ""  # Ray node id, when run on Ray
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Receipt":
+        data = dict(data)
+        data["crcs"] = [tuple(c) for c in data["crcs"]]
+        return cls(**data)
