@@ -11,13 +11,12 @@ import dataclasses
 import time
 from typing import Any
 
-from rayconv.checksum import crc_check
-from rayconv.checksum import crc_error as _crc_error
+from rayconv.checksum import crc_check, crc_error
 from rayconv.engine.ledger import (COMMITTED, COMMITTING, Ledger, relative, remove_output, restart_targets, resumable,
                                    source_digest, source_identities, unit_shards)
 from rayconv.errors import OutputError
-from rayconv.job import COMMIT_BATCH_BYTES, ConvertOptions, make_plan, open_checkpoint, piece_budget, resume_options
-from rayconv.job import budgets as _budgets
+from rayconv.job import (COMMIT_BATCH_BYTES, ConvertOptions, budgets, make_plan, open_checkpoint, piece_budget,
+                         resume_options)
 from rayconv.mapping import source_format
 from rayconv.plan import Plan, describe
 from rayconv.progress import LOG, Progress, human_bytes
@@ -177,8 +176,8 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
 
     layouts = output_layouts(out, plan.quantize_type, plan.tree)
     identities = source_identities(checkpoint)
-    budgets = _budgets(options)
-    fields = {"source": source_digest(identities), "piece_budget": budgets[0], "unit_budget": budgets[1],
+    piece_bytes, unit_bytes = budgets(options)
+    fields = {"source": source_digest(identities), "piece_budget": piece_bytes, "unit_budget": unit_bytes,
               "quantize_type": plan.quantize_type, "compression": options.compression,
               "outputs": {k: relative(out, layouts[k].final_root) for k in plan.kinds}}
     record = _prepare_output(out, ledger, layouts, plan, options.restart, summary, started_ns, fields)
@@ -225,7 +224,7 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
                 # Forget what the corrupt bytes produced, so a rerun after re-downloading re-reads them.
                 bad = set(failed)
                 ledger.forget([r.unit for r in receipts if any((c[0], c[1]) in bad for c in r.crcs)])
-                raise _crc_error(checkpoint, failed, "corrupt shard; re-download it and rerun: only the units "
+                raise crc_error(checkpoint, failed, "corrupt shard; re-download it and rerun: only the units "
                                  "that read it are redone")
             LOG.info("Verified CRC-32 of %d source tensors", verified)
         timer.lap("verify")

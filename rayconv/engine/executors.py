@@ -21,7 +21,8 @@ from rayconv.engine import watchdog
 from rayconv.errors import ConversionError, user_error
 from rayconv.plan import Unit
 from rayconv.progress import LOG
-from rayconv.worker import JobContext, Receipt, run_unit
+from rayconv.receipts import JobContext, Receipt
+from rayconv.worker import run_unit
 
 GiB = 1 << 30
 #: While units run, a line is logged whenever none has finished for this long (never wait silently).
