@@ -20,7 +20,6 @@ import click
 from rayconv.errors import ConversionError, SpecError, user_error
 from rayconv.progress import LOG, human_bytes, setup_logging
 
-INFERENCE_SERVERS = ("jetstream-maxtext",)
 #: --inference_server → the MaxText tree layout it loads (rayconv.trees); --maxtext_layout overrides.
 SERVER_LAYOUTS = {"jetstream-maxtext": "linen", "maxtext": "nnx"}
 MAXTEXT_LAYOUT_HELP = ("MaxText tree layout: linen (MaxText 0.2.4 classic trees, JetStream-MaxText; default for "
@@ -275,9 +274,9 @@ def _build_options(flags: dict[str, Any], *, for_plan: bool = False, simulate: b
     from rayconv.job import ConvertOptions
 
     inference_server = flags["inference_server"]
-    if inference_server not in INFERENCE_SERVERS and inference_server not in SERVER_LAYOUTS:
+    if inference_server not in SERVER_LAYOUTS:
         raise SpecError(f"unsupported --inference_server {inference_server!r} (supported: "
-                        f"{', '.join(sorted(set(INFERENCE_SERVERS) | set(SERVER_LAYOUTS)))})")
+                        f"{', '.join(sorted(SERVER_LAYOUTS))})")
     maxtext_layout = flags["maxtext_layout"] or SERVER_LAYOUTS.get(inference_server, "linen")
     kinds, quantize_type = _kinds(flags["quantize_type"], flags["quantize_weights"], flags["skip_scanned"])
     trees.get(maxtext_layout).check_quantize_type(quantize_type)  # before any download or write

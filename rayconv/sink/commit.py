@@ -32,14 +32,12 @@ from typing import Any, Iterable
 import numpy as np
 import tensorstore as ts
 
-from rayconv import trees
 from rayconv.plan import ArraySpec
 from rayconv.sink.layout import OutputLayout, array_spec, ocdbt_kvstore
 from rayconv.errors import OutputError, one_line_reason
 from rayconv.storage import Location, output_errors
 
 # Tree paths and Orbax's JSON depend on the MaxText layout: see rayconv.trees (OutputLayout.tree).
-PYTREE_HANDLER = trees.LEGACY_PYTREE_HANDLER  # kept for importers; the layouts name their handlers
 MARKER = "commit_success.txt"
 
 #: The steps of a commit, in order ("intent" and "ledger" are the driver's). For tests,
@@ -67,11 +65,6 @@ def stop_point(step: str, qualifier: str | None = None) -> None:
             pass
         while not os.path.exists(release):
             time.sleep(0.05)
-
-
-def tree_metadata(kind: str, arrays: list[ArraySpec], tree: trees.TreeLayout = trees.LINEN) -> dict[str, Any]:
-    """``_METADATA`` as Orbax 0.12 writes it for MaxText's trees (see :meth:`rayconv.trees.TreeLayout.tree_metadata`)."""
-    return tree.tree_metadata(kind, arrays)
 
 
 def merge_databases(item: Location, arrays: list[ArraySpec], dbs: Iterable[str], *, with_step: bool,
