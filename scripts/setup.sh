@@ -9,6 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+# The reference env alone downloads ~5 GB (PyPI's torch for Python 3.12 is the CUDA build); pip's wheel cache
+# would hold a second copy of it. A CI disk ran out of space on exactly that, so nothing is cached.
+export PIP_NO_CACHE_DIR=1
 VENVS=${RAYCONV_VENVS:-$ROOT/.venvs}
 mkdir -p "$VENVS"
 
