@@ -1,4 +1,11 @@
-"""Meta → MaxText: where each tensor goes (a table) and how it is changed (small pure functions).
+"""Source → MaxText: where each tensor goes and how it is changed, as two tables and small pure functions.
+
+* ``RULES``: one row per tensor — its Meta name (other formats' names in ``SOURCE_KEYS``), its MaxText leaf,
+  the source's split axis, its transform, whether it is int8-quantized and its contraction axes.
+* ``TRANSFORMS``: one row per transform — G's shape, the per-layer MaxText shape, the function, the axis G's
+  rows land on, whether rows come in heads, whether Meta shards repeat its kv heads.
+
+A new source adds a ``SOURCE_KEYS`` column; a new tensor adds rows; nothing downstream branches on names.
 
 Every Meta tensor is treated as one *global matrix* G, the concatenation of its shards along the
 split axis (after kv-head de-duplication). Work is done on row blocks of G, and a row block always
@@ -113,18 +120,22 @@ def rules(spec: ModelSpec) -> tuple[Rule, ...]:
 
 def global_shape(rule: Rule, spec: ModelSpec) -> tuple[int, ...]:
     """Shape of G: the Meta tensor with all shards concatenated and kv heads de-duplicated."""
-    e, d = spec.dim, spec.head_dim
-    return {
-        "embedding": (spec.vocab_size, e),
-        "logits": (spec.vocab_size, e),
-        "query": (spec.n_heads * d, e),
-        "key": (spec.n_kv_heads * d, e),
-        "value": (spec.n_kv_heads * d, e),
-        "out": (e, spec.n_heads * d),
-        "wi": (spec.ffn_dim, e),
-        "wo": (e, spec.ffn_dim),
-        "norm": (e,),
-    }[rule.transform]
+    return TRANSFORMS[rule.transform].global_shape(spec)
+
+
+def layer_shape(rule: Rule, spec: ModelSpec) -> tuple[int, ...]:
+    """Shape of the MaxText array for one layer (the unscanned leaf)."""
+    return TRANSFORMS[rule.transform].layer_shape(spec)
+
+
+def row_quantum(rule: Rule, spec: ModelSpec) -> int:
+    """Row blocks of G must be multiples of this (whole heads for q/k/v, so chunks hold whole heads)."""
+    return spec.head_dim if TRANSFORMS[rule.transform].per_head else 1
+
+
+def repeats_kv(rule: Rule) -> bool:
+    """Whether shards repeat this tensor's heads when kv heads < shards (Meta's wk/wv)."""
+    return TRANSFORMS[rule.transform].kv_heads
 
 
 def shard_shape(rule: Rule, spec: ModelSpec) -> tuple[int, ...]:
@@ -132,7 +143,7 @@ def shard_shape(rule: Rule, spec: ModelSpec) -> tuple[int, ...]:
     shape = list(global_shape(rule, spec))
     if rule.split is None:
         return tuple(shape)
-    if rule.transform in ("key", "value"):
+    if repeats_kv(rule):
         shape[0] = max(spec.n_kv_heads // spec.n_shards, 1) * spec.head_dim
         return tuple(shape)
     shape[rule.split] //= spec.n_shards
@@ -143,30 +154,9 @@ def source_shards(rule: Rule, spec: ModelSpec) -> int:
     """How many distinct shards make up G (fewer than n_shards when kv heads are repeated)."""
     if rule.split is None:
         return 1
-    if rule.transform in ("key", "value"):
+    if repeats_kv(rule):
         return spec.n_shards // spec.kv_step
     return spec.n_shards
-
-
-def layer_shape(rule: Rule, spec: ModelSpec) -> tuple[int, ...]:
-    """Shape of the MaxText array for one layer (the unscanned leaf)."""
-    e, d, m, v = spec.dim, spec.head_dim, spec.ffn_dim, spec.vocab_size
-    return {
-        "embedding": (v, e),
-        "logits": (e, v),
-        "query": (e, spec.n_heads, d),
-        "key": (e, spec.n_kv_heads, d),
-        "value": (e, spec.n_kv_heads, d),
-        "out": (spec.n_heads, d, e),
-        "wi": (e, m),
-        "wo": (m, e),
-        "norm": (e,),
-    }[rule.transform]
-
-
-def row_quantum(rule: Rule, spec: ModelSpec) -> int:
-    """Row blocks of G must be multiples of this (whole heads for q/k/v, so chunks hold whole heads)."""
-    return spec.head_dim if rule.transform in ("query", "key", "value") else 1
 
 
 def transpose(matrix: np.ndarray, tile: int = 128) -> np.ndarray:
@@ -257,17 +247,40 @@ def _as_is(block: np.ndarray, spec: ModelSpec) -> np.ndarray:
     return block
 
 
-#: Transform name → function of a row block of G. Where the block lands is plan.block_region's job.
-TRANSFORMS: dict[str, Callable[[np.ndarray, ModelSpec], np.ndarray]] = {
-    "embedding": _as_is,
-    "logits": _transposed,
-    "query": _query,
-    "key": _key,
-    "value": _value,
-    "out": _out,
-    "wi": _transposed,
-    "wo": _transposed,
-    "norm": _as_is,
+Shape = Callable[[ModelSpec], tuple[int, ...]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """Everything about one kind of tensor that is not its name: one row of the transform table.
+
+    A new tensor kind (or a layout that shapes one differently) is a new row here; planning, writing and
+    verification read these columns and never branch on the transform's name.
+    """
+
+    global_shape: Shape  # G: all shards concatenated, kv heads once
+    layer_shape: Shape  # the per-layer MaxText array
+    apply: Callable[[np.ndarray, ModelSpec], np.ndarray]  # row block of G → block of the per-layer array
+    row_axis: int | None = None  # axis of the per-layer array that G's rows map to; None = never cut
+    per_head: bool = False  # G's rows come in heads of head_dim (cut only between heads; index = row // head_dim)
+    kv_heads: bool = False  # Meta shards repeat these heads when n_kv_heads < shards
+
+
+#: Transform name (``Rule.transform``) → its row. E = dim, D = head_dim, M = ffn_dim, V = vocab_size.
+TRANSFORMS: dict[str, Transform] = {
+    "embedding": Transform(lambda s: (s.vocab_size, s.dim), lambda s: (s.vocab_size, s.dim), _as_is, row_axis=0),
+    "logits": Transform(lambda s: (s.vocab_size, s.dim), lambda s: (s.dim, s.vocab_size), _transposed, row_axis=1),
+    "query": Transform(lambda s: (s.n_heads * s.head_dim, s.dim), lambda s: (s.dim, s.n_heads, s.head_dim), _query,
+                       row_axis=1, per_head=True),
+    "key": Transform(lambda s: (s.n_kv_heads * s.head_dim, s.dim), lambda s: (s.dim, s.n_kv_heads, s.head_dim), _key,
+                     row_axis=1, per_head=True, kv_heads=True),
+    "value": Transform(lambda s: (s.n_kv_heads * s.head_dim, s.dim), lambda s: (s.dim, s.n_kv_heads, s.head_dim),
+                       _value, row_axis=1, per_head=True, kv_heads=True),
+    "out": Transform(lambda s: (s.dim, s.n_heads * s.head_dim), lambda s: (s.n_heads, s.head_dim, s.dim), _out,
+                     row_axis=2),
+    "wi": Transform(lambda s: (s.ffn_dim, s.dim), lambda s: (s.dim, s.ffn_dim), _transposed, row_axis=1),
+    "wo": Transform(lambda s: (s.dim, s.ffn_dim), lambda s: (s.ffn_dim, s.dim), _transposed, row_axis=1),
+    "norm": Transform(lambda s: (s.dim,), lambda s: (s.dim,), _as_is),
 }
 
 
@@ -275,7 +288,7 @@ def to_layer_block(rule: Rule, block: np.ndarray, spec: ModelSpec) -> np.ndarray
     """A row block of G → the matching block of the per-layer MaxText array."""
     if block.dtype != BF16:
         raise ValueError(f"{rule.meta}: expected bfloat16, got {block.dtype}")
-    return TRANSFORMS[rule.transform](block, spec)
+    return TRANSFORMS[rule.transform].apply(block, spec)
 
 
 def scanned_shape(shape: tuple[int, ...], n_layers: int) -> tuple[int, ...]:

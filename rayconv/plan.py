@@ -29,27 +29,13 @@ from rayconv.source.pth import TensorInfo
 
 KINDS = ("scanned", "unscanned", "int8")
 
-#: Transform name → (axis of the per-layer array that G's rows map to, rows per index on it).
-ROW_AXIS: dict[str, tuple[int, str]] = {
-    "embedding": (0, "one"),
-    "logits": (1, "one"),
-    "query": (1, "head"),
-    "key": (1, "head"),
-    "value": (1, "head"),
-    "out": (2, "one"),
-    "wi": (1, "one"),
-    "wo": (1, "one"),
-}
-
-
 def block_region(rule: Rule, spec: ModelSpec, row0: int, row1: int) -> tuple[tuple[int, int], ...]:
     """Region (start, stop per axis) of the per-layer array filled by rows [row0, row1) of G."""
-    shape = mapping.layer_shape(rule, spec)
-    region = [(0, n) for n in shape]
-    if rule.transform in ROW_AXIS:
-        axis, unit = ROW_AXIS[rule.transform]
-        div = spec.head_dim if unit == "head" else 1
-        region[axis] = (row0 // div, row1 // div)
+    transform = mapping.TRANSFORMS[rule.transform]
+    region = [(0, n) for n in transform.layer_shape(spec)]
+    if transform.row_axis is not None:
+        div = mapping.row_quantum(rule, spec)
+        region[transform.row_axis] = (row0 // div, row1 // div)
     return tuple(region)
 
 
@@ -235,7 +221,7 @@ def _piece(rule: Rule, ri: int, spec: ModelSpec, locate: Locate, layer, key: str
         return Piece(ri, layer, row0, row1, reads)
     per_shard = mapping.global_shape(rule, spec)[0] // mapping.source_shards(rule, spec)
     source, local0 = divmod(row0, per_shard)
-    step = spec.kv_step if rule.transform in ("key", "value") else 1
+    step = spec.kv_step if mapping.repeats_kv(rule) else 1
     shard = source * step
     read = _read(*locate(shard, key), local0, local0 + row1 - row0)
     dups = tuple(_read(*locate(s, key), local0, local0 + row1 - row0) for s in range(shard + 1, shard + step))

@@ -131,6 +131,31 @@ def test_units_and_pieces_respect_their_budgets(name, budget):
         assert shard != next_shard or start >= end, (shard, start, end)
 
 
+@pytest.mark.parametrize("name", list(SPECS))
+def test_transform_table_rows_agree_with_each_other(name):
+    """Each row of mapping.TRANSFORMS: G's shape, the per-layer shape, where G's rows land and the transform itself
+    must describe the same array; a block of whole heads/rows of G must become exactly its block_region."""
+    import ml_dtypes
+    import numpy as np
+
+    spec = SPECS[name]
+    for rule in mapping.rules(spec):
+        g_shape, shape = mapping.global_shape(rule, spec), mapping.layer_shape(rule, spec)
+        g = np.arange(math.prod(g_shape), dtype=np.float32).reshape(g_shape).astype(ml_dtypes.bfloat16)
+        whole = mapping.to_layer_block(rule, g, spec)
+        assert whole.shape == shape, rule.meta
+        assert block_region(rule, spec, 0, g_shape[0]) == tuple((0, n) for n in shape), rule.meta
+        if mapping.TRANSFORMS[rule.transform].row_axis is None:
+            continue
+        q = mapping.row_quantum(rule, spec)
+        row0, row1 = q, 3 * q if g_shape[0] >= 3 * q else 2 * q
+        region = block_region(rule, spec, row0, row1)
+        part = mapping.to_layer_block(rule, g[row0:row1], spec)
+        assert part.shape == tuple(b - a for a, b in region), rule.meta
+        # Every transform is elementwise or a permutation (the query's division too), so a block equals its region.
+        assert part.tobytes() == whole[tuple(slice(a, b) for a, b in region)].tobytes(), rule.meta
+
+
 def test_small_budget_cuts_more_pieces_and_units():
     spec = SPECS["405b-mp16"]
     big, small = plan_of(spec, *BUDGETS[0]), plan_of(spec, *BUDGETS[2])

@@ -53,6 +53,6 @@ def test_quantize_int4_range():
 def test_transposed_blocks(transform, shape):
     rule = next(r for r in mapping.RULES if r.transform == transform)
     block = np.arange(np.prod(shape), dtype=np.float32).reshape(shape).astype(BF16)
-    array = mapping.TRANSFORMS[rule.transform](block, None)
+    array = mapping.TRANSFORMS[rule.transform].apply(block, None)
     assert array.shape == shape[::-1] and array.flags.c_contiguous
     assert (array == block.T).all()
