@@ -1,0 +1,5 @@
+"""``python -m rayconv.cli``: the same commands as the ``rayconv`` script."""
+
+from rayconv.cli import main
+
+main()

@@ -1,0 +1,146 @@
+"""The command line's flags, as click option groups. Names follow the GKE tutorial's checkpoint-converter job.
+
+``plan`` takes every flag ``convert`` takes (``convert_options``), so a user pastes the same command line to see
+what it will do; what the flags mean for a job is :mod:`rayconv.cli.options`' concern.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import click
+
+DEFAULT_OUTPUT = "rayconv-output"
+MAXTEXT_LAYOUT_HELP = ("MaxText tree layout: linen (MaxText 0.2.4 classic trees, JetStream-MaxText; default for "
+                       "--inference_server jetstream-maxtext) or nnx (what MaxText >= 0.2.5 writes and loads; default "
+                       "for --inference_server maxtext).")
+
+
+def option(name: str, *args: Any, **kwargs: Any) -> Callable:
+    """A flag spelled as in the tutorial (--model_name) that also accepts --model-name."""
+    dashed = name.replace("_", "-")
+    names = [name] if dashed == name else [name, dashed]
+    return click.option(*names, name.lstrip("-"), *args, **kwargs)
+
+
+def _http_timeout(ctx: click.Context, param: click.Parameter, value: float | None) -> None:
+    """Publish --http_timeout_s as RAYCONV_HTTP_TIMEOUT_S: HttpFile reads it, and Ray workers get RAYCONV_*."""
+    if value is None:
+        return
+    if not 0 < value < float("inf"):
+        raise click.BadParameter("must be a positive number of seconds", ctx, param)
+    os.environ["RAYCONV_HTTP_TIMEOUT_S"] = repr(value)
+
+
+SOURCE_FORMAT = option(
+    "--source_format", type=click.Choice(["auto", "meta", "hf"]), default="auto", show_default=True,
+    help="Input checkpoint format: meta (consolidated.NN.pth; at a Hub snapshot's root, its original/ folder), "
+         "hf (config.json + *.safetensors), auto: whichever the directory holds.")
+
+
+def input_options(fn: Callable) -> Callable:
+    for decorator in reversed([
+        option("--model_name", default=None, help="llama-2, llama-3, llama-3.1 or llama-3.3."),
+        option("--model_path", default=None,
+                help="Meta model descriptor, e.g. Llama3.1-405B-Instruct:bf16-mp16 (sets family, size, shard count)."),
+        option("--input_directory", default=None,
+                help="Directory (local or gs://bucket/prefix) holding a Meta checkpoint (consolidated.NN.pth, "
+                     "params.json) or a Hugging Face one (config.json, *.safetensors)."),
+        option("--meta_url", default=None, envvar="RAYCONV_META_URL", show_envvar=True,
+                help="Meta's signed download URL (with the '*' placeholder). Prefer the environment variable "
+                     "(e.g. from a Kubernetes Secret): a flag is echoed by Ray's job log."),
+        option("--download_directory", default=None,
+                help="With --meta_url: stage the raw files here (local dir or gs://) before converting; "
+                     "default with --bucket_name: gs://<bucket>/base/<model>. Without it, stream from the URL."),
+        option("--synthetic", default=None, metavar="PRESET",
+                help="Use a built-in synthetic checkpoint (demo, 405b-2gb) as input."),
+        option("--num_kv_heads", type=int, default=None,
+                help="Real kv-head count when params.json counts repeated heads and --model_path is not given."),
+        option("--http_timeout_s", type=float, default=None, envvar="RAYCONV_HTTP_TIMEOUT_S", show_envvar=True,
+                callback=_http_timeout, expose_value=False,
+                help="With --meta_url: seconds without a byte from the server before a read is retried "
+                     "(each retry is logged with the file and byte range). Default 60."),
+        SOURCE_FORMAT,
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+def engine_options(fn: Callable) -> Callable:
+    for decorator in reversed([
+        option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
+                help="ray: worker actors on local or existing Ray; local: this process, one unit at a time."),
+        option("--address", default=None, help="Ray cluster address (e.g. auto inside a Ray job). "
+                                                 "Default: start Ray locally."),
+        option("--num_workers", type=int, default=None, help="Worker actors (default: CPUs / memory allow)."),
+        option("--worker_memory_gb", type=float, default=4.0, show_default=True,
+                help="Memory each worker actor reserves; the planner cuts work to fit it."),
+        option("--worker_start_timeout", type=float, default=600.0, show_default=True,
+                help="Seconds to wait for worker actors to be scheduled (e.g. while a cluster scales up); "
+                     "then continue with those that started, or fail if none did."),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+def output_options(fn: Callable) -> Callable:
+    for decorator in reversed([
+        option("--bucket_name", default=None, help="GCS bucket; output defaults to gs://<bucket>/<model>."),
+        option("--output_directory", default=None, help=f"Output root (local or gs://). Default ./{DEFAULT_OUTPUT}."),
+        option("--inference_server", default="jetstream-maxtext", show_default=True,
+                help="Target server: jetstream-maxtext (classic trees) or maxtext (MaxText >= 0.2.5, NNX trees)."),
+        option("--maxtext_layout", type=click.Choice(["linen", "nnx"]), default=None, help=MAXTEXT_LAYOUT_HELP),
+        option("--quantize_type", default=None, help="int8 (AQT weights + dynamic activations), int8w or int4w."),
+        option("--quantize_weights", type=click.BOOL, default=None, help="True to also write <out>/int8."),
+        option("--skip_scanned", is_flag=True, help="Only the unscanned (serving) bf16 checkpoint, not the scanned one."),
+        option("--restart", is_flag=True, help="Discard a partial or earlier output at the destination and start over."),
+        option("--compression", type=click.Choice(["none", "zstd"]), default="none", show_default=True,
+                help="zarr codec for the arrays (weights compress little)."),
+        option("--skip_md5", is_flag=True,
+                help="Do not check the input files against the checklist.chk next to them (one extra read of each "
+                     "file; every tensor's CRC-32 is checked either way)."),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+def convert_options(fn: Callable) -> Callable:
+    """Every flag of ``convert``. ``plan`` takes them all too, so the same command line plans what it converts."""
+    for decorator in reversed([
+        input_options, output_options, engine_options,
+        option("--no_progress", is_flag=True, help="No progress bar / status lines."),
+        click.option("--verbose", "-v", is_flag=True),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+def plan_options(fn: Callable) -> Callable:
+    """The flags only `plan` has: what to print, and the rates of the wall-time model (rayconv.engine.planning)."""
+    from rayconv.engine.planning import Environment
+
+    env = Environment()
+    for decorator in reversed([
+        option("--simulate", is_flag=True,
+                help="Plan from --model_path's published dimensions without reading any file (e.g. 405B)."),
+        click.option("--json", "json_output", is_flag=True, help="Print the report as JSON (for machines)."),
+        option("--throughput_mb_s", type=float, default=env.worker_mb_s, show_default=True,
+                help="Per-worker conversion rate, input MB/s (measured at the 405B's real widths; docs/benchmarks.md)."),
+        click.option("--source", "source_kind", type=click.Choice(["gcs", "meta", "local"]), default=None,
+                help="Where the shards are read from, for the estimate (default: from the input; gcs with --simulate)."),
+        option("--workers_per_vm", type=int, default=env.workers_per_vm, show_default=True,
+                help="Workers sharing one VM's network."),
+        option("--vm_gbps", type=float, default=env.vm_gbps, show_default=True,
+                help="Network bandwidth of one VM, each direction, Gbit/s."),
+        option("--gcs_read_gbps", type=float, default=env.gcs_read_gbps, show_default=True,
+                help="Cloud Storage read bandwidth quota of the bucket's region, Gbit/s."),
+        option("--gcs_writes_per_s", type=float, default=env.gcs_writes_per_s, show_default=True,
+                help="Object writes per second the output bucket accepts."),
+        option("--gcs_object_writes_per_s", type=float, default=env.gcs_object_writes_per_s, show_default=True,
+                help="Writes per second Cloud Storage accepts to one object name (each commit rewrites a manifest)."),
+        option("--meta_mb_s", type=float, default=env.meta_mb_s, show_default=True,
+                help="Rate of one connection to Meta's signed URL, MB/s."),
+    ]):
+        fn = decorator(fn)
+    return fn
