@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from rayconv.cli.flags import MAXTEXT_LAYOUT_HELP, SOURCE_FORMAT, convert_options, option, plan_options
+from rayconv.cli.flags import MAXTEXT_LAYOUT_HELP, RATE_FLAGS, SOURCE_FORMAT, convert_options, option, plan_options
 from rayconv.cli.options import build_options, check_engine_flags, destination, source_kind_of
 from rayconv.errors import ConversionError, SpecError, user_error
 from rayconv.progress import LOG, human_bytes, setup_logging
@@ -68,7 +68,7 @@ def convert(**flags: Any) -> None:
     setup_logging(flags["verbose"])
     with _one_line_errors(flags["verbose"], signals=True):
         check_engine_flags(flags["num_workers"], flags["worker_memory_gb"], flags["num_kv_heads"],
-                            flags["worker_start_timeout"])
+                           flags["worker_start_timeout"])
         from rayconv.engine.driver import convert as run
 
         result = run(build_options(flags))
@@ -108,28 +108,22 @@ def _phases(seconds: dict[str, float]) -> str:
 @main.command()
 @convert_options
 @plan_options
-def plan(simulate: bool, json_output: bool, throughput_mb_s: float, source_kind: str | None, workers_per_vm: int,
-         vm_gbps: float, gcs_read_gbps: float, gcs_writes_per_s: float, gcs_object_writes_per_s: float,
-         meta_mb_s: float, **flags: Any) -> None:
+def plan(simulate: bool, json_output: bool, throughput_mb_s: float, source_kind: str | None, **flags: Any) -> None:
     """Print the plan `convert` would execute with the same flags, and wall-time estimates for 8/16/32 workers."""
     setup_logging(flags["verbose"])
     from rayconv.engine import planning
 
     with _one_line_errors(flags["verbose"], signals=True):
         check_engine_flags(flags["num_workers"], flags["worker_memory_gb"], flags["num_kv_heads"],
-                            flags["worker_start_timeout"])
-        rates = {"--throughput_mb_s": throughput_mb_s, "--workers_per_vm": workers_per_vm, "--vm_gbps": vm_gbps,
-                 "--gcs_read_gbps": gcs_read_gbps, "--gcs_writes_per_s": gcs_writes_per_s,
-                 "--gcs_object_writes_per_s": gcs_object_writes_per_s, "--meta_mb_s": meta_mb_s}
-        for name, value in rates.items():
+                           flags["worker_start_timeout"])
+        rates = {field: flags.pop(field) for field in RATE_FLAGS}
+        for name, value in {"throughput_mb_s": throughput_mb_s, **rates}.items():
             if not 0 < value < float("inf"):
-                raise ConversionError(f"{name} must be a positive number, got {value}")
+                raise ConversionError(f"--{name} must be a positive number, got {value}")
         if simulate and not flags["model_path"]:
             raise SpecError("--simulate needs --model_path (e.g. Llama3.1-405B-Instruct:bf16-mp16)")
         options = build_options(flags, for_plan=True, simulate=simulate)
-        env = planning.Environment(worker_mb_s=throughput_mb_s, workers_per_vm=workers_per_vm, vm_gbps=vm_gbps,
-                                   gcs_read_gbps=gcs_read_gbps, gcs_writes_per_s=gcs_writes_per_s,
-                                   gcs_object_writes_per_s=gcs_object_writes_per_s, meta_mb_s=meta_mb_s,
+        env = planning.Environment(worker_mb_s=throughput_mb_s, **rates,
                                    source=source_kind or source_kind_of(options, simulate),
                                    destination=destination(options, flags, simulate))
         report = planning.simulate(options, env) if simulate else planning.report_for_files(options, env)

@@ -39,81 +39,92 @@ SOURCE_FORMAT = option(
          "hf (config.json + *.safetensors), auto: whichever the directory holds.")
 
 
-def input_options(fn: Callable) -> Callable:
-    for decorator in reversed([
-        option("--model_name", default=None, help="llama-2, llama-3, llama-3.1 or llama-3.3."),
-        option("--model_path", default=None,
-                help="Meta model descriptor, e.g. Llama3.1-405B-Instruct:bf16-mp16 (sets family, size, shard count)."),
-        option("--input_directory", default=None,
-                help="Directory (local or gs://bucket/prefix) holding a Meta checkpoint (consolidated.NN.pth, "
-                     "params.json) or a Hugging Face one (config.json, *.safetensors)."),
-        option("--meta_url", default=None, envvar="RAYCONV_META_URL", show_envvar=True,
-                help="Meta's signed download URL (with the '*' placeholder). Prefer the environment variable "
-                     "(e.g. from a Kubernetes Secret): a flag is echoed by Ray's job log."),
-        option("--download_directory", default=None,
-                help="With --meta_url: stage the raw files here (local dir or gs://) before converting; "
-                     "default with --bucket_name: gs://<bucket>/base/<model>. Without it, stream from the URL."),
-        option("--synthetic", default=None, metavar="PRESET",
-                help="Use a built-in synthetic checkpoint (demo, 405b-2gb) as input."),
-        option("--num_kv_heads", type=int, default=None,
-                help="Real kv-head count when params.json counts repeated heads and --model_path is not given."),
-        option("--http_timeout_s", type=float, default=None, envvar="RAYCONV_HTTP_TIMEOUT_S", show_envvar=True,
-                callback=_http_timeout, expose_value=False,
-                help="With --meta_url: seconds without a byte from the server before a read is retried "
-                     "(each retry is logged with the file and byte range). Default 60."),
-        SOURCE_FORMAT,
-    ]):
+def _stack(fn: Callable, decorators: list[Callable]) -> Callable:
+    """Apply option decorators so they show in ``--help`` in list order (click lists the innermost last)."""
+    for decorator in reversed(decorators):
         fn = decorator(fn)
     return fn
+
+
+def input_options(fn: Callable) -> Callable:
+    return _stack(fn, [
+        option("--model_name", default=None, help="llama-2, llama-3, llama-3.1 or llama-3.3."),
+        option("--model_path", default=None,
+               help="Meta model descriptor, e.g. Llama3.1-405B-Instruct:bf16-mp16 (sets family, size, shard count)."),
+        option("--input_directory", default=None,
+               help="Directory (local or gs://bucket/prefix) holding a Meta checkpoint (consolidated.NN.pth, "
+                    "params.json) or a Hugging Face one (config.json, *.safetensors)."),
+        option("--meta_url", default=None, envvar="RAYCONV_META_URL", show_envvar=True,
+               help="Meta's signed download URL (with the '*' placeholder). Prefer the environment variable "
+                    "(e.g. from a Kubernetes Secret): a flag is echoed by Ray's job log."),
+        option("--download_directory", default=None,
+               help="With --meta_url: stage the raw files here (local dir or gs://) before converting; "
+                    "default with --bucket_name: gs://<bucket>/base/<model>. Without it, stream from the URL."),
+        option("--synthetic", default=None, metavar="PRESET",
+               help="Use a built-in synthetic checkpoint (demo, 405b-2gb) as input."),
+        option("--num_kv_heads", type=int, default=None,
+               help="Real kv-head count when params.json counts repeated heads and --model_path is not given."),
+        option("--http_timeout_s", type=float, default=None, envvar="RAYCONV_HTTP_TIMEOUT_S", show_envvar=True,
+               callback=_http_timeout, expose_value=False,
+               help="With --meta_url: seconds without a byte from the server before a read is retried "
+                    "(each retry is logged with the file and byte range). Default 60."),
+        SOURCE_FORMAT,
+    ])
 
 
 def engine_options(fn: Callable) -> Callable:
-    for decorator in reversed([
+    return _stack(fn, [
         option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
-                help="ray: worker actors on local or existing Ray; local: this process, one unit at a time."),
+               help="ray: worker actors on local or existing Ray; local: this process, one unit at a time."),
         option("--address", default=None, help="Ray cluster address (e.g. auto inside a Ray job). "
-                                                 "Default: start Ray locally."),
+                                                "Default: start Ray locally."),
         option("--num_workers", type=int, default=None, help="Worker actors (default: CPUs / memory allow)."),
         option("--worker_memory_gb", type=float, default=4.0, show_default=True,
-                help="Memory each worker actor reserves; the planner cuts work to fit it."),
+               help="Memory each worker actor reserves; the planner cuts work to fit it."),
         option("--worker_start_timeout", type=float, default=600.0, show_default=True,
-                help="Seconds to wait for worker actors to be scheduled (e.g. while a cluster scales up); "
-                     "then continue with those that started, or fail if none did."),
-    ]):
-        fn = decorator(fn)
-    return fn
+               help="Seconds to wait for worker actors to be scheduled (e.g. while a cluster scales up); "
+                    "then continue with those that started, or fail if none did."),
+    ])
 
 
 def output_options(fn: Callable) -> Callable:
-    for decorator in reversed([
+    return _stack(fn, [
         option("--bucket_name", default=None, help="GCS bucket; output defaults to gs://<bucket>/<model>."),
         option("--output_directory", default=None, help=f"Output root (local or gs://). Default ./{DEFAULT_OUTPUT}."),
         option("--inference_server", default="jetstream-maxtext", show_default=True,
-                help="Target server: jetstream-maxtext (classic trees) or maxtext (MaxText >= 0.2.5, NNX trees)."),
+               help="Target server: jetstream-maxtext (classic trees) or maxtext (MaxText >= 0.2.5, NNX trees)."),
         option("--maxtext_layout", type=click.Choice(["linen", "nnx"]), default=None, help=MAXTEXT_LAYOUT_HELP),
         option("--quantize_type", default=None, help="int8 (AQT weights + dynamic activations), int8w or int4w."),
         option("--quantize_weights", type=click.BOOL, default=None, help="True to also write <out>/int8."),
         option("--skip_scanned", is_flag=True, help="Only the unscanned (serving) bf16 checkpoint, not the scanned one."),
         option("--restart", is_flag=True, help="Discard a partial or earlier output at the destination and start over."),
         option("--compression", type=click.Choice(["none", "zstd"]), default="none", show_default=True,
-                help="zarr codec for the arrays (weights compress little)."),
+               help="zarr codec for the arrays (weights compress little)."),
         option("--skip_md5", is_flag=True,
-                help="Do not check the input files against the checklist.chk next to them (one extra read of each "
-                     "file; every tensor's CRC-32 is checked either way)."),
-    ]):
-        fn = decorator(fn)
-    return fn
+               help="Do not check the input files against the checklist.chk next to them (one extra read of each "
+                    "file; every tensor's CRC-32 is checked either way)."),
+    ])
 
 
 def convert_options(fn: Callable) -> Callable:
     """Every flag of ``convert``. ``plan`` takes them all too, so the same command line plans what it converts."""
-    for decorator in reversed([
+    return _stack(fn, [
         input_options, output_options, engine_options,
         option("--no_progress", is_flag=True, help="No progress bar / status lines."),
         click.option("--verbose", "-v", is_flag=True),
-    ]):
-        fn = decorator(fn)
-    return fn
+    ])
+
+
+#: The wall-time model's rates a user may override: rayconv.engine.planning.Environment field → help text.
+RATE_FLAGS = {
+    "workers_per_vm": "Workers sharing one VM's network.",
+    "vm_gbps": "Network bandwidth of one VM, each direction, Gbit/s.",
+    "gcs_read_gbps": "Cloud Storage read bandwidth quota of the bucket's region, Gbit/s.",
+    "gcs_writes_per_s": "Object writes per second the output bucket accepts.",
+    "gcs_object_writes_per_s": "Writes per second Cloud Storage accepts to one object name (each commit rewrites a "
+                               "manifest).",
+    "meta_mb_s": "Rate of one connection to Meta's signed URL, MB/s.",
+}
 
 
 def plan_options(fn: Callable) -> Callable:
@@ -121,26 +132,14 @@ def plan_options(fn: Callable) -> Callable:
     from rayconv.engine.planning import Environment
 
     env = Environment()
-    for decorator in reversed([
+    return _stack(fn, [
         option("--simulate", is_flag=True,
-                help="Plan from --model_path's published dimensions without reading any file (e.g. 405B)."),
+               help="Plan from --model_path's published dimensions without reading any file (e.g. 405B)."),
         click.option("--json", "json_output", is_flag=True, help="Print the report as JSON (for machines)."),
         option("--throughput_mb_s", type=float, default=env.worker_mb_s, show_default=True,
-                help="Per-worker conversion rate, input MB/s (measured at the 405B's real widths; docs/benchmarks.md)."),
+               help="Per-worker conversion rate, input MB/s (measured at the 405B's real widths; docs/benchmarks.md)."),
         click.option("--source", "source_kind", type=click.Choice(["gcs", "meta", "local"]), default=None,
                 help="Where the shards are read from, for the estimate (default: from the input; gcs with --simulate)."),
-        option("--workers_per_vm", type=int, default=env.workers_per_vm, show_default=True,
-                help="Workers sharing one VM's network."),
-        option("--vm_gbps", type=float, default=env.vm_gbps, show_default=True,
-                help="Network bandwidth of one VM, each direction, Gbit/s."),
-        option("--gcs_read_gbps", type=float, default=env.gcs_read_gbps, show_default=True,
-                help="Cloud Storage read bandwidth quota of the bucket's region, Gbit/s."),
-        option("--gcs_writes_per_s", type=float, default=env.gcs_writes_per_s, show_default=True,
-                help="Object writes per second the output bucket accepts."),
-        option("--gcs_object_writes_per_s", type=float, default=env.gcs_object_writes_per_s, show_default=True,
-                help="Writes per second Cloud Storage accepts to one object name (each commit rewrites a manifest)."),
-        option("--meta_mb_s", type=float, default=env.meta_mb_s, show_default=True,
-                help="Rate of one connection to Meta's signed URL, MB/s."),
-    ]):
-        fn = decorator(fn)
-    return fn
+        *(option(f"--{field}", type=type(getattr(env, field)), default=getattr(env, field), show_default=True,
+                 help=text) for field, text in RATE_FLAGS.items()),
+    ])

@@ -23,7 +23,7 @@ SERVER_LAYOUTS = {"jetstream-maxtext": "linen", "maxtext": "nnx"}
 
 
 def resolve_input(model_name, model_path, input_directory, meta_url, download_directory, synthetic,
-                   bucket_name) -> tuple[dict[str, str], str, str | None, str | None, int | None]:
+                  bucket_name) -> tuple[dict[str, str], str, str | None, str | None, int | None]:
     """→ (files, display, model_name, model_path, kv_heads)"""
     from rayconv.source.checkpoint import list_input
 
@@ -97,7 +97,7 @@ def output_kinds(quantize_type: str | None, quantize_weights: bool | None, skip_
 
 
 def default_output(output_directory: str | None, bucket_name: str | None, model_path: str | None,
-                    model_name: str | None) -> str:
+                   model_name: str | None) -> str:
     if output_directory:
         return output_directory
     if bucket_name:
@@ -106,7 +106,7 @@ def default_output(output_directory: str | None, bucket_name: str | None, model_
 
 
 def check_engine_flags(num_workers: int | None, worker_memory_gb: float | None, num_kv_heads: int | None,
-                        worker_start_timeout: float | None = None) -> None:
+                       worker_start_timeout: float | None = None) -> None:
     """Numbers the planner divides by or sizes memory with: refused up front, before Ray starts."""
     if num_workers is not None and num_workers < 1:
         raise ConversionError(f"--num_workers must be at least 1, got {num_workers}")
