@@ -294,6 +294,32 @@ def test_local_input_md5_checked_against_checklist(tmp_path):
     assert "--skip_md5" in skipped.stderr and "md5 of" not in skipped.stderr
 
 
+def test_resume_does_not_hash_unchanged_input_again(tmp_path):
+    """An interrupted 405B run must not cost another 820 GB md5 pass on resume: the ledger remembers which files
+    (by size, mtime, inode) matched checklist.chk; a file changed since is hashed again."""
+    src = write_checkpoint(TINY, tmp_path / "ckpt")
+    out = tmp_path / "out"
+    args = ("convert", "--input_directory", str(src), "--model_name", "llama-3.1", "--executor", "local",
+            "--no_progress", "--skip_scanned", "--output_directory", str(out))
+    killed = run_cli(*args, env=dict(os.environ, RAYCONV_TEST_STOP_AFTER="units:1"))
+    assert killed.returncode == 99 and "md5 of 3 files matches checklist.chk" in killed.stderr, killed.stderr[-3000:]
+    assert not any(out.rglob("commit_success.txt"))
+
+    resumed = run_cli(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "not hashed again" in resumed.stderr and "Checking md5" not in resumed.stderr, resumed.stderr[-3000:]
+    assert "Resuming" in resumed.stderr
+
+    stat = (src / SHARD).stat()  # the same bytes, touched: no longer known to be the bytes that were hashed
+    os.utime(src / SHARD, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    again = run_cli(*args)
+    assert again.returncode == 0 and "md5 of 3 files matches checklist.chk" in again.stderr, again.stderr[-3000:]
+
+    break_checklist(src, SHARD)  # the checklist changed: its new sums are checked, and this one is wrong
+    line = error_line(run_cli(*args))
+    assert SHARD in line and "md5 mismatch" in line, line
+
+
 def test_gs_input_md5_from_object_metadata(tmp_path, gcs_prefix, caplog):
     src = write_checkpoint(TINY, tmp_path / "ckpt")
     for path in src.iterdir():

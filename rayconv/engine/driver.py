@@ -12,8 +12,8 @@ import time
 from typing import Any
 
 from rayconv.checksum import crc_check, crc_error
-from rayconv.engine.ledger import (COMMITTED, COMMITTING, Ledger, relative, remove_output, restart_targets, resumable,
-                                   source_digest, source_identities, unit_shards)
+from rayconv.engine.ledger import (COMMITTED, COMMITTING, Ledger, file_identities, relative, remove_output,
+                                   restart_targets, resumable, source_digest, source_identities, unit_shards)
 from rayconv.errors import OutputError
 from rayconv.job import (COMMIT_BATCH_BYTES, ConvertOptions, budgets, make_plan, open_checkpoint, piece_budget,
                          resume_options)
@@ -128,28 +128,49 @@ def compatibility_note(plan: Plan) -> str:
             "do not: convert again with --maxtext_layout linen for them")
 
 
+def _check_md5(checkpoint: MetaCheckpoint, options: ConvertOptions) -> dict[str, str]:
+    """Check the files convert reads against the input's checklist.chk, unless an earlier run into this output
+    already did and none has changed since. → byte identities of the files found good, taken before hashing
+    (recorded in the ledger once the output is locked), or {} when there is no checklist."""
+    from rayconv.source.hashing import CHECKLIST, verify_input
+
+    out = Location.parse(options.output)
+    out.check_writable()  # fail fast, before a long md5 pass
+    read = set(checkpoint.shards)
+    files = checkpoint.files  # the folder actually opened (a Hub snapshot's original/, say)
+    names = ["params.json", *(name for name, uri in files.items() if uri in read)]
+    if CHECKLIST not in files:
+        verify_input(files, options.input_display, names)  # says why nothing is checked
+        return {}
+    identities = file_identities({name: files[name] for name in (*names, CHECKLIST) if name in files})
+    if Ledger(out).md5_unchanged(identities):
+        LOG.info("md5 of %d files was checked against %s by an earlier run into this output, and none has changed "
+                 "since (size, mtime and inode; GCS generation): not hashed again", len(names), CHECKLIST)
+        return identities
+    verify_input(files, options.input_display, names)
+    return identities
+
+
 def convert(options: ConvertOptions) -> ConvertResult:
     start = time.monotonic()
     started_ns = time.time_ns()
     timer = PhaseTimer()
+    md5_checked: dict[str, str] = {}
     LOG.info("Reading checkpoint index from %s", options.input_display)
     checkpoint = open_checkpoint(options)
     timer.lap("index")
     if options.verify_md5 and source_format(checkpoint.spec) == "hf":
         LOG.info("Hugging Face checkpoint: no checklist.chk to check md5 against, and safetensors have no CRCs")
     elif options.verify_md5:
-        from rayconv.source.hashing import verify_input
-
-        Location.parse(options.output).check_writable()  # fail fast, before a long md5 pass
-        read = set(checkpoint.shards)
-        files = checkpoint.files  # the folder actually opened (a Hub snapshot's original/, say)
-        verify_input(files, options.input_display,
-                     ["params.json", *(name for name, uri in files.items() if uri in read)])
+        md5_checked = _check_md5(checkpoint, options)
         timer.lap("md5")
     spec = checkpoint.spec
-    LOG.info("Model %s: %d layers, dim %d, %d heads, %d kv heads (params.json says %d), ffn %d, vocab %d, "
-             "%d shards, %s", spec.maxtext_name, spec.n_layers, spec.dim, spec.n_heads, spec.n_kv_heads,
-             spec.params_kv_heads, spec.ffn_dim, spec.vocab_size, spec.n_shards, human_bytes(checkpoint.nbytes))
+    hf = source_format(spec) == "hf"  # one logical shard in many files, kv heads stored once, config.json
+    kv = "" if hf or spec.params_kv_heads == spec.n_kv_heads else f" (params.json says {spec.params_kv_heads})"
+    LOG.info("Model %s: %d layers, dim %d, %d heads, %d kv heads%s, ffn %d, vocab %d, %s, %s",
+             spec.maxtext_name, spec.n_layers, spec.dim, spec.n_heads, spec.n_kv_heads, kv, spec.ffn_dim,
+             spec.vocab_size, f"{len(checkpoint.shards)} safetensors files" if hf else f"{spec.n_shards} shards",
+             human_bytes(checkpoint.nbytes))
     if checkpoint.fp8:
         LOG.info("Source is Meta's FP8 SKU: FFN weights of layers 1..%d are float8 with row scales, dequantized to "
                  "bf16 on the fly; the bf16 outputs hold these FP8-rounded weights (not the original bf16 model) "
@@ -158,13 +179,13 @@ def convert(options: ConvertOptions) -> ConvertResult:
     out.check_writable()
     lock = OutputLock(out).acquire()
     try:
-        return _convert_locked(options, checkpoint, out, lock, start, started_ns, timer)
+        return _convert_locked(options, checkpoint, out, lock, start, started_ns, timer, md5_checked)
     finally:
         lock.release()
 
 
 def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Location, lock: OutputLock,
-                    start: float, started_ns: int, timer: PhaseTimer) -> ConvertResult:
+                    start: float, started_ns: int, timer: PhaseTimer, md5_checked: dict[str, str]) -> ConvertResult:
     spec = checkpoint.spec
     ledger = Ledger(out)
     if not options.restart:
@@ -181,6 +202,8 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
               "quantize_type": plan.quantize_type, "compression": options.compression,
               "outputs": {k: relative(out, layouts[k].final_root) for k in plan.kinds}}
     record = _prepare_output(out, ledger, layouts, plan, options.restart, summary, started_ns, fields)
+    if md5_checked:
+        ledger.record_md5(md5_checked)  # a resume after an interruption need not hash the input again
     started_ns = record.get("started_ns", started_ns)
     committed = [k for k in plan.kinds if ledger.commit_state(k) == COMMITTED]
     pending = [k for k in plan.kinds if k not in committed]

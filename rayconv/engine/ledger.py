@@ -13,6 +13,9 @@ Everything lives next to the output so a rerun resumes (``<out>/.rayconv/``):
 * ``commits/<kind>.json``: ``committing`` is written before the first step of an output's commit
   makes anything visible, ``committed`` after its last; see :mod:`rayconv.sink.commit` and the state
   machine in docs/architecture.md.
+* ``md5.json``: the byte identity of each input file whose md5 matched ``checklist.chk`` (and of the
+  checklist itself), so a resumed 820 GB conversion does not read its input once more to hash files
+  that have not changed since (:meth:`Ledger.md5_unchanged`).
 * ``lock``: the output lock (:mod:`rayconv.sink.lock`); ``--restart`` clears everything but it.
 
 Also here: which recorded units a resume may keep (:func:`resumable`) and what ``--restart``
@@ -152,6 +155,20 @@ class Ledger:
     def mark_committed(self, kind: str, final: str = "") -> None:
         self.set_commit_state(kind, COMMITTED, final)
 
+    # md5 of the input ---------------------------------------------------------------------
+
+    def md5_unchanged(self, identities: dict[str, str]) -> bool:
+        """Whether an earlier run into this output found these files' md5 right while they had exactly these byte
+        identities (:func:`file_identities`). Read without the output lock: a wrong "no" only costs a hashing
+        pass, and a record is only trusted when every file's identity matches."""
+        data = self.root.read_bytes("md5.json")
+        recorded = (_json_object(data) or {}).get("files") if data is not None else None
+        return recorded == identities and all(identities.values())
+
+    def record_md5(self, identities: dict[str, str]) -> None:
+        """Remember that the files with these identities (taken before they were hashed) matched their md5."""
+        self.root.write_bytes("md5.json", json.dumps({"files": identities, "time": time.time()}).encode())
+
     def clear(self) -> None:
         """Forget this output's conversion (``--restart``); the lock stays, it is ours."""
         self.root.join("receipts").delete_all()
@@ -192,6 +209,12 @@ def _byte_identity(uri: str) -> str:
     except OSError:
         return ""
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
+def file_identities(files: dict[str, str]) -> dict[str, str]:
+    """name → byte identity of each uri (concurrently: on GCS each is a metadata request); "" where unknown."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        return dict(zip(files, pool.map(_byte_identity, files.values())))
 
 
 def source_identities(checkpoint: MetaCheckpoint) -> list[str]:
