@@ -131,6 +131,19 @@ def compose(bucket: str, sources: list[str], dest: str, *, scratch_prefix: str) 
     delete_objects(bucket, temps)
 
 
+def list_folders(bucket: str, prefix: str) -> list[str]:
+    """Names of the "folders" directly under ``prefix`` (one delimiter listing, not every object below)."""
+    uri = f"gs://{bucket}/{prefix}"
+
+    def folders() -> list[str]:
+        pages = client().list_blobs(bucket, prefix=prefix, delimiter="/")
+        for _ in pages:  # the prefixes are filled in while the pages are read
+            pass
+        return sorted(p[len(prefix):].rstrip("/") for p in pages.prefixes)
+
+    return _gcs_call("folder", uri, folders, OutputError)
+
+
 def delete_objects(bucket: str, names: list[str]) -> None:
     """Delete objects; absent ones are not an error."""
     from google.api_core import exceptions as gexc

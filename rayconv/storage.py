@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import tensorstore as ts
 
 from rayconv.errors import OutputError, one_line_reason
-from rayconv.gcs_api import object_info, parse_gs
+from rayconv.gcs_api import list_folders, object_info, parse_gs
 from rayconv.process_local import per_process
 
 #: Per process (tensorstore handles do not survive a fork): one Context, the kvstores opened in it.
@@ -140,6 +140,14 @@ class Location:
         store = self._kvstore()
         keys = store.list(_prefix_range(prefix) if prefix else None).result()
         return sorted(k.decode() if isinstance(k, bytes) else k for k in keys)
+
+    def list_folders(self) -> list[str]:
+        """Names of the directories directly under this location (on GCS: the common prefixes)."""
+        if self.is_local:
+            if not os.path.isdir(self.path):
+                return []
+            return sorted(e.name for e in os.scandir(self.path) if e.is_dir(follow_symlinks=False))
+        return list_folders(self.bucket, self.path.rstrip("/") + "/" if self.path else "")
 
     def size(self, key: str) -> int | None:
         """Object size in bytes, or None when it does not exist (gs://: object metadata only)."""

@@ -130,6 +130,31 @@ def test_interrupted_commit_resumes_gcs(src, uninterrupted, tmp_path, gcs_prefix
     interrupted_then_resumed(src, gcs_prefix, stops, uninterrupted, tmp_path)
 
 
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_databases_no_receipt_names_are_removed_before_the_markers(src, uninterrupted, tmp_path, where, request):
+    """A unit attempt that was retried or killed leaves a child database no receipt names; the root never
+    references it, so it is storage nobody reads — on GCS, inside the final checkpoint. The commit removes it."""
+    from rayconv import trees
+    from rayconv.engine.ledger import Ledger
+    from rayconv.sink.layout import DB_PREFIX, output_layouts
+
+    out = Location.parse(str(tmp_path / "out")) if where == "local" else request.getfixturevalue("gcs_prefix")
+    killed = cli(src, out.uri, stop="units:1")
+    assert killed.returncode == STOP_EXIT_CODE, killed.stderr[-3000:]
+    layouts = output_layouts(out, "int8", trees.LINEN)
+    for kind in KINDS:  # a complete database under a name no receipt has: the worst case, it looks legitimate
+        item = layouts[kind].item(staging=True)
+        real = next(name for name in item.list_folders() if name.startswith(DB_PREFIX))
+        for key in item.join(real).list_keys():
+            item.join(f"{DB_PREFIX}stale{kind}").write_bytes(key, item.join(real).read_bytes(key))
+    resume(src, out)
+    assert_complete(out, uninterrupted, tmp_path)
+    named = [receipt.dbs for receipt, _ in Ledger(out).receipts().values()]
+    for kind in KINDS:
+        folders = {name for name in out.join(ITEMS[kind]).list_folders() if name.startswith(DB_PREFIX)}
+        assert folders == {DB_PREFIX + dbs[kind] for dbs in named}, kind
+
+
 def test_unwritable_destination_fails_in_one_line_and_keeps_finished_outputs(src, uninterrupted, tmp_path):
     out = tmp_path / "out"
     assert cli(src, str(out), stop="intent").returncode == STOP_EXIT_CODE

@@ -33,8 +33,9 @@ import numpy as np
 import tensorstore as ts
 
 from rayconv.plan import ArraySpec
-from rayconv.sink.layout import OutputLayout, array_spec, ocdbt_kvstore
+from rayconv.sink.layout import DB_PREFIX, OutputLayout, array_spec, ocdbt_kvstore
 from rayconv.errors import OutputError, one_line_reason
+from rayconv.progress import LOG
 from rayconv.storage import Location, output_errors
 
 # Tree paths and Orbax's JSON depend on the MaxText layout: see rayconv.trees (OutputLayout.tree).
@@ -100,11 +101,23 @@ def fresh_root(item: Location) -> None:
     item.join("d").delete_all()
 
 
+def drop_unreferenced(item: Location, dbs: Iterable[str]) -> list[str]:
+    """Delete the child databases no receipt names: attempts of a unit that was retried, or that was running
+    when a run was killed. The root only references the named ones, so the rest is storage nobody reads (on
+    GCS, where the output is built in place, it would stay in the final checkpoint). Runs after the merge and
+    before the markers, so a complete output never holds any, and a rerun simply deletes what is left."""
+    keep = {f"{DB_PREFIX}{db}" for db in dbs}
+    stale = [name for name in item.list_folders() if name.startswith(DB_PREFIX) and name not in keep]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(lambda name: item.join(name).delete_all(), stale))
+    return stale
+
+
 def missing_databases(item: Location, dbs: Iterable[str]) -> list[str]:
     """Child databases (named by receipts) whose manifest is not in ``item``."""
     dbs = list(dbs)
     with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
-        present = list(pool.map(lambda db: item.exists(f"ocdbt.process_{db}/manifest.ocdbt"), dbs))
+        present = list(pool.map(lambda db: item.exists(f"{DB_PREFIX}{db}/manifest.ocdbt"), dbs))
     return [db for db, ok in zip(dbs, present) if not ok]
 
 
@@ -165,9 +178,13 @@ def _build(layout: OutputLayout, arrays: list[ArraySpec], dbs: list[str], *, com
     with output_errors(item):
         missing = missing_databases(item, dbs)
         if missing:
-            raise OutputError(f"{item.uri}/ocdbt.process_{missing[0]} is missing ({len(missing)} of the units' "
+            raise OutputError(f"{item.uri}/{DB_PREFIX}{missing[0]} is missing ({len(missing)} of the units' "
                               "databases are): rerun to redo those units")
         merge_databases(item, arrays, dbs, with_step=layout.step_leaf, compression=compression)
+        stale = drop_unreferenced(item, dbs)
+        if stale:
+            LOG.info("%s: removed %d database(s) of unit attempts no receipt names (retried or interrupted units)",
+                     item.uri, len(stale))
     stop_point("merge", kind)
     item.write_bytes("_METADATA", json.dumps(tree.tree_metadata(kind, arrays)).encode())
     item.write_bytes("_sharding", json.dumps(tree.sharding_file(arrays)).encode())

@@ -30,6 +30,9 @@ from rayconv import trees
 from rayconv.plan import ArraySpec
 from rayconv.storage import Location
 
+#: Directory prefix of a unit's child database under an item (Orbax names its per-process ones the same way).
+DB_PREFIX = "ocdbt.process_"
+
 TMP_SUFFIX = ".orbax-checkpoint-tmp-rayconv"
 
 #: Orbax's OCDBT settings (``tensorstore_utils.add_ocdbt_write_options``); children and root share them.
@@ -86,7 +89,7 @@ def output_layouts(out: Location, quantize_type: str | None = None,
 
 
 def ocdbt_kvstore(item: Location, db: str | None = None) -> dict[str, Any]:
-    base = item.join(f"ocdbt.process_{db}") if db else item
+    base = item.join(f"{DB_PREFIX}{db}") if db else item
     return {"driver": "ocdbt", "base": base.kvstore_spec(), "config": OCDBT_CONFIG}
 
 
