@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from rayconv import mapping, trees
-from rayconv.engine.ledger import COMMITTED, COMMITTING, Ledger, unit_shards
+from rayconv.engine.ledger import COMMITTED, COMMITTING, Ledger, unit_sources
 from rayconv.engine.planning import simulated_indexes
 from rayconv.job import ConvertOptions, budgets, make_plan, piece_budget
 from rayconv.models import resolve_spec
@@ -243,10 +243,10 @@ def test_ledger_records_reloads_forgets_and_commits(tmp_path):
                         [(r.shard, r.tensor, r.offset, r.length, 99) for p in u.pieces for r in p.reads])
                 for u in plan.units[:3]]
     for receipt in receipts:
-        ledger.record(receipt, {s: f"id{s}" for s in unit_shards(plan.units[0])})
+        ledger.record(receipt, {k: f"id{k}" for k in unit_sources(plan.units[0])})
     loaded = Ledger(out).receipts()
     assert {u: r for u, (r, _) in loaded.items()} == {r.unit: r for r in receipts}  # crcs survive JSON as tuples
-    assert loaded[receipts[0].unit][1] == {str(s): f"id{s}" for s in unit_shards(plan.units[0])}
+    assert loaded[receipts[0].unit][1] == {k: f"id{k}" for k in unit_sources(plan.units[0])}
 
     ledger.forget([receipts[1].unit])
     assert set(Ledger(out).receipts()) == {receipts[0].unit, receipts[2].unit}

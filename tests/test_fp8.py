@@ -153,6 +153,36 @@ def test_fp8_source_converts_to_the_dequantized_bf16_conversion(fp8_out, bf16_re
     assert not differing, differing[:5]
 
 
+def test_replaced_scale_file_reruns_exactly_the_units_that_read_it(tmp_path, fp8_src, fp8_out):
+    """Receipts name the FP8 scale files they read next to the shards: a re-downloaded fp8_scales_{r}.pt (a new
+    file) makes the units that read it run again on resume, and only those."""
+    from rayconv.engine.ledger import Ledger, unit_sources
+    from rayconv.job import ConvertOptions, make_plan, open_checkpoint
+    from rayconv.sink.commit import STOP_EXIT_CODE
+    from rayconv.source.checkpoint import list_input
+    from rayconv.storage import Location
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    shutil.copytree(fp8_src, src)
+    args = ("--input_directory", str(src), "--model_path", FP8_PATH, "--output_directory", str(out),
+            "--quantize_type", "int8", "--quantize_weights", "True")
+    stopped = run_convert_cli(*args, env={"RAYCONV_TEST_STOP_AFTER": "intent"})  # every unit recorded, no commit
+    assert stopped.returncode == STOP_EXIT_CODE, stopped.stderr[-3000:]
+    options = ConvertOptions(files=list_input(str(src)), input_display=str(src), output=str(out),
+                             model_path=FP8_PATH, kinds=KINDS, quantize_type="int8")
+    plan = make_plan(open_checkpoint(options), options)
+    readers = {u.id for u in plan.units if "scale:1" in unit_sources(u)}
+    assert 0 < len(readers) < len(plan.units) and len(Ledger(Location.parse(str(out))).receipts()) == len(plan.units)
+
+    scale = src / "fp8_scales_1.pt"
+    shutil.copy(scale, tmp_path / "copy.pt")
+    (tmp_path / "copy.pt").replace(scale)  # the same bytes, another file: as a re-download leaves it
+    result = run_convert(src, out, model_path=FP8_PATH, kinds=KINDS, quantize_type="int8", executor="local")
+    assert result.units_run == len(readers) and result.units_skipped == len(plan.units) - len(readers)
+    reference = leaves(fp8_out[0])
+    assert leaves(out) == reference
+
+
 def test_fp8_source_on_ray_with_row_by_one_scales(tmp_path, fp8_src, bf16_reference, ray_session):
     """The same on Ray, with scales saved as [rows, 1] (the note says to accept both shapes)."""
     src = tmp_path / "in"

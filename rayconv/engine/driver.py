@@ -13,7 +13,8 @@ from typing import Any
 
 from rayconv.checksum import crc_check, crc_error
 from rayconv.engine.ledger import (COMMITTED, COMMITTING, Ledger, file_identities, relative, remove_output,
-                                   restart_targets, resumable, source_digest, source_identities, unit_shards)
+                                   read_identities, restart_targets, resumable, source_digest, source_identities,
+                                   unit_sources)
 from rayconv.errors import OutputError
 from rayconv.job import (COMMIT_BATCH_BYTES, ConvertOptions, budgets, make_plan, open_checkpoint, piece_budget,
                          resume_options)
@@ -196,9 +197,10 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
              summary["pieces"], human_bytes(summary["largest_piece_bytes"]), ", ".join(plan.kinds))
 
     layouts = output_layouts(out, plan.quantize_type, plan.tree)
-    identities = source_identities(checkpoint)
+    shard_identities = source_identities(checkpoint)
+    identities = read_identities(plan, shard_identities)
     piece_bytes, unit_bytes = budgets(options)
-    fields = {"source": source_digest(identities), "piece_budget": piece_bytes, "unit_budget": unit_bytes,
+    fields = {"source": source_digest(shard_identities), "piece_budget": piece_bytes, "unit_budget": unit_bytes,
               "quantize_type": plan.quantize_type, "compression": options.compression,
               "outputs": {k: relative(out, layouts[k].final_root) for k in plan.kinds}}
     record = _prepare_output(out, ledger, layouts, plan, options.restart, summary, started_ns, fields)
@@ -235,7 +237,7 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
             executor.start(ctx)
             timer.lap("ray start")
             for n, receipt in enumerate(executor.run(ctx, todo), 1):
-                ledger.record(receipt, {s: identities[s] for s in unit_shards(units[receipt.unit])})
+                ledger.record(receipt, {k: identities[k] for k in unit_sources(units[receipt.unit])})
                 receipts.append(receipt)
                 progress.update(receipt.bytes_read, 1)
                 stop_point("units", str(n))

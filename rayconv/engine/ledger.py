@@ -129,7 +129,8 @@ class Ledger:
             loaded = [r for r in pool.map(load, keys) if r is not None]
         return {r.unit: (r, s) for r, s in loaded}
 
-    def record(self, receipt: Receipt, sources: dict[int, str] | None = None) -> None:
+    def record(self, receipt: Receipt, sources: dict[str, str] | None = None) -> None:
+        """``sources``: identity of every file the unit read, by ledger name (:func:`unit_sources`)."""
         data = receipt.to_json()
         data["sources"] = {str(k): v for k, v in (sources or {}).items()}
         self.root.write_bytes(f"receipts/{receipt.unit}.json", json.dumps(data).encode())
@@ -181,9 +182,31 @@ class Ledger:
 # Source identity ---------------------------------------------------------------------------
 
 
-def unit_shards(unit: Unit) -> set[int]:
-    """The shards a unit reads (its receipt is valid while these are the same bytes)."""
-    return {r.shard for p in unit.pieces for r in (*p.reads, *p.duplicates)}
+def unit_sources(unit: Unit) -> set[str]:
+    """The files a unit reads, as the ledger names them: shard ``"3"`` (file index in the plan), FP8 scale file
+    ``"scale:3"`` (its receipt is valid while every one of these is the same bytes)."""
+    keys: set[str] = set()
+    for piece in unit.pieces:
+        for read in (*piece.reads, *piece.duplicates):
+            keys.add(str(read.shard))
+            if read.scale is not None:
+                keys.add(f"scale:{read.scale.file}")
+    return keys
+
+
+def read_identities(plan: Plan, identities: Sequence[str]) -> dict[str, str]:
+    """Every file the plan reads, by ledger name (:func:`unit_sources`) → its identity: the shards' as
+    :func:`source_identities` gives them, the FP8 scale files' byte identities (their own CRCs are checked
+    when they are read)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        scales = list(pool.map(_byte_identity, plan.scale_files))
+    return {**{str(i): ident for i, ident in enumerate(identities)},
+            **{f"scale:{i}": ident for i, ident in enumerate(scales)}}
+
+
+def _file_name(plan: Plan, key: str) -> str:
+    uri = plan.scale_files[int(key[6:])] if key.startswith("scale:") else plan.shards[int(key)]
+    return uri.split("?", 1)[0].rsplit("/", 1)[-1]
 
 
 def _index_digest(index: dict[str, TensorInfo]) -> str:
@@ -234,27 +257,28 @@ def source_digest(identities: list[str]) -> str:
 # Resume and restart ----------------------------------------------------------------------
 
 
-def resumable(ledger: Ledger, plan: Plan, identities: Sequence[str], layouts: dict[str, OutputLayout],
+def resumable(ledger: Ledger, plan: Plan, identities: dict[str, str], layouts: dict[str, OutputLayout],
               to_build: Sequence[str]) -> dict[str, Receipt]:
-    """Recorded receipts still valid: every shard the unit read is the same bytes (else it is run
-    again — a re-downloaded shard is re-read), and its databases are there for the outputs to build."""
+    """Recorded receipts still valid: every file the unit read (:func:`read_identities`) is the same bytes (else
+    it is run again — a re-downloaded shard or scale file is re-read), and its databases are there for the
+    outputs to build."""
     recorded = ledger.receipts()
     done: dict[str, Receipt] = {}
-    changed: set[int] = set()
+    changed: set[str] = set()
     rerun = 0
     for unit in plan.units:
         if unit.id not in recorded:
             continue
         receipt, sources = recorded[unit.id]
-        stale = [s for s in unit_shards(unit) if sources.get(str(s)) != identities[s]]
+        stale = [k for k in unit_sources(unit) if sources.get(k) != identities[k]]
         if stale:
             changed.update(stale)
             rerun += 1
             continue
         done[unit.id] = receipt
     if rerun:
-        names = ", ".join(plan.shards[s].split("?", 1)[0].rsplit("/", 1)[-1] for s in sorted(changed)[:3])
-        LOG.info("%d finished unit(s) read shards that changed since (%s%s): running them again", rerun, names,
+        names = ", ".join(sorted(_file_name(plan, k) for k in changed)[:3])
+        LOG.info("%d finished unit(s) read files that changed since (%s%s): running them again", rerun, names,
                  ", …" if len(changed) > 3 else "")
     for kind in to_build:
         item = layouts[kind].item(staging=True)
