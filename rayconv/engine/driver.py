@@ -15,7 +15,7 @@ from rayconv.checksum import crc_check, crc_error
 from rayconv.engine.ledger import (COMMITTED, COMMITTING, Ledger, relative, remove_output, restart_targets, resumable,
                                    source_digest, source_identities, unit_shards)
 from rayconv.errors import OutputError
-from rayconv.job import (COMMIT_BATCH_BYTES, ConvertOptions, budgets, make_plan, open_checkpoint, piece_budget,
+from rayconv.job import (ConvertOptions, budgets, commit_batch_bytes, make_plan, open_checkpoint,
                          resume_options)
 from rayconv.mapping import source_format
 from rayconv.plan import Plan, describe
@@ -207,7 +207,7 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
             LOG.info("Converting %s with %d %s worker(s)", human_bytes(sum(u.read_bytes for u in todo)),
                      executor.workers, executor.name)
             ctx = JobContext.create(dataclasses.replace(plan, kinds=tuple(to_build)), layouts, options.compression,
-                                    batch_bytes=min(COMMIT_BATCH_BYTES, piece_budget(options)))
+                                    batch_bytes=commit_batch_bytes(options))
             units = {u.id: u for u in todo}
             executor.start(ctx)
             timer.lap("ray start")
