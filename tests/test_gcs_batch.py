@@ -142,3 +142,30 @@ def test_gcs_conversion_commits_each_unit_database_less_often(tmp_path, gcs_pref
     for unit, commits in stored["local"].items():
         assert all(predicted["local"][unit] <= c <= 2 * predicted["local"][unit] for c in commits), (unit, commits)
     assert sum(predicted["local"].values()) > 5 * len(predicted["local"])  # the local rule: many more
+
+
+def test_gcs_output_planned_with_the_old_budget_asks_for_workers_that_hold_it():
+    """A gs:// output started before the batch reserve (pieces cut from all the usable memory) resumes with its
+    recorded plan only on workers that hold its pieces and the two batches; the one-line refusal names a budget
+    that does."""
+    import re
+
+    from rayconv.errors import OutputError
+    from rayconv.job import budgets, resume_options
+
+    model = "Llama3.1-405B-Instruct:bf16-mp16"
+    checkpoint = planning.simulated_checkpoint(None, model)
+    options = _options("gs://b/o", 4.0, model_path=model, kinds=("scanned", "unscanned", "int8"), quantize_type="int8")
+    old = budgets(_options("/tmp/out", 4.0))  # what the previous version planned for gs:// too
+    assert old != budgets(options)
+    recorded = make_plan(checkpoint, dataclasses.replace(options, piece_budget=old[0], unit_budget=old[1]))
+    record = {"piece_budget": old[0], "unit_budget": old[1], "fingerprint": recorded.fingerprint()}
+    with pytest.raises(OutputError) as info:
+        resume_options(options, checkpoint, record, Location.parse("gs://b/o"))
+    need = float(re.search(r"--worker_memory_gb ([0-9.]+)", str(info.value)).group(1))
+    assert need > 4.0
+    resumed = resume_options(dataclasses.replace(options, worker_memory_gb=need), checkpoint, record,
+                             Location.parse("gs://b/o"))
+    assert make_plan(checkpoint, resumed).fingerprint() == record["fingerprint"]
+    largest = planning.largest_piece(recorded)
+    assert planning.worker_memory_bytes(largest, batch_reserve_bytes(resumed)) <= need * GiB
