@@ -8,6 +8,7 @@ from the same options through these functions, so they cannot disagree about it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from rayconv.errors import OutputError, SpecError
@@ -21,9 +22,15 @@ GiB = 1 << 30
 #: Peak worker memory per piece byte: the read buffer, the transformed copy, float32 temporaries
 #: of the query scaling / int8 math and tensorstore's write buffer (measured; see docs/benchmarks.md).
 MEMORY_PER_PIECE_BYTE = 8
-#: Output bytes staged per OCDBT commit. Per-chunk commits cost ~20 fsyncs per MB of output; 64 MiB
-#: batches stall on one big write; 8-16 MiB measured fastest (docs/benchmarks.md).
+#: Output bytes staged per OCDBT commit on a local disk. Per-chunk commits cost ~20 fsyncs per MB of output;
+#: 64 MiB batches stall on one big write; 8-16 MiB measured fastest (docs/benchmarks.md).
 COMMIT_BATCH_BYTES = 16 << 20
+#: Output bytes staged per OCDBT commit on gs:// (see :func:`commit_batch_bytes`): a worker converting 95 MB/s
+#: of input (the per-worker rate measured at real widths) writes ~240 MB/s of output for three outputs, so
+#: 256 MiB batches commit each database about once per second, Cloud Storage's rate for one object name.
+GCS_COMMIT_BATCH_BYTES = 256 << 20
+#: The share of a gs:// worker's usable memory the two in-flight commit batches may take at most.
+GCS_BATCH_MEMORY_SHARE = 0.5
 #: Fixed overhead per worker (Python, numpy, tensorstore, Ray worker) observed in receipts.
 WORKER_BASE_BYTES = 300 * (1 << 20)
 
@@ -55,11 +62,56 @@ class ConvertOptions:
     input_directory: str | None = None  # where files were listed from (finds a Hub snapshot's original/)
 
 
+def on_gcs(output: str) -> bool:
+    """Whether ``output`` is in a Cloud Storage bucket (its commits are bound by the per-object write rate)."""
+    return str(output).startswith("gs://")
+
+
+def _usable_memory(options: ConvertOptions) -> float:
+    return options.worker_memory_gb * GiB - WORKER_BASE_BYTES
+
+
+def _gcs_batch(options: ConvertOptions) -> int:
+    """The gs:// commit batch: GCS_COMMIT_BATCH_BYTES, unless two batches would take more than
+    GCS_BATCH_MEMORY_SHARE of the worker's usable memory (1 GiB workers: ~181 MiB)."""
+    share = int(_usable_memory(options) * GCS_BATCH_MEMORY_SHARE / 2)
+    return max(1 << 20, min(GCS_COMMIT_BATCH_BYTES, share))
+
+
+def batch_reserve_bytes(options: ConvertOptions) -> int:
+    """Worker memory set aside for commit batches beside the pieces: two gs:// batches (one committing, one
+    filling). Local batches (16 MiB, at most a piece) are small beside the pieces and are not reserved; the
+    measured worker peaks stay within the per-piece model with them (docs/benchmarks.md)."""
+    return 2 * _gcs_batch(options) if on_gcs(options.output) else 0
+
+
 def piece_budget(options: ConvertOptions) -> int:
+    """Bytes of G one piece may hold: the usable worker memory (less the gs:// batch reserve) / 8."""
     if options.piece_budget:
         return options.piece_budget
-    usable = options.worker_memory_gb * GiB - WORKER_BASE_BYTES
+    usable = _usable_memory(options) - batch_reserve_bytes(options)
     return max(1 << 20, int(usable / MEMORY_PER_PIECE_BYTE))
+
+
+def commit_batch_bytes(options: ConvertOptions, gcs: bool | None = None) -> int:
+    """Output bytes a worker stages before committing its unit databases (``JobContext.batch_bytes``).
+
+    The single home of this rule: ``convert`` (engine/driver.py) gives it to the workers and ``rayconv plan``
+    (engine/planning.py) models commits with it. Every OCDBT commit rewrites each written database's
+    ``manifest.ocdbt``: on a local disk that costs fsyncs, and 16 MiB batches measured fastest
+    (COMMIT_BATCH_BYTES; never above a piece, so small budgets stay small). On Cloud Storage it is a rewrite
+    of the same object name, which is limited to about one write per second (faster rewrites are answered
+    429 and retried with backoff). At the measured 95 MB/s of input per worker, ~240 MB/s of output, 16 MiB
+    batches would rewrite each manifest up to ~15 times a second; GCS_COMMIT_BATCH_BYTES (256 MiB) brings that
+    to about once a second. The writer holds up to two batches of output arrays (one committing while the next
+    fills), so the batch is capped at GCS_BATCH_MEMORY_SHARE of the usable worker memory for both, and
+    :func:`piece_budget` shrinks pieces by that reserve (:func:`batch_reserve_bytes`). The per-object limit is
+    Cloud Storage's documented one, modelled in planning.estimate, not measured against real Cloud Storage.
+    ``gcs`` overrides where the output is (the planner's estimate for a GCS destination).
+    """
+    if on_gcs(options.output) if gcs is None else gcs:
+        return _gcs_batch(options)
+    return min(COMMIT_BATCH_BYTES, piece_budget(options))
 
 
 def open_checkpoint(options: ConvertOptions) -> MetaCheckpoint:  # or an HFCheckpoint (same interface)
@@ -118,7 +170,8 @@ def resume_options(options: ConvertOptions, checkpoint: MetaCheckpoint, record: 
         return options  # another conversion whatever the budget: the ledger refuses it with the reason
     largest = max((p.nbytes for u in plan.units for p in u.pieces), default=0)
     if largest > current[0]:
-        need = (largest * MEMORY_PER_PIECE_BYTE + WORKER_BASE_BYTES) / GiB
+        reserve = 2 * GCS_COMMIT_BATCH_BYTES if on_gcs(options.output) else 0  # the most batch_reserve_bytes takes
+        need = math.ceil((largest * MEMORY_PER_PIECE_BYTE + WORKER_BASE_BYTES + reserve) / GiB * 100) / 100
         raise OutputError(f"{out.uri} holds a partial conversion planned for workers of at least {need:.2f} GiB "
                           f"(pieces up to {human_bytes(largest)}); resume with --worker_memory_gb {need:.2f} or more, "
                           "or rerun with --restart to replan for the smaller workers")

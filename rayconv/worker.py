@@ -113,6 +113,8 @@ class _Writer:
     every chunk on its own costs more kernel time than the data. Writes are staged in a transaction
     and committed once ``batch_bytes`` have accumulated; one batch commits while the next fills, so
     memory holds at most two batches of output arrays (tensorstore references them, never copies).
+    The batch depends on the destination (:func:`rayconv.job.commit_batch_bytes`): each commit rewrites every
+    written database's manifest, one object that Cloud Storage lets be rewritten about once a second.
     """
 
     def __init__(self, ctx: JobContext, unit: Unit, batch_bytes: int) -> None:

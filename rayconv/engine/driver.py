@@ -16,7 +16,7 @@ from rayconv.engine.ledger import (COMMITTED, COMMITTING, Ledger, file_identitie
                                    read_identities, restart_targets, resumable, source_digest, source_identities,
                                    unit_sources)
 from rayconv.errors import OutputError
-from rayconv.job import (COMMIT_BATCH_BYTES, ConvertOptions, budgets, make_plan, open_checkpoint, piece_budget,
+from rayconv.job import (ConvertOptions, budgets, commit_batch_bytes, make_plan, open_checkpoint,
                          resume_options)
 from rayconv.mapping import source_format
 from rayconv.plan import Plan, describe
@@ -232,7 +232,7 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
             LOG.info("Converting %s with %d %s worker(s)", human_bytes(sum(u.read_bytes for u in todo)),
                      executor.workers, executor.name)
             ctx = JobContext.create(dataclasses.replace(plan, kinds=tuple(to_build)), layouts, options.compression,
-                                    batch_bytes=min(COMMIT_BATCH_BYTES, piece_budget(options)))
+                                    batch_bytes=commit_batch_bytes(options))
             units = {u.id: u for u in todo}
             executor.start(ctx)
             timer.lap("ray start")

@@ -14,7 +14,11 @@ The wall-time estimate is a bottleneck model of a streaming job, with every rate
   bucket's bandwidth quota; from Meta's signed URL, by CloudFront's per-connection rate times the
   connections the workers open, and the VMs' network;
 * **write**: 2.5x the input (three outputs), limited by the VMs' network and the bucket's initial
-  object-write rate (one object per OCDBT commit batch);
+  object-write rate (each commit writes a data file and a manifest per unit database);
+* **manifest writes**: each OCDBT commit rewrites its unit databases' ``manifest.ocdbt`` (one object name per
+  database), and Cloud Storage accepts about one write per second to one object name. The commits are the
+  worker's own rule (:func:`rayconv.job.commit_batch_bytes`, checked after each piece) replayed over the plan;
+  the output kinds' databases are different objects written in parallel, a unit's commits follow each other;
 * **fixed**: starting Ray and the workers, the commits, shutting down (measured; scale-up of a
   cluster is not included).
 
@@ -30,8 +34,8 @@ import math
 from typing import Any, Sequence
 
 from rayconv import fp8, mapping
-from rayconv.job import (COMMIT_BATCH_BYTES, MEMORY_PER_PIECE_BYTE, WORKER_BASE_BYTES, ConvertOptions, make_plan,
-                         open_checkpoint, piece_budget)
+from rayconv.job import (MEMORY_PER_PIECE_BYTE, WORKER_BASE_BYTES, ConvertOptions, batch_reserve_bytes,
+                         commit_batch_bytes, make_plan, open_checkpoint, piece_budget)
 from rayconv.models import KNOWN_SIZES, Descriptor, ModelSpec, resolve_spec
 from rayconv.plan import Plan, describe, piece_rows
 from rayconv.source.checkpoint import MetaCheckpoint
@@ -47,6 +51,9 @@ DEFAULT_WORKER_MB_S = 95.0
 DEFAULT_FIXED_SECONDS = 6.0
 #: Commit seconds per unit database (grafting its OCDBT root into each output), measured locally.
 COMMIT_SECONDS_PER_UNIT = 0.01
+#: Objects one OCDBT commit writes per database: a data file (its chunks and b-tree nodes) and the manifest
+#: (a local conversion's unit databases: one data file per OCDBT generation, e.g. 17-18 files for 18).
+OBJECTS_PER_COMMIT = 2
 #: Worker counts the estimate table shows (plus --num_workers when given).
 WORKER_COUNTS = (8, 16, 32)
 #: The GKE tutorial's reported time for downloading and converting Llama 3.1 405B.
@@ -69,7 +76,8 @@ class Environment:
     #: Object writes per second a new bucket accepts before it scales up (Cloud Storage: ~1000).
     gcs_writes_per_s: float = 1000.0
     #: Writes per second to one object name (Cloud Storage's documented limit: 1). Every OCDBT commit rewrites
-    #: its database's manifest.ocdbt, and each unit commits every COMMIT_BATCH_BYTES of output.
+    #: its databases' manifest.ocdbt; a unit commits when a piece ends with a batch of output staged
+    #: (rayconv.job.commit_batch_bytes: 256 MiB on gs://).
     gcs_object_writes_per_s: float = 1.0
     #: Rate of one connection to Meta's CloudFront signed URL, MB/s (not measurable here: an assumption).
     meta_mb_s: float = 50.0
@@ -97,9 +105,10 @@ def output_bytes(plan: Plan) -> dict[str, dict[str, int]]:
             for kind, arrays in ((k, plan.arrays(k)) for k in plan.kinds)}
 
 
-def worker_memory_bytes(largest_piece: int) -> int:
-    """Peak memory of a worker whose largest piece is ``largest_piece`` bytes (the driver's model)."""
-    return largest_piece * MEMORY_PER_PIECE_BYTE + WORKER_BASE_BYTES
+def worker_memory_bytes(largest_piece: int, batch_reserve: int = 0) -> int:
+    """Peak memory of a worker whose largest piece is ``largest_piece`` bytes (the driver's model), plus the
+    commit batches a gs:// writer holds (``batch_reserve``: :func:`rayconv.job.batch_reserve_bytes`)."""
+    return largest_piece * MEMORY_PER_PIECE_BYTE + batch_reserve + WORKER_BASE_BYTES
 
 
 def largest_piece(plan: Plan) -> int:
@@ -119,8 +128,9 @@ def largest_piece_for(spec: ModelSpec, budget: int) -> int:
     return largest
 
 
-def smallest_worker_memory_gb(spec: ModelSpec, step_gb: float = 0.01) -> float:
-    """The smallest --worker_memory_gb whose largest piece still fits the worker (largest piece × 8 + base).
+def smallest_worker_memory_gb(spec: ModelSpec, step_gb: float = 0.01, output: str = "") -> float:
+    """The smallest --worker_memory_gb whose largest piece still fits the worker (largest piece × 8 + base, plus
+    the commit batches on a gs:// ``output``).
 
     Pieces shrink with the budget down to the smallest block a tensor can be cut into (whole heads for
     q/k/v, one row otherwise; replicated norms are never cut), so below some budget the largest piece
@@ -128,9 +138,9 @@ def smallest_worker_memory_gb(spec: ModelSpec, step_gb: float = 0.01) -> float:
     largest piece only grows with the budget, so "fits" is monotone."""
     def fits(steps: int) -> bool:
         gb = steps * step_gb
-        options = ConvertOptions(files={}, input_display="", output="", worker_memory_gb=gb)
-        return gb * GiB > WORKER_BASE_BYTES and \
-            worker_memory_bytes(largest_piece_for(spec, piece_budget(options))) <= gb * GiB
+        options = ConvertOptions(files={}, input_display="", output=output, worker_memory_gb=gb)
+        return gb * GiB > WORKER_BASE_BYTES and worker_memory_bytes(
+            largest_piece_for(spec, piece_budget(options)), batch_reserve_bytes(options)) <= gb * GiB
 
     lo, hi = int(WORKER_BASE_BYTES / GiB / step_gb), int(4 / step_gb)
     while not fits(hi):
@@ -141,8 +151,30 @@ def smallest_worker_memory_gb(spec: ModelSpec, step_gb: float = 0.01) -> float:
     return round(hi * step_gb, 2)
 
 
-def estimate(plan: Plan, written: int, workers: int, env: Environment) -> dict[str, Any]:
-    """Seconds for ``workers`` workers: compute, read and write bounds, and the estimate (slowest + fixed)."""
+def unit_commits(plan: Plan, written: int, batch_bytes: int) -> list[int]:
+    """Commits of each unit: the worker's rule (``_Writer.piece_done``) replayed over the plan's pieces.
+
+    A unit commits when a piece ends with at least ``batch_bytes`` of output staged, and once more for the rest
+    (``flush``), so a piece larger than the batch commits on its own. Output per piece is approximated as the
+    piece's bytes × the plan's output/input ratio (~2.5 for scanned + unscanned + int8)."""
+    per_byte = written / max(1, sum(u.nbytes for u in plan.units))
+    counts = []
+    for unit in plan.units:
+        staged, commits = 0.0, 0
+        for piece in unit.pieces:
+            staged += piece.nbytes * per_byte
+            if staged >= batch_bytes:
+                commits, staged = commits + 1, 0.0
+        counts.append(commits + (staged > 0))
+    return counts
+
+
+def estimate(plan: Plan, written: int, workers: int, env: Environment, batch_bytes: int,
+             commits: list[int] | None = None) -> dict[str, Any]:
+    """Seconds for ``workers`` workers: compute, read and write bounds, and the estimate (slowest + fixed).
+
+    ``batch_bytes``: the commit batch convert uses for this destination (:func:`rayconv.job.commit_batch_bytes`);
+    ``commits``: :func:`unit_commits` for it (computed when not given)."""
     vms = math.ceil(workers / max(1, env.workers_per_vm))
     largest_unit = max((u.read_bytes for u in plan.units), default=0)
     compute = (plan.input_bytes / workers + largest_unit) / (env.worker_mb_s * 1e6)
@@ -154,12 +186,14 @@ def estimate(plan: Plan, written: int, workers: int, env: Environment) -> dict[s
         read_rate = math.inf
     bounds = {"compute": compute, "read": plan.input_bytes / read_rate, "write": 0.0, "manifest writes": 0.0}
     if env.destination == "gcs":
-        bounds["write"] = written / min(vms * _gbps(env.vm_gbps), env.gcs_writes_per_s * COMMIT_BATCH_BYTES)
-        # Each commit rewrites the unit database's manifest (one object name per database): a worker's units
-        # commit one after another, so its commits are serialized at the per-object rate.
-        largest_unit_out = largest_unit * written / max(1, plan.input_bytes)
-        commits = (written / workers + largest_unit_out) / COMMIT_BATCH_BYTES
-        bounds["manifest writes"] = commits / env.gcs_object_writes_per_s
+        commits = unit_commits(plan, written, batch_bytes) if commits is None else commits
+        objects = sum(commits) * len(plan.kinds) * OBJECTS_PER_COMMIT
+        bounds["write"] = max(written / (vms * _gbps(env.vm_gbps)), objects / env.gcs_writes_per_s)
+        # Each of a unit's commits rewrites the same manifests (one object name per database, i.e. per unit and
+        # kind; the kinds' are different objects, written in parallel), which opening the databases created at
+        # the unit's start: a commit waits for the per-object rate. A worker's units run one after another; units
+        # are dealt out dynamically, so the slowest worker gets at most one unit more than its share.
+        bounds["manifest writes"] = (sum(commits) / workers + max(commits, default=0)) / env.gcs_object_writes_per_s
     bottleneck = max(bounds, key=lambda k: bounds[k])
     fixed = env.fixed_seconds + COMMIT_SECONDS_PER_UNIT * len(plan.units) * len(plan.kinds)
     total = bounds[bottleneck] + fixed
@@ -176,6 +210,9 @@ def report(plan: Plan, options: ConvertOptions, env: Environment, extra_workers:
     written = sum(o["bytes"] for o in outputs.values())
     largest = largest_piece(plan)
     counts = sorted(set(WORKER_COUNTS) | ({extra_workers} if extra_workers else set()))
+    # The estimate's destination decides the batch (a simulated plan given no output is estimated for GCS).
+    batch = commit_batch_bytes(options, gcs=env.destination == "gcs")
+    commits = unit_commits(plan, written, batch)
     return {
         "plan": describe(plan),
         "outputs": outputs,
@@ -183,11 +220,14 @@ def report(plan: Plan, options: ConvertOptions, env: Environment, extra_workers:
         "bytes_written": written,
         "worker_memory_budget_gb": options.worker_memory_gb,
         "piece_budget_bytes": piece_budget(options),
-        "peak_memory_per_worker_bytes": worker_memory_bytes(largest),
-        "smallest_worker_memory_gb": smallest_worker_memory_gb(plan.spec),
+        "peak_memory_per_worker_bytes": worker_memory_bytes(largest, batch_reserve_bytes(options)),
+        "batch_reserve_bytes": batch_reserve_bytes(options),
+        "commit_batch_bytes": batch,
+        "commits": sum(commits),
+        "smallest_worker_memory_gb": smallest_worker_memory_gb(plan.spec, output=options.output),
         "per_worker_throughput_mb_s": env.worker_mb_s,
         "environment": env.as_dict(),
-        "estimates": [estimate(plan, written, n, env) for n in counts],
+        "estimates": [estimate(plan, written, n, env, batch, commits) for n in counts],
         "tutorial_hours": list(TUTORIAL_HOURS),
         "note": "estimates: the slowest of compute (measured per-worker rate), read and write (network and "
                 "storage limits from the environment) plus fixed costs; see docs/benchmarks.md",
@@ -290,7 +330,9 @@ def render(report_: dict[str, Any]) -> Any:
         ("largest unit", human_bytes(plan["largest_unit_bytes"])),
         ("memory per worker", f"{human_bytes(report_['peak_memory_per_worker_bytes'])} peak of a "
                               f"{report_['worker_memory_budget_gb']:g} GiB budget (largest piece × "
-                              f"{MEMORY_PER_PIECE_BYTE} + {WORKER_BASE_BYTES >> 20} MiB)"),
+                              f"{MEMORY_PER_PIECE_BYTE} + {WORKER_BASE_BYTES >> 20} MiB" +
+                              (f" + 2 commit batches of {human_bytes(report_['batch_reserve_bytes'] // 2)})"
+                               if report_["batch_reserve_bytes"] else ")")),
         ("smallest worker", f"--worker_memory_gb {report_['smallest_worker_memory_gb']:g} still holds the "
                             "largest piece"),
         ("fingerprint", plan["fingerprint"]),
@@ -317,7 +359,8 @@ def render(report_: dict[str, Any]) -> Any:
         f"{env['workers_per_vm']} workers per VM (--workers_per_vm), {env['vm_gbps']:g} Gbit/s per VM (--vm_gbps), "
         f"GCS {env['gcs_read_gbps']:g} Gbit/s read quota (--gcs_read_gbps), {env['gcs_writes_per_s']:g} "
         f"object writes/s (--gcs_writes_per_s) and {env['gcs_object_writes_per_s']:g} write/s per object name "
-        f"(--gcs_object_writes_per_s; one manifest write per {COMMIT_BATCH_BYTES >> 20} MiB commit), "
+        f"(--gcs_object_writes_per_s; {report_['commits']:,} commits of ≥ {report_['commit_batch_bytes'] >> 20} MiB "
+        "or one piece, each rewriting its unit's manifests), "
         f"Meta URL {env['meta_mb_s']:g} MB/s per connection × "
         f"{env['meta_connections_per_worker']} per worker (--meta_mb_s), {env['fixed_seconds']:g} s fixed. "
         "Estimates, not measurements: docs/benchmarks.md.", style="dim")
@@ -334,7 +377,8 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def estimate_for(workers: Sequence[int], plan: Plan, env: Environment) -> list[dict[str, Any]]:
-    """Estimates for arbitrary worker counts (scripts/bench.py, docs)."""
+def estimate_for(workers: Sequence[int], plan: Plan, env: Environment, batch_bytes: int) -> list[dict[str, Any]]:
+    """Estimates for arbitrary worker counts (scripts/bench.py, docs); ``batch_bytes``: the commit batch."""
     written = sum(o["bytes"] for o in output_bytes(plan).values())
-    return [estimate(plan, written, n, env) for n in workers]
+    commits = unit_commits(plan, written, batch_bytes)
+    return [estimate(plan, written, n, env, batch_bytes, commits) for n in workers]
