@@ -30,13 +30,13 @@ class JobContext:
     arrays: dict[str, dict[tuple[str, ...], ArraySpec]]  # kind → path → array
     items: dict[str, str]  # kind → staging item uri
     compression: str | None = None
-    batch_bytes: int = 16 << 20  # output bytes per OCDBT commit
+    batch_bytes: int = 0  # output bytes per OCDBT commit (rayconv.job.commit_batch_bytes); 0: after every piece
     scale_files: tuple[str, ...] = ()  # FP8 SKU: fp8_scales_{r}.pt per shard
     layout: str = trees.DEFAULT_LAYOUT  # MaxText tree layout: decides the leaf paths (rayconv.trees)
 
     @classmethod
     def create(cls, plan: Plan, layouts: dict[str, OutputLayout], compression: str | None,
-               batch_bytes: int = 16 << 20) -> "JobContext":
+               batch_bytes: int = 0) -> "JobContext":
         return cls(
             spec=plan.spec,
             shards=plan.shards,

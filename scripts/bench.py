@@ -69,7 +69,7 @@ BENCH_PRESETS: dict[str, SyntheticModel] = {
 }
 #: MaxText's chain peaked at ~20 GB on one real-width layer; below this much free memory it is not started.
 MAXTEXT_REAL_WIDTH_GB = 21.0
-#: rayconv's OCDBT commit batch (rayconv.engine.driver.COMMIT_BATCH_BYTES): the durable unit of its writes.
+#: rayconv's OCDBT commit batch on a local disk (rayconv.job.COMMIT_BATCH_BYTES): the durable unit of its writes.
 SYNC_BATCH = 16 << 20
 BLOCK = 64 << 20
 

@@ -125,7 +125,7 @@ def plan(simulate: bool, json_output: bool, throughput_mb_s: float, source_kind:
         options = build_options(flags, for_plan=True, simulate=simulate)
         env = planning.Environment(worker_mb_s=throughput_mb_s, **rates,
                                    source=source_kind or source_kind_of(options, simulate),
-                                   destination=destination(options, flags, simulate))
+                                   destination=destination(options))
         report = planning.simulate(options, env) if simulate else planning.report_for_files(options, env)
     if json_output:
         click.echo(json.dumps(report, indent=2))

@@ -18,6 +18,10 @@ from rayconv.cli.flags import DEFAULT_OUTPUT
 from rayconv.errors import ConversionError, SpecError
 from rayconv.progress import LOG, human_bytes
 
+#: ``rayconv plan --simulate`` without an output plans for ``gs://BUCKET/<model>``: the 405B goes to a bucket, and
+#: the plan (pieces, commit batches, worker memory) and the estimate must agree on where (rayconv.job).
+SIMULATED_BUCKET = "BUCKET"
+
 #: --inference_server → the MaxText tree layout it loads (rayconv.trees); --maxtext_layout overrides.
 SERVER_LAYOUTS = {"jetstream-maxtext": "linen", "maxtext": "nnx"}
 
@@ -148,7 +152,8 @@ def build_options(flags: dict[str, Any], *, for_plan: bool = False, simulate: bo
     compression = flags["compression"]
     return ConvertOptions(
         files=files, input_display=display,
-        output=default_output(flags["output_directory"], bucket_name, model_path, model_name),
+        output=default_output(flags["output_directory"], bucket_name or (SIMULATED_BUCKET if simulate else None),
+                              model_path, model_name),
         model_name=model_name, model_path=model_path, kinds=kinds, quantize_type=quantize_type,
         worker_memory_gb=flags["worker_memory_gb"], executor=flags["executor"], address=flags["address"],
         num_workers=flags["num_workers"], worker_start_timeout=flags["worker_start_timeout"], restart=flags["restart"],
@@ -157,11 +162,9 @@ def build_options(flags: dict[str, Any], *, for_plan: bool = False, simulate: bo
         source_format=flags["source_format"], input_directory=flags["input_directory"])
 
 
-def destination(options: Any, flags: dict[str, Any], simulate: bool) -> str:
-    """gcs for gs:// outputs, and for a simulated plan given no output (the 405B goes to a bucket)."""
-    if options.output.startswith("gs://"):
-        return "gcs"
-    return "gcs" if simulate and not flags["output_directory"] else "local"
+def destination(options: Any) -> str:
+    """Where the estimate writes: gcs for gs:// outputs (a simulated plan given none writes to SIMULATED_BUCKET)."""
+    return "gcs" if options.output.startswith("gs://") else "local"
 
 
 def source_kind_of(options: Any, simulate: bool) -> str:
