@@ -1,7 +1,7 @@
 """What a conversion job is, as pure data and pure functions: its options, memory budgets and plan.
 
 Nothing here runs units, touches the output or starts Ray: ``rayconv convert`` (engine/driver.py),
-``rayconv plan`` (engine/planning.py) and ``rayconv verify`` (verify.py) all derive the same plan
+``rayconv plan`` (forecast.py) and ``rayconv verify`` (verify.py) all derive the same plan
 from the same options through these functions, so they cannot disagree about it.
 """
 
@@ -97,7 +97,7 @@ def commit_batch_bytes(options: ConvertOptions, gcs: bool | None = None) -> int:
     """Output bytes a worker stages before committing its unit databases (``JobContext.batch_bytes``).
 
     The single home of this rule: ``convert`` (engine/driver.py) gives it to the workers and ``rayconv plan``
-    (engine/planning.py) models commits with it. Every OCDBT commit rewrites each written database's
+    (forecast.py) models commits with it. Every OCDBT commit rewrites each written database's
     ``manifest.ocdbt``: on a local disk that costs fsyncs, and 16 MiB batches measured fastest
     (COMMIT_BATCH_BYTES; never above a piece, so small budgets stay small). On Cloud Storage it is a rewrite
     of the same object name, which is limited to about one write per second (faster rewrites are answered
@@ -106,7 +106,7 @@ def commit_batch_bytes(options: ConvertOptions, gcs: bool | None = None) -> int:
     to about once a second. The writer holds up to two batches of output arrays (one committing while the next
     fills), so the batch is capped at GCS_BATCH_MEMORY_SHARE of the usable worker memory for both, and
     :func:`piece_budget` shrinks pieces by that reserve (:func:`batch_reserve_bytes`). The per-object limit is
-    Cloud Storage's documented one, modelled in planning.estimate, not measured against real Cloud Storage.
+    Cloud Storage's documented one, modelled in forecast.estimate, not measured against real Cloud Storage.
     ``gcs`` overrides where the output is (the planner's estimate for a GCS destination).
     """
     if on_gcs(options.output) if gcs is None else gcs:

@@ -13,7 +13,7 @@ import pytest
 import tensorstore as ts
 
 from conftest import run_convert, synthetic_checkpoint
-from rayconv.engine import planning
+from rayconv import forecast
 from rayconv.job import (COMMIT_BATCH_BYTES, GCS_COMMIT_BATCH_BYTES, GiB, ConvertOptions, batch_reserve_bytes,
                          commit_batch_bytes, make_plan, open_checkpoint, piece_budget)
 from rayconv.plan import Piece, Read, Unit
@@ -38,15 +38,15 @@ def test_gcs_batch_is_larger_and_fits_the_worker(gb):
     assert batch > 8 * COMMIT_BATCH_BYTES
     # The writer holds two batches: reserved beside the pieces, the whole stays within the worker's memory.
     assert batch_reserve_bytes(gcs) == 2 * batch
-    assert planning.worker_memory_bytes(piece_budget(gcs), batch_reserve_bytes(gcs)) <= gb * GiB
-    assert planning.worker_memory_bytes(piece_budget(local)) <= gb * GiB
-    assert piece_budget(gcs) == (gb * GiB - planning.WORKER_BASE_BYTES - 2 * batch) // planning.MEMORY_PER_PIECE_BYTE
+    assert forecast.worker_memory_bytes(piece_budget(gcs), batch_reserve_bytes(gcs)) <= gb * GiB
+    assert forecast.worker_memory_bytes(piece_budget(local)) <= gb * GiB
+    assert piece_budget(gcs) == (gb * GiB - forecast.WORKER_BASE_BYTES - 2 * batch) // forecast.MEMORY_PER_PIECE_BYTE
     if gb == 4.0:
         # At the measured per-worker rate (input MB/s; ~2.5x as output), a batch is at least a second of output.
-        assert batch == GCS_COMMIT_BATCH_BYTES >= planning.DEFAULT_WORKER_MB_S * 1e6 * 2.5
+        assert batch == GCS_COMMIT_BATCH_BYTES >= forecast.DEFAULT_WORKER_MB_S * 1e6 * 2.5
     else:
         assert batch < GCS_COMMIT_BATCH_BYTES  # capped by memory: two batches take at most half the usable memory
-        assert 2 * batch <= (gb * GiB - planning.WORKER_BASE_BYTES) / 2
+        assert 2 * batch <= (gb * GiB - forecast.WORKER_BASE_BYTES) / 2
 
 
 def test_batch_rule_edges():
@@ -68,32 +68,32 @@ def _unit(sizes: list[int]) -> Unit:
 
 def test_unit_commits_replays_the_writer():
     """A commit when a piece ends with a batch staged, one more for the rest; a big piece commits alone."""
-    plan = make_plan(planning.simulated_checkpoint(None, "Llama3.1-8B-Instruct"), _options("/tmp/out", 4.0))
+    plan = make_plan(forecast.simulated_checkpoint(None, "Llama3.1-8B-Instruct"), _options("/tmp/out", 4.0))
     units = (_unit([10, 10, 10, 10, 10]), _unit([100]), _unit([1, 1]), _unit([30, 5, 30]))
     plan = dataclasses.replace(plan, units=units)
     written = 2 * sum(u.nbytes for u in units)  # 2 bytes out per byte in
-    assert planning.unit_commits(plan, written, batch_bytes=40) == [3, 1, 1, 2]
-    assert planning.unit_commits(plan, written, batch_bytes=10**9) == [1, 1, 1, 1]
+    assert forecast.unit_commits(plan, written, batch_bytes=40) == [3, 1, 1, 2]
+    assert forecast.unit_commits(plan, written, batch_bytes=10**9) == [1, 1, 1, 1]
 
 
 def test_405b_estimate_counts_the_commits_of_the_destinations_batch():
     """The model counts per-piece commits, so fewer, larger gs:// batches mean fewer manifest rewrites."""
     model = "Llama3.1-405B-Instruct:bf16-mp16"
     options = _options("gs://b/o", 4.0, model_path=model, kinds=("scanned", "unscanned", "int8"), quantize_type="int8")
-    plan = make_plan(planning.simulated_checkpoint(None, model), options)
-    written = sum(o["bytes"] for o in planning.output_bytes(plan).values())
-    env = planning.Environment(destination="gcs")
-    small = planning.unit_commits(plan, written, COMMIT_BATCH_BYTES)
-    large = planning.unit_commits(plan, written, commit_batch_bytes(options))
+    plan = make_plan(forecast.simulated_checkpoint(None, model), options)
+    written = sum(o["bytes"] for o in forecast.output_bytes(plan).values())
+    env = forecast.Environment(destination="gcs")
+    small = forecast.unit_commits(plan, written, COMMIT_BATCH_BYTES)
+    large = forecast.unit_commits(plan, written, commit_batch_bytes(options))
     assert len(plan.units) <= sum(large) < sum(small)  # at least one commit per unit
     pieces = sum(len(u.pieces) for u in plan.units)
     assert sum(small) <= pieces  # commits happen only when a piece ends
     for workers in (8, 32):
-        estimate = planning.estimate(plan, written, workers, env, commit_batch_bytes(options), large)
+        estimate = forecast.estimate(plan, written, workers, env, commit_batch_bytes(options), large)
         assert estimate["manifest_seconds"] == pytest.approx(sum(large) / workers + max(large), abs=0.1)
-        before = planning.estimate(plan, written, workers, env, COMMIT_BATCH_BYTES, small)
+        before = forecast.estimate(plan, written, workers, env, COMMIT_BATCH_BYTES, small)
         assert estimate["manifest_seconds"] < before["manifest_seconds"]
-    report = planning.report(plan, options, env)
+    report = forecast.report(plan, options, env)
     assert report["commit_batch_bytes"] == commit_batch_bytes(options) and report["commits"] == sum(large)
     assert report["peak_memory_per_worker_bytes"] <= 4 * GiB
 
@@ -129,7 +129,7 @@ def test_gcs_conversion_commits_each_unit_database_less_often(tmp_path, gcs_pref
         options = ConvertOptions(files=list_input(str(src)), input_display="", output=out, model_name="llama-3.1",
                                  **budgets)
         plan = make_plan(open_checkpoint(options), options)
-        replay = planning.unit_commits(plan, 2 * sum(u.nbytes for u in plan.units), commit_batch_bytes(options))
+        replay = forecast.unit_commits(plan, 2 * sum(u.nbytes for u in plan.units), commit_batch_bytes(options))
         predicted[name] = dict(zip((u.id for u in plan.units), replay))
         counts = {kind: _commits_per_unit(items) for kind, items in result.outputs.items()}
         assert set(counts) == {"scanned", "unscanned"}
@@ -154,7 +154,7 @@ def test_gcs_output_planned_with_the_old_budget_asks_for_workers_that_hold_it():
     from rayconv.job import budgets, resume_options
 
     model = "Llama3.1-405B-Instruct:bf16-mp16"
-    checkpoint = planning.simulated_checkpoint(None, model)
+    checkpoint = forecast.simulated_checkpoint(None, model)
     options = _options("gs://b/o", 4.0, model_path=model, kinds=("scanned", "unscanned", "int8"), quantize_type="int8")
     old = budgets(_options("/tmp/out", 4.0))  # what the previous version planned for gs:// too
     assert old != budgets(options)
@@ -167,5 +167,5 @@ def test_gcs_output_planned_with_the_old_budget_asks_for_workers_that_hold_it():
     resumed = resume_options(dataclasses.replace(options, worker_memory_gb=need), checkpoint, record,
                              Location.parse("gs://b/o"))
     assert make_plan(checkpoint, resumed).fingerprint() == record["fingerprint"]
-    largest = planning.largest_piece(recorded)
-    assert planning.worker_memory_bytes(largest, batch_reserve_bytes(resumed)) <= need * GiB
+    largest = forecast.largest_piece(recorded)
+    assert forecast.worker_memory_bytes(largest, batch_reserve_bytes(resumed)) <= need * GiB

@@ -80,56 +80,56 @@ def test_plan_refuses_rates_that_are_not_positive():
 
 
 def _simulated(model_path: str, gb: float, output: str = ""):
-    from rayconv.engine import planning
+    from rayconv import forecast
     from rayconv.engine.driver import ConvertOptions, make_plan
 
     options = ConvertOptions(files={}, input_display="", output=output, model_path=model_path, worker_memory_gb=gb,
                              kinds=("scanned", "unscanned", "int8"), quantize_type="int8")
-    checkpoint = planning.simulated_checkpoint(None, model_path)
+    checkpoint = forecast.simulated_checkpoint(None, model_path)
     return checkpoint, make_plan(checkpoint, options), options
 
 
 @pytest.mark.parametrize("output", ["", "gs://bucket/out"])  # gs:// workers also hold two commit batches
 def test_smallest_worker_budget_is_the_planners_boundary(output):
     """At the reported budget the planner's largest piece fits a worker; one step below it does not."""
-    from rayconv.engine import planning
+    from rayconv import forecast
     from rayconv.job import batch_reserve_bytes, piece_budget
 
     model_path = "Llama3.1-8B-Instruct"
     checkpoint, _, _ = _simulated(model_path, 4.0)
-    smallest = planning.smallest_worker_memory_gb(checkpoint.spec, output=output)
+    smallest = forecast.smallest_worker_memory_gb(checkpoint.spec, output=output)
     for gb in (4.0, 1.0, smallest, smallest - 0.01):
         _, plan, options = _simulated(model_path, gb, output)
-        largest = planning.largest_piece(plan)
-        assert largest == planning.largest_piece_for(checkpoint.spec, piece_budget(options))
-        fits = planning.worker_memory_bytes(largest, batch_reserve_bytes(options)) <= gb * planning.GiB
+        largest = forecast.largest_piece(plan)
+        assert largest == forecast.largest_piece_for(checkpoint.spec, piece_budget(options))
+        fits = forecast.worker_memory_bytes(largest, batch_reserve_bytes(options)) <= gb * forecast.GiB
         assert fits == (gb >= smallest), (gb, largest)
 
 
 def test_estimate_names_the_bottleneck():
-    from rayconv.engine import planning
+    from rayconv import forecast
 
     _, plan, _ = _simulated(BF16_405B, 4.0)
-    written = sum(o["bytes"] for o in planning.output_bytes(plan).values())
-    env = planning.Environment(worker_mb_s=100.0, workers_per_vm=8, destination="local")
+    written = sum(o["bytes"] for o in forecast.output_bytes(plan).values())
+    env = forecast.Environment(worker_mb_s=100.0, workers_per_vm=8, destination="local")
     batch = 16 << 20  # the local rule's commit batch
-    compute = planning.estimate(plan, written, 16, env, batch)
+    compute = forecast.estimate(plan, written, 16, env, batch)
     assert compute["bottleneck"] == "compute"
     largest_unit = max(u.read_bytes for u in plan.units)
     assert compute["compute_seconds"] == pytest.approx((plan.input_bytes / 16 + largest_unit) / 100e6, abs=0.1)
     assert compute["estimated_seconds"] == pytest.approx(compute["compute_seconds"] + compute["fixed_seconds"], abs=0.2)
 
-    slow_url = planning.estimate(plan, written, 16, dataclasses.replace(env, source="meta", meta_mb_s=1.0), batch)
+    slow_url = forecast.estimate(plan, written, 16, dataclasses.replace(env, source="meta", meta_mb_s=1.0), batch)
     assert slow_url["bottleneck"] == "read"
     assert slow_url["read_seconds"] == pytest.approx(plan.input_bytes / (16 * 8 * 1e6), abs=0.1)
 
     to_gcs = dataclasses.replace(env, destination="gcs", gcs_object_writes_per_s=0.5)
-    manifests = planning.estimate(plan, written, 16, to_gcs, batch)  # 0.5 write/s to each unit database's manifests
+    manifests = forecast.estimate(plan, written, 16, to_gcs, batch)  # 0.5 write/s to each unit database's manifests
     assert manifests["bottleneck"] == "manifest writes"
-    commits = planning.unit_commits(plan, written, batch)
+    commits = forecast.unit_commits(plan, written, batch)
     assert manifests["manifest_seconds"] == pytest.approx((sum(commits) / 16 + max(commits)) / 0.5, abs=0.1)
 
-    thin_network = planning.estimate(plan, written, 16, dataclasses.replace(to_gcs, vm_gbps=1.0,
+    thin_network = forecast.estimate(plan, written, 16, dataclasses.replace(to_gcs, vm_gbps=1.0,
                                                                             gcs_object_writes_per_s=100.0), batch)
     assert thin_network["bottleneck"] == "write" and thin_network["vms"] == 2
     assert thin_network["write_seconds"] == pytest.approx(written / (2 * 1e9 / 8), abs=0.1)

@@ -111,7 +111,7 @@ def _phases(seconds: dict[str, float]) -> str:
 def plan(simulate: bool, json_output: bool, throughput_mb_s: float, source_kind: str | None, **flags: Any) -> None:
     """Print the plan `convert` would execute with the same flags, and wall-time estimates for 8/16/32 workers."""
     setup_logging(flags["verbose"])
-    from rayconv.engine import planning
+    from rayconv import forecast
 
     with _one_line_errors(flags["verbose"], signals=True):
         check_engine_flags(flags["num_workers"], flags["worker_memory_gb"], flags["num_kv_heads"],
@@ -123,16 +123,16 @@ def plan(simulate: bool, json_output: bool, throughput_mb_s: float, source_kind:
         if simulate and not flags["model_path"]:
             raise SpecError("--simulate needs --model_path (e.g. Llama3.1-405B-Instruct:bf16-mp16)")
         options = build_options(flags, for_plan=True, simulate=simulate)
-        env = planning.Environment(worker_mb_s=throughput_mb_s, **rates,
+        env = forecast.Environment(worker_mb_s=throughput_mb_s, **rates,
                                    source=source_kind or source_kind_of(options, simulate),
                                    destination=destination(options))
-        report = planning.simulate(options, env) if simulate else planning.report_for_files(options, env)
+        report = forecast.simulate(options, env) if simulate else forecast.report_for_files(options, env)
     if json_output:
         click.echo(json.dumps(report, indent=2))
         return
     from rich.console import Console
 
-    Console(width=None if sys.stdout.isatty() else 140).print(planning.render(report))
+    Console(width=None if sys.stdout.isatty() else 140).print(forecast.render(report))
 
 
 @main.command()

@@ -115,7 +115,7 @@ def convert_options(fn: Callable) -> Callable:
     ])
 
 
-#: The wall-time model's rates a user may override: rayconv.engine.planning.Environment field → help text.
+#: The wall-time model's rates a user may override: rayconv.forecast.Environment field → help text.
 RATE_FLAGS = {
     "workers_per_vm": "Workers sharing one VM's network.",
     "vm_gbps": "Network bandwidth of one VM, each direction, Gbit/s.",
@@ -128,8 +128,8 @@ RATE_FLAGS = {
 
 
 def plan_options(fn: Callable) -> Callable:
-    """The flags only `plan` has: what to print, and the rates of the wall-time model (rayconv.engine.planning)."""
-    from rayconv.engine.planning import Environment
+    """The flags only `plan` has: what to print, and the rates of the wall-time model (rayconv.forecast)."""
+    from rayconv.forecast import Environment
 
     env = Environment()
     return _stack(fn, [
