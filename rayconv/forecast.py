@@ -67,7 +67,7 @@ class Environment:
     #: Per-worker conversion rate, input MB/s (measured: DEFAULT_WORKER_MB_S).
     worker_mb_s: float = DEFAULT_WORKER_MB_S
     #: Workers per VM. The per-worker rate was measured with one core per worker: 16 on a 16-vCPU VM
-    #: (n2-highmem-16, 128 GB, holds 16 workers of the default 4 GiB).
+    #: (n2-highmem-16, 128 GB, holds 16 workers of 4 GiB, or of the default 1 GiB).
     workers_per_vm: int = 16
     #: Network bandwidth of one VM, each direction, Gbit/s (GCE's default tier for 16+ vCPU N2/C3 VMs: 32).
     vm_gbps: float = 32.0

@@ -44,7 +44,8 @@ class ConvertOptions:
     model_path: str | None = None
     kinds: tuple[str, ...] = ("scanned", "unscanned")
     quantize_type: str | None = None
-    worker_memory_gb: float = 4.0
+    #: GiB each worker reserves. 1: at the 405B's real widths as fast as 4 GiB and half the memory (docs/benchmarks.md).
+    worker_memory_gb: float = 1.0
     piece_budget: int | None = None
     unit_budget: int = 1 << 30
     executor: str = "ray"

@@ -106,11 +106,27 @@ def _check_tree(kind: str, item: Location, arrays: list[ArraySpec], tree: trees.
         raise VerificationError(f"{kind} tree at {item.uri} differs from the mapping: {which}")
 
 
+def _check_recorded_outputs(out: Location, present: dict[str, Location]) -> None:
+    """Every output the rayconv conversion recorded in ``.rayconv/plan.json`` must be there: checking only the
+    ones found would call a directory whose int8 checkpoint is missing (moved, deleted, never committed)
+    verified. Outputs written by MaxText's scripts have no ledger, and are checked as found."""
+    from rayconv.engine.ledger import Ledger
+
+    recorded = (Ledger(out).plan_record() or {}).get("outputs")
+    if not isinstance(recorded, dict):
+        return
+    missing = sorted(kind for kind in recorded if kind not in present)
+    if missing:
+        raise VerificationError(f"{out.join(str(recorded[missing[0]])).uri}: the {missing[0]} checkpoint this output's "
+                                f"conversion writes (.rayconv/plan.json) is missing or has no commit_success.txt")
+
+
 def verify(options: ConvertOptions, output: str) -> VerifyReport:
     out = Location.parse(output)
     present, quantize_type = _present_kinds(out)
     if not present:
         raise VerificationError(f"no committed rayconv/MaxText checkpoint under {out.uri}")
+    _check_recorded_outputs(out, present)
     checkpoint = open_checkpoint(options)
     kinds = tuple(k for k in ("scanned", "unscanned", "int8") if k in present)
     # --maxtext_layout given: the output must have that layout; not given: check the layout it has.

@@ -187,6 +187,43 @@ def maxtext_chain(model, src: Path, work: Path, logs: Path, name: str = "MaxText
     return chain
 
 
+#: Ray's own start, alone: ray.init as rayconv's executor calls it for a local Ray, then one actor per core that
+#: imports rayconv's worker module. Prints wall seconds and the CPU seconds the driver and Ray's processes used.
+RAY_START = """
+import json, os, sys, time, psutil
+start = time.monotonic()
+import ray
+ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
+         object_store_memory=256 * 1024 * 1024)
+init = time.monotonic() - start
+@ray.remote(num_cpus=1)
+class Worker:
+    def ready(self):
+        import rayconv.worker  # noqa: F401
+        return os.getpid()
+ray.get([w.ready.remote() for w in [Worker.remote() for _ in range(os.cpu_count())]])
+ready = time.monotonic() - start
+me = psutil.Process()
+cpu = sum(sum(p.cpu_times()[:2]) for p in [me, *me.children(recursive=True)] if p.is_running())
+print(json.dumps({"init": init, "ready": ready, "cpu": cpu}))
+ray.shutdown()
+"""
+
+
+def ray_start_cost(runs: int = 3) -> dict:
+    """Ray's fixed cost on this machine, apart from rayconv: the best of ``runs`` starts (wall, CPU seconds)."""
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    samples = []
+    for _ in range(runs):
+        out = subprocess.run([sys.executable, "-c", RAY_START], capture_output=True, text=True, env=env, timeout=300)
+        samples.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    best = min(samples, key=lambda x: x["ready"])
+    print(f"  Ray alone: ray.init {best['init']:.1f} s, + {os.cpu_count()} actors ready {best['ready']:.1f} s, "
+          f"{best['cpu']:.1f} CPU-seconds (best of {runs})", flush=True)
+    return best
+
+
 CLOSING = re.compile(r"Done in ([\d.]+) s \(([^)]*)\)")
 PHASE = re.compile(r"([a-z][a-z ]*) ([\d.]+) s")
 RATE = re.compile(r"per-worker rate ([\d.]+) MB/s")
@@ -315,6 +352,11 @@ def table(results: dict) -> str:
                      f"(PSS {default['peak_pss'] / mx['peak_pss']:.2f}).")
     elif mx:
         lines.append(f"* MaxText's chain did not finish: {mx['failed']}.")
+    alone = results.get("ray_alone")
+    if alone:
+        lines.append(f"* Ray alone on this machine (the floor of the *ray start* phase): `ray.init` as rayconv starts a "
+                     f"local Ray {alone['init']:.1f} s, with one actor per core ready {alone['ready']:.1f} s, "
+                     f"{alone['cpu']:.1f} CPU-seconds across Ray's processes (best of 3).")
     small = runs.get("rayconv, 1 GiB workers")
     if default and small:
         lines.append(f"* 1 GiB workers: {small['seconds'] / default['seconds']:.2f}x the default's time, "
@@ -392,6 +434,8 @@ def main() -> None:
             print(f"  {floor.name}: {floor.seconds:.1f} s (read {floor.steps[0]['seconds']:.1f}, write "
                   f"{floor.steps[1]['seconds']:.1f})", flush=True)
             runs.append(floor)
+        print("Ray alone", flush=True)
+        ray_alone = ray_start_cost()
         if src_big is not None:
             runs.append(rayconv_run(src_big, scratch / "rb", model.descriptor, logs, "rayconv, 2x layers"))
             shutil.rmtree(scratch / "rb")
@@ -411,6 +455,7 @@ def main() -> None:
                       "bytes": in_bytes, "shards": model.n_shards},
             "scaled_input_bytes": dir_bytes(src_big) if src_big else None,
             "output_bytes": out_bytes,
+            "ray_alone": ray_alone,
             "runs": [r.as_dict() for r in runs],
         }
         (out / "results.json").write_text(json.dumps(results, indent=1))

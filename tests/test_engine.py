@@ -216,6 +216,20 @@ def test_verify_names_the_first_differing_leaf(tmp_path, single_process):
     assert "unscanned leaf params/params/decoder/layers_1/mlp/wo/kernel differs" in result.stderr
 
 
+def test_verify_refuses_an_output_missing_one_of_its_recorded_checkpoints(tmp_path, single_process):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(single_process, out)
+    (out / "int8").rename(tmp_path / "int8-moved-away")  # the other two outputs are intact
+    result = subprocess.run([sys.executable, "-m", "rayconv.cli", "verify", str(synthetic_checkpoint(MODEL)), str(out),
+                             "--model_path", DESCRIPTOR], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rayconv: error: ") and "int8 checkpoint" in lines[0], lines
+    assert "plan.json" in lines[0] and str(out / "int8") in lines[0], lines
+
+
 def test_plan_prints_the_plan_convert_ran(single_process):
     """`rayconv plan` and `rayconv convert` build the plan with the same code: same fingerprint."""
     result = subprocess.run([sys.executable, "-m", "rayconv.cli", "plan", "--json", "--input_directory",

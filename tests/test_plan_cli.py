@@ -62,6 +62,7 @@ def test_plan_with_convert_command_line_plans_what_convert_runs(tmp_path):
 def test_plan_prints_a_table_by_default(tmp_path):
     # A local output: 16 MiB commit batches, no batch reserve (a simulated plan without one writes to gs://).
     result = rayconv("plan", "--simulate", "--model_path", BF16_405B, "--quantize_type", "int8", "--num_workers", "12",
+                     "--worker_memory_gb", "4",
                      "--output_directory", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr[-2000:]
     for needle in ("units / pieces", "914 / 9,105", "memory per worker", "smallest worker", "estimated wall time",

@@ -79,7 +79,7 @@ def engine_options(fn: Callable) -> Callable:
         option("--address", default=None, help="Ray cluster address (e.g. auto inside a Ray job). "
                                                 "Default: start Ray locally."),
         option("--num_workers", type=int, default=None, help="Worker actors (default: CPUs / memory allow)."),
-        option("--worker_memory_gb", type=float, default=4.0, show_default=True,
+        option("--worker_memory_gb", type=float, default=1.0, show_default=True,
                help="Memory each worker actor reserves; the planner cuts work to fit it."),
         option("--worker_start_timeout", type=float, default=600.0, show_default=True,
                help="Seconds to wait for worker actors to be scheduled (e.g. while a cluster scales up); "
