@@ -102,7 +102,7 @@ def commit_batch_bytes(options: ConvertOptions, gcs: bool | None = None) -> int:
     ``manifest.ocdbt``: on a local disk that costs fsyncs, and 16 MiB batches measured fastest
     (COMMIT_BATCH_BYTES; never above a piece, so small budgets stay small). On Cloud Storage it is a rewrite
     of the same object name, which is limited to about one write per second (faster rewrites are answered
-    429 and retried with backoff). At the measured 95 MB/s of input per worker, ~240 MB/s of output, 16 MiB
+    429 and retried with backoff). At 72-104 MB/s of input per worker (measured), 180-260 MB/s of output, 16 MiB
     batches would rewrite each manifest up to ~15 times a second; GCS_COMMIT_BATCH_BYTES (256 MiB) brings that
     to about once a second. The writer holds up to two batches of output arrays (one committing while the next
     fills), so the batch is capped at GCS_BATCH_MEMORY_SHARE of the usable worker memory for both, and
