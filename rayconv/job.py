@@ -25,8 +25,8 @@ MEMORY_PER_PIECE_BYTE = 8
 #: Output bytes staged per OCDBT commit on a local disk. Per-chunk commits cost ~20 fsyncs per MB of output;
 #: 64 MiB batches stall on one big write; 8-16 MiB measured fastest (docs/benchmarks.md).
 COMMIT_BATCH_BYTES = 16 << 20
-#: Output bytes staged per OCDBT commit on gs:// (see :func:`commit_batch_bytes`): a worker converting 95 MB/s
-#: of input (the per-worker rate measured at real widths) writes ~240 MB/s of output for three outputs, so
+#: Output bytes staged per OCDBT commit on gs:// (see :func:`commit_batch_bytes`): a worker converting 58-104 MB/s
+#: of input (per-worker rates measured at real widths) writes ~150-260 MB/s of output for three outputs, so
 #: 256 MiB batches commit each database about once per second, Cloud Storage's rate for one object name.
 GCS_COMMIT_BATCH_BYTES = 256 << 20
 #: The share of a gs:// worker's usable memory the two in-flight commit batches may take at most.
@@ -102,7 +102,7 @@ def commit_batch_bytes(options: ConvertOptions, gcs: bool | None = None) -> int:
     ``manifest.ocdbt``: on a local disk that costs fsyncs, and 16 MiB batches measured fastest
     (COMMIT_BATCH_BYTES; never above a piece, so small budgets stay small). On Cloud Storage it is a rewrite
     of the same object name, which is limited to about one write per second (faster rewrites are answered
-    429 and retried with backoff). At 72-104 MB/s of input per worker (measured), 180-260 MB/s of output, 16 MiB
+    429 and retried with backoff). At 58-104 MB/s of input per worker (measured), 150-260 MB/s of output, 16 MiB
     batches would rewrite each manifest up to ~15 times a second; GCS_COMMIT_BATCH_BYTES (256 MiB) brings that
     to about once a second. The writer holds up to two batches of output arrays (one committing while the next
     fills), so the batch is capped at GCS_BATCH_MEMORY_SHARE of the usable worker memory for both, and
