@@ -57,6 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools" / "maxtext_ref"))  # the MaxText harness (reference.py)
 sys.path.insert(0, str(REPO))
 
+from rayconv.engine.executors import LOCAL_RAY  # noqa: E402
 from rayconv.synthetic import PRESETS, SyntheticModel, ensure_checkpoint  # noqa: E402
 
 #: The benchmark's inputs. Keys of PRESETS (e.g. ``405b-2gb``) are accepted too.
@@ -201,14 +202,14 @@ def maxtext_chain(model, src: Path, work: Path, logs: Path, name: str = "MaxText
     return chain
 
 
-#: Ray's own start, alone: ray.init as rayconv's executor calls it for a local Ray, then one actor per core that
+#: Ray's own start, alone: ray.init with the options rayconv's executor starts a local Ray with (LOCAL_RAY, passed
+#: as argv[1] so the measured process imports nothing of rayconv's), then one actor per core that
 #: imports rayconv's worker module. Prints wall seconds and the CPU seconds the driver and Ray's processes used.
 RAY_START = """
 import json, os, sys, time, psutil
 start = time.monotonic()
 import ray
-ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
-         object_store_memory=256 * 1024 * 1024)
+ray.init(num_cpus=os.cpu_count(), **json.loads(sys.argv[1]))
 init = time.monotonic() - start
 @ray.remote(num_cpus=1)
 class Worker:
@@ -230,7 +231,8 @@ def ray_start_cost(runs: int = 3) -> dict:
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     samples = []
     for _ in range(runs):
-        out = subprocess.run([sys.executable, "-c", RAY_START], capture_output=True, text=True, env=env, timeout=300)
+        out = subprocess.run([sys.executable, "-c", RAY_START, json.dumps(LOCAL_RAY)], capture_output=True, text=True,
+                             env=env, timeout=300)
         samples.append(json.loads(out.stdout.strip().splitlines()[-1]))
     best = min(samples, key=lambda x: x["ready"])
     print(f"  Ray alone: ray.init {best['init']:.1f} s, + {os.cpu_count()} actors ready {best['ready']:.1f} s, "

@@ -275,6 +275,14 @@ def break_checklist(directory: Path, name: str) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def assert_md5s_come_from_object_metadata(files: dict, uri: str, names: list, caplog) -> None:
+    """verify_input passes taking all three md5s from GCS object metadata, hashing nothing."""
+    with rayconv_log(caplog, logging.INFO):
+        verify_input(files, uri, names)
+    assert any("0 B hashed" in r.getMessage() and "3 from GCS object metadata" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
 def test_local_input_md5_checked_against_checklist(tmp_path):
     src = write_checkpoint(TINY, tmp_path / "ckpt")
     args = ("convert", "--input_directory", str(src), "--model_name", "llama-3.1", "--executor", "local",
@@ -324,12 +332,8 @@ def test_gs_input_md5_from_object_metadata(tmp_path, gcs_prefix, caplog):
     src = write_checkpoint(TINY, tmp_path / "ckpt")
     for path in src.iterdir():
         gcs_prefix.write_bytes(path.name, path.read_bytes())  # single-request uploads: GCS keeps their md5
-    files = list_input(gcs_prefix.uri)
-    names = ["params.json", "consolidated.00.pth", SHARD]
-    with rayconv_log(caplog, logging.INFO):
-        verify_input(files, gcs_prefix.uri, names)
-    assert any("0 B hashed" in r.getMessage() and "3 from GCS object metadata" in r.getMessage()
-               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    files, names = list_input(gcs_prefix.uri), ["params.json", "consolidated.00.pth", SHARD]
+    assert_md5s_come_from_object_metadata(files, gcs_prefix.uri, names, caplog)
     break_checklist(src, "params.json")
     gcs_prefix.write_bytes("checklist.chk", (src / "checklist.chk").read_bytes())
     with pytest.raises(SourceError) as info:
@@ -413,12 +417,8 @@ def test_staged_gs_prefix_is_checked_from_metadata_not_reread(signed_url_server,
     # Real GCS keeps no md5 for a composed object; fake-gcs-server does (and no componentCount), so the
     # attached md5 is checked here directly.
     assert info["verified_md5"] == hashlib.md5((small_checkpoint / SHARD).read_bytes()).hexdigest()
-    files = list_input(dest.uri)
-    names = ["params.json", "consolidated.00.pth", SHARD]
-    with rayconv_log(caplog, logging.INFO):
-        verify_input(files, dest.uri, names)
-    assert any("0 B hashed" in r.getMessage() and "3 from GCS object metadata" in r.getMessage()
-               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    files, names = list_input(dest.uri), ["params.json", "consolidated.00.pth", SHARD]
+    assert_md5s_come_from_object_metadata(files, dest.uri, names, caplog)
     dest.write_bytes(SHARD, b"replaced")  # a new object: GCS's own md5, no rayconv metadata
     with pytest.raises(SourceError, match=f"{SHARD}: md5 mismatch"):
         verify_input(files, dest.uri, names)

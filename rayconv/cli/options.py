@@ -164,7 +164,9 @@ def build_options(flags: dict[str, Any], *, for_plan: bool = False, simulate: bo
 
 def destination(options: Any) -> str:
     """Where the estimate writes: gcs for gs:// outputs (a simulated plan given none writes to SIMULATED_BUCKET)."""
-    return "gcs" if options.output.startswith("gs://") else "local"
+    from rayconv.job import on_gcs
+
+    return "gcs" if on_gcs(options.output) else "local"
 
 
 def source_kind_of(options: Any, simulate: bool) -> str:

@@ -25,6 +25,10 @@ from rayconv.receipts import JobContext, Receipt
 from rayconv.worker import run_unit
 
 GiB = 1 << 30
+#: How rayconv starts a local Ray (scripts/bench.py measures Ray alone with the same): a new private Ray, no
+#: dashboard, a small object store (only plans and receipts pass through it).
+LOCAL_RAY: dict[str, Any] = {"address": "local", "include_dashboard": False, "logging_level": "WARNING",
+                             "object_store_memory": 256 * 1024 * 1024}
 #: While units run, a line is logged whenever none has finished for this long (never wait silently).
 WAIT_LOG_SECONDS = 60.0
 
@@ -178,8 +182,7 @@ class RayExecutor:
         # address="local": a new private Ray, never one that `ray start` recorded in /tmp/ray/ray_current_cluster
         # (ray.init() would silently join that one, and refuse object_store_memory).
         watchdog.start()
-        _ray_init(ray, address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
-                  object_store_memory=256 * 1024 * 1024, configure_logging=True)
+        _ray_init(ray, num_cpus=num_cpus, **LOCAL_RAY, configure_logging=True)
         return True
 
     def _needs(self) -> str:

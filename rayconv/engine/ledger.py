@@ -198,10 +198,8 @@ def read_identities(plan: Plan, identities: Sequence[str]) -> dict[str, str]:
     """Every file the plan reads, by ledger name (:func:`unit_sources`) → its identity: the shards' as
     :func:`source_identities` gives them, the FP8 scale files' byte identities (their own CRCs are checked
     when they are read)."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
-        scales = list(pool.map(_byte_identity, plan.scale_files))
-    return {**{str(i): ident for i, ident in enumerate(identities)},
-            **{f"scale:{i}": ident for i, ident in enumerate(scales)}}
+    scales = file_identities({f"scale:{i}": uri for i, uri in enumerate(plan.scale_files)})
+    return {**{str(i): ident for i, ident in enumerate(identities)}, **scales}
 
 
 def _file_name(plan: Plan, key: str) -> str:
@@ -234,7 +232,7 @@ def _byte_identity(uri: str) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
 
-def file_identities(files: dict[str, str]) -> dict[str, str]:
+def file_identities(files: dict[Any, str]) -> dict[Any, str]:
     """name → byte identity of each uri (concurrently: on GCS each is a metadata request); "" where unknown."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
         return dict(zip(files, pool.map(_byte_identity, files.values())))
@@ -242,8 +240,7 @@ def file_identities(files: dict[str, str]) -> dict[str, str]:
 
 def source_identities(checkpoint: MetaCheckpoint) -> list[str]:
     """Per shard, ``<index digest>/<byte identity>``: what a receipt records for each shard it read."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
-        identities = list(pool.map(_byte_identity, checkpoint.shards))
+    identities = file_identities(dict(enumerate(checkpoint.shards))).values()
     return [f"{_index_digest(index)}/{ident}" for index, ident in zip(checkpoint.indexes, identities)]
 
 
