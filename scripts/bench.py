@@ -253,13 +253,16 @@ def parse_closing_line(text: str) -> tuple[dict[str, float], float | None]:
     return phases, float(rate.group(1)) if rate else None
 
 
-def rayconv_run(src: Path, out: Path, descriptor: str, logs: Path, label: str, *extra: str) -> Run:
+def rayconv_run(src: Path, out: Path, descriptor: str | None, logs: Path, label: str, *extra: str) -> Run:
+    """``rayconv convert`` writing all three outputs from a cold page cache (``descriptor`` None: an HF source
+    names its model itself)."""
+    model = ["--model_path", descriptor] if descriptor else []
     cmd = [sys.executable, "-m", "rayconv.cli", "convert", "--input_directory", str(src), "--output_directory",
-           str(out), "--model_path", descriptor, "--quantize_type", "int8", "--quantize_weights", "True",
+           str(out), *model, "--quantize_type", "int8", "--quantize_weights", "True",
            "--no_progress", "--restart", "--skip_md5", *extra]
     env = dict(os.environ, JAX_PLATFORMS="cpu", RAY_USAGE_STATS_ENABLED="0",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    drop_cache(sorted(src.iterdir()))
+    drop_cache([p for p in sorted(src.iterdir()) if p.is_file()])
     log = logs / f"{label.replace(' ', '_').replace(',', '')}.log"
     run = measure(cmd, env=env, log=log)
     run.name = label

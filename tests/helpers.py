@@ -5,6 +5,7 @@ Test modules import from here (and from conftest.py's fixtures), never from each
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -114,6 +115,43 @@ def assert_same_leaves(ours, theirs) -> int:
         x, y = a[key], b[key]
         assert (x.dtype, x.shape) == (y.dtype, y.shape), key
         assert x.tobytes() == y.tobytes(), f"{key}: {np.mean(x.view(np.uint8) != y.view(np.uint8)):.4%} bytes differ"
+    return len(b)
+
+
+#: _CHECKPOINT_METADATA fields that say when a checkpoint was written (never equal across two writers).
+CHECKPOINT_TIMESTAMPS = ("init_timestamp_nsecs", "commit_timestamp_nsecs")
+
+
+def _checkpoint_metadata(item: Path, step_dir: bool) -> dict:
+    data = json.loads(((item.parent if step_dir else item) / "_CHECKPOINT_METADATA").read_text())
+    assert all(isinstance(data.pop(key), int) for key in CHECKPOINT_TIMESTAMPS), data
+    return data
+
+
+def assert_same_checkpoint(ours: Path, theirs: Path, *, step_dir: bool) -> int:
+    """Leaves bit-equal; _METADATA equal but for write_shape (the chunking, which follows MaxText's simulated
+    devices there and rayconv's pieces here); _CHECKPOINT_METADATA equal but for its timestamps. Returns the
+    number of leaves. ``step_dir``: the item sits in a step directory with its own metadata and marker."""
+    from reference import read_leaves, read_metadata
+
+    a, b = read_leaves(ours), read_leaves(theirs)
+    assert sorted(a) == sorted(b), f"tree differs: only rayconv {sorted(set(a) - set(b))[:3]}, " \
+                                   f"only MaxText {sorted(set(b) - set(a))[:3]}"
+    for key in b:
+        assert (a[key].dtype, a[key].shape) == (b[key].dtype, b[key].shape), key
+        assert a[key].tobytes() == b[key].tobytes(), key
+
+    def without_write_shape(meta: dict) -> dict:
+        entries = {path: {"key_metadata": entry["key_metadata"],
+                          "value_metadata": {k: v for k, v in entry["value_metadata"].items() if k != "write_shape"}}
+                   for path, entry in meta["tree_metadata"].items()}
+        return dict(meta, tree_metadata=entries)
+
+    ma, mb = without_write_shape(read_metadata(ours)), without_write_shape(read_metadata(theirs))
+    assert sorted(ma["tree_metadata"]) == sorted(mb["tree_metadata"])
+    assert ma == mb
+    assert _checkpoint_metadata(ours, step_dir) == _checkpoint_metadata(theirs, step_dir)
+    assert (ours / "commit_success.txt").exists() and (not step_dir or (ours.parent / "commit_success.txt").exists())
     return len(b)
 
 

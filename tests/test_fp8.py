@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from conftest import run_convert, synthetic_checkpoint
-from helpers import assert_clean_failure, assert_same_leaves, copy_down, run_convert_cli
+from fp8_checkpoints import torch_dequantize, write_dequantized
+from helpers import assert_clean_failure, assert_same_checkpoint, assert_same_leaves, copy_down, run_convert_cli
 from helpers import output_leaves as leaves
 from rayconv import fp8
 from rayconv.models import Descriptor
@@ -30,26 +31,6 @@ MODEL = SyntheticModel(family="llama-3.1", dim=256, n_layers=4, n_heads=16, n_kv
 FP8_PATH = "Llama3.1-405B-Instruct"
 BF16_PATH = "Llama3.1-405B-Instruct:bf16-mp8"
 KINDS = ("scanned", "unscanned", "int8")
-
-
-def torch_dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The formula in torch, independently of rayconv: float32 product, then bf16 (round to nearest even)."""
-    return (q.to(torch.float32) * scale.to(torch.float32).reshape(-1, 1)).to(torch.bfloat16)
-
-
-def write_dequantized(src: Path, dst: Path) -> Path:
-    """The FP8 checkpoint's bf16 MP8 twin, written by torch."""
-    dst.mkdir(parents=True)
-    for name in ("params.json", "tokenizer.model"):
-        shutil.copy(src / name, dst / name)
-    for shard in range(MODEL.n_shards):
-        state = torch.load(src / f"consolidated.{shard:02d}.pth", weights_only=True, map_location="cpu")
-        scales = torch.load(src / f"fp8_scales_{shard}.pt", weights_only=True, map_location="cpu")
-        for key, tensor in state.items():
-            if tensor.dtype == torch.float8_e4m3fn:
-                state[key] = torch_dequantize(tensor, scales[fp8.scale_key(key, shard)])
-        torch.save(state, dst / f"consolidated.{shard:02d}.pth")
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -309,6 +290,21 @@ def test_parity_with_maxtext_on_the_dequantized_shards(fp8_out, dequantized_src,
     assert assert_same_leaves(out / "bf16/unscanned/checkpoints/0/items",
                               reference.unscanned(MODEL, dequantized_src)) == 4 + 9 * MODEL.n_layers
     assert assert_same_leaves(out / "int8", reference.quantized(MODEL, dequantized_src, quant="int8")) > 0
+
+
+def test_nnx_parity_with_maxtext_025_on_the_dequantized_shards(tmp_path, fp8_src, dequantized_src, reference_025):
+    """With --maxtext_layout nnx, the FP8 source's three outputs equal, tree and metadata included, what MaxText
+    0.2.5 writes for its dequantized shards (llama_or_mistral_ckpt, generate_param_only_checkpoint,
+    layerwise_quantization)."""
+    out = tmp_path / "nnx"
+    run_convert(fp8_src, out, model_path=FP8_PATH, kinds=KINDS, quantize_type="int8", executor="local",
+                maxtext_layout="nnx")
+    assert assert_same_checkpoint(out / "bf16/scanned/0/items", reference_025.scanned(MODEL, dequantized_src),
+                                  step_dir=True) == 13
+    assert assert_same_checkpoint(out / "bf16/unscanned/checkpoints/0/items",
+                                  reference_025.unscanned(MODEL, dequantized_src), step_dir=True) == 3 + 9 * MODEL.n_layers
+    assert assert_same_checkpoint(out / "int8", reference_025.quantized(MODEL, dequantized_src, quant="int8"),
+                                  step_dir=False) == 3 + (2 + 7 * 2) * MODEL.n_layers
 
 
 def test_fp8_from_meta_url_and_bucket(tmp_path, fp8_src, fp8_out, gcs_prefix, monkeypatch):

@@ -25,7 +25,7 @@ from conftest import CACHE, MODELS, run_convert, synthetic_checkpoint
 from helpers import assert_same_leaves as leaves_equal
 from helpers import copy_down, run_cli
 from hf_checkpoints import ensure_hf_checkpoint, hf_permute, merged_meta
-from rayconv import mapping
+from rayconv import fp8, mapping
 from rayconv.errors import ConversionError
 from rayconv.source.bytesource import open_source
 from rayconv.source.safetensors import index_safetensors
@@ -321,6 +321,31 @@ def _truncated(src: Path) -> None:
     os.truncate(path, path.stat().st_size - 4096)
 
 
+def _fp8_variant(src: Path) -> None:
+    """The layout of the Hub's -FP8 repos (fbgemm_fp8): float8 MLP weights of the middle layers with a float32
+    ``weight_scale`` [out, 1] each, quantization_config in config.json."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    layer = "model.layers.1.mlp."
+    for path in sorted(src.glob("model-*.safetensors")):
+        tensors = load_file(path)
+        if not any(key.startswith(layer) for key in tensors):
+            continue
+        for key in [k for k in tensors if k.startswith(layer) and k.endswith(".weight")]:
+            q, scale = fp8.quantize_rows(tensors[key].float().numpy().astype(ml_dtypes.bfloat16))
+            tensors[key] = torch.from_numpy(q.view(np.uint8)).view(torch.float8_e4m3fn)
+            tensors[key.replace(".weight", ".weight_scale")] = torch.from_numpy(scale.reshape(-1, 1))
+            index["weight_map"][key.replace(".weight", ".weight_scale")] = path.name
+        save_file(tensors, path, metadata={"format": "pt"})
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"activation_scale_ub": 1200.0, "quant_method": "fbgemm_fp8",
+                                     "modules_to_not_convert": ["lm_head"]}
+    (src / "config.json").write_text(json.dumps(config))
+
+
 BAD = {
     "missing file": (_missing_file, "is missing from"),
     "offsets out of range": (_offsets_out_of_range, "gap at byte"),
@@ -328,6 +353,7 @@ BAD = {
     "wrong dtype": (_wrong_dtype, "is float16; rayconv converts bf16 checkpoints"),
     "config disagrees": (_config_disagrees, "config.json disagrees with the tensors"),
     "truncated file": (_truncated, "is truncated"),
+    "the -FP8 variant": (_fp8_variant, "quantization_config 'fbgemm_fp8' (a quantized Hugging Face variant"),
 }
 
 

@@ -19,12 +19,11 @@ import numpy as np
 import pytest
 
 from conftest import MODELS, run_convert, synthetic_checkpoint
-from helpers import run_cli
+from helpers import assert_same_checkpoint, run_cli
 
 SHAPES = ("llama31-405b-mp16", "llama3-mp1")
 SERVED = "llama31-405b-mp16"
 OUTPUTS = {"scanned": "bf16/scanned/0/items", "unscanned": "bf16/unscanned/checkpoints/0/items", "int8": "int8"}
-TIMESTAMPS = ("init_timestamp_nsecs", "commit_timestamp_nsecs")
 
 
 @pytest.fixture(scope="session")
@@ -44,37 +43,6 @@ def converted_nnx(tmp_path_factory):
         return results[name]
 
     return get
-
-
-def _checkpoint_metadata(item: Path, step_dir: bool) -> dict:
-    data = json.loads(((item.parent if step_dir else item) / "_CHECKPOINT_METADATA").read_text())
-    assert all(isinstance(data.pop(key), int) for key in TIMESTAMPS), data
-    return data
-
-
-def assert_same_checkpoint(ours: Path, theirs: Path, *, step_dir: bool) -> int:
-    """Leaves bit-equal; _METADATA equal but for write_shape; _CHECKPOINT_METADATA equal but for timestamps."""
-    from reference import read_leaves, read_metadata
-
-    a, b = read_leaves(ours), read_leaves(theirs)
-    assert sorted(a) == sorted(b), f"tree differs: only rayconv {sorted(set(a) - set(b))[:3]}, " \
-                                   f"only MaxText {sorted(set(b) - set(a))[:3]}"
-    for key in b:
-        assert (a[key].dtype, a[key].shape) == (b[key].dtype, b[key].shape), key
-        assert a[key].tobytes() == b[key].tobytes(), key
-
-    def without_write_shape(meta: dict) -> dict:
-        entries = {path: {"key_metadata": entry["key_metadata"],
-                          "value_metadata": {k: v for k, v in entry["value_metadata"].items() if k != "write_shape"}}
-                   for path, entry in meta["tree_metadata"].items()}
-        return dict(meta, tree_metadata=entries)
-
-    ma, mb = without_write_shape(read_metadata(ours)), without_write_shape(read_metadata(theirs))
-    assert sorted(ma["tree_metadata"]) == sorted(mb["tree_metadata"])
-    assert ma == mb
-    assert _checkpoint_metadata(ours, step_dir) == _checkpoint_metadata(theirs, step_dir)
-    assert (ours / "commit_success.txt").exists() and (not step_dir or (ours.parent / "commit_success.txt").exists())
-    return len(b)
 
 
 @pytest.mark.parametrize("name", SHAPES)

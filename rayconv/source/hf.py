@@ -180,6 +180,12 @@ def spec_from_config(config: Mapping[str, Any], *, model_name: str | None, model
     """
     if config.get("model_type", "llama") != "llama":
         raise SpecError(f"{source}: model_type {config.get('model_type')!r} is not a Llama checkpoint")
+    quantization = config.get("quantization_config")
+    if quantization is not None:  # e.g. meta-llama/Llama-3.1-405B-Instruct-FP8 (fbgemm_fp8: float8 MLP weights)
+        method = quantization.get("quant_method") if isinstance(quantization, Mapping) else quantization
+        raise SpecError(f"{source}: quantization_config {method!r} (a quantized Hugging Face variant such as the -FP8 "
+                        "repos) is not supported; convert the bf16 repository, or Meta's FP8 SKU from its "
+                        "consolidated.NN.pth + fp8_scales_*.pt files")
     for flag in ("attention_bias", "mlp_bias"):
         if config.get(flag):
             raise SpecError(f"{source}: {flag} is set; Llama (and MaxText's llama models) have no biases")
@@ -275,7 +281,7 @@ class HFCheckpoint:
     indexes: list[dict[str, TensorInfo]]  # per file: {HF name: TensorInfo}
     files: dict[str, str]
     where: dict[str, tuple[int, TensorInfo]]  # Meta key → (file index, TensorInfo)
-    scales: None = None  # the driver's FP8 hook (MetaCheckpoint.scales); HF's FP8 variant is not supported
+    scales: None = None  # the driver's FP8 hook (MetaCheckpoint.scales); HF's FP8 variants are refused (spec)
     fp8: bool = False
 
     @classmethod
