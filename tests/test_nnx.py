@@ -76,13 +76,14 @@ def _leaf_names(item: Path) -> set[str]:
     return set(metadata_tree(item))
 
 
-@pytest.mark.parametrize("kind", ["unscanned", "int8"])
+@pytest.mark.parametrize("kind", ["scanned", "unscanned", "int8"])
 def test_maxtext_025_serves_nnx_outputs_with_its_own_logits(kind, converted_nnx, reference_025):
-    """MaxText 0.2.5's MaxEngine, default flags (plus scan_layers=false, as for its own unscanned output), serves
-    rayconv's nnx checkpoint with exactly the logits of 0.2.5's own checkpoint."""
+    """MaxText 0.2.5's MaxEngine, default flags (plus scan_layers=false for the unscanned and int8 outputs, as for
+    its own), serves rayconv's nnx checkpoint with exactly the logits of 0.2.5's own checkpoint."""
     model, _ = MODELS[SERVED]
     src = synthetic_checkpoint(model)
-    theirs_path = reference_025.unscanned(model, src) if kind == "unscanned" else reference_025.quantized(model, src)
+    theirs_path = {"scanned": reference_025.scanned, "unscanned": reference_025.unscanned,
+                   "int8": reference_025.quantized}[kind](model, src)
     ours = reference_025.logits(model, converted_nnx(SERVED) / OUTPUTS[kind], kind)
     theirs = reference_025.logits(model, theirs_path, kind)
     assert ours.shape == (8, model.vocab_size) and np.isfinite(ours).all() and np.abs(ours).max() > 0
