@@ -328,20 +328,42 @@ def test_cli_refuses_a_shard_whose_tensor_runs_past_its_record(tmp_path):
 
     src = tmp_path / "in"
     shutil.copytree(synthetic_checkpoint(mp16_model()), src)
-    shard = src / "consolidated.03.pth"
+    _shift_first_tensor(src / "consolidated.03.pth")
+    out = tmp_path / "out"
+    result = run_convert_cli(*mp16_convert_args(src, out))
+    assert result.returncode == 1, result.stderr
+    assert_clean_failure(result, out, "consolidated.03.pth")
+    assert "needs" in result.stderr and "which has" in result.stderr, result.stderr
+
+
+def test_verify_refuses_a_shard_whose_tensor_runs_past_its_record(tmp_path):
+    """``rayconv verify`` reads the source through the same index: a good output checked against the crafted
+    shard is refused in one line (it used to agree with whatever the neighbouring bytes gave), and checked
+    against the intact source it passes."""
+    from conftest import run_convert, synthetic_checkpoint
+    from helpers import MP16_DESCRIPTOR, mp16_model, one_error, run_cli
+
+    good = synthetic_checkpoint(mp16_model())
+    out = tmp_path / "out"
+    run_convert(good, out, model_path=MP16_DESCRIPTOR, kinds=("scanned",), executor="local")
+    src = tmp_path / "in"
+    shutil.copytree(good, src)
+    _shift_first_tensor(src / "consolidated.03.pth")
+    refused = run_cli("verify", str(src), str(out), "--model_path", MP16_DESCRIPTOR)
+    assert "consolidated.03.pth" in one_error(refused) and "which has" in refused.stderr, refused.stderr[-2000:]
+    passed = run_cli("verify", str(good), str(out), "--model_path", MP16_DESCRIPTOR)
+    assert passed.returncode == 0, passed.stderr[-2000:]
+
+
+def _shift_first_tensor(shard: Path) -> None:
+    """Point the shard's first tensor (tok_embeddings, at element 0 of its record) 8 elements on, past its end."""
     with zipfile.ZipFile(shard) as z:
         items = [(info.filename, z.read(info)) for info in z.infolist()]
     name, data = items[0]
     assert name.endswith("/data.pkl")
-    # The first tensor (tok_embeddings) starts at element 0 of its record: move it 8 elements on.
     first = data.index(b"QK\x00")
     items[0] = (name, data[:first] + b"QK\x08" + data[first + 3:])
     with zipfile.ZipFile(shard, "w") as z:
         for entry, payload in items:
             z.writestr(zipfile.ZipInfo(entry), payload)
     assert isinstance(_torch_load(shard), Exception)
-    out = tmp_path / "out"
-    result = run_convert_cli(*mp16_convert_args(src, out))
-    assert result.returncode == 1, result.stderr
-    assert_clean_failure(result, out, "consolidated.03.pth")
-    assert "needs" in result.stderr and "which has" in result.stderr, result.stderr
