@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 from rayconv import fp8, mapping
 from rayconv.job import (MEMORY_PER_PIECE_BYTE, WORKER_BASE_BYTES, ConvertOptions, batch_reserve_bytes,
-                         commit_batch_bytes, make_plan, open_checkpoint, piece_budget)
+                         commit_batch_bytes, make_plan, open_checkpoint, piece_budget, worker_memory_bytes)
 from rayconv.models import KNOWN_SIZES, Descriptor, ModelSpec, resolve_spec
 from rayconv.plan import Plan, describe, piece_rows
 from rayconv.source.checkpoint import MetaCheckpoint
@@ -104,12 +104,6 @@ def output_bytes(plan: Plan) -> dict[str, dict[str, int]]:
     """Arrays and bytes of each output (what the workers write; the commit adds only metadata)."""
     return {kind: {"arrays": len(arrays), "bytes": sum(a.nbytes for a in arrays)}
             for kind, arrays in ((k, plan.arrays(k)) for k in plan.kinds)}
-
-
-def worker_memory_bytes(largest_piece: int, batch_reserve: int = 0) -> int:
-    """Peak memory of a worker whose largest piece is ``largest_piece`` bytes (the driver's model), plus the
-    commit batches a gs:// writer holds (``batch_reserve``: :func:`rayconv.job.batch_reserve_bytes`)."""
-    return largest_piece * MEMORY_PER_PIECE_BYTE + batch_reserve + WORKER_BASE_BYTES
 
 
 def largest_piece(plan: Plan) -> int:

@@ -86,6 +86,13 @@ def batch_reserve_bytes(options: ConvertOptions) -> int:
     return 2 * _gcs_batch(options) if on_gcs(options.output) else 0
 
 
+def worker_memory_bytes(largest_piece: int, batch_reserve: int = 0) -> int:
+    """Peak memory of a worker whose largest piece is ``largest_piece`` bytes (the driver's model), plus the
+    commit batches a gs:// writer holds (``batch_reserve``: :func:`batch_reserve_bytes`); :func:`piece_budget`
+    is its inverse."""
+    return largest_piece * MEMORY_PER_PIECE_BYTE + batch_reserve + WORKER_BASE_BYTES
+
+
 def piece_budget(options: ConvertOptions) -> int:
     """Bytes of G one piece may hold: the usable worker memory (less the gs:// batch reserve) / 8."""
     if options.piece_budget:
@@ -172,7 +179,7 @@ def resume_options(options: ConvertOptions, checkpoint: MetaCheckpoint, record: 
     largest = max((p.nbytes for u in plan.units for p in u.pieces), default=0)
     if largest > current[0]:
         reserve = 2 * GCS_COMMIT_BATCH_BYTES if on_gcs(options.output) else 0  # the most batch_reserve_bytes takes
-        need = math.ceil((largest * MEMORY_PER_PIECE_BYTE + WORKER_BASE_BYTES + reserve) / GiB * 100) / 100
+        need = math.ceil(worker_memory_bytes(largest, reserve) / GiB * 100) / 100
         raise OutputError(f"{out.uri} holds a partial conversion planned for workers of at least {need:.2f} GiB "
                           f"(pieces up to {human_bytes(largest)}); resume with --worker_memory_gb {need:.2f} or more, "
                           "or rerun with --restart to replan for the smaller workers")

@@ -20,6 +20,7 @@ from rayconv.cli.flags import MAXTEXT_LAYOUT_HELP, RATE_FLAGS, SOURCE_FORMAT, co
 from rayconv.cli.options import build_options, check_engine_flags, destination, source_kind_of
 from rayconv.errors import ConversionError, SpecError, user_error
 from rayconv.progress import LOG, human_bytes, setup_logging
+from rayconv.trees import LAYOUTS
 
 
 def _fail(exc: ConversionError | str) -> None:
@@ -141,7 +142,7 @@ def plan(simulate: bool, json_output: bool, throughput_mb_s: float, source_kind:
 @option("--model_name", default=None, help="llama-2, llama-3, llama-3.1 or llama-3.3.")
 @option("--model_path", default=None, help="Meta model descriptor, e.g. Llama3.1-405B-Instruct:bf16-mp16.")
 @option("--num_kv_heads", type=int, default=None)
-@option("--maxtext_layout", type=click.Choice(["linen", "nnx"]), default=None,
+@option("--maxtext_layout", type=click.Choice(list(LAYOUTS)), default=None,
          help="The tree layout OUTPUT must have (default: the one it has). " + MAXTEXT_LAYOUT_HELP)
 @SOURCE_FORMAT
 def verify(source, output, model_name, model_path, num_kv_heads, maxtext_layout, source_format) -> None:

@@ -11,6 +11,9 @@ from typing import Any, Callable
 
 import click
 
+from rayconv.source.hf import SOURCE_FORMATS
+from rayconv.trees import LAYOUTS
+
 DEFAULT_OUTPUT = "rayconv-output"
 MAXTEXT_LAYOUT_HELP = ("MaxText tree layout: linen (MaxText 0.2.4 classic trees, JetStream-MaxText; default for "
                        "--inference_server jetstream-maxtext) or nnx (what MaxText >= 0.2.5 writes and loads; default "
@@ -34,7 +37,7 @@ def _http_timeout(ctx: click.Context, param: click.Parameter, value: float | Non
 
 
 SOURCE_FORMAT = option(
-    "--source_format", type=click.Choice(["auto", "meta", "hf"]), default="auto", show_default=True,
+    "--source_format", type=click.Choice(SOURCE_FORMATS), default="auto", show_default=True,
     help="Input checkpoint format: meta (consolidated.NN.pth; at a Hub snapshot's root, its original/ folder), "
          "hf (config.json + *.safetensors), auto: whichever the directory holds.")
 
@@ -93,7 +96,7 @@ def output_options(fn: Callable) -> Callable:
         option("--output_directory", default=None, help=f"Output root (local or gs://). Default ./{DEFAULT_OUTPUT}."),
         option("--inference_server", default="jetstream-maxtext", show_default=True,
                help="Target server: jetstream-maxtext (classic trees) or maxtext (MaxText >= 0.2.5, NNX trees)."),
-        option("--maxtext_layout", type=click.Choice(["linen", "nnx"]), default=None, help=MAXTEXT_LAYOUT_HELP),
+        option("--maxtext_layout", type=click.Choice(list(LAYOUTS)), default=None, help=MAXTEXT_LAYOUT_HELP),
         option("--quantize_type", default=None, help="int8 (AQT weights + dynamic activations), int8w or int4w."),
         option("--quantize_weights", type=click.BOOL, default=None, help="True to also write <out>/int8."),
         option("--skip_scanned", is_flag=True, help="Only the unscanned (serving) bf16 checkpoint, not the scanned one."),

@@ -17,6 +17,7 @@ import click
 from rayconv.cli.flags import DEFAULT_OUTPUT
 from rayconv.errors import ConversionError, SpecError
 from rayconv.progress import LOG, human_bytes
+from rayconv.trees import DEFAULT_LAYOUT
 
 #: ``rayconv plan --simulate`` without an output plans for ``gs://BUCKET/<model>``: the 405B goes to a bucket, and
 #: the plan (pieces, commit batches, worker memory) and the estimate must agree on where (rayconv.job).
@@ -137,7 +138,7 @@ def build_options(flags: dict[str, Any], *, for_plan: bool = False, simulate: bo
     if inference_server not in SERVER_LAYOUTS:
         raise SpecError(f"unsupported --inference_server {inference_server!r} (supported: "
                         f"{', '.join(sorted(SERVER_LAYOUTS))})")
-    maxtext_layout = flags["maxtext_layout"] or SERVER_LAYOUTS.get(inference_server, "linen")
+    maxtext_layout = flags["maxtext_layout"] or SERVER_LAYOUTS.get(inference_server, DEFAULT_LAYOUT)
     kinds, quantize_type = output_kinds(flags["quantize_type"], flags["quantize_weights"], flags["skip_scanned"])
     trees.get(maxtext_layout).check_quantize_type(quantize_type)  # before any download or write
     meta_url, bucket_name = flags["meta_url"], flags["bucket_name"]
