@@ -133,6 +133,11 @@ PRESETS: dict[str, SyntheticModel] = {
     "405b-2gb": SyntheticModel(family="llama-3.1", dim=2048, n_layers=18, n_heads=128, n_kv_heads=8,
                                vocab_size=32064, multiple_of=256, ffn_dim_multiplier=1.2, n_shards=16,
                                descriptor="Llama3.1-405B-Instruct:bf16-mp16"),
+    # Meta's FP8 SKU layout (the default 405B download) at the demo's widths: 8 shards, one kv head each, the FFN
+    # weights of layers 1..n-2 float8 with row scales in fp8_scales_{r}.pt (``scripts/demo.sh --synthetic demo-fp8``).
+    "demo-fp8": SyntheticModel(family="llama-3.1", dim=2048, n_layers=4, n_heads=16, n_kv_heads=8,
+                               vocab_size=16032, multiple_of=256, ffn_dim_multiplier=1.2, n_shards=8, fp8=True,
+                               descriptor="Llama3.1-405B-Instruct"),
 }
 
 

@@ -17,7 +17,7 @@ import torch
 
 from conftest import run_convert, synthetic_checkpoint
 from fp8_checkpoints import torch_dequantize, write_dequantized
-from helpers import assert_clean_failure, assert_same_checkpoint, assert_same_leaves, copy_down, run_convert_cli
+from helpers import assert_clean_failure, assert_same_checkpoint, assert_same_leaves, copy_down, run_cli, run_convert_cli
 from helpers import output_leaves as leaves
 from rayconv import fp8
 from rayconv.models import Descriptor
@@ -357,3 +357,22 @@ def test_cli_synthetic_fp8_writes_the_fp8_layout(tmp_path, fp8_src, monkeypatch)
         for key in ours:
             assert ours[key].dtype == cached[key].dtype and torch.equal(ours[key].view(torch.uint8),
                                                                          cached[key].view(torch.uint8)), key
+
+
+def test_demo_preset_of_the_fp8_sku_converts_end_to_end(tmp_path):
+    """`scripts/demo.sh --synthetic demo-fp8`: the demo's widths in the FP8 SKU's layout convert through the CLI,
+    say their source is FP8, and verify."""
+    from conftest import CACHE
+    from rayconv.synthetic import PRESETS, ensure_checkpoint
+
+    model = PRESETS["demo-fp8"]
+    assert model.fp8 and model.n_shards == 8 and Descriptor.parse(model.descriptor).sku == "fp8"
+    out = tmp_path / "out"
+    result = run_cli("convert", "--synthetic", "demo-fp8", "--output_directory", str(out), "--executor", "local",
+                     "--no_progress", "--skip_scanned", env={"RAYCONV_CACHE": str(CACHE)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Source is Meta's FP8 SKU" in result.stderr
+    checkpoint = ensure_checkpoint(model, CACHE / "synthetic")  # the one the CLI wrote (same cache key)
+    assert sorted(p.name for p in checkpoint.glob("fp8_scales_*.pt")) == [f"fp8_scales_{r}.pt" for r in range(8)]
+    verified = run_cli("verify", str(checkpoint), str(out), "--model_path", model.descriptor)
+    assert verified.returncode == 0, verified.stderr[-3000:]

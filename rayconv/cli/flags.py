@@ -64,7 +64,7 @@ def input_options(fn: Callable) -> Callable:
                help="With --meta_url: stage the raw files here (local dir or gs://) before converting; "
                     "default with --bucket_name: gs://<bucket>/base/<model>. Without it, stream from the URL."),
         option("--synthetic", default=None, metavar="PRESET",
-               help="Use a built-in synthetic checkpoint (demo, 405b-2gb) as input."),
+               help="Use a built-in synthetic checkpoint (demo, 405b-2gb, demo-fp8) as input."),
         option("--num_kv_heads", type=int, default=None,
                help="Real kv-head count when params.json counts repeated heads and --model_path is not given."),
         option("--http_timeout_s", type=float, default=None, envvar="RAYCONV_HTTP_TIMEOUT_S", show_envvar=True,
