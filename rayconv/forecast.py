@@ -34,14 +34,13 @@ import math
 from typing import Any, Sequence
 
 from rayconv import fp8, mapping
-from rayconv.job import (MEMORY_PER_PIECE_BYTE, WORKER_BASE_BYTES, ConvertOptions, batch_reserve_bytes,
+from rayconv.job import (MEMORY_PER_PIECE_BYTE, WORKER_BASE_BYTES, ConvertOptions, GiB, batch_reserve_bytes,
                          commit_batch_bytes, make_plan, open_checkpoint, piece_budget, worker_memory_bytes)
 from rayconv.models import KNOWN_SIZES, Descriptor, ModelSpec, resolve_spec
 from rayconv.plan import Plan, describe, piece_rows
 from rayconv.source.checkpoint import MetaCheckpoint
 from rayconv.source.pth import TensorInfo
 
-GiB = 1 << 30
 #: Per-worker conversion throughput (input MB/s: read + transform + write all three outputs + CRC),
 #: measured at the 405B's real tensor widths (scripts/bench.py --preset real-width: 6.6 GB converted by two
 #: workers of the default 1 GiB sharing 2 cores, i.e. one core each, with the driver and Ray's processes on the

@@ -292,3 +292,51 @@ def test_linen_tree_metadata_equals_maxtexts(kind):
     plan = plan_of(SPECS["llama3-mp1"], 1 << 30, 1 << 30)
     ours = trees.LINEN.tree_metadata(kind, plan.arrays(kind))
     assert _without_write_shape(ours) == _without_write_shape(golden)
+
+
+# ------------------------------------------------------------------------------------------------
+# The package's shape (issue 15): small modules, and no import cycle at module level
+
+
+PACKAGE = Path(__file__).resolve().parents[1] / "rayconv"
+MAX_MODULE_LINES = 400
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """{module: rayconv modules it imports at module level} (imports inside functions are deferred on purpose)."""
+    import ast
+
+    modules = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rayconv"):
+                found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                          for a in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name.startswith("rayconv")}
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def test_modules_stay_small_and_import_without_cycles():
+    sizes = {p.relative_to(PACKAGE.parent).as_posix(): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    assert len(sizes) > 30 and max(sizes.values()) > 100  # the walk found the package
+    assert not {k: v for k, v in sizes.items() if v > MAX_MODULE_LINES}
+    graph = _module_imports()
+    assert graph["rayconv.engine.driver"] and "rayconv.job" in graph["rayconv.forecast"]  # the walk sees imports
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            assert state.get(dep) != 1, f"import cycle: {' -> '.join(path + [dep])}"
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])

@@ -19,12 +19,12 @@ from typing import Any, Callable, Iterator, Sequence
 from rayconv import interrupt
 from rayconv.engine import watchdog
 from rayconv.errors import ConversionError, user_error
+from rayconv.job import GiB
 from rayconv.plan import Unit
 from rayconv.progress import LOG
 from rayconv.receipts import JobContext, Receipt
 from rayconv.worker import run_unit
 
-GiB = 1 << 30
 #: How rayconv starts a local Ray (scripts/bench.py measures Ray alone with the same): a new private Ray, no
 #: dashboard, a small object store (only plans and receipts pass through it).
 LOCAL_RAY: dict[str, Any] = {"address": "local", "include_dashboard": False, "logging_level": "WARNING",
