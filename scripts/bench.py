@@ -202,14 +202,16 @@ def maxtext_chain(model, src: Path, work: Path, logs: Path, name: str = "MaxText
     return chain
 
 
-#: Ray's own start, alone: ray.init with the options rayconv's executor starts a local Ray with (LOCAL_RAY, passed
-#: as argv[1] so the measured process imports nothing of rayconv's), then one actor per core that
+#: Ray's own start, alone: ray.init as rayconv's executor starts a local Ray (LOCAL_RAY, passed as argv[1], and
+#: without the unused daemons; the measured process imports nothing else of rayconv's), then one actor per core that
 #: imports rayconv's worker module. Prints wall seconds and the CPU seconds the driver and Ray's processes used.
 RAY_START = """
 import json, os, sys, time, psutil
+from rayconv.engine.lean_ray import without_unused_daemons  # imports nothing of Ray's
 start = time.monotonic()
 import ray
-ray.init(num_cpus=os.cpu_count(), **json.loads(sys.argv[1]))
+with without_unused_daemons():
+    ray.init(num_cpus=os.cpu_count(), **json.loads(sys.argv[1]))
 init = time.monotonic() - start
 @ray.remote(num_cpus=1)
 class Worker:

@@ -1,5 +1,6 @@
 """A successful `rayconv convert` with a local Ray exits without waiting for Ray's shutdown — and still leaves
 no process behind, with every output committed (the CLI's fast exit relies on PR_SET_PDEATHSIG and the watchdog).
+The Ray it starts has no autoscaler monitor and no dashboard API server (``rayconv.engine.lean_ray``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def test_convert_with_local_ray_exits_at_once_and_leaves_nothing_running(tmp_pat
                              "--quantize_weights", "True"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen: dict[int, float] = {}
     names: dict[int, str] = {}
+    commands: dict[int, str] = {}
     done = threading.Event()
 
     def watch() -> None:  # every process the run starts (pid and start time, so a reused pid is not mistaken)
@@ -34,6 +36,7 @@ def test_convert_with_local_ray_exits_at_once_and_leaves_nothing_running(tmp_pat
                 for child in psutil.Process(proc.pid).children(recursive=True):
                     if child.pid not in seen:
                         seen[child.pid], names[child.pid] = child.create_time(), child.name()
+                        commands[child.pid] = " ".join(child.cmdline())
             except psutil.Error:
                 pass
             done.wait(0.1)
@@ -47,6 +50,10 @@ def test_convert_with_local_ray_exits_at_once_and_leaves_nothing_running(tmp_pat
     assert [line.split(":")[0] for line in stdout.splitlines()] == ["scanned", "unscanned", "int8"]
     assert "Done in" in stderr
     assert any(name.endswith("raylet") for name in names.values()), names  # a local Ray was started
+    # ... without the daemons a one-machine conversion never uses (rayconv.engine.lean_ray)
+    assert any("gcs_server" in command for command in commands.values()), commands
+    unused = [c for c in commands.values() if "autoscaler/_private/monitor.py" in c or "dashboard/dashboard.py" in c]
+    assert not unused, unused
 
     deadline = time.monotonic() + 30
     alive = seen

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from rayconv import interrupt
 from rayconv.engine import watchdog
+from rayconv.engine.lean_ray import without_unused_daemons
 from rayconv.errors import ConversionError, user_error
 from rayconv.job import GiB
 from rayconv.plan import Unit
@@ -26,7 +27,8 @@ from rayconv.receipts import JobContext, Receipt
 from rayconv.worker import run_unit
 
 #: How rayconv starts a local Ray (scripts/bench.py measures Ray alone with the same): a new private Ray, no
-#: dashboard, a small object store (only plans and receipts pass through it).
+#: dashboard, a small object store (only plans and receipts pass through it); and, around ray.init,
+#: :func:`rayconv.engine.lean_ray.without_unused_daemons` (no autoscaler monitor, no dashboard API server).
 LOCAL_RAY: dict[str, Any] = {"address": "local", "include_dashboard": False, "logging_level": "WARNING",
                              "object_store_memory": 256 * 1024 * 1024}
 #: While units run, a line is logged whenever none has finished for this long (never wait silently).
@@ -182,7 +184,8 @@ class RayExecutor:
         # address="local": a new private Ray, never one that `ray start` recorded in /tmp/ray/ray_current_cluster
         # (ray.init() would silently join that one, and refuse object_store_memory).
         watchdog.start()
-        _ray_init(ray, num_cpus=num_cpus, **LOCAL_RAY, configure_logging=True)
+        with without_unused_daemons():
+            _ray_init(ray, num_cpus=num_cpus, **LOCAL_RAY, configure_logging=True)
         return True
 
     def _needs(self) -> str:
