@@ -255,6 +255,11 @@ def parse_closing_line(text: str) -> tuple[dict[str, float], float | None]:
     return phases, float(rate.group(1)) if rate else None
 
 
+def run_log(logs: Path, label: str) -> Path:
+    """Where :func:`rayconv_run` keeps the log of the run named ``label``."""
+    return logs / f"{label.replace(' ', '_').replace(',', '')}.log"
+
+
 def rayconv_run(src: Path, out: Path, descriptor: str | None, logs: Path, label: str, *extra: str) -> Run:
     """``rayconv convert`` writing all three outputs from a cold page cache (``descriptor`` None: an HF source
     names its model itself)."""
@@ -265,7 +270,7 @@ def rayconv_run(src: Path, out: Path, descriptor: str | None, logs: Path, label:
     env = dict(os.environ, JAX_PLATFORMS="cpu", RAY_USAGE_STATS_ENABLED="0",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     drop_cache([p for p in sorted(src.iterdir()) if p.is_file()])
-    log = logs / f"{label.replace(' ', '_').replace(',', '')}.log"
+    log = run_log(logs, label)
     run = measure(cmd, env=env, log=log)
     run.name = label
     run.phases, run.worker_mb_s = parse_closing_line(log.read_text())

@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "tools" / "maxtext_ref"))
 sys.path.insert(0, str(REPO))
 
-from bench import Run, measure, rayconv_run  # noqa: E402
+from bench import Run, measure, rayconv_run, run_log  # noqa: E402
 from fp8_checkpoints import ensure_dequantized  # noqa: E402
 from hf_checkpoints import ensure_hf_checkpoint  # noqa: E402
 from rayconv.synthetic import PRESETS, ensure_checkpoint  # noqa: E402
@@ -72,7 +72,7 @@ to_maxtext.main(["to_maxtext", os.path.join(os.path.dirname(maxtext.__file__), "
 
 def rayconv(src: Path, out: Path, descriptor: str | None, logs: Path, label: str) -> Run:
     run = rayconv_run(src, out, descriptor, logs, label)
-    match = READ.search((logs / f"{label.replace(' ', '_').replace(',', '')}.log").read_text())
+    match = READ.search(run_log(logs, label).read_text())
     run.steps.append({"read": match.group(1) if match else None})
     return run
 

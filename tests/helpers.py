@@ -5,11 +5,13 @@ Test modules import from here (and from conftest.py's fixtures), never from each
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -79,6 +81,17 @@ def assert_one_line(result: subprocess.CompletedProcess, needle: str, out: Path 
     if out is not None and out.exists():
         assert not list(out.rglob("commit_success.txt"))
     return lines[-1]
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (e.g. "3M") mounted at ``path``: a real filesystem that runs out of space."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import pytest
 
 from conftest import MODELS, run_convert, synthetic_checkpoint
 from helpers import leaf_bytes as read_leaves
-from helpers import one_error, run_convert_cli
+from helpers import one_error, run_convert_cli, small_filesystem
 from rayconv.sink.commit import STOP_EXIT_CODE
 from rayconv.storage import Location
 from rayconv.synthetic import SyntheticModel
@@ -386,10 +386,7 @@ def test_disk_full_during_the_commit_keeps_finished_outputs(free_kb, executor, t
     within ``free_kb`` of full, so the commit itself runs out of space (16 KB: in the first merge; 64 KB: after
     one output has finished, on its neighbours' metadata). The run fails in one line; whatever carries a marker
     equals the uninterrupted run; once space is freed the same command finishes every output, bit-equal."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64M", "tmpfs", str(disk)], check=True)
-    try:
+    with small_filesystem(tmp_path / "disk", "64M") as disk:
         out = Location.parse(str(disk / "out"))
         stopped = cli(src, out.uri, stop="intent", executor=executor)
         assert stopped.returncode == STOP_EXIT_CODE, stopped.stderr[-3000:]
@@ -406,5 +403,3 @@ def test_disk_full_during_the_commit_keeps_finished_outputs(free_kb, executor, t
         again = cli(src, out.uri, executor=executor)
         assert again.returncode == 0, again.stderr[-3000:]
         assert_complete(out, uninterrupted, tmp_path)
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 
 import pytest
 import torch
 
 from conftest import synthetic_checkpoint
-from helpers import MP16_DESCRIPTOR, assert_clean_failure, mp16_convert_args, mp16_model, run_convert_cli
+from helpers import MP16_DESCRIPTOR, assert_clean_failure, mp16_convert_args, mp16_model, run_convert_cli, small_filesystem
 from rayconv.source.bytesource import open_source
 from rayconv.source.pth import index_pth
 
@@ -119,11 +118,8 @@ def test_existing_foreign_output_is_not_overwritten(tmp_path):
 @pytest.fixture()
 def small_disk(tmp_path):
     """A 3 MiB tmpfs: the outputs of MODEL (5.2 MB) do not fit."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with small_filesystem(tmp_path / "disk", "3M") as mount:
+        yield mount
 
 
 def test_out_of_disk(small_disk):

@@ -160,13 +160,13 @@ def convert(options: ConvertOptions) -> ConvertResult:
     LOG.info("Reading checkpoint index from %s", options.input_display)
     checkpoint = open_checkpoint(options)
     timer.lap("index")
-    if options.verify_md5 and source_format(checkpoint.spec) == "hf":
+    spec = checkpoint.spec
+    hf = source_format(spec) == "hf"  # one logical shard in many files, kv heads stored once, config.json
+    if options.verify_md5 and hf:
         LOG.info("Hugging Face checkpoint: no checklist.chk to check md5 against, and safetensors have no CRCs")
     elif options.verify_md5:
         md5_checked = _check_md5(checkpoint, options)
         timer.lap("md5")
-    spec = checkpoint.spec
-    hf = source_format(spec) == "hf"  # one logical shard in many files, kv heads stored once, config.json
     kv = "" if hf or spec.params_kv_heads == spec.n_kv_heads else f" (params.json says {spec.params_kv_heads})"
     LOG.info("Model %s: %d layers, dim %d, %d heads, %d kv heads%s, ffn %d, vocab %d, %s, %s",
              spec.maxtext_name, spec.n_layers, spec.dim, spec.n_heads, spec.n_kv_heads, kv, spec.ffn_dim,
