@@ -3,10 +3,17 @@ reference env, the result is readable in this env, it equals an independent nump
 MaxText's rules, and MaxText's own loader restores it with the same bytes.
 
 Only the scanned path runs here (~25 s cold, cached afterwards under <repo>/.cache/maxtext-ref), plus one
-load_check that must fail (~10 s, failures are not cached).
+load_check that must fail (~10 s, failures are not cached). The fork-server tests (the tests' default way to run
+the scripts) check what a fork must not change: the exit-code contract, the XLA_FLAGS device count, the timeout,
+and the fallback to a plain subprocess when the server is gone.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -126,3 +133,80 @@ def test_load_check_fails_when_maxtext_cannot_restore(ref):
     items = ref.scanned(TINY)
     with pytest.raises(refmod.ReferenceError, match="layers_0"):
         ref.load_check(TINY, items, "unscanned")
+
+
+# --------------------------------------------------------------------------------------------------
+# The fork server (conftest's ``reference`` runs every script through it)
+
+#: llama-3 with 16 shards over 8 kv heads: scanned.py exits 3 ("UNSUPPORTED: ...") before importing MaxText.
+UNSUPPORTED = SyntheticModel(family="llama-3", dim=512, n_heads=16, n_kv_heads=8, n_shards=16, vocab_size=1024)
+
+DEVICE_PROBE = """
+import os, sys
+sys.path.insert(0, {scripts!r})
+import _common
+_common.bootstrap(device_count=None if sys.argv[1] == "none" else int(sys.argv[1]))
+import jax
+print(len(jax.devices()), sorted(k for k in os.environ if k.startswith("TF2_")))
+"""
+
+
+def run_unsupported(ref: refmod.MaxTextReference, tmp_path: Path) -> None:
+    spec = json.dumps(refmod.model_spec(UNSUPPORTED))
+    ref._run("scanned.py", ["--model", spec, "--src", tmp_path, "--out", tmp_path / "out"], tmp_path / "unsupported")
+
+
+def test_fork_server_keeps_the_exit_code_contract(ref, tmp_path):
+    """Exit 3 + UNSUPPORTED becomes ReferenceUnsupported through the server, as through a plain subprocess."""
+    assert ref.fork_server
+    with pytest.raises(refmod.ReferenceUnsupported, match="MaxText only de-duplicates repeated kv heads"):
+        run_unsupported(ref, tmp_path)
+    assert ref.last_run["via"] == "forkserver"
+
+
+def test_forked_scripts_get_the_xla_device_count_they_set(ref, tmp_path):
+    """jax reads XLA_FLAGS when its backend starts, which is in the forked child, after the script's bootstrap:
+    scanned.py's 16 simulated devices (and 1 without the flag) as in a plain run; the server's import-time env
+    (TF2_BEHAVIOR=1 from the TF import) reaches the child as a plain run's own imports would set it."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(DEVICE_PROBE.format(scripts=str(refmod.SCRIPTS_DIR)))
+    server = ref._fork_server_for(refmod.child_env(ref.maxtext))
+    assert server is not None and server.info["failed"] == {}
+    for arg, devices in (("16", 16), ("none", 1), ("16", 16)):
+        out = tmp_path / f"probe-{arg}.out"
+        request = {"script": str(probe), "argv": [arg], "cwd": str(tmp_path), "stdout": str(out),
+                   "stderr": str(tmp_path / "probe.err"), "env": refmod.child_env(ref.maxtext), "timeout": 120}
+        assert server.run(request, 120)[0] == 0, (tmp_path / "probe.err").read_text()[-2000:]
+        assert out.read_text().split(None, 1) == [str(devices), "['TF2_BEHAVIOR']\n"]
+
+
+def test_fork_server_timeout_kills_the_run_and_keeps_serving(ref, tmp_path):
+    src = write_checkpoint(TINY, tmp_path / "src")
+    spec = json.dumps(refmod.model_spec(TINY))
+    timeout, ref.timeout = ref.timeout, 3
+    try:
+        with pytest.raises(refmod.ReferenceError, match="scanned.py timed out after 3 s"):
+            ref._run("scanned.py", ["--model", spec, "--src", src, "--out", tmp_path / "out"], tmp_path / "slow")
+    finally:
+        ref.timeout = timeout
+    server = ref._fork
+    assert ref.last_run["via"] == "forkserver" and server is not None and server.alive()
+    assert not Path(f"/proc/{server.last_pid}").exists()  # killed and reaped by the server
+    with pytest.raises(refmod.ReferenceUnsupported):
+        run_unsupported(ref, tmp_path)
+    assert ref._fork is server and ref.last_run["via"] == "forkserver"
+
+
+def test_a_dead_fork_server_falls_back_to_a_plain_subprocess(tmp_path):
+    ref = refmod.MaxTextReference(tmp_path / "cache", fork_server=True)
+    try:
+        server = ref._fork_server_for(refmod.child_env(ref.maxtext))
+        assert server is not None
+        os.kill(server.pid, signal.SIGKILL)  # the server this test started
+        server.proc.wait()
+        with pytest.warns(refmod.ForkServerWarning, match="exited"):
+            with pytest.raises(refmod.ReferenceUnsupported):
+                run_unsupported(ref, tmp_path)
+        assert ref.last_run["via"] == "subprocess" and ref._fork is None
+    finally:
+        ref.close()
