@@ -260,16 +260,15 @@ def run_log(logs: Path, label: str) -> Path:
     return logs / f"{label.replace(' ', '_').replace(',', '')}.log"
 
 
-def rayconv_run(src: Path, out: Path, descriptor: str | None, logs: Path, label: str, *extra: str,
-                env_extra: dict[str, str] | None = None) -> Run:
+def rayconv_run(src: Path, out: Path, descriptor: str | None, logs: Path, label: str, *extra: str) -> Run:
     """``rayconv convert`` writing all three outputs from a cold page cache (``descriptor`` None: an HF source
-    names its model itself); ``env_extra``: more environment variables for the run."""
+    names its model itself)."""
     model = ["--model_path", descriptor] if descriptor else []
     cmd = [sys.executable, "-m", "rayconv.cli", "convert", "--input_directory", str(src), "--output_directory",
            str(out), *model, "--quantize_type", "int8", "--quantize_weights", "True",
            "--no_progress", "--restart", "--skip_md5", *extra]
     env = dict(os.environ, JAX_PLATFORMS="cpu", RAY_USAGE_STATS_ENABLED="0",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), **(env_extra or {}))
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     drop_cache([p for p in sorted(src.iterdir()) if p.is_file()])
     log = run_log(logs, label)
     run = measure(cmd, env=env, log=log)
@@ -410,8 +409,6 @@ def main() -> None:
     parser.add_argument("--skip-maxtext", action="store_true")
     parser.add_argument("--maxtext-2x", action="store_true", help="also run MaxText's chain on the 2x model")
     parser.add_argument("--rayconv-only", action="store_true", help="only rayconv's default run (and the floor)")
-    parser.add_argument("--head-start-ab", action="store_true",
-                        help="with --rayconv-only: also the default run without the head start (RAYCONV_HEAD_START=0)")
     args = parser.parse_args()
 
     real_width = args.preset == "real-width"
@@ -449,11 +446,6 @@ def main() -> None:
         runs.append(rayconv_run(src, scratch / "r", model.descriptor, logs, "rayconv, default settings"))
         out_bytes = dir_bytes(scratch / "r")
         shutil.rmtree(scratch / "r")
-        if not args.rayconv_only or args.head_start_ab:
-            # The driver converting units while Ray starts (rayconv.engine.head_start), turned off: its gain.
-            runs.append(rayconv_run(src, scratch / "r", model.descriptor, logs, "rayconv, no head start",
-                                    env_extra={"RAYCONV_HEAD_START": "0"}))
-            shutil.rmtree(scratch / "r")
         if not args.rayconv_only:
             runs.append(rayconv_run(src, scratch / "r", model.descriptor, logs, "rayconv, 1 worker",
                                     "--num_workers", "1"))

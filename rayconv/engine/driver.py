@@ -8,12 +8,10 @@ rayconv/job.py, the CRC proof in rayconv/checksum.py, the receipts in rayconv/re
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
-from typing import Any, Iterator
+from typing import Any
 
 from rayconv.checksum import crc_check, crc_error
-from rayconv.engine.head_start import HeadStart
 from rayconv.engine.ledger import (COMMITTED, COMMITTING, Ledger, file_identities, relative, remove_output,
                                    read_identities, restart_targets, resumable, source_digest, source_identities,
                                    unit_sources)
@@ -21,19 +19,15 @@ from rayconv.errors import OutputError
 from rayconv.job import (ConvertOptions, budgets, commit_batch_bytes, make_plan, open_checkpoint,
                          resume_options)
 from rayconv.mapping import source_format
-from rayconv.plan import Plan, Unit, describe
+from rayconv.plan import Plan, describe
 from rayconv.progress import LOG, Progress, human_bytes
-from rayconv.receipts import JobContext, Receipt
+from rayconv.receipts import JobContext
 from rayconv.sink.commit import MARKER, commit_or_error, is_complete, occupied, stop_point
 from rayconv.sink.layout import OutputLayout, output_layouts
 from rayconv.sink.lock import OutputLock
 from rayconv.source.checkpoint import MetaCheckpoint
 from rayconv.storage import Location
 
-
-#: The driver converts units while a local Ray starts (:mod:`rayconv.engine.head_start`); RAYCONV_HEAD_START=0
-#: turns it off (scripts/bench.py measures both).
-HEAD_START = os.environ.get("RAYCONV_HEAD_START", "1") != "0"
 
 #: The phases of a run, in order, as the closing log line and the benchmark name them.
 PHASES = ("index", "plan", "ray start", "convert", "verify", "commit", "shutdown")
@@ -86,26 +80,6 @@ def _make_executor(options: ConvertOptions):
         return LocalExecutor()
     return RayExecutor(address=options.address, num_workers=options.num_workers,
                        worker_memory_gb=options.worker_memory_gb, start_timeout=options.worker_start_timeout)
-
-
-def _head_start(options: ConvertOptions, ctx: JobContext | None, todo: list[Unit]) -> HeadStart | None:
-    """The driver converts units while the local Ray it is about to start comes up (:mod:`head_start`)."""
-    if not todo or options.executor != "ray" or not HEAD_START:
-        return None
-    from rayconv.engine.executors import RayExecutor
-
-    return HeadStart(ctx, todo) if RayExecutor.starts_local_ray(options.address) else None
-
-
-def _run_units(executor: Any, ctx: JobContext, todo: list[Unit], head: HeadStart | None) -> Iterator[Receipt]:
-    """Every unit's receipt: the driver's finished ones first, then the workers', then the driver's last one."""
-    if head is None:
-        yield from executor.run(ctx, todo)
-        return
-    rest = head.handover()
-    yield from head.finished()
-    yield from executor.run(ctx, rest)
-    yield from head.finish()
 
 
 def _prepare_output(out: Location, ledger: Ledger, layouts: dict[str, OutputLayout], plan: Plan, restart: bool,
@@ -242,31 +216,27 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
     if done:
         LOG.info("Resuming: %d of %d units already done", len(done), len(plan.units))
 
-    ctx = None
-    if todo:
-        for kind in to_build:  # new databases: a complete staging directory must be rebuilt, not renamed
-            if layouts[kind].staging_root != layouts[kind].final_root:
-                layouts[kind].staging_root.delete(MARKER)
-                layouts[kind].item(staging=True).delete(MARKER)
-        ctx = JobContext.create(dataclasses.replace(plan, kinds=tuple(to_build)), layouts, options.compression,
-                                batch_bytes=commit_batch_bytes(options))
     timer.lap("plan")
-    head = _head_start(options, ctx, todo)
-    executor = None
+    executor = _make_executor(options) if todo or to_build else None
+    timer.lap("ray start")
     receipts = [done[u.id] for u in plan.units if u.id in done]
     bytes_total = plan.input_bytes
     progress = Progress(bytes_total, len(plan.units), done_bytes=sum(r.bytes_read for r in receipts),
                         done_units=len(receipts), enabled=options.progress)
     try:
-        executor = _make_executor(options) if todo or to_build else None
-        timer.lap("ray start")
         if todo:
-            LOG.info("Converting %s with %d %s worker(s)%s", human_bytes(sum(u.read_bytes for u in todo)),
-                     executor.workers, executor.name, " (and the driver while they start)" if head else "")
+            for kind in to_build:  # new databases: a complete staging directory must be rebuilt, not renamed
+                if layouts[kind].staging_root != layouts[kind].final_root:
+                    layouts[kind].staging_root.delete(MARKER)
+                    layouts[kind].item(staging=True).delete(MARKER)
+            LOG.info("Converting %s with %d %s worker(s)", human_bytes(sum(u.read_bytes for u in todo)),
+                     executor.workers, executor.name)
+            ctx = JobContext.create(dataclasses.replace(plan, kinds=tuple(to_build)), layouts, options.compression,
+                                    batch_bytes=commit_batch_bytes(options))
             units = {u.id: u for u in todo}
             executor.start(ctx)
             timer.lap("ray start")
-            for n, receipt in enumerate(_run_units(executor, ctx, todo, head), 1):
+            for n, receipt in enumerate(executor.run(ctx, todo), 1):
                 ledger.record(receipt, {k: identities[k] for k in unit_sources(units[receipt.unit])})
                 receipts.append(receipt)
                 progress.update(receipt.bytes_read, 1)
@@ -319,8 +289,6 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
         timer.lap("commit")
     finally:
         progress.close()
-        if head is not None:
-            head.abandon()  # a no-op after a finished run; after a failure, nothing may write once it ends
         if executor is not None:
             executor.shutdown()
         timer.lap("shutdown")

@@ -163,13 +163,6 @@ class RayExecutor:
         LOG.info("Ray cluster: %d CPUs, %.1f GiB memory, %d nodes; starting %d workers with %.1f GiB each",
                  int(capacity.cpus), capacity.memory / GiB, capacity.nodes, self.workers, worker_memory_gb)
 
-    @staticmethod
-    def starts_local_ray(address: str | None) -> bool:
-        """Whether constructing a RayExecutor here starts a new local Ray (rather than using one)."""
-        import ray
-
-        return not (ray.is_initialized() or address or os.environ.get("RAY_ADDRESS"))
-
     def _connect(self, address: str | None, num_cpus: int | None) -> bool:
         """Connect to (or start) Ray; True when this process started a local Ray."""
         ray = self._ray
