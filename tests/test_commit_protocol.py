@@ -385,8 +385,8 @@ def test_disk_full_during_the_commit_keeps_finished_outputs(free_kb, executor, t
     """Issue 11, item 1's disk-full trigger, on a real filesystem: the units finish, then the disk is filled to
     within ``free_kb`` of full, so the commit itself runs out of space (16 KB: in the first merge; 64 KB: after
     one output has finished, on its neighbours' metadata or the ledger's commit records, whichever of the
-concurrent commits writes first). The run fails in one line; whatever carries a marker
-    equals the uninterrupted run; once space is freed the same command finishes every output, bit-equal."""
+    concurrent commits writes first). The run fails in one line; whatever carries a marker equals the
+    uninterrupted run; once space is freed the same command finishes every output, bit-equal."""
     with small_filesystem(tmp_path / "disk", "64M") as disk:
         out = Location.parse(str(disk / "out"))
         stopped = cli(src, out.uri, stop="intent", executor=executor)
