@@ -31,6 +31,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Sequence
 
+from rayconv import jsonio
 from rayconv.errors import OutputError
 from rayconv.plan import Plan, Unit
 from rayconv.progress import LOG
@@ -50,12 +51,12 @@ COMMITTING, COMMITTED = "committing", "committed"
 
 
 def _json_object(data: bytes) -> dict[str, Any] | None:
-    """``data`` as a JSON object, or None when it is not one (torn write, garbage, another file)."""
+    """``data`` as a JSON object, or None when it is not one (torn write, garbage, another file, JSON nested too
+    deeply or with a 5000-digit number: the bounded reader's refusals)."""
     try:
-        value = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        return jsonio.loads_object(data)
+    except jsonio.JSONError:
         return None
-    return value if isinstance(value, dict) else None
 
 
 class Ledger:
