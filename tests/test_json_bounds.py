@@ -153,6 +153,22 @@ def test_hostile_json_in_the_ledger(kind, payload, restart, ledgers, meta_src, t
     verified(meta_src, out)
 
 
+def test_restart_clears_directories_where_records_belong(ledgers, meta_src, tmp_path):
+    """``--restart`` clears the ledger's entries, not only its keys: a directory named plan.json (keys only inside
+    it) would otherwise stay and block the new plan record."""
+    out = tmp_path / "out"
+    shutil.copytree(ledgers["finished"], out)
+    for name in ("plan.json", "md5.json"):
+        (out / ".rayconv" / name).unlink()
+        (out / ".rayconv" / name / "x").mkdir(parents=True)
+        (out / ".rayconv" / name / "x" / "y.json").write_bytes(PAYLOADS["nested"])
+    assert_one_line(meta_convert(meta_src, out), "--restart")
+    result = meta_convert(meta_src, out, "--restart")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / ".rayconv" / "plan.json").is_file()
+    verified(meta_src, out)
+
+
 # -- the output's JSON: verify and the resumed commit's check --------------------------------------------------
 
 

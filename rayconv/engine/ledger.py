@@ -172,7 +172,13 @@ class Ledger:
         self.root.write_bytes("md5.json", json.dumps({"files": identities, "time": time.time()}).encode())
 
     def clear(self) -> None:
-        """Forget this output's conversion (``--restart``); the lock stays, it is ours."""
+        """Forget this output's conversion (``--restart``) whatever the ledger holds (damaged records, a directory
+        where a record belongs); the lock stays, it is ours."""
+        if self.root.is_local:  # entries, not keys: a directory named plan.json has keys only inside it
+            for entry in sorted(os.listdir(self.root.path)) if os.path.isdir(self.root.path) else ():
+                if not entry.startswith("lock"):
+                    remove_output(self.root.join(entry))
+            return
         self.root.join("receipts").delete_all()
         self.root.join("commits").delete_all()
         for key in self.root.list_keys():
