@@ -18,7 +18,7 @@ import json
 import math
 from typing import Any, Mapping
 
-from rayconv import catalog
+from rayconv import catalog, jsonio
 from rayconv.errors import SpecError
 
 #: ``--model_name`` values (the tutorial's spelling) → MaxText model-name prefix.
@@ -33,6 +33,10 @@ FAMILIES: dict[str, str] = {
 #: MaxText's default half-split rope. llama3.1/3.3 keep Meta's interleaved order: MaxText uses its
 #: LLaMA rotary embedding for them (maxtext-format.md §1.4).
 ROPE_PERMUTED_FAMILIES = frozenset({"llama-2", "llama-3"})
+
+#: Families whose rope is Llama 3.1's scaled rope (params.json ``use_scaled_rope: true``, config.json
+#: ``rope_type: llama3``): MaxText builds llama3.1/3.3 with it, and no other family.
+SCALED_ROPE_FAMILIES = frozenset({"llama-3.1", "llama-3.3"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +174,10 @@ MAX_LAYERS = 1 << 12
 MAX_HEADS = 1 << 12
 MAX_VOCAB = 1 << 24
 MAX_FFN_DIM = 1 << 20
+#: An RMSNorm epsilon is a small positive number (Llama: 1e-5 or 1e-6); MaxText stores it as a float32.
+MAX_NORM_EPS = 1.0
+#: Rope base: Llama 2 10000, Llama 3 500000; far above any, and well inside float32.
+MAX_ROPE_THETA = 1e12
 
 
 def _require(params: Mapping[str, Any], key: str, source: str) -> Any:
@@ -178,11 +186,12 @@ def _require(params: Mapping[str, Any], key: str, source: str) -> Any:
     return params[key]
 
 
-def _int_field(params: Mapping[str, Any], key: str, source: str, *, low: int, high: int,
-               default: Any = ..., allow: tuple[int, ...] = ()) -> Any:
+def int_field(params: Mapping[str, Any], key: str, source: str, *, low: int, high: int,
+              default: Any = ..., allow: tuple[int, ...] = ()) -> Any:
     """``params[key]`` as an int in [low, high] (or one of ``allow``); JSON floats, strings and bools are refused.
 
-    ``default`` is returned when the key is absent or null; without one the key is required.
+    ``default`` is returned when the key is absent or null; without one the key is required. The one check of
+    the integer fields of params.json and config.json, so both name a bad field the same way.
     """
     value = params.get(key)
     if value is None:
@@ -199,19 +208,52 @@ def _int_field(params: Mapping[str, Any], key: str, source: str, *, low: int, hi
     return value
 
 
-def _float_field(params: Mapping[str, Any], key: str, source: str, default: float | None, *,
-                 high: float = math.inf) -> float | None:
-    """``params[key]`` as a positive finite number (ints allowed), or ``default`` when absent or null."""
+def float_field(params: Mapping[str, Any], key: str, source: str, default: float | None, *,
+                high: float = math.inf, low: float = 0.0, null: bool = True) -> float | None:
+    """``params[key]`` as a finite number in (``low``, ``high``] (ints allowed), or ``default`` when absent
+    (or null, unless ``null`` is False: transformers keeps a null and the model then fails).
+
+    The one check of the real-valued fields of params.json and config.json (eps, rope theta and scaling).
+    """
     value = params.get(key)
-    if value is None:
+    if value is None and (key not in params or null):
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SpecError(f"{source}: {key} must be a number, got {_shown(value)}")
     value = float(value)
-    if not (math.isfinite(value) and 0 < value <= high):
-        raise SpecError(f"{source}: {key} {_shown(value)} must be a positive finite number"
+    if not (math.isfinite(value) and low < value <= high):
+        what = "a positive finite number" if low == 0 else f"a finite number above {low:g}"
+        raise SpecError(f"{source}: {key} {_shown(value)} must be {what}"
                         + (f" at most {high:g}" if high != math.inf else ""))
     return value
+
+
+#: llama3 rope scaling: the fields transformers requires, as positive numbers (MaxText's llama3.1 rope fixes
+#: them; rayconv only checks they are a rope at all). The Hub's: factor 8, 1, 4, 8192.
+_LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor")
+MAX_ROPE_FACTOR = 1e4
+MAX_POSITIONS = 1 << 24
+
+
+def check_llama3_rope(rope: Mapping[str, Any], where: str) -> None:
+    """A ``rope_type: llama3`` block is a rope: every field present, finite, positive, low < high frequency."""
+    for key in _LLAMA3_ROPE:
+        if rope.get(key) is None:
+            raise SpecError(f"{where} has no {key} (rope_type llama3 needs {', '.join(_LLAMA3_ROPE)} and "
+                            "original_max_position_embeddings)")
+    _, low, high = (float_field(rope, key, where, None, high=MAX_ROPE_FACTOR) for key in _LLAMA3_ROPE)
+    int_field(rope, "original_max_position_embeddings", where, low=1, high=MAX_POSITIONS)
+    if not low < high:
+        raise SpecError(f"{where}: high_freq_factor {high:g} must be above low_freq_factor {low:g}")
+
+
+def check_scaled_rope(family: str, scaled: bool, source: str, setting: str) -> None:
+    """The one rule tying the rope to the family, for params.json and config.json alike: Llama 3.1/3.3 have the
+    scaled rope and nothing else does. A mismatch would give other query/key kernels (the rope order is the
+    family's), so it is refused. ``setting`` is how the source says it (``use_scaled_rope true``)."""
+    if scaled != (family in SCALED_ROPE_FAMILIES):
+        meaning = "Llama 3.1/3.3's scaled rope" if scaled else "no scaled rope: Llama 2/3"
+        raise SpecError(f"{source} has {setting} ({meaning}), which disagrees with model {family}")
 
 
 def _shown(value: Any) -> str:
@@ -247,13 +289,13 @@ def resolve_spec(
     if family not in FAMILIES:
         raise SpecError(f"unknown --model_name {family!r} (supported: {', '.join(FAMILIES)})")
 
-    dim = _int_field(params, "dim", source, low=1, high=MAX_DIM)
-    n_layers = _int_field(params, "n_layers", source, low=1, high=MAX_LAYERS)
-    n_heads = _int_field(params, "n_heads", source, low=1, high=min(MAX_HEADS, dim))
-    params_kv = _int_field(params, "n_kv_heads", source, low=1, high=n_heads, default=n_heads)
+    dim = int_field(params, "dim", source, low=1, high=MAX_DIM)
+    n_layers = int_field(params, "n_layers", source, low=1, high=MAX_LAYERS)
+    n_heads = int_field(params, "n_heads", source, low=1, high=min(MAX_HEADS, dim))
+    params_kv = int_field(params, "n_kv_heads", source, low=1, high=n_heads, default=n_heads)
     if dim % n_heads:
         raise SpecError(f"{source}: dim {dim} is not a multiple of n_heads {n_heads}")
-    declared_vocab = _int_field(params, "vocab_size", source, low=1, high=MAX_VOCAB, default=-1, allow=(-1,))
+    declared_vocab = int_field(params, "vocab_size", source, low=1, high=MAX_VOCAB, default=-1, allow=(-1,))
     if declared_vocab <= 0:
         if vocab_size is None:
             raise SpecError(f"{source} has vocab_size {declared_vocab} and the shards do not say")
@@ -261,19 +303,20 @@ def resolve_spec(
     elif vocab_size is not None and vocab_size != declared_vocab:
         raise SpecError(f"{source} says vocab_size {declared_vocab} but the shards hold {vocab_size} rows "
                         "of tok_embeddings")
-    multiple_of = _int_field(params, "multiple_of", source, low=1, high=MAX_FFN_DIM, default=256)
-    multiplier = _float_field(params, "ffn_dim_multiplier", source, None, high=64.0)
+    multiple_of = int_field(params, "multiple_of", source, low=1, high=MAX_FFN_DIM, default=256)
+    multiplier = float_field(params, "ffn_dim_multiplier", source, None, high=64.0)
     hidden = ffn_dim(dim, multiple_of, multiplier)
     if not 1 <= hidden <= MAX_FFN_DIM:
         raise SpecError(f"{source}: dim {dim}, multiple_of {multiple_of} and ffn_dim_multiplier {multiplier} give "
                         f"a feed-forward width of {hidden} (expected 1 to {MAX_FFN_DIM})")
-    norm_eps = _float_field(params, "norm_eps", source, 1e-5, high=1.0)
-    rope_theta = _float_field(params, "rope_theta", source, 10000.0)
-    use_scaled_rope = params.get("use_scaled_rope", False)
-    if use_scaled_rope is None:
-        use_scaled_rope = False
-    if not isinstance(use_scaled_rope, bool):
+    norm_eps = float_field(params, "norm_eps", source, 1e-5, high=MAX_NORM_EPS)
+    rope_theta = float_field(params, "rope_theta", source, 10000.0, high=MAX_ROPE_THETA)
+    use_scaled_rope = params.get("use_scaled_rope")
+    if use_scaled_rope is not None and not isinstance(use_scaled_rope, bool):
         raise SpecError(f"{source}: use_scaled_rope must be true or false, got {_shown(use_scaled_rope)}")
+    if use_scaled_rope is not None:  # Meta's Llama 2/3 params.json do not say; 3.1/3.3 say true
+        check_scaled_rope(family, use_scaled_rope, source, f"use_scaled_rope {_shown(use_scaled_rope)}")
+    use_scaled_rope = bool(use_scaled_rope)
 
     if descriptor is not None and descriptor.shards is not None and descriptor.shards != n_shards:
         raise SpecError(f"--model_path {descriptor.text} expects {descriptor.shards} shards "
@@ -317,9 +360,9 @@ def resolve_spec(
 
 def load_params(text: str, source: str = "params.json") -> dict[str, Any]:
     try:
-        params = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SpecError(f"{source} is not valid JSON: {exc}") from None
+        params = jsonio.loads(text)
+    except jsonio.JSONError as exc:  # nested too deeply, a 5000-digit number, not JSON at all
+        raise SpecError(f"{source}: {exc}") from None
     if not isinstance(params, dict):
         raise SpecError(f"{source} is not a JSON object")
     return params

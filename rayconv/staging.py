@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -25,7 +26,7 @@ import os
 import threading
 from typing import Callable, Iterable
 
-from rayconv import catalog
+from rayconv import catalog, jsonio
 from rayconv.download import resolve
 from rayconv.errors import ConversionError, SourceError
 from rayconv.gcs_api import compose, delete_objects, object_info, record_verified_md5
@@ -68,12 +69,14 @@ class _LocalParts(_Parts):
         self._fd = -1
 
     def open(self) -> set[int]:
-        state = None
+        state, done = None, None
         if os.path.exists(self.state_path) and os.path.exists(self.partial):
-            with open(self.state_path) as f:
-                state = json.load(f)
-        if state and state.get("size") == self.size and state.get("part_size") == self.part_size:
-            self._done = set(state["done"])
+            with open(self.state_path, "rb") as f, contextlib.suppress(jsonio.JSONError):  # damaged: refetch
+                state = jsonio.loads(f.read())
+        if isinstance(state, dict) and state.get("size") == self.size and state.get("part_size") == self.part_size:
+            done = state.get("done")
+        if isinstance(done, list) and all(type(i) is int and 0 <= i < self.count for i in done):
+            self._done = set(done)
         else:
             self._done = set()
             if os.path.exists(self.partial):
@@ -139,8 +142,10 @@ class _GcsParts(_Parts):
 
     def open(self) -> set[int]:
         manifest = {"size": self.size, "part_size": self.part_size}
-        raw = self.scratch.read_bytes("manifest.json")
-        if raw is None or json.loads(raw) != manifest:
+        stored = None
+        with contextlib.suppress(jsonio.JSONError):  # a damaged manifest: the parts are fetched again
+            stored = jsonio.loads(self.scratch.read_bytes("manifest.json") or b"null")
+        if stored != manifest:
             self.scratch.delete_all()
             self.scratch.write_bytes("manifest.json", json.dumps(manifest).encode())
             return set()

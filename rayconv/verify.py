@@ -9,12 +9,11 @@ also checks that each tree holds exactly the expected arrays and that its commit
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
 import tensorstore as ts
 
-from rayconv import mapping, trees
+from rayconv import jsonio, mapping, trees
 from rayconv.checksum import verify_crcs
 from rayconv.errors import ConversionError
 from rayconv.job import ConvertOptions, make_plan, open_checkpoint
@@ -59,8 +58,8 @@ def _stored_tree(kind: str, item: Location) -> dict:
     if raw is None:
         raise VerificationError(f"{item.uri} has no _METADATA: the {kind} checkpoint is incomplete")
     try:
-        tree = json.loads(raw.decode("utf-8")).get("tree_metadata")
-    except (UnicodeDecodeError, ValueError, AttributeError):
+        tree = jsonio.loads_object(raw).get("tree_metadata")
+    except jsonio.JSONError:
         tree = None
     if not isinstance(tree, dict):
         raise VerificationError(f"{item.uri}/_METADATA is damaged (not Orbax tree metadata JSON): the {kind} "
@@ -85,8 +84,8 @@ def _detect_layout(present: dict[str, Location]) -> str:
             return "linen" if any(key.startswith("('params',") for key in stored) else "nnx"
     if "scanned" in present:
         try:
-            step = json.loads(present["scanned"].parent.read_bytes("_CHECKPOINT_METADATA") or b"{}")
-        except (UnicodeDecodeError, ValueError):
+            step = jsonio.loads(present["scanned"].parent.read_bytes("_CHECKPOINT_METADATA") or b"{}")
+        except jsonio.JSONError:
             step = {}
         handlers = step.get("item_handlers") if isinstance(step, dict) else None
         if isinstance(handlers, dict) and handlers.get("items") == trees.V1_PYTREE_HANDLER:

@@ -245,9 +245,10 @@ def test_model_flags_and_config_json(tmp_path):
     from rayconv.source.hf import spec_from_config
 
     config = json.loads((path / "config.json").read_text())
-    for key, value, needle in (("rope_parameters", {"rope_type": "llama3", "rope_theta": "big"}, "rope_theta is 'big'"),
-                               ("rms_norm_eps", None, "rms_norm_eps is None"),
-                               ("num_attention_heads", 7.5, "num_attention_heads is 7.5"),
+    rope = config["rope_parameters"]
+    for key, value, needle in (("rope_parameters", dict(rope, rope_theta="big"), 'rope_theta must be a number, got "big"'),
+                               ("rms_norm_eps", None, "rms_norm_eps must be a number, got null"),
+                               ("num_attention_heads", 7.5, "num_attention_heads must be an integer, got 7.5"),
                                ("head_dim", 64, "head_dim 64 is not hidden_size / num_attention_heads"),
                                ("model_type", "qwen2", "not a Llama checkpoint")):
         with pytest.raises(ConversionError, match=needle):

@@ -59,11 +59,18 @@ def edit_params(src: Path, **changes) -> None:
     ({"n_kv_heads": "4"}, 'n_kv_heads must be an integer, got "4"'),
     ({"multiple_of": 0}, "multiple_of 0 is out of range"),
     ({"ffn_dim_multiplier": "x"}, 'ffn_dim_multiplier must be a number, got "x"'),
-    ({"ffn_dim_multiplier": float("nan")}, "ffn_dim_multiplier nan must be a positive finite number"),
+    ({"ffn_dim_multiplier": float("nan")}, "params.json: NaN is not a JSON number"),  # the bounded JSON reader
+    ({"ffn_dim_multiplier": 1e300}, "ffn_dim_multiplier 1e+300 must be a positive finite number at most 64"),
+    ({"norm_eps": 1e300}, "norm_eps 1e+300 must be a positive finite number at most 1"),
+    ({"rope_theta": 1e300}, "rope_theta 1e+300 must be a positive finite number at most 1e+12"),
     ({"ffn_dim_multiplier": -1}, "ffn_dim_multiplier -1.0 must be a positive finite number"),
     ({"norm_eps": "x"}, "norm_eps must be a number"),
     ({"rope_theta": [1]}, "rope_theta must be a number"),
     ({"use_scaled_rope": "no"}, "use_scaled_rope must be true or false"),
+    # Llama 3.1 (the flag) has the scaled rope: as on the HF path (config.json's rope_type), a params.json saying
+    # otherwise is another model (item 8 of issue 21).
+    ({"use_scaled_rope": False}, "use_scaled_rope false (no scaled rope: Llama 2/3), which disagrees with model "
+                                 "llama-3.1"),
     ({"vocab_size": 10**15}, "vocab_size 1000000000000000 is out of range"),
     ({"n_layers": 10**12}, "n_layers 1000000000000 is out of range"),
     # Within the hard bound, but more layers than the shards hold: refused before the table is built.

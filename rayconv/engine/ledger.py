@@ -31,6 +31,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Sequence
 
+from rayconv import jsonio
 from rayconv.errors import OutputError
 from rayconv.plan import Plan, Unit
 from rayconv.progress import LOG
@@ -50,12 +51,12 @@ COMMITTING, COMMITTED = "committing", "committed"
 
 
 def _json_object(data: bytes) -> dict[str, Any] | None:
-    """``data`` as a JSON object, or None when it is not one (torn write, garbage, another file)."""
+    """``data`` as a JSON object, or None when it is not one (torn write, garbage, another file, JSON nested too
+    deeply or with a 5000-digit number: the bounded reader's refusals)."""
     try:
-        value = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        return jsonio.loads_object(data)
+    except jsonio.JSONError:
         return None
-    return value if isinstance(value, dict) else None
 
 
 class Ledger:
@@ -171,7 +172,13 @@ class Ledger:
         self.root.write_bytes("md5.json", json.dumps({"files": identities, "time": time.time()}).encode())
 
     def clear(self) -> None:
-        """Forget this output's conversion (``--restart``); the lock stays, it is ours."""
+        """Forget this output's conversion (``--restart``) whatever the ledger holds (damaged records, a directory
+        where a record belongs); the lock stays, it is ours."""
+        if self.root.is_local:  # entries, not keys: a directory named plan.json has keys only inside it
+            for entry in sorted(os.listdir(self.root.path)) if os.path.isdir(self.root.path) else ():
+                if not entry.startswith("lock"):
+                    remove_output(self.root.join(entry))
+            return
         self.root.join("receipts").delete_all()
         self.root.join("commits").delete_all()
         for key in self.root.list_keys():

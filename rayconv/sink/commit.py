@@ -32,6 +32,7 @@ from typing import Any, Iterable
 import numpy as np
 import tensorstore as ts
 
+from rayconv import jsonio
 from rayconv.plan import ArraySpec
 from rayconv.sink.layout import DB_PREFIX, OutputLayout, array_spec, ocdbt_kvstore
 from rayconv.errors import OutputError, one_line_reason
@@ -145,8 +146,8 @@ def check_committed(layout: OutputLayout, arrays: list[ArraySpec]) -> Location:
     ``committing`` for it: nothing else writes there while the lock is held.)"""
     item = layout.item(staging=False)
     try:
-        stored = json.loads(item.read_bytes("_METADATA") or b"null")
-    except ValueError:
+        stored = jsonio.loads(item.read_bytes("_METADATA") or b"null")
+    except jsonio.JSONError:
         stored = None
     expected = json.loads(json.dumps(layout.tree.tree_metadata(layout.kind, arrays)))
     if stored != expected:

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
-import math
 import re
 from typing import Any, Mapping
 
-from rayconv import catalog, mapping
+from rayconv import catalog, jsonio, mapping
 from rayconv.errors import SourceError, SpecError
-from rayconv.models import FAMILIES, KNOWN_SIZES, ModelSpec
+from rayconv.models import (FAMILIES, KNOWN_SIZES, MAX_DIM, MAX_FFN_DIM, MAX_HEADS, MAX_LAYERS, MAX_NORM_EPS,
+                            MAX_ROPE_THETA, MAX_VOCAB, ModelSpec, check_llama3_rope, check_scaled_rope, float_field,
+                            int_field)
+from rayconv.progress import LOG
 from rayconv.source.bytesource import open_source
 from rayconv.source.pth import TensorInfo
 from rayconv.source.safetensors import index_safetensors
@@ -34,7 +35,8 @@ from rayconv.storage import Location
 SOURCE_FORMATS = ("auto", "meta", "hf")
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
-_SHARDED = re.compile(r"^(?P<stem>.+)-(?P<k>\d+)-of-(?P<n>\d+)\.safetensors$")
+#: ``<stem>-0000k-of-0000n.safetensors``; longer digit runs are no shard count (and no int() of 5000 digits).
+_SHARDED = re.compile(r"^(?P<stem>.+)-(?P<k>\d{1,18})-of-(?P<n>\d{1,18})\.safetensors$")
 _META_SHARD = re.compile(r"^consolidated\.\d+\.pth$")
 #: Tensors some HF Llama checkpoints carry that are derived, not learned (old transformers' rope cache).
 IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
@@ -153,22 +155,6 @@ def _hub_descriptor(text: str) -> tuple[str, str]:
     return model.family, model.size
 
 
-def _int(config: Mapping[str, Any], key: str, source: str, default: int | None = None) -> int:
-    value = config.get(key, default)
-    if value is None:
-        raise SpecError(f"{source} has no {key!r}")
-    if type(value) is not int or value <= 0:
-        raise SpecError(f"{source}: {key} is {value!r}, expected a positive integer")
-    return value
-
-
-def _float(config: Mapping[str, Any], key: str, source: str, default: float) -> float:
-    value = config.get(key, default)
-    if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
-        raise SpecError(f"{source}: {key} is {value!r}, expected a positive number")
-    return float(value)
-
-
 def spec_from_config(config: Mapping[str, Any], *, model_name: str | None, model_path: str | None,
                      kv_heads: int | None = None, source: str = CONFIG) -> HFModelSpec:
     """Translate a transformers ``LlamaConfig`` into the ModelSpec the Meta path would build.
@@ -186,16 +172,19 @@ def spec_from_config(config: Mapping[str, Any], *, model_name: str | None, model
         raise SpecError(f"{source}: quantization_config {method!r} (a quantized Hugging Face variant such as the -FP8 "
                         "repos) is not supported; convert the bf16 repository, or Meta's FP8 SKU from its "
                         "consolidated.NN.pth + fp8_scales_*.pt files")
+    tie = config.get("tie_word_embeddings")
+    if tie is not None and not isinstance(tie, bool):
+        raise SpecError(f"{source}: tie_word_embeddings is {tie!r}, expected true or false")
     for flag in ("attention_bias", "mlp_bias"):
         if config.get(flag):
             raise SpecError(f"{source}: {flag} is set; Llama (and MaxText's llama models) have no biases")
-    dim = _int(config, "hidden_size", source)
-    n_layers = _int(config, "num_hidden_layers", source)
-    n_heads = _int(config, "num_attention_heads", source)
-    n_kv = _int(config, "num_key_value_heads", source, n_heads)
+    dim = int_field(config, "hidden_size", source, low=1, high=MAX_DIM)
+    n_layers = int_field(config, "num_hidden_layers", source, low=1, high=MAX_LAYERS)
+    n_heads = int_field(config, "num_attention_heads", source, low=1, high=min(MAX_HEADS, dim))
+    n_kv = int_field(config, "num_key_value_heads", source, low=1, high=n_heads, default=n_heads)
     if dim % n_heads:
         raise SpecError(f"{source}: hidden_size {dim} is not a multiple of num_attention_heads {n_heads}")
-    head_dim = _int(config, "head_dim", source, dim // n_heads)
+    head_dim = int_field(config, "head_dim", source, low=1, high=MAX_DIM, default=dim // n_heads)
     if head_dim != dim // n_heads:
         raise SpecError(f"{source}: head_dim {head_dim} is not hidden_size / num_attention_heads ({dim // n_heads}); "
                         "MaxText's llama models need it to be")
@@ -203,16 +192,22 @@ def spec_from_config(config: Mapping[str, Any], *, model_name: str | None, model
         raise SpecError(f"{source}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv}")
     if kv_heads is not None and kv_heads != n_kv:
         raise SpecError(f"--num_kv_heads {kv_heads} disagrees with {source} (num_key_value_heads {n_kv})")
-    vocab = _int(config, "vocab_size", source)
-    ffn = _int(config, "intermediate_size", source)
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    vocab = int_field(config, "vocab_size", source, low=1, high=MAX_VOCAB)
+    ffn = int_field(config, "intermediate_size", source, low=1, high=MAX_FFN_DIM)
+    rope_key = "rope_parameters" if config.get("rope_parameters") else "rope_scaling"  # transformers 5 / 4
+    rope = config.get(rope_key) or {}
     if not isinstance(rope, Mapping):
-        raise SpecError(f"{source}: rope_scaling is {rope!r}, expected an object")
+        raise SpecError(f"{source}: {rope_key} is {str(rope)[:40]!r}, expected an object")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
-        raise SpecError(f"{source}: rope type {rope_type!r} is not a Llama 2/3/3.1 rope")
+        raise SpecError(f"{source}: rope type {str(rope_type)[:40]!r} is not a Llama 2/3/3.1 rope")
     scaled = rope_type == "llama3"
-    rope_theta = _float(config, "rope_theta", source, _float(rope, "rope_theta", source, 10000.0))
+    if scaled:
+        check_llama3_rope(rope, f"{source}: {rope_key}")
+    theta = dict(high=MAX_ROPE_THETA, null=False)
+    rope_theta = float_field(config, "rope_theta", source,
+                             float_field(rope, "rope_theta", f"{source}: {rope_key}", 10000.0, **theta), **theta)
+    norm_eps = float_field(config, "rms_norm_eps", source, 1e-5, high=MAX_NORM_EPS, null=False)
 
     family, size = model_name, None
     if model_path:
@@ -224,9 +219,7 @@ def spec_from_config(config: Mapping[str, Any], *, model_name: str | None, model
         family = "llama-3.1" if scaled else ("llama-3" if vocab >= 128000 or rope_theta >= 500000 else "llama-2")
     if family not in FAMILIES:
         raise SpecError(f"unknown --model_name {family!r} (supported: {', '.join(FAMILIES)})")
-    if scaled != (family in ("llama-3.1", "llama-3.3")):
-        have = "has rope_type llama3 (Llama 3.1/3.3)" if scaled else "has no llama3 rope scaling"
-        raise SpecError(f"{source} {have}, which disagrees with model {family}")
+    check_scaled_rope(family, scaled, source, f"rope type {rope_type!r}")
     if size is None:  # as on the Meta path: --model_path names the size, else the published dims do
         known = next((k for k in KNOWN_SIZES[family] if (k.dim, k.n_layers, k.n_heads) == (dim, n_layers, n_heads)),
                      None)
@@ -234,7 +227,7 @@ def spec_from_config(config: Mapping[str, Any], *, model_name: str | None, model
     return HFModelSpec(
         family=family, maxtext_name=f"{FAMILIES[family]}-{size}" if size else f"{FAMILIES[family]}-custom",
         dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, params_kv_heads=n_kv, vocab_size=vocab,
-        ffn_dim=ffn, norm_eps=_float(config, "rms_norm_eps", source, 1e-5), rope_theta=rope_theta, use_scaled_rope=scaled,
+        ffn_dim=ffn, norm_eps=norm_eps, rope_theta=rope_theta, use_scaled_rope=scaled,
         n_shards=1)
 
 
@@ -242,34 +235,63 @@ def spec_from_config(config: Mapping[str, Any], *, model_name: str | None, model
 # The checkpoint
 
 
-def _read_json(uri: str, display: str) -> Any:
+#: config.json is ~1 KB and the 405B index ~100 KB: a larger file is not one (and is not read into memory).
+MAX_JSON_BYTES = 16 << 20
+
+
+def _read_json(uri: str, display: str) -> dict[str, Any]:
+    """A JSON object from ``uri``, through the bounded reader: a hostile file is one line naming it."""
     source = open_source(uri)
+    size = source.size()
+    if size > MAX_JSON_BYTES:
+        raise SourceError(f"{display} is {size} bytes (at most {MAX_JSON_BYTES}): not a Hugging Face JSON file")
     try:
-        return json.loads(source.read(0, source.size()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{display} is not valid JSON ({exc})") from None
+        return jsonio.loads_object(source.read(0, size))
+    except jsonio.JSONError as exc:
+        raise SourceError(f"{display}: {exc}") from None
+
+
+def _weight_map(index: Mapping[str, Any], display: str) -> dict[str, str]:
+    """The index's ``weight_map``: {tensor name: file name}, every value a plain string."""
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise SourceError(f"{display}/{INDEX} has no weight_map")
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            shown = repr(name) if len(repr(name)) <= 40 else repr(name)[:37] + "..."
+            raise SourceError(f"{display}/{INDEX}: weight_map places {key[:100]} in {shown}, which is not a file "
+                              "name")
+    return weight_map
 
 
 def _weight_files(files: Mapping[str, str], index: Mapping[str, Any] | None, display: str) -> list[str]:
-    """Names of the safetensors files that make up the checkpoint, all of which must be present."""
-    if index is not None:
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise SourceError(f"{display}/{INDEX} has no weight_map")
-        names = sorted(set(weight_map.values()))
-    else:
-        names = sorted(n for n in files if n.endswith(".safetensors"))
-    counts = {int(m["n"]) for m in map(_SHARDED.match, names) if m}
-    for total in counts:  # model-0000k-of-0000n: all n files, even if the index forgot one
-        stem = next(m["stem"] for m in map(_SHARDED.match, names) if m and int(m["n"]) == total)
-        width = len(next(m["k"] for m in map(_SHARDED.match, names) if m and int(m["n"]) == total))
-        names = sorted(set(names) | {f"{stem}-{k:0{width}d}-of-{total:0{width}d}.safetensors"
-                                     for k in range(1, total + 1)})
-    missing = [n for n in names if n not in files]
-    if missing:
-        where = f" (listed in {INDEX})" if index is not None else ""
-        raise SourceError(f"{missing[0]} is missing from {display}{where}")
-    return names
+    """Names of the safetensors files that make up the checkpoint, all of which must be present.
+
+    A name ``<stem>-0000k-of-0000n`` implies all n files (even those the index forgot), checked in order and
+    only as far as files exist: a count of 999999999999 costs one look-up more than the files there are.
+    """
+    where = f" (listed in {INDEX})" if index is not None else ""
+    names = set(_weight_map(index, display).values()) if index is not None else {
+        n for n in files if n.endswith(".safetensors")}
+    for name in sorted(names):
+        if name not in files:
+            raise SourceError(f"{name} is missing from {display}{where}")
+    series: dict[tuple[str, int], int] = {}  # (stem, count) → digits of the first name: what the series looks like
+    for match in filter(None, map(_SHARDED.match, sorted(names))):
+        series.setdefault((match["stem"], int(match["n"])), len(match["k"]))
+    for (stem, total), width in series.items():
+        k = 1
+        while k <= total and k <= len(files):  # a name beyond len(files) cannot be there
+            name = f"{stem}-{k:0{width}d}-of-{total:0{width}d}.safetensors"
+            if name not in files:
+                break
+            names.add(name)
+            k += 1
+        if k <= total:
+            missing = f"{stem}-{k:0{width}d}-of-{total:0{width}d}.safetensors"
+            raise SourceError(f"{missing} is missing from {display} ({stem}-*-of-{total:0{width}d}.safetensors "
+                              f"names {total} files)")
+    return sorted(names)
 
 
 @dataclasses.dataclass
@@ -288,13 +310,9 @@ class HFCheckpoint:
     def open(cls, files: Mapping[str, str], *, display: str, model_name: str | None, model_path: str | None,
              kv_heads: int | None = None, threads: int = 8) -> "HFCheckpoint":
         config = _read_json(files[CONFIG], f"{display}/{CONFIG}")
-        if not isinstance(config, dict):
-            raise SpecError(f"{display}/{CONFIG} is not a JSON object")
         spec = spec_from_config(config, model_name=model_name, model_path=model_path, kv_heads=kv_heads,
                                 source=f"{display}/{CONFIG}")
         index = _read_json(files[INDEX], f"{display}/{INDEX}") if INDEX in files else None
-        if index is not None and not isinstance(index, dict):
-            raise SourceError(f"{display}/{INDEX} is not a JSON object")
         names = _weight_files(files, index, display)
         uris = [files[n] for n in names]
 
@@ -363,6 +381,12 @@ def _check(spec: ModelSpec, names: list[str], indexes: list[dict[str, TensorInfo
             if info.dtype != "bfloat16":
                 raise SourceError(f"{names[file]}: {key} is {info.dtype}; rayconv converts bf16 checkpoints")
             where[rule.key(layer)] = (file, info)
+    if config.get("tie_word_embeddings") and "lm_head.weight" in located:
+        # transformers (5.x) loads such a checkpoint the same way: it ties the two only when they are equal, and
+        # when they differ it keeps the stored lm_head.weight ("we will NOT tie them") with a warning. So do we.
+        LOG.warning("%s sets tie_word_embeddings but also stores lm_head.weight: the logits kernel is converted from "
+                    "the stored lm_head.weight, as transformers loads it (where it differs from "
+                    "model.embed_tokens.weight, transformers does not tie them either)", CONFIG)
     unexpected = sorted(k for k in set(located) - wanted if not IGNORED.match(k))
     if unexpected:
         raise SourceError(f"{names[located[unexpected[0]]]} holds unexpected tensor {unexpected[0]} ({CONFIG} says "

@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import datetime
-import json
 import logging
 import os
 import random
@@ -31,6 +30,7 @@ import urllib.parse
 
 import urllib3
 
+from rayconv import jsonio
 from rayconv.errors import SourceError
 from rayconv.process_local import per_process
 from rayconv.source.bytesource import RangeSource, register_scheme
@@ -114,6 +114,10 @@ def display_name(url: str) -> str:
     return path or redact(url)
 
 
+#: 2100-01-01 UTC: later than any signed URL's expiry, and a time datetime can format.
+MAX_EPOCH = 4102444800.0
+
+
 def policy_expiry(url: str) -> float | None:
     """``DateLessThan.AWS:EpochTime`` of a CloudFront ``Policy`` query parameter, or None."""
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
@@ -124,11 +128,13 @@ def policy_expiry(url: str) -> float | None:
         # CloudFront's URL-safe base64 uses '-', '_', '~' for '+', '=', '/'.
         raw = policy.translate(str.maketrans("-_~", "+=/"))
         raw += "=" * (-len(raw) % 4)
-        doc = json.loads(base64.b64decode(raw))
+        doc = jsonio.loads(base64.b64decode(raw))  # JSONError is a ValueError
         epochs = [st["Condition"]["DateLessThan"]["AWS:EpochTime"] for st in doc.get("Statement", [])]
-        return float(min(epochs)) if epochs else None
-    except (ValueError, KeyError, TypeError):
+        expiry = float(min(epochs)) if epochs else None
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
+    # A time a date can show (CloudFront's are seconds since 1970, ten digits): no inf, no year 33658.
+    return expiry if expiry is not None and 0 <= expiry < MAX_EPOCH else None
 
 
 def format_time(epoch: float) -> str:

@@ -12,7 +12,6 @@ no ``safe_open`` of whole files, no mmap.
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from rayconv import jsonio
 from rayconv.errors import SourceError
 from rayconv.source.bytesource import ByteSource
 from rayconv.source.pth import TensorInfo
@@ -68,14 +68,19 @@ def parse_header(header: bytes, data_size: int, name: str) -> dict[str, TensorIn
     it absolute.
     """
     try:
-        entries = json.loads(header.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        entries = jsonio.loads(header, max_bytes=MAX_HEADER_BYTES, object_pairs_hook=_no_duplicates)
     except SourceError as exc:
         raise SourceError(f"{name}: header: {exc}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except jsonio.JSONError as exc:
         raise SourceError(f"{name} has a corrupt safetensors header ({exc})") from None
     if not isinstance(entries, dict):
         raise SourceError(f"{name} has a corrupt safetensors header (not a JSON object)")
-    entries.pop("__metadata__", None)
+    metadata = entries.pop("__metadata__", None)
+    # The safetensors library reads __metadata__ as Option<HashMap<String, String>>: null or a str → str map.
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(v, str) for v in metadata.values())):
+        raise SourceError(f"{name} has a corrupt safetensors header (__metadata__ must be a map of strings to "
+                          "strings, as the safetensors library requires)")
     ranges: list[tuple[int, int, str]] = []
     tensors: dict[str, TensorInfo] = {}
     for key, entry in entries.items():
