@@ -32,6 +32,11 @@ FP8_DTYPE = "float8_e4m3fn"  # TensorInfo.dtype of a float8 tensor
 #: Largest finite float8_e4m3fn, and FBGEMM's lower bound on a row scale (1 / (448 · 512)).
 FP8_MAX = np.float32(448.0)
 MIN_SCALE = np.float32(1.0 / (448.0 * 512.0))
+#: The largest row scale FBGEMM's quantizer writes for bf16 weights: the row max it divides by 448 is at most the
+#: largest finite bf16 (weights are quantized without a ``scale_ub`` clamp, so nothing lowers it), and the division
+#: is in float32: 7.565918e35. No bf16 row gives a larger scale, and from 7.580753e35 on, 448 · s no longer rounds
+#: to a finite bf16: the dequantized weight (and the int8 scale made from it) would be ±inf.
+MAX_SCALE = np.float32(np.float32(ml_dtypes.finfo(ml_dtypes.bfloat16).max) / FP8_MAX)
 SCALE_FILE = re.compile(r"^fp8_scales_(\d+)\.pt$")
 _FFN = re.compile(r"^layers\.(\d+)\.feed_forward\.(w[123])\.weight$")
 #: float32 temporaries of dequantization are bounded to this many bytes (row blocks).
@@ -97,12 +102,16 @@ def dequantize(q: np.ndarray, scale: np.ndarray, out: np.ndarray | None = None) 
     return out
 
 
-def check_scales(scale: np.ndarray, where: str) -> None:
-    """Scales must be finite and positive (FBGEMM never writes less than 1/(448·512))."""
-    bad = ~(np.isfinite(scale) & (scale > 0))
+def check_scales(scale: np.ndarray, where: str, first_row: int = 0) -> None:
+    """Scales must be what FBGEMM's per-row quantizer can write: finite, in [MIN_SCALE, MAX_SCALE] (see those). A
+    scale outside is no FP8 checkpoint's, and above MAX_SCALE it dequantizes to ±inf. ``first_row``: the row of
+    ``scale[0]`` in its tensor, so the message names the row as the file numbers it."""
+    bad = ~(np.isfinite(scale) & (scale >= MIN_SCALE) & (scale <= MAX_SCALE))
     if bad.any():
         row = int(np.argmax(bad))
-        raise SourceError(f"{where}: scale of row {row} is {scale[row]!r} (must be finite and positive)")
+        raise SourceError(f"{where}: scale of row {first_row + row} is {float(scale[row]):.7g} (must be finite and "
+                          f"within [{float(MIN_SCALE):.7g}, {float(MAX_SCALE):.7g}], the range FBGEMM's per-row "
+                          "quantizer writes for bf16 weights: 1/(448·512) to the largest bf16 / 448)")
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def _read_fp8(read: Read, sources: Sources, crcs: list) -> np.ndarray:
     crcs.append((-1 - read.scale.file, read.scale.key, read.scale.offset, read.scale.length,
                  zlib.crc32(scale.view(np.uint8))))
     name = sources.scale_name(read.scale.file)
-    fp8.check_scales(scale, f"{name}: {read.scale.key} (rows {read.rows[0]}:{read.rows[1]})")
+    fp8.check_scales(scale, f"{name}: {read.scale.key}", read.rows[0])
     return fp8.dequantize(raw, scale)
 
 

@@ -197,7 +197,8 @@ def test_inconsistent_states_are_reported_and_nothing_finished_is_deleted(src, u
         in error
     # A finished output whose tree is not this conversion's (here: damaged metadata) is never rebuilt over.
     resume(src, location, restart=True)
-    (out / ".rayconv/commits/int8.json").write_text(json.dumps({"state": "committing"}))
+    record = json.loads((out / ".rayconv/commits/int8.json").read_text())  # keeps the sources it was made from
+    (out / ".rayconv/commits/int8.json").write_text(json.dumps({**record, "state": "committing"}))
     (out / "int8/_METADATA").write_text("{}")
     error = one_error(cli(src, str(out)))
     assert "carries commit_success.txt but its _METADATA is not the tree this conversion writes" in error

@@ -219,8 +219,18 @@ def test_crc_check_combines_receipts_and_names_the_damaged_tensor():
     # Row ranges read by different units, in any order, rebuild each record's CRC.
     good = [receipt("u2", "a", 1024, 4096), receipt("u1", "a", 0, 1024), receipt("u3", "b", 0, 4096)]
     assert crc_check(checkpoint, good) == (2, [])
-    # A record read only in part cannot be verified (nor failed).
-    assert crc_check(checkpoint, good[:1]) == (0, [])
+    # A record read only in part: the driver CRCs the rest itself (here from the same bytes, or damaged ones).
+    def read(damaged: bool):
+        def crc_of(uri: str, offset: int, length: int) -> int:
+            name = next(n for n, i in index.items() if i.offset <= offset < i.offset + i.nbytes)
+            raw = bytearray(data[name][offset - index[name].offset:][:length])
+            raw[-1] ^= 0x01 if damaged else 0
+            return zlib.crc32(raw)
+        return crc_of
+    assert crc_check(checkpoint, good[:1], read(False)) == (1, [])
+    assert crc_check(checkpoint, good[:1], read(True)) == (0, [(0, "a")])
+    # Two reads of the same range that disagree fail, whichever one the tiling would use.
+    assert crc_check(checkpoint, [*good, receipt("u4", "a", 0, 1024, flip=True)]) == (1, [(0, "a")])
     bad = [receipt("u1", "a", 0, 1024), receipt("u2", "a", 1024, 4096, flip=True), good[2]]
     assert crc_check(checkpoint, bad) == (1, [(0, "a")])
     error = str(crc_error(checkpoint, [(0, "a")]))

@@ -86,6 +86,22 @@ def test_dequantize_equals_torch():
     assert ours.view(np.uint16).tobytes() == theirs.view(torch.int16).numpy().tobytes()
 
 
+def test_scale_bounds_are_what_fbgemm_writes_for_bf16_rows():
+    """MAX_SCALE is the quantizer's scale for a row holding the largest bf16, and dequantizes to finite values; the
+    next float32 up is refused, as is the float32 below MIN_SCALE (which the quantizer writes for an all-zero row)."""
+    from rayconv.errors import SourceError
+
+    big = ml_dtypes.finfo(ml_dtypes.bfloat16).max
+    rows = np.array([[big, -big, 1], [0, 0, 0]], dtype=ml_dtypes.bfloat16)
+    q, scale = fp8.quantize_rows(rows)
+    assert scale[0] == fp8.MAX_SCALE and scale[1] == fp8.MIN_SCALE
+    assert np.isfinite(fp8.dequantize(q, scale).astype(np.float32)).all()
+    fp8.check_scales(scale, "f")
+    for value in (np.nextafter(fp8.MAX_SCALE, np.float32(np.inf)), np.nextafter(fp8.MIN_SCALE, np.float32(0))):
+        with pytest.raises(SourceError, match="f: scale of row 8 is"):
+            fp8.check_scales(np.array([fp8.MIN_SCALE, value], dtype=np.float32), "f", first_row=7)
+
+
 def test_quantizer_is_fbgemm_per_row_formula():
     """rayconv's FBGEMM emulation against the formula written in torch (saturating, RNE)."""
     rng = np.random.default_rng(1)
@@ -164,6 +180,25 @@ def test_replaced_scale_file_reruns_exactly_the_units_that_read_it(tmp_path, fp8
     assert leaves(out) == reference
 
 
+def test_a_changed_scale_after_a_finished_run_is_another_source(tmp_path, fp8_src):
+    """One value of fp8_scales_1.pt changed after a finished run, and checklist.chk with it: the rerun refuses (the
+    scale files' CRC-32s are part of the source digest), never keeping the outputs made with the old scale."""
+    import hashlib
+
+    from rayconv.errors import OutputError
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    shutil.copytree(fp8_src, src)
+    run_convert(src, out, model_path=FP8_PATH, kinds=("scanned",), executor="local", verify=False)
+    _edit_scales(1, lambda s: _set(s, "1_feed_forward.w1_1", float(s["1_feed_forward.w1_1"][5]) * 2))(src)
+    md5 = hashlib.md5((src / "fp8_scales_1.pt").read_bytes()).hexdigest()
+    lines = [f"{md5}  fp8_scales_1.pt" if line.endswith(" fp8_scales_1.pt") else line
+             for line in (src / "checklist.chk").read_text().splitlines()]
+    (src / "checklist.chk").write_text("\n".join(lines) + "\n")
+    with pytest.raises(OutputError, match="different source checkpoint .*FP8 scale files differ"):
+        run_convert(src, out, model_path=FP8_PATH, kinds=("scanned",), executor="local", verify_md5=True)
+
+
 def test_fp8_source_on_ray_with_row_by_one_scales(tmp_path, fp8_src, bf16_reference, ray_session):
     """The same on Ray, with scales saved as [rows, 1] (the note says to accept both shapes)."""
     src = tmp_path / "in"
@@ -232,6 +267,11 @@ BAD = {
                        "expected float32"),
     "infinite scale": (_edit_scales(6, lambda s: _set(s, "2_feed_forward.w2_6", float("inf"))), "must be finite"),
     "nan scale": (_edit_scales(0, lambda s: _set(s, "1_feed_forward.w1_0", float("nan"))), "must be finite"),
+    # Finite, but no FBGEMM quantizer writes it: 1e38 dequantizes to ±inf, 1e-7 is below 1/(448·512).
+    "huge scale": (_edit_scales(6, lambda s: _set(s, "2_feed_forward.w2_6", 1e38)),
+                   "fp8_scales_6.pt: 2_feed_forward.w2_6: scale of row 5 is 1e+38"),
+    "tiny scale": (_edit_scales(2, lambda s: _set(s, "1_feed_forward.w3_2", 1e-7)),
+                   "fp8_scales_2.pt: 1_feed_forward.w3_2: scale of row 5 is 1e-07"),
     "corrupt scale bytes": (_flip_scale_bit, "fp8_scales_3.pt: tensor 1_feed_forward.w1_3 fails its CRC-32 check"),
     "float8 outside layers 1..n-2": (_edit_shard(5, "layers.0.feed_forward.w1.weight", torch.float8_e4m3fn),
                                      "layers.0.feed_forward.w1.weight is float8_e4m3fn; expected bfloat16"),

@@ -367,3 +367,43 @@ def _shift_first_tensor(shard: Path) -> None:
         for entry, payload in items:
             z.writestr(zipfile.ZipInfo(entry), payload)
     assert isinstance(_torch_load(shard), Exception)
+
+
+def _view_of_a_larger_record(shard: Path, key: str) -> None:
+    """Save ``key`` as ``big[:n]``: a view of a storage record with one row more than the tensor (torch.save keeps
+    the whole storage)."""
+    state = torch.load(shard, weights_only=True)
+    w = state[key]
+    state[key] = torch.cat([w, torch.ones_like(w[:1])])[: w.shape[0]]
+    torch.save(state, shard)
+
+
+@pytest.mark.parametrize("where", ["none", "view", "rest"])
+def test_a_tensor_viewing_part_of_a_record_has_its_whole_record_checked(where, tmp_path, caplog):
+    """The CRC-32 of a zip record covers all of it; a tensor that views only part of its record used to go
+    unchecked ("Verified CRC-32 of 36 source tensors" of 37 read). Now the driver reads the rest of the record
+    itself, so a flipped byte in the viewed rows or in the rest fails, and an intact file verifies every tensor."""
+    import logging
+
+    from conftest import MODELS, run_convert, synthetic_checkpoint
+
+    model = MODELS["llama3-mp1"][0]
+    src, key = tmp_path / "in", "layers.1.attention.wq.weight"
+    shutil.copytree(synthetic_checkpoint(model), src)
+    shard = src / "consolidated.00.pth"
+    _view_of_a_larger_record(shard, key)
+    info = index_pth(open_source(str(shard)))[key]
+    assert info.crc32 is None and info.record is not None and info.record[1] == info.nbytes + info.row_bytes
+    if where != "none":
+        data = bytearray(shard.read_bytes())
+        data[info.offset + (7 if where == "view" else info.nbytes + 3)] ^= 0x10
+        shard.write_bytes(bytes(data))
+    with caplog.at_level(logging.INFO, logger="rayconv"):
+        if where != "none":
+            with pytest.raises(SourceError, match=f"consolidated.00.pth: tensor {key} fails its CRC-32 check"):
+                run_convert(src, tmp_path / "out", model_name=model.family, kinds=("scanned",), executor="local")
+            return
+        run_convert(src, tmp_path / "out", model_name=model.family, kinds=("scanned",), executor="local")
+    read = len(index_pth(open_source(str(shard))))  # every tensor of this checkpoint is read
+    assert f"Verified CRC-32 of {read} source tensors" in caplog.text, caplog.text
+    assert f"read {info.row_bytes} bytes of records" in caplog.text, caplog.text

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from rayconv.checksum import crc_check, crc_error
+from rayconv.engine.identity import changed_sources, content_identities
 from rayconv.engine.ledger import (COMMITTED, COMMITTING, Ledger, file_identities, relative, remove_output,
                                    read_identities, restart_targets, resumable, source_digest, source_identities,
                                    unit_sources)
@@ -83,8 +84,10 @@ def _make_executor(options: ConvertOptions):
 
 
 def _prepare_output(out: Location, ledger: Ledger, layouts: dict[str, OutputLayout], plan: Plan, restart: bool,
-                    summary: dict[str, Any], started_ns: int, fields: dict[str, Any]) -> dict[str, Any]:
-    """Restart or resume: the ledger must describe this conversion, and storage must agree with it."""
+                    summary: dict[str, Any], started_ns: int, fields: dict[str, Any],
+                    content: dict[str, str]) -> dict[str, Any]:
+    """Restart or resume: the ledger must describe this conversion, and storage must agree with it. An output that
+    is visible (its last marker is in place) must have been made from ``content``, today's source."""
     if restart:
         try:
             previous = ledger.plan_record()
@@ -109,6 +112,11 @@ def _prepare_output(out: Location, ledger: Ledger, layouts: dict[str, OutputLayo
             raise OutputError(f"the ledger says the {kind} checkpoint was committed, but "
                               f"{layout.final_root.join(MARKER).uri} is missing (moved or deleted?); rerun with "
                               "--restart to write it again")
+        if state is not None and is_complete(layout):
+            why = changed_sources(plan, ledger.commit_sources(kind), content)
+            if why is not None:
+                raise OutputError(f"{layout.final_root.uri} is a finished {kind} checkpoint, but {why}; rerun with "
+                                  "--restart to convert again, or choose another --output_directory")
         if state is None:
             foreign = (occupied(layout.final_root) if layout.final_root != layout.staging_root
                        else is_complete(layout) or layout.item().exists(MARKER))
@@ -199,11 +207,13 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
     layouts = output_layouts(out, plan.quantize_type, plan.tree)
     shard_identities = source_identities(checkpoint)
     identities = read_identities(plan, shard_identities)
+    content = content_identities(checkpoint, identities)
     piece_bytes, unit_bytes = budgets(options)
-    fields = {"source": source_digest(shard_identities), "piece_budget": piece_bytes, "unit_budget": unit_bytes,
-              "quantize_type": plan.quantize_type, "compression": options.compression,
+    scale_indexes = checkpoint.scales.indexes if checkpoint.scales is not None else ()
+    fields = {"source": source_digest(shard_identities, scale_indexes), "piece_budget": piece_bytes,
+              "unit_budget": unit_bytes, "quantize_type": plan.quantize_type, "compression": options.compression,
               "outputs": {k: relative(out, layouts[k].final_root) for k in plan.kinds}}
-    record = _prepare_output(out, ledger, layouts, plan, options.restart, summary, started_ns, fields)
+    record = _prepare_output(out, ledger, layouts, plan, options.restart, summary, started_ns, fields, content)
     if md5_checked:
         ledger.record_md5(md5_checked)  # a resume after an interruption need not hash the input again
     started_ns = record.get("started_ns", started_ns)
@@ -215,6 +225,9 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
     todo = [u for u in plan.units if u.id not in done] if to_build else []
     if done:
         LOG.info("Resuming: %d of %d units already done", len(done), len(plan.units))
+    # An output whose interrupted commit was building it from other bytes: whatever its staging holds (a complete
+    # local staging directory, a GCS bf16 item marker) is not this source's and must be rebuilt, not renamed.
+    rebuild = [k for k in to_build if todo or ledger.commit_sources(k) != content]
 
     timer.lap("plan")
     executor = _make_executor(options) if todo or to_build else None
@@ -224,11 +237,12 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
     progress = Progress(bytes_total, len(plan.units), done_bytes=sum(r.bytes_read for r in receipts),
                         done_units=len(receipts), enabled=options.progress)
     try:
+        for kind in rebuild:  # new databases or bytes: a complete staging directory must be rebuilt, not renamed
+            # (not visible: on GCS, where staging is the final location, a bf16 output is visible only with its
+            # step marker, which a to-build output does not have)
+            layouts[kind].staging_root.delete(MARKER)
+            layouts[kind].item(staging=True).delete(MARKER)
         if todo:
-            for kind in to_build:  # new databases: a complete staging directory must be rebuilt, not renamed
-                if layouts[kind].staging_root != layouts[kind].final_root:
-                    layouts[kind].staging_root.delete(MARKER)
-                    layouts[kind].item(staging=True).delete(MARKER)
             LOG.info("Converting %s with %d %s worker(s)", human_bytes(sum(u.read_bytes for u in todo)),
                      executor.workers, executor.name)
             ctx = JobContext.create(dataclasses.replace(plan, kinds=tuple(to_build)), layouts, options.compression,
@@ -257,9 +271,9 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
         by_unit = {r.unit: r for r in receipts}
         outputs = {kind: layouts[kind].items_path.uri for kind in committed}
         lock.check()
-        for kind in pending:
-            if ledger.commit_state(kind) != COMMITTING:
-                ledger.set_commit_state(kind, COMMITTING, layouts[kind].items_path.uri)
+        for kind in pending:  # the intent, with the bytes it is built from (checked for visible outputs above)
+            if kind in to_build or ledger.commit_state(kind) != COMMITTING:
+                ledger.set_commit_state(kind, COMMITTING, layouts[kind].items_path.uri, content)
         if pending:
             stop_point("intent")
         calls, results = [], {}
@@ -280,7 +294,7 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
             if isinstance(result, Exception):
                 failure = failure or result
                 continue
-            ledger.mark_committed(kind, result.uri)
+            ledger.mark_committed(kind, result.uri, content)
             stop_point("ledger", kind)
             outputs[kind] = result.uri
             LOG.info("Wrote %s checkpoint to %s", kind, result.uri)

@@ -11,8 +11,9 @@ Everything lives next to the output so a rerun resumes (``<out>/.rayconv/``):
   (size + mtime + inode locally, generation on GCS): a unit whose shard was replaced since (a
   re-downloaded shard) is run again, every other unit resumes.
 * ``commits/<kind>.json``: ``committing`` is written before the first step of an output's commit
-  makes anything visible, ``committed`` after its last; see :mod:`rayconv.sink.commit` and the state
-  machine in docs/architecture.md.
+  makes anything visible, ``committed`` after its last, both with the *content identity* of every file
+  the output is made from (:mod:`rayconv.engine.identity`), so a rerun can tell a finished output made
+  from other bytes; see :mod:`rayconv.sink.commit` and the state machine in docs/architecture.md.
 * ``md5.json``: the byte identity of each input file whose md5 matched ``checklist.chk`` (and of the
   checklist itself), so a resumed 820 GB conversion does not read its input once more to hash files
   that have not changed since (:meth:`Ledger.md5_unchanged`).
@@ -32,6 +33,7 @@ import time
 from typing import TYPE_CHECKING, Any, Sequence
 
 from rayconv import jsonio
+from rayconv.engine.identity import file_name, index_digest
 from rayconv.errors import OutputError
 from rayconv.plan import Plan, Unit
 from rayconv.progress import LOG
@@ -98,8 +100,8 @@ class Ledger:
             if "source" in fields and record.get("source") != fields["source"]:
                 raise OutputError(
                     f"{self.root.parent.uri} holds the output of a different source checkpoint (same shapes, "
-                    "other tensors: the shards' CRC-32s differ); choose another --output_directory or rerun "
-                    "with --restart to replace it")
+                    "other tensors: the CRC-32s of its shards or FP8 scale files differ); choose another "
+                    "--output_directory or rerun with --restart to replace it")
             return record
         record = {"fingerprint": fingerprint, "summary": summary, "started_ns": started_ns, **fields}
         self.root.write_bytes("plan.json", json.dumps(record, indent=1).encode())
@@ -150,12 +152,23 @@ class Ledger:
             return COMMITTED if kind in record.get("committed", []) else None  # ledgers before commits/
         return state.get("state") if isinstance(state, dict) else None
 
-    def set_commit_state(self, kind: str, state: str, final: str) -> None:
-        body = {"state": state, "final": final, "time": time.time()}
+    def set_commit_state(self, kind: str, state: str, final: str, sources: dict[str, str] | None = None) -> None:
+        """``sources``: the content identity of every file the output is built from (:func:`content_identities`),
+        recorded with the intent, before anything of it can become visible, and kept with ``committed``."""
+        body = {"state": state, "final": final, "time": time.time(), "sources": sources or {}}
         self.root.write_bytes(f"commits/{kind}.json", json.dumps(body).encode())
 
-    def mark_committed(self, kind: str, final: str = "") -> None:
-        self.set_commit_state(kind, COMMITTED, final)
+    def mark_committed(self, kind: str, final: str = "", sources: dict[str, str] | None = None) -> None:
+        self.set_commit_state(kind, COMMITTED, final, sources)
+
+    def commit_sources(self, kind: str) -> dict[str, str] | None:
+        """The content identities an output's commit record says it was built from; None when the record has
+        none (no record, or one written before rayconv recorded them)."""
+        state = self._load(f"commits/{kind}.json")
+        sources = state.get("sources") if isinstance(state, dict) else None
+        if not isinstance(sources, dict) or not sources:
+            return None
+        return {str(k): str(v) for k, v in sources.items()}
 
     # md5 of the input ---------------------------------------------------------------------
 
@@ -209,17 +222,6 @@ def read_identities(plan: Plan, identities: Sequence[str]) -> dict[str, str]:
     return {**{str(i): ident for i, ident in enumerate(identities)}, **scales}
 
 
-def _file_name(plan: Plan, key: str) -> str:
-    uri = plan.scale_files[int(key[6:])] if key.startswith("scale:") else plan.shards[int(key)]
-    return uri.split("?", 1)[0].rsplit("/", 1)[-1]
-
-
-def _index_digest(index: dict[str, TensorInfo]) -> str:
-    """A shard's zip directory as indexed: tensor names, dtypes, shapes, offsets, sizes and CRC-32s."""
-    rows = sorted((i.name, i.dtype, list(i.shape), i.offset, i.nbytes, i.crc32) for i in index.values())
-    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
-
-
 def _byte_identity(uri: str) -> str:
     """Which bytes a shard is now: size + mtime + inode locally, the object generation on GCS.
 
@@ -248,13 +250,15 @@ def file_identities(files: dict[Any, str]) -> dict[Any, str]:
 def source_identities(checkpoint: MetaCheckpoint) -> list[str]:
     """Per shard, ``<index digest>/<byte identity>``: what a receipt records for each shard it read."""
     identities = file_identities(dict(enumerate(checkpoint.shards))).values()
-    return [f"{_index_digest(index)}/{ident}" for index, ident in zip(checkpoint.indexes, identities)]
+    return [f"{index_digest(index)}/{ident}" for index, ident in zip(checkpoint.indexes, identities)]
 
 
-def source_digest(identities: list[str]) -> str:
+def source_digest(identities: list[str], scales: Sequence[dict[str, TensorInfo]] = ()) -> str:
     """The source checkpoint's content identity (index digests only: a re-downloaded copy of the same
-    shard keeps it; a different model with the same shapes does not)."""
-    digests = [ident.split("/", 1)[0] for ident in identities]
+    shard keeps it; a different model with the same shapes does not). ``scales``: the FP8 scale files' indexes,
+    whose CRC-32s make a changed scale another source (appended only when there are any, so the digests of
+    bf16 sources, and the ledgers holding them, stay the same)."""
+    digests = [ident.split("/", 1)[0] for ident in identities] + [index_digest(index) for index in scales]
     return hashlib.sha256(json.dumps(digests).encode()).hexdigest()[:16]
 
 
@@ -281,7 +285,7 @@ def resumable(ledger: Ledger, plan: Plan, identities: dict[str, str], layouts: d
             continue
         done[unit.id] = receipt
     if rerun:
-        names = ", ".join(sorted(_file_name(plan, k) for k in changed)[:3])
+        names = ", ".join(sorted(file_name(plan, k) for k in changed)[:3])
         LOG.info("%d finished unit(s) read files that changed since (%s%s): running them again", rerun, names,
                  ", …" if len(changed) > 3 else "")
     for kind in to_build:

@@ -82,6 +82,9 @@ class TensorInfo:
     offset: int
     nbytes: int
     crc32: int | None = None  # of the whole storage record, when the tensor covers all of it
+    #: (record start, record bytes, record CRC-32) when the tensor covers only part of its storage record
+    #: (``torch.save(big[:n])``): the CRC check must see the rest of the record too (rayconv.checksum).
+    record: tuple[int, int, int] | None = None
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -315,8 +318,9 @@ def index_pth(source: ByteSource, display: str | None = None) -> dict[str, Tenso
         nbytes = count * itemsize
         offset = storage.start + value.offset * itemsize if nbytes else storage.start
         whole = value.offset == 0 and nbytes == storage.nbytes
+        part = None if whole or not nbytes else (storage.start, storage.nbytes, storage.crc32)
         tensors[key] = TensorInfo(name=key, dtype=value.dtype, shape=value.size, offset=offset, nbytes=nbytes,
-                                  crc32=storage.crc32 if whole else None)
+                                  crc32=storage.crc32 if whole else None, record=part)
     end = max((t.offset + t.nbytes for t in tensors.values()), default=0)
     if end > source.size():
         raise SourceError(f"{name} is truncated: tensor data ends at byte {end}, file has {source.size()}")
