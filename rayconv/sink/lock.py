@@ -21,8 +21,13 @@ work committed. The lock is a small JSON object (owner id, host, pid, start and 
   after the heartbeat timeout.
 
 Heartbeat ages compare the holder's clock with ours: hosts sharing an output should keep time
-(NTP). The local guard (``flock``) is per host; a local output shared by several hosts over NFS is
-protected by the heartbeat timeout only.
+(NTP). A heartbeat more than :data:`CLOCK_SKEW_SECONDS` ahead of our clock is not evidence of life
+(no clock drifts that far under NTP; a lock written with a far-future or absurd time would otherwise
+hold an output for years): such a lock, like one that does not parse (garbage, ``Infinity``, deep
+nesting, huge numbers, a pid that cannot exist), is judged *unreadable*, by the age of the lock
+object itself; and an object whose modified time lies that far ahead shows no life at all (stale).
+So every wait for a holder is bounded by the stale timeout plus the skew allowance. The local guard
+(``flock``) is per host; a local output shared by several hosts over NFS is protected by the heartbeat timeout only.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import time
 import uuid
 from typing import Any, Iterator, Protocol
 
+from rayconv import jsonio
 from rayconv.errors import OutputError, one_line_reason
 from rayconv.storage import Location
 
@@ -47,6 +53,12 @@ log = logging.getLogger("rayconv")
 #: a stalled storage request, short enough that a crashed run on another host blocks a retry briefly.
 STALE_SECONDS = 120.0
 LOCK_KEY = ".rayconv/lock"
+#: How far a holder's heartbeat (or the lock object's modified time) may lie ahead of our clock and
+#: still be believed (seconds). Hosts under NTP agree to well under a second; beyond this a future
+#: time is treated as no time at all, so it can never stretch a wait.
+CLOCK_SKEW_SECONDS = 30.0
+#: Linux's largest pid is 2**22; anything outside (0, 2**31) cannot name a process.
+_MAX_PID = 2**31 - 1
 
 
 def stale_seconds() -> float:
@@ -72,11 +84,21 @@ class Holder:
 
     @classmethod
     def parse(cls, data: bytes) -> "Holder | None":
+        """The holder ``data`` describes, or None when it is unreadable (not a well-formed lock of ours).
+
+        Parsed with the bounded reader, so hostile bytes (deep nesting, 5000-digit numbers, ``Infinity``)
+        make an unreadable lock like any other garbage, never an exception.
+        """
         try:
-            d = json.loads(data)
-            return cls(str(d["owner"]), str(d["host"]), int(d["pid"]), float(d["started"]), float(d["heartbeat"]))
-        except (ValueError, KeyError, TypeError):
+            d = jsonio.loads_object(data, max_bytes=64 * 1024)
+        except jsonio.JSONError:
             return None
+        owner, host, pid, started, beat = (d.get(k) for k in ("owner", "host", "pid", "started", "heartbeat"))
+        if not (isinstance(owner, str) and isinstance(host, str) and type(pid) is int and 0 < pid <= _MAX_PID):
+            return None
+        if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in (started, beat)):
+            return None
+        return cls(owner, host, pid, float(started), float(beat))
 
     def encode(self) -> bytes:
         return json.dumps(dataclasses.asdict(self)).encode()
@@ -252,12 +274,33 @@ class OutputLock:
         now = time.time()
         return Holder(uuid.uuid4().hex, socket.gethostname(), os.getpid(), now, now)
 
+    @staticmethod
+    def believable(holder: Holder | None, now: float) -> Holder | None:
+        """``holder``, or None when its heartbeat lies beyond the clock-skew allowance in the future.
+
+        Such a heartbeat says nothing about whether its holder lives; the lock is then judged as an
+        unreadable one (by the object's age), so a far-future time cannot hold the output.
+        """
+        if holder is not None and holder.heartbeat > now + CLOCK_SKEW_SECONDS:
+            return None
+        return holder
+
+    def last_sign_of_life(self, holder: Holder | None, modified: float, now: float) -> float:
+        """When the holder last showed life: its heartbeat, or the lock object's modified time if unreadable.
+
+        A modified time beyond the clock-skew allowance (a file touched into the future) is no evidence
+        either: then ``-inf`` (stale now). So ``last + stale`` never lies further ahead than the allowance
+        plus the stale timeout, and every wait is bounded by them.
+        """
+        last = holder.heartbeat if holder is not None else modified
+        return last if last <= now + CLOCK_SKEW_SECONDS else float("-inf")  # NaN compares False too
+
     def is_stale(self, holder: Holder | None, modified: float, now: float) -> bool:
-        if holder is None:  # unreadable (being written, or garbage): judge by the object's age
-            return now - modified > self.stale
-        if holder.host == socket.gethostname() and not pid_alive(holder.pid):
+        holder = self.believable(holder, now)
+        if holder is not None and holder.host == socket.gethostname() and not pid_alive(holder.pid):
             return True
-        return now - holder.heartbeat > self.stale
+        # unreadable (being written, garbage, or a heartbeat from the future): judge by the object's age
+        return now - self.last_sign_of_life(holder, modified, now) > self.stale
 
     def acquire(self) -> "OutputLock":
         try:
@@ -282,15 +325,16 @@ class OutputLock:
             if current is None:
                 continue  # released meanwhile: try to create again
             data, token, modified = current
-            holder, now = Holder.parse(data), time.time()
+            now = time.time()
+            holder = self.believable(Holder.parse(data), now)
             if not self.is_stale(holder, modified, now):
-                who = holder.describe(now) if holder else f"unreadable lock, written {now - modified:.0f} s ago"
+                who = holder.describe(now) if holder else f"unreadable lock, written {max(0.0, now - modified):.0f} s ago"
                 local = holder is not None and holder.host == socket.gethostname()
                 if seen_alive or local:  # a live pid here, or a heartbeat seen to advance
                     raise OutputLocked(f"{self.out.uri} is being written by another conversion ({who}); wait for "
                                        f"it to finish, or remove {self.uri} if that process is gone")
                 # Another host: alive if it beats again, dead if it goes stale (a retried job on a new cluster).
-                stale_at = (holder.heartbeat if holder else modified) + self.stale
+                stale_at = self.last_sign_of_life(holder, modified, now) + self.stale
                 log.warning("The output lock of %s is held by %s; waiting up to %.0f s for it to beat again (then "
                             "this run stops) or go stale (then this run takes it over)", self.out.uri, who,
                             stale_at - now)
