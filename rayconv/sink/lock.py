@@ -203,12 +203,19 @@ class _GcsBackend:
 
         return client().bucket(self.bucket).blob(self.name)
 
+    @staticmethod
+    def _bounded() -> dict:
+        from rayconv.gcs_api import request_args
+
+        return request_args()
+
     def _write(self, data: bytes, generation: int) -> Any | None:
         from google.api_core import exceptions as gexc
 
         blob = self._blob()
         try:
-            blob.upload_from_string(data, content_type="application/json", if_generation_match=generation)
+            blob.upload_from_string(data, content_type="application/json", if_generation_match=generation,
+                                    **self._bounded())
         except gexc.PreconditionFailed:
             # A retried request whose first attempt succeeded also ends here: then the object is ours.
             current = self.read()
@@ -221,11 +228,11 @@ class _GcsBackend:
     def read(self) -> tuple[bytes, Any, float] | None:
         from google.api_core import exceptions as gexc
 
-        blob = self._blob().bucket.get_blob(self.name)
+        blob = self._blob().bucket.get_blob(self.name, **self._bounded())
         if blob is None:
             return None
         try:
-            data = blob.download_as_bytes(if_generation_match=blob.generation)
+            data = blob.download_as_bytes(if_generation_match=blob.generation, **self._bounded())
         except (gexc.NotFound, gexc.PreconditionFailed):
             return self.read()  # replaced or deleted between the two requests: look again
         modified = blob.updated.timestamp() if blob.updated else 0.0
@@ -238,7 +245,7 @@ class _GcsBackend:
         from google.api_core import exceptions as gexc
 
         try:
-            self._blob().delete(if_generation_match=int(token))
+            self._blob().delete(if_generation_match=int(token), **self._bounded())
         except (gexc.NotFound, gexc.PreconditionFailed):
             pass
 
@@ -308,6 +315,10 @@ class OutputLock:
         except OutputError:
             raise
         except Exception as exc:  # OSError locally; google.api_core errors on GCS
+            from rayconv.gcs_api import gave_up, no_answer, timeout
+
+            if not self.out.is_local and gave_up(exc):
+                raise no_answer(self.out.bucket, timeout()) from None
             raise OutputError(f"cannot lock {self.out.uri}: {one_line_reason(exc)}") from None
         self._thread = threading.Thread(target=self._beat, name="rayconv-lock-heartbeat", daemon=True)
         self._thread.start()
