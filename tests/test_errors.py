@@ -98,6 +98,24 @@ def test_bad_flags(tmp_path, args, needle):
     assert_clean_failure(run_convert_cli(*base, *args), out, needle)
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["--output_directory", ""], "--output_directory is empty"),
+    (["--output_directory", " "], "--output_directory is empty"),
+    (["--bucket_name", ""], "--bucket_name is empty"),
+    (["--input_directory", "", "--output_directory", "out"], "--input_directory is empty"),
+    (["--output_directory", "out", "--address", "auto"], "--executor local does not use"),
+])
+def test_flags_that_would_be_ignored_are_refused(tmp_path, args, needle):
+    """An empty place or an --address the local executor cannot use: one line, not a run somewhere else."""
+    from helpers import run_cli
+
+    src = ["--input_directory", str(synthetic_checkpoint(MODEL))] if "--input_directory" not in args else []
+    result = run_cli("convert", "--no_progress", "--executor", "local", "--model_path", DESCRIPTOR, *src, *args,
+                     cwd=tmp_path)
+    assert_clean_failure(result, tmp_path, needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither ./rayconv-output nor ./out
+
+
 def test_unwritable_output(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
