@@ -144,3 +144,23 @@ def test_out_of_disk(small_disk):
     out = small_disk / "out"
     result = run_convert_cli(*mp16_convert_args(synthetic_checkpoint(MODEL), out), executor="ray")
     assert_clean_failure(result, out, "No space left on device")
+
+
+def test_demo_names_the_output_it_converted_into(tmp_path):
+    """`scripts/demo.sh --output_directory X` converts into X, and its last line says X (it said ./rayconv-output)."""
+    import os
+    import subprocess
+
+    from helpers import cli_env
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "elsewhere"
+    result = subprocess.run(
+        ["bash", os.path.join(repo, "scripts", "demo.sh"), "--input_directory", str(synthetic_checkpoint(MODEL)),
+         "--model_path", DESCRIPTOR, "--executor", "local", "--no_progress", "--skip_scanned",
+         "--output_directory", str(out)],
+        capture_output=True, text=True, timeout=600, env=cli_env({"RAYCONV_DEMO_SETUP": "0"}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    items = out / "bf16" / "unscanned" / "checkpoints" / "0" / "items"
+    assert result.stdout.strip().splitlines()[-1] == f"Output: {out} (load_parameters_path={items})", result.stdout
+    assert (items.parent / "commit_success.txt").exists()
