@@ -32,7 +32,6 @@ So every wait for a holder is bounded by the stale timeout plus the skew allowan
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -41,10 +40,11 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Iterator, Protocol
+from typing import Any
 
 from rayconv import jsonio
 from rayconv.errors import OutputError, one_line_reason
+from rayconv.sink.lock_backends import Backend, backend
 from rayconv.storage import Location
 
 log = logging.getLogger("rayconv")
@@ -52,7 +52,6 @@ log = logging.getLogger("rayconv")
 #: A heartbeat older than this marks the lock stale (seconds). Two minutes: long enough to ride out
 #: a stalled storage request, short enough that a crashed run on another host blocks a retry briefly.
 STALE_SECONDS = 120.0
-LOCK_KEY = ".rayconv/lock"
 #: How far a holder's heartbeat (or the lock object's modified time) may lie ahead of our clock and
 #: still be believed (seconds). Hosts under NTP agree to well under a second; beyond this a future
 #: time is treated as no time at all, so it can never stretch a wait.
@@ -117,146 +116,6 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-class _Backend(Protocol):
-    """Compare-and-swap primitives over one lock object. ``token`` identifies a version."""
-
-    uri: str
-
-    def create(self, data: bytes) -> Any | None: ...  # token, or None when it exists
-
-    def read(self) -> tuple[bytes, Any, float] | None: ...  # (data, token, modified time) or None
-
-    def replace(self, data: bytes, token: Any) -> Any | None: ...  # new token, or None when token is stale
-
-    def delete(self, token: Any) -> None: ...
-
-
-class _LocalBackend:
-    """O_EXCL create; a ``flock`` on a guard file serialises read-compare-replace (takeover, heartbeat)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.uri = path
-        self._guard = path + ".guard"
-
-    @contextlib.contextmanager
-    def _guarded(self) -> Iterator[None]:
-        import fcntl
-
-        fd = os.open(self._guard, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing releases the flock
-
-    def create(self, data: bytes) -> Any | None:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return None
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return data
-
-    def read(self) -> tuple[bytes, Any, float] | None:
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read()
-                return data, data, os.fstat(f.fileno()).st_mtime
-        except FileNotFoundError:
-            return None
-
-    def replace(self, data: bytes, token: Any) -> Any | None:
-        with self._guarded():
-            current = self.read()
-            if current is None or current[1] != token:
-                return None
-            tmp = f"{self.path}.{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            return data
-
-    def delete(self, token: Any) -> None:
-        with self._guarded():
-            current = self.read()
-            if current is not None and current[1] == token:
-                os.remove(self.path)
-
-
-class _GcsBackend:
-    """Generation preconditions: ``ifGenerationMatch=0`` to create, ``=<generation>`` to replace/delete."""
-
-    def __init__(self, bucket: str, name: str) -> None:
-        self.bucket, self.name = bucket, name
-        self.uri = f"gs://{bucket}/{name}"
-
-    def _blob(self):
-        from rayconv.gcs_api import client
-
-        return client().bucket(self.bucket).blob(self.name)
-
-    @staticmethod
-    def _bounded() -> dict:
-        from rayconv.gcs_api import request_args
-
-        return request_args()
-
-    def _write(self, data: bytes, generation: int) -> Any | None:
-        from google.api_core import exceptions as gexc
-
-        blob = self._blob()
-        try:
-            blob.upload_from_string(data, content_type="application/json", if_generation_match=generation,
-                                    **self._bounded())
-        except gexc.PreconditionFailed:
-            # A retried request whose first attempt succeeded also ends here: then the object is ours.
-            current = self.read()
-            return current[1] if current is not None and current[0] == data else None
-        return blob.generation
-
-    def create(self, data: bytes) -> Any | None:
-        return self._write(data, 0)
-
-    def read(self) -> tuple[bytes, Any, float] | None:
-        from google.api_core import exceptions as gexc
-
-        blob = self._blob().bucket.get_blob(self.name, **self._bounded())
-        if blob is None:
-            return None
-        try:
-            data = blob.download_as_bytes(if_generation_match=blob.generation, **self._bounded())
-        except (gexc.NotFound, gexc.PreconditionFailed):
-            return self.read()  # replaced or deleted between the two requests: look again
-        modified = blob.updated.timestamp() if blob.updated else 0.0
-        return data, blob.generation, modified
-
-    def replace(self, data: bytes, token: Any) -> Any | None:
-        return self._write(data, int(token))
-
-    def delete(self, token: Any) -> None:
-        from google.api_core import exceptions as gexc
-
-        try:
-            self._blob().delete(if_generation_match=int(token), **self._bounded())
-        except (gexc.NotFound, gexc.PreconditionFailed):
-            pass
-
-
-def _backend(out: Location) -> _Backend:
-    key = out.join(LOCK_KEY)
-    if out.is_local:
-        return _LocalBackend(key.path)
-    return _GcsBackend(key.bucket, key.path)
-
-
 class OutputLock:
     """Exclusive ownership of an output directory for one conversion (a context manager)."""
 
@@ -264,7 +123,7 @@ class OutputLock:
         self.out = out
         self.stale = stale_seconds() if stale is None else stale
         self.interval = heartbeat if heartbeat is not None else max(0.5, self.stale / 4)
-        self._backend = _backend(out)
+        self._backend: Backend = backend(out)
         self._holder: Holder | None = None
         self._token: Any = None
         self._lost: str | None = None
@@ -421,7 +280,7 @@ class OutputLock:
 
 def read_holder(out: Location) -> Holder | None:
     """The current holder of ``out``'s lock, if any (for tests and diagnostics)."""
-    current = _backend(out).read()
+    current = backend(out).read()
     return Holder.parse(current[0]) if current else None
 
 
