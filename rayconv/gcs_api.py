@@ -18,6 +18,64 @@ from rayconv.process_local import per_process
 
 log = logging.getLogger(__name__)
 
+#: Seconds one storage call (a small object's read or write, a sub-read of a large one, a metadata request)
+#: may take before rayconv gives up with one line naming the bucket. Without it a run with no network or no
+#: credentials is silent for minutes while tensorstore and google-cloud-storage retry (#21: > 90 s). The CLI
+#: sets it from ``--storage_timeout_s`` (:func:`set_timeout`).
+DEFAULT_TIMEOUT = 60.0
+_timeout = [DEFAULT_TIMEOUT]
+
+
+def set_timeout(seconds: float) -> None:
+    """Bound every storage call of this process by ``seconds`` (positive, finite)."""
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"a storage timeout must be a positive number of seconds, got {seconds}")
+    _timeout[0] = float(seconds)
+
+
+def timeout() -> float:
+    """The bound on one storage call, in seconds (:data:`DEFAULT_TIMEOUT` unless :func:`set_timeout` changed it)."""
+    return _timeout[0]
+
+
+def _credentials_file() -> str | None:
+    """The credentials file ADC would use, if any (for the diagnosis only; never read here)."""
+    path = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+    if path:
+        return path
+    adc = os.path.join(os.path.expanduser("~"), ".config", "gcloud", "application_default_credentials.json")
+    return adc if os.path.exists(adc) else None
+
+
+def no_answer(bucket: str, seconds: float, error: type[ConversionError] = OutputError) -> ConversionError:
+    """The one line for a storage call that did not finish within ``seconds``: which bucket, and the likely why."""
+    endpoint = emulator_endpoint()
+    if endpoint:
+        why = f"the storage endpoint {endpoint} does not answer"
+    elif _credentials_file() is None:
+        why = ("no Google Cloud credentials found (GOOGLE_APPLICATION_CREDENTIALS, gcloud application-default "
+               "login or a GCE/GKE metadata server) or no network route to storage.googleapis.com")
+    else:
+        why = "no network route to storage.googleapis.com, or GCS keeps failing"
+    return error(f"gs://{bucket}: no answer from Cloud Storage within {seconds:.0f} s ({why}); "
+                 f"--storage_timeout_s sets the limit")
+
+
+def request_args() -> dict:
+    """``timeout`` and ``retry`` for one google-cloud-storage request: the whole call, retries included, is bounded."""
+    from google.api_core.retry import Retry
+
+    seconds = timeout()
+    return {"timeout": seconds, "retry": Retry(timeout=seconds)}
+
+
+def gave_up(exc: BaseException) -> bool:
+    """A request that timed out or ran out of retries (no network, no answer) rather than a GCS error reply."""
+    import requests
+    from google.api_core import exceptions as gexc
+
+    return isinstance(exc, (gexc.RetryError, requests.exceptions.RequestException, TimeoutError))
+
 
 def parse_gs(uri: str, error: type[ConversionError] = SourceError) -> tuple[str, str]:
     """``gs://bucket/a/b`` → (``bucket``, ``a/b``); ``error`` is raised (one line) for anything else."""
@@ -62,12 +120,16 @@ def _gcs_call(what: str, uri: str, fn, error: type[ConversionError] = SourceErro
 
     try:
         return fn()
-    except gexc.NotFound:
-        raise error(f"missing {what} {uri}") from None
-    except gexc.Forbidden:
-        raise error(f"permission denied on {uri} (check the credentials' IAM roles on the bucket)") from None
-    except gexc.GoogleAPICallError as exc:
-        raise error(f"{uri}: GCS error: {one_line_reason(exc)}") from None
+    except Exception as exc:
+        if gave_up(exc):
+            raise no_answer(parse_gs(uri)[0], timeout(), error) from None
+        if isinstance(exc, gexc.NotFound):
+            raise error(f"missing {what} {uri}") from None
+        if isinstance(exc, gexc.Forbidden):
+            raise error(f"permission denied on {uri} (check the credentials' IAM roles on the bucket)") from None
+        if isinstance(exc, gexc.GoogleAPICallError):
+            raise error(f"{uri}: GCS error: {one_line_reason(exc)}") from None
+        raise
 
 
 #: Custom metadata key under which staging records the md5 it verified for a composed object (GCS keeps
@@ -83,11 +145,15 @@ def object_info(bucket: str, name: str) -> dict | None:
 
     uri = f"gs://{bucket}/{name}"
     try:
-        blob = client().bucket(bucket).get_blob(name)
+        blob = client().bucket(bucket).get_blob(name, **request_args())
     except gexc.Forbidden:
         raise SourceError(f"permission denied reading {uri} (check the credentials' IAM roles)") from None
     except gexc.GoogleAPICallError as exc:
         raise SourceError(f"{uri}: GCS error: {one_line_reason(exc)}") from None
+    except Exception as exc:
+        if gave_up(exc):
+            raise no_answer(bucket, timeout(), SourceError) from None
+        raise
     if blob is None:
         return None
     md5 = None
@@ -99,18 +165,14 @@ def object_info(bucket: str, name: str) -> dict | None:
 
 def record_verified_md5(bucket: str, name: str, md5: str, generation: int) -> None:
     """Attach ``md5`` to generation ``generation`` of a composed object (fails if it was replaced)."""
-    from google.api_core.retry import Retry
-
     blob = client().bucket(bucket).blob(name, generation=generation)
     blob.metadata = {VERIFIED_MD5_KEY: md5}
-    _gcs_call("object", f"gs://{bucket}/{name}", lambda: blob.patch(if_generation_match=generation, retry=Retry()),
+    _gcs_call("object", f"gs://{bucket}/{name}", lambda: blob.patch(if_generation_match=generation, **request_args()),
               OutputError)
 
 
 def compose(bucket: str, sources: list[str], dest: str, *, scratch_prefix: str) -> None:
     """Concatenate ``sources`` (in order) into ``dest``; more than 32 goes through a tree."""
-    from google.api_core.retry import Retry
-
     b = client().bucket(bucket)
     level = 0
     names = list(sources)
@@ -120,14 +182,14 @@ def compose(bucket: str, sources: list[str], dest: str, *, scratch_prefix: str) 
         for i in range(0, len(names), 32):
             target = f"{scratch_prefix}compose-{level}-{i // 32:05d}"
             _gcs_call("object", f"gs://{bucket}/{target}",
-                      lambda t=target, g=names[i:i + 32]: b.blob(t).compose([b.blob(s) for s in g], retry=Retry()),
+                      lambda t=target, g=names[i:i + 32]: b.blob(t).compose([b.blob(s) for s in g], **request_args()),
                       OutputError)
             grouped.append(target)
         temps += grouped
         names = grouped
         level += 1
     _gcs_call("object", f"gs://{bucket}/{dest}",
-              lambda: b.blob(dest).compose([b.blob(s) for s in names], retry=Retry()), OutputError)
+              lambda: b.blob(dest).compose([b.blob(s) for s in names], **request_args()), OutputError)
     delete_objects(bucket, temps)
 
 
@@ -136,7 +198,7 @@ def list_folders(bucket: str, prefix: str) -> list[str]:
     uri = f"gs://{bucket}/{prefix}"
 
     def folders() -> list[str]:
-        pages = client().list_blobs(bucket, prefix=prefix, delimiter="/")
+        pages = client().list_blobs(bucket, prefix=prefix, delimiter="/", **request_args())
         for _ in pages:  # the prefixes are filled in while the pages are read
             pass
         return sorted(p[len(prefix):].rstrip("/") for p in pages.prefixes)
@@ -151,6 +213,10 @@ def delete_objects(bucket: str, names: list[str]) -> None:
     b = client().bucket(bucket)
     for name in names:
         try:
-            b.blob(name).delete()
+            b.blob(name).delete(**request_args())
         except gexc.NotFound:
             pass
+        except Exception as exc:
+            if gave_up(exc):
+                raise no_answer(bucket, timeout(), OutputError) from None
+            raise

@@ -19,15 +19,32 @@ from typing import Any, Iterator
 
 import tensorstore as ts
 
-from rayconv.errors import OutputError, one_line_reason
-from rayconv.gcs_api import list_folders, object_info, parse_gs
+from rayconv.errors import ConversionError, OutputError, one_line_reason
+from rayconv.gcs_api import list_folders, no_answer, object_info, parse_gs, timeout
 from rayconv.process_local import per_process
 
 #: Per process (tensorstore handles do not survive a fork): one Context, the kvstores opened in it.
 _kvstores = per_process(lambda: (ts.Context(), {}, threading.Lock()))
 
 
-def open_kvstore(spec: dict[str, Any]) -> ts.KvStore:
+def bounded(future: Any, spec: dict[str, Any], error: type[ConversionError] = OutputError) -> Any:
+    """``future.result()``, waiting at most :func:`rayconv.gcs_api.timeout` seconds.
+
+    Tensorstore retries a GCS request it gets no answer to for minutes (32 attempts with backoff), and
+    without network or credentials every call would: past the bound the request is cancelled and the
+    run stops with one line naming the bucket (or the local path) and the likely cause.
+    """
+    seconds = timeout()
+    try:
+        return future.result(timeout=seconds)
+    except TimeoutError:
+        future.cancel()
+        if spec.get("driver") == "gcs":
+            raise no_answer(spec.get("bucket", "?"), seconds, error) from None
+        raise error(f"{spec.get('path', '?')}: no answer from the file system within {seconds:.0f} s") from None
+
+
+def open_kvstore(spec: dict[str, Any], error: type[ConversionError] = OutputError) -> ts.KvStore:
     """Open (once per process) a kvstore; all share one tensorstore Context, so GCS request
     concurrency and connection pools are shared rather than created per call."""
     context, stores, lock = _kvstores()
@@ -35,7 +52,7 @@ def open_kvstore(spec: dict[str, Any]) -> ts.KvStore:
     with lock:
         store = stores.get(key)
         if store is None:
-            store = stores[key] = ts.KvStore.open(spec, context=context).result()
+            store = stores[key] = bounded(ts.KvStore.open(spec, context=context), spec, error)
         return store
 
 
@@ -108,13 +125,17 @@ class Location:
     def _kvstore(self) -> ts.KvStore:
         return open_kvstore(self.kvstore_spec())
 
+    def _wait(self, future: Any) -> Any:
+        """A kvstore operation's result, bounded in time (:func:`bounded`)."""
+        return bounded(future, self.kvstore_spec())
+
     # Small-object operations. Keys are relative to this location.
     def read_bytes(self, key: str) -> bytes | None:
-        result = self._kvstore().read(key).result()
+        result = self._wait(self._kvstore().read(key))
         return bytes(result.value) if result.state == "value" else None
 
     def read_range(self, key: str, start: int, stop: int) -> bytes:
-        result = self._kvstore().read(key, byte_range=slice(start, stop)).result()
+        result = self._wait(self._kvstore().read(key, byte_range=slice(start, stop)))
         if result.state != "value":
             raise OutputError(f"missing {self.join(key).uri}")
         return bytes(result.value)
@@ -123,7 +144,7 @@ class Location:
         try:
             if self.is_local:
                 os.makedirs(os.path.dirname(os.path.join(self.path, key)), exist_ok=True)
-            self._kvstore().write(key, data).result()
+            self._wait(self._kvstore().write(key, data))
         except (OSError, ValueError) as exc:
             raise OutputError(f"cannot write to {self.join(key).uri}: {one_line_reason(exc)}") from None
 
@@ -132,13 +153,13 @@ class Location:
             return bool(self.list_keys())
         if self.is_local:
             return os.path.isfile(os.path.join(self.path, key))
-        return self._kvstore().read(key, byte_range=slice(0, 0)).result().state == "value"
+        return self._wait(self._kvstore().read(key, byte_range=slice(0, 0))).state == "value"
 
     def list_keys(self, prefix: str = "") -> list[str]:
         if self.is_local and not os.path.isdir(self.path):
             return []
         store = self._kvstore()
-        keys = store.list(_prefix_range(prefix) if prefix else None).result()
+        keys = self._wait(store.list(_prefix_range(prefix) if prefix else None))
         return sorted(k.decode() if isinstance(k, bytes) else k for k in keys)
 
     def list_folders(self) -> list[str]:
@@ -166,7 +187,7 @@ class Location:
                 pass
             return
         exact = key.encode()
-        self._kvstore().delete_range(ts.KvStore.KeyRange(exact, exact + b"\x00")).result()
+        self._wait(self._kvstore().delete_range(ts.KvStore.KeyRange(exact, exact + b"\x00")))
 
     def delete_all(self) -> None:
         """Remove everything under this prefix."""
@@ -175,7 +196,7 @@ class Location:
 
             shutil.rmtree(self.path, ignore_errors=True)
             return
-        self._kvstore().delete_range(ts.KvStore.KeyRange()).result()
+        self._wait(self._kvstore().delete_range(ts.KvStore.KeyRange()))
 
     def rename(self, target: "Location") -> None:
         """Atomic directory rename; only local filesystems have one."""

@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import hmac
 import http.server
+import itertools
 import json
 import os
 import re
@@ -170,6 +171,9 @@ def make_policy(expires_at: float, resource: str = "https://llama3-1.llamameta.n
     return raw.translate(str.maketrans("+=/", "-_~"))
 
 
+_REQUEST_IDS = itertools.count(int(time.time() * 1000) * 1000 + os.getpid() % 1000)
+
+
 class SignedUrlServer:
     """Serve ``root`` behind ``http://127.0.0.1:PORT/*?Policy=..&Signature=..&Key-Pair-Id=..``.
 
@@ -195,6 +199,9 @@ class SignedUrlServer:
         self.fail_after_requests: int | None = None
         self.stall: dict[str, tuple[float, int | None]] = {}
         self.requests: list[tuple[str, str, str | None, int]] = []
+        # One id per server, as Meta issues one per grant: two servers that get the same port in one test
+        # session (the OS reuses ports) never hand out the same URL for different files.
+        self.request_id = str(next(_REQUEST_IDS))
         self._lock = threading.Lock()
         self._httpd: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -212,7 +219,7 @@ class SignedUrlServer:
         policy = make_policy(self.expires_at if expires_at is None else expires_at, f"{self.base}/*")
         sig = self.signature(policy) if signature is None else signature
         return (f"{self.base}/*?Policy={policy}&Signature={sig}"
-                f"&Key-Pair-Id=K2TESTKEYPAIR&Download-Request-ID=1234567890")
+                f"&Key-Pair-Id=K2TESTKEYPAIR&Download-Request-ID={self.request_id}")
 
     def file_requests(self, name: str, method: str = "GET") -> list[tuple[str, str, str | None, int]]:
         with self._lock:

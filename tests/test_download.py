@@ -144,6 +144,24 @@ def test_http_range_reads_match_local(signed_url_server, small_checkpoint):
     assert repr(src).count("?") == 0
 
 
+def test_a_size_seen_under_one_signed_url_is_not_assumed_under_another(tmp_path):
+    """The size memo is per signed URL, not per path: a file republished under a new URL (or another server that
+    got a finished test server's port: the flaky `changed size on the server (204 → 241 bytes)`) is probed anew."""
+    folder = tmp_path / "cdn" / "Llama-3.1-8B"
+    folder.mkdir(parents=True)
+    (folder / "checklist.chk").write_bytes(b"a" * 204)
+    with SignedUrlServer(tmp_path / "cdn") as server:
+        first = file_url(server.url(), "Llama-3.1-8B", "checklist.chk")
+        assert HttpFile(first).size() == 204
+        (folder / "checklist.chk").write_bytes(b"b" * 241)
+        second = file_url(server.url(expires_at=server.expires_at + 60), "Llama-3.1-8B", "checklist.chk")
+        assert redact(second) == redact(first)
+        source = HttpFile(second)
+        assert source.read(0, source.size()) == b"b" * 241
+        with pytest.raises(SourceError, match="changed size on the server"):  # under one URL: a change mid-run
+            HttpFile(first).read(0, 204)
+
+
 def test_http_resumes_dropped_connection(signed_url_server, small_checkpoint):
     local = (small_checkpoint / SHARD).read_bytes()
     signed_url_server.drop_after[f"Llama-3.1-8B/{SHARD}"] = 300_001

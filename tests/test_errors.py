@@ -98,6 +98,24 @@ def test_bad_flags(tmp_path, args, needle):
     assert_clean_failure(run_convert_cli(*base, *args), out, needle)
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["--output_directory", ""], "--output_directory is empty"),
+    (["--output_directory", " "], "--output_directory is empty"),
+    (["--bucket_name", ""], "--bucket_name is empty"),
+    (["--input_directory", "", "--output_directory", "out"], "--input_directory is empty"),
+    (["--output_directory", "out", "--address", "auto"], "--executor local does not use"),
+])
+def test_flags_that_would_be_ignored_are_refused(tmp_path, args, needle):
+    """An empty place or an --address the local executor cannot use: one line, not a run somewhere else."""
+    from helpers import run_cli
+
+    src = ["--input_directory", str(synthetic_checkpoint(MODEL))] if "--input_directory" not in args else []
+    result = run_cli("convert", "--no_progress", "--executor", "local", "--model_path", DESCRIPTOR, *src, *args,
+                     cwd=tmp_path)
+    assert_clean_failure(result, tmp_path, needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither ./rayconv-output nor ./out
+
+
 def test_unwritable_output(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
@@ -126,3 +144,23 @@ def test_out_of_disk(small_disk):
     out = small_disk / "out"
     result = run_convert_cli(*mp16_convert_args(synthetic_checkpoint(MODEL), out), executor="ray")
     assert_clean_failure(result, out, "No space left on device")
+
+
+def test_demo_names_the_output_it_converted_into(tmp_path):
+    """`scripts/demo.sh --output_directory X` converts into X, and its last line says X (it said ./rayconv-output)."""
+    import os
+    import subprocess
+
+    from helpers import cli_env
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "elsewhere"
+    result = subprocess.run(
+        ["bash", os.path.join(repo, "scripts", "demo.sh"), "--input_directory", str(synthetic_checkpoint(MODEL)),
+         "--model_path", DESCRIPTOR, "--executor", "local", "--no_progress", "--skip_scanned",
+         "--output_directory", str(out)],
+        capture_output=True, text=True, timeout=600, env=cli_env({"RAYCONV_DEMO_SETUP": "0"}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    items = out / "bf16" / "unscanned" / "checkpoints" / "0" / "items"
+    assert result.stdout.strip().splitlines()[-1] == f"Output: {out} (load_parameters_path={items})", result.stdout
+    assert (items.parent / "commit_success.txt").exists()

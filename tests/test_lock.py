@@ -210,3 +210,64 @@ def test_a_run_that_lost_its_lock_stops_before_committing(tmp_path):
     assert "lost the lock" in errors[0] and "host another-host, pid 1" in errors[0]
     assert not list((tmp_path / "out").rglob("commit_success.txt"))
     assert read_holder(out).owner == "someone-else"  # the new holder's lock is left alone
+
+
+def acquire_within(lock: OutputLock, limit: float = 90.0) -> OutputLock:
+    """``lock.acquire()`` in a thread; fails (instead of hanging the suite) if it is still waiting after ``limit``."""
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(_try(lock.acquire)), daemon=True)
+    thread.start()
+    thread.join(limit)
+    assert result, f"acquire() still waiting after {limit:.0f} s"
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+def _try(fn):
+    try:
+        return fn()
+    except BaseException as exc:  # handed to the test thread
+        return exc
+
+
+@pytest.mark.parametrize("heartbeat", ["ten years ahead", "1e300", "Infinity", "1e999"])
+def test_a_heartbeat_from_the_future_does_not_hold_the_output(out, heartbeat):
+    """A time beyond the clock-skew allowance is no sign of life: judged by the lock's age, the wait is bounded."""
+    body = {"owner": "someone-else", "host": "another-host", "pid": 1, "started": time.time()}
+    text = json.dumps(body)[:-1] + ', "heartbeat": ' + {
+        "ten years ahead": repr(time.time() + 10 * 365 * 86400)}.get(heartbeat, heartbeat) + "}"
+    out.join(".rayconv").write_bytes("lock", text.encode())
+    lock = acquire_within(OutputLock(out, stale=2))
+    try:
+        assert lock.took_over is None  # nobody believable held it
+        assert read_holder(out).pid == os.getpid()
+    finally:
+        lock.release()
+
+
+@pytest.mark.parametrize("body", ["deep", "digits", "pid", "list"])
+def test_a_hostile_lock_file_is_an_unreadable_lock(out, body):
+    """Garbage that breaks json.loads (RecursionError, int limit) or names no process is unreadable, hence stale in time."""
+    data = {"deep": "[" * 100000 + "]" * 100000,
+            "digits": '{"owner": "x", "host": "h", "pid": ' + "9" * 5000 + ', "started": 1, "heartbeat": 1}',
+            "pid": json.dumps({"owner": "x", "host": socket.gethostname(), "pid": 10**40, "started": 1,
+                               "heartbeat": time.time()}),
+            "list": "[]"}[body]
+    out.join(".rayconv").write_bytes("lock", data.encode())
+    assert read_holder(out) is None
+    lock = acquire_within(OutputLock(out, stale=2))
+    try:
+        assert read_holder(out).pid == os.getpid()
+    finally:
+        lock.release()
+
+
+def test_an_unreadable_lock_touched_into_the_future_is_stale(tmp_path):
+    """A local lock whose mtime lies years ahead shows no life: taken over at once, not after years."""
+    out = Location.parse(str(tmp_path / "out"))
+    out.join(".rayconv").write_bytes("lock", b"not json")
+    future = time.time() + 10 * 365 * 86400
+    os.utime(tmp_path / "out" / ".rayconv" / "lock", (future, future))
+    lock = acquire_within(OutputLock(out, stale=2))
+    lock.release()

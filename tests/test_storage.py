@@ -91,6 +91,76 @@ def test_gcs_prefix_isolation(gcs_prefix):
     assert a.list_keys() == []
 
 
+@pytest.fixture
+def silent_endpoint():
+    """An HTTP "storage endpoint" that accepts connections and never answers (a black-holed network)."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held: list = []
+    done = threading.Event()
+
+    def accept() -> None:
+        while not done.is_set():
+            try:
+                held.append(server.accept()[0])  # keep it open, say nothing
+            except OSError:
+                return
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}"
+    try:
+        yield {"TENSORSTORE_GCS_HTTP_URL": url, "STORAGE_EMULATOR_HOST": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x",
+               "GOOGLE_CLOUD_PROJECT": "rayconv-test"}
+    finally:
+        done.set()
+        server.close()
+        for conn in held:
+            conn.close()
+        thread.join(5)
+
+
+@pytest.mark.parametrize("side", ["output", "input"])
+def test_storage_that_never_answers_ends_in_one_line_naming_the_bucket(silent_endpoint, tmp_path, side):
+    """No answer from GCS (no network, no credentials, a dead endpoint): one line naming the bucket, not minutes of
+    silent retries. The subprocess's own timeout is the hang guard; no timing is asserted."""
+    from conftest import MODELS, synthetic_checkpoint
+    from helpers import one_error, run_convert_cli
+
+    model = MODELS["llama3-mp1"][0]
+    if side == "output":
+        args = ["--input_directory", str(synthetic_checkpoint(model)), "--output_directory", "gs://silent-bucket/out"]
+    else:
+        args = ["--input_directory", "gs://silent-bucket/in", "--output_directory", str(tmp_path / "out")]
+    result = run_convert_cli(*args, "--model_name", model.family, "--storage_timeout_s", "3", env=silent_endpoint,
+                             timeout=240)
+    line = one_error(result)
+    assert "gs://silent-bucket: no answer from Cloud Storage within 3 s" in line, line
+    assert silent_endpoint["STORAGE_EMULATOR_HOST"] in line, line  # and why: that endpoint does not answer
+    assert not (tmp_path / "out").exists()
+
+
+def test_gcs_object_read_that_never_answers_is_one_line(silent_endpoint):
+    """A worker's ranged read of a shard is bounded too (source side, tensorstore's retries cut short)."""
+    code = textwrap.dedent("""
+        from rayconv import gcs_api
+        from rayconv.errors import SourceError
+        from rayconv.source.gcs import GcsObject
+        gcs_api.set_timeout(2)
+        try:
+            GcsObject("gs://silent-bucket/consolidated.00.pth", size=1 << 20).readinto(0, memoryview(bytearray(1 << 20)))
+        except SourceError as exc:
+            print("error:", exc)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+                            env=dict(os.environ, **silent_endpoint))
+    assert "error: gs://silent-bucket: no answer from Cloud Storage within 2 s" in result.stdout, result.stderr[-2000:]
+
+
 def test_check_writable_missing_bucket(fake_gcs):
     with pytest.raises(OutputError) as info:
         Location.parse("gs://no-such-bucket-rayconv/x").check_writable()

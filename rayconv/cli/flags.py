@@ -36,6 +36,17 @@ def _http_timeout(ctx: click.Context, param: click.Parameter, value: float | Non
     os.environ["RAYCONV_HTTP_TIMEOUT_S"] = repr(value)
 
 
+def _storage_timeout(ctx: click.Context, param: click.Parameter, value: float | None) -> None:
+    """Bound every storage call of this process (rayconv.gcs_api.set_timeout); workers keep the default."""
+    if value is None:
+        return
+    if not 0 < value < float("inf"):
+        raise click.BadParameter("must be a positive number of seconds", ctx, param)
+    from rayconv.gcs_api import set_timeout
+
+    set_timeout(value)
+
+
 SOURCE_FORMAT = option(
     "--source_format", type=click.Choice(SOURCE_FORMATS), default="auto", show_default=True,
     help="Input checkpoint format: meta (consolidated.NN.pth; at a Hub snapshot's root, its original/ folder), "
@@ -84,6 +95,10 @@ def engine_options(fn: Callable) -> Callable:
         option("--num_workers", type=int, default=None, help="Worker actors (default: CPUs / memory allow)."),
         option("--worker_memory_gb", type=float, default=1.0, show_default=True,
                help="Memory each worker actor reserves; the planner cuts work to fit it."),
+        option("--storage_timeout_s", type=float, default=None, callback=_storage_timeout, expose_value=False,
+               help="Seconds one Cloud Storage request may take (retries included) before the run stops with one "
+                    "line naming the bucket (no network, no credentials, an endpoint that does not answer). "
+                    "Default 60."),
         option("--worker_start_timeout", type=float, default=600.0, show_default=True,
                help="Seconds to wait for worker actors to be scheduled (e.g. while a cluster scales up); "
                     "then continue with those that started, or fail if none did."),

@@ -110,6 +110,22 @@ def default_output(output_directory: str | None, bucket_name: str | None, model_
     return DEFAULT_OUTPUT
 
 
+#: Flags naming a place: an empty value would silently mean "not given" (./rayconv-output, the demo checkpoint).
+PLACE_FLAGS = ("input_directory", "output_directory", "download_directory", "bucket_name")
+
+
+def check_flag_combinations(flags: dict[str, Any]) -> None:
+    """Flags that would otherwise be ignored without a word: refused in one line, before anything is read."""
+    for name in PLACE_FLAGS:
+        value = flags.get(name)
+        if value is not None and not value.strip():
+            what = "a bucket name" if name == "bucket_name" else "a local path or gs:// URI"
+            raise ConversionError(f"--{name} is empty: give {what}, or leave the flag out")
+    if flags.get("address") and flags.get("executor") == "local":
+        raise ConversionError("--address connects to a Ray cluster, which --executor local does not use: drop "
+                              "--address, or use --executor ray")
+
+
 def check_engine_flags(num_workers: int | None, worker_memory_gb: float | None, num_kv_heads: int | None,
                        worker_start_timeout: float | None = None) -> None:
     """Numbers the planner divides by or sizes memory with: refused up front, before Ray starts."""
@@ -134,6 +150,7 @@ def build_options(flags: dict[str, Any], *, for_plan: bool = False, simulate: bo
     from rayconv import trees
     from rayconv.job import ConvertOptions
 
+    check_flag_combinations(flags)
     inference_server = flags["inference_server"]
     if inference_server not in SERVER_LAYOUTS:
         raise SpecError(f"unsupported --inference_server {inference_server!r} (supported: "

@@ -21,13 +21,17 @@ work committed. The lock is a small JSON object (owner id, host, pid, start and 
   after the heartbeat timeout.
 
 Heartbeat ages compare the holder's clock with ours: hosts sharing an output should keep time
-(NTP). The local guard (``flock``) is per host; a local output shared by several hosts over NFS is
-protected by the heartbeat timeout only.
+(NTP). A heartbeat more than :data:`CLOCK_SKEW_SECONDS` ahead of our clock is not evidence of life
+(no clock drifts that far under NTP; a lock written with a far-future or absurd time would otherwise
+hold an output for years): such a lock, like one that does not parse (garbage, ``Infinity``, deep
+nesting, huge numbers, a pid that cannot exist), is judged *unreadable*, by the age of the lock
+object itself; and an object whose modified time lies that far ahead shows no life at all (stale).
+So every wait for a holder is bounded by the stale timeout plus the skew allowance. The local guard
+(``flock``) is per host; a local output shared by several hosts over NFS is protected by the heartbeat timeout only.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -36,9 +40,11 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Iterator, Protocol
+from typing import Any
 
+from rayconv import jsonio
 from rayconv.errors import OutputError, one_line_reason
+from rayconv.sink.lock_backends import Backend, backend
 from rayconv.storage import Location
 
 log = logging.getLogger("rayconv")
@@ -46,7 +52,12 @@ log = logging.getLogger("rayconv")
 #: A heartbeat older than this marks the lock stale (seconds). Two minutes: long enough to ride out
 #: a stalled storage request, short enough that a crashed run on another host blocks a retry briefly.
 STALE_SECONDS = 120.0
-LOCK_KEY = ".rayconv/lock"
+#: How far a holder's heartbeat (or the lock object's modified time) may lie ahead of our clock and
+#: still be believed (seconds). Hosts under NTP agree to well under a second; beyond this a future
+#: time is treated as no time at all, so it can never stretch a wait.
+CLOCK_SKEW_SECONDS = 30.0
+#: Linux's largest pid is 2**22; anything outside (0, 2**31) cannot name a process.
+_MAX_PID = 2**31 - 1
 
 
 def stale_seconds() -> float:
@@ -72,11 +83,21 @@ class Holder:
 
     @classmethod
     def parse(cls, data: bytes) -> "Holder | None":
+        """The holder ``data`` describes, or None when it is unreadable (not a well-formed lock of ours).
+
+        Parsed with the bounded reader, so hostile bytes (deep nesting, 5000-digit numbers, ``Infinity``)
+        make an unreadable lock like any other garbage, never an exception.
+        """
         try:
-            d = json.loads(data)
-            return cls(str(d["owner"]), str(d["host"]), int(d["pid"]), float(d["started"]), float(d["heartbeat"]))
-        except (ValueError, KeyError, TypeError):
+            d = jsonio.loads_object(data, max_bytes=64 * 1024)
+        except jsonio.JSONError:
             return None
+        owner, host, pid, started, beat = (d.get(k) for k in ("owner", "host", "pid", "started", "heartbeat"))
+        if not (isinstance(owner, str) and isinstance(host, str) and type(pid) is int and 0 < pid <= _MAX_PID):
+            return None
+        if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in (started, beat)):
+            return None
+        return cls(owner, host, pid, float(started), float(beat))
 
     def encode(self) -> bytes:
         return json.dumps(dataclasses.asdict(self)).encode()
@@ -95,139 +116,6 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-class _Backend(Protocol):
-    """Compare-and-swap primitives over one lock object. ``token`` identifies a version."""
-
-    uri: str
-
-    def create(self, data: bytes) -> Any | None: ...  # token, or None when it exists
-
-    def read(self) -> tuple[bytes, Any, float] | None: ...  # (data, token, modified time) or None
-
-    def replace(self, data: bytes, token: Any) -> Any | None: ...  # new token, or None when token is stale
-
-    def delete(self, token: Any) -> None: ...
-
-
-class _LocalBackend:
-    """O_EXCL create; a ``flock`` on a guard file serialises read-compare-replace (takeover, heartbeat)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.uri = path
-        self._guard = path + ".guard"
-
-    @contextlib.contextmanager
-    def _guarded(self) -> Iterator[None]:
-        import fcntl
-
-        fd = os.open(self._guard, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing releases the flock
-
-    def create(self, data: bytes) -> Any | None:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return None
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return data
-
-    def read(self) -> tuple[bytes, Any, float] | None:
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read()
-                return data, data, os.fstat(f.fileno()).st_mtime
-        except FileNotFoundError:
-            return None
-
-    def replace(self, data: bytes, token: Any) -> Any | None:
-        with self._guarded():
-            current = self.read()
-            if current is None or current[1] != token:
-                return None
-            tmp = f"{self.path}.{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            return data
-
-    def delete(self, token: Any) -> None:
-        with self._guarded():
-            current = self.read()
-            if current is not None and current[1] == token:
-                os.remove(self.path)
-
-
-class _GcsBackend:
-    """Generation preconditions: ``ifGenerationMatch=0`` to create, ``=<generation>`` to replace/delete."""
-
-    def __init__(self, bucket: str, name: str) -> None:
-        self.bucket, self.name = bucket, name
-        self.uri = f"gs://{bucket}/{name}"
-
-    def _blob(self):
-        from rayconv.gcs_api import client
-
-        return client().bucket(self.bucket).blob(self.name)
-
-    def _write(self, data: bytes, generation: int) -> Any | None:
-        from google.api_core import exceptions as gexc
-
-        blob = self._blob()
-        try:
-            blob.upload_from_string(data, content_type="application/json", if_generation_match=generation)
-        except gexc.PreconditionFailed:
-            # A retried request whose first attempt succeeded also ends here: then the object is ours.
-            current = self.read()
-            return current[1] if current is not None and current[0] == data else None
-        return blob.generation
-
-    def create(self, data: bytes) -> Any | None:
-        return self._write(data, 0)
-
-    def read(self) -> tuple[bytes, Any, float] | None:
-        from google.api_core import exceptions as gexc
-
-        blob = self._blob().bucket.get_blob(self.name)
-        if blob is None:
-            return None
-        try:
-            data = blob.download_as_bytes(if_generation_match=blob.generation)
-        except (gexc.NotFound, gexc.PreconditionFailed):
-            return self.read()  # replaced or deleted between the two requests: look again
-        modified = blob.updated.timestamp() if blob.updated else 0.0
-        return data, blob.generation, modified
-
-    def replace(self, data: bytes, token: Any) -> Any | None:
-        return self._write(data, int(token))
-
-    def delete(self, token: Any) -> None:
-        from google.api_core import exceptions as gexc
-
-        try:
-            self._blob().delete(if_generation_match=int(token))
-        except (gexc.NotFound, gexc.PreconditionFailed):
-            pass
-
-
-def _backend(out: Location) -> _Backend:
-    key = out.join(LOCK_KEY)
-    if out.is_local:
-        return _LocalBackend(key.path)
-    return _GcsBackend(key.bucket, key.path)
-
-
 class OutputLock:
     """Exclusive ownership of an output directory for one conversion (a context manager)."""
 
@@ -235,7 +123,7 @@ class OutputLock:
         self.out = out
         self.stale = stale_seconds() if stale is None else stale
         self.interval = heartbeat if heartbeat is not None else max(0.5, self.stale / 4)
-        self._backend = _backend(out)
+        self._backend: Backend = backend(out)
         self._holder: Holder | None = None
         self._token: Any = None
         self._lost: str | None = None
@@ -252,12 +140,33 @@ class OutputLock:
         now = time.time()
         return Holder(uuid.uuid4().hex, socket.gethostname(), os.getpid(), now, now)
 
+    @staticmethod
+    def believable(holder: Holder | None, now: float) -> Holder | None:
+        """``holder``, or None when its heartbeat lies beyond the clock-skew allowance in the future.
+
+        Such a heartbeat says nothing about whether its holder lives; the lock is then judged as an
+        unreadable one (by the object's age), so a far-future time cannot hold the output.
+        """
+        if holder is not None and holder.heartbeat > now + CLOCK_SKEW_SECONDS:
+            return None
+        return holder
+
+    def last_sign_of_life(self, holder: Holder | None, modified: float, now: float) -> float:
+        """When the holder last showed life: its heartbeat, or the lock object's modified time if unreadable.
+
+        A modified time beyond the clock-skew allowance (a file touched into the future) is no evidence
+        either: then ``-inf`` (stale now). So ``last + stale`` never lies further ahead than the allowance
+        plus the stale timeout, and every wait is bounded by them.
+        """
+        last = holder.heartbeat if holder is not None else modified
+        return last if last <= now + CLOCK_SKEW_SECONDS else float("-inf")  # NaN compares False too
+
     def is_stale(self, holder: Holder | None, modified: float, now: float) -> bool:
-        if holder is None:  # unreadable (being written, or garbage): judge by the object's age
-            return now - modified > self.stale
-        if holder.host == socket.gethostname() and not pid_alive(holder.pid):
+        holder = self.believable(holder, now)
+        if holder is not None and holder.host == socket.gethostname() and not pid_alive(holder.pid):
             return True
-        return now - holder.heartbeat > self.stale
+        # unreadable (being written, garbage, or a heartbeat from the future): judge by the object's age
+        return now - self.last_sign_of_life(holder, modified, now) > self.stale
 
     def acquire(self) -> "OutputLock":
         try:
@@ -265,6 +174,10 @@ class OutputLock:
         except OutputError:
             raise
         except Exception as exc:  # OSError locally; google.api_core errors on GCS
+            from rayconv.gcs_api import gave_up, no_answer, timeout
+
+            if not self.out.is_local and gave_up(exc):
+                raise no_answer(self.out.bucket, timeout()) from None
             raise OutputError(f"cannot lock {self.out.uri}: {one_line_reason(exc)}") from None
         self._thread = threading.Thread(target=self._beat, name="rayconv-lock-heartbeat", daemon=True)
         self._thread.start()
@@ -282,15 +195,16 @@ class OutputLock:
             if current is None:
                 continue  # released meanwhile: try to create again
             data, token, modified = current
-            holder, now = Holder.parse(data), time.time()
+            now = time.time()
+            holder = self.believable(Holder.parse(data), now)
             if not self.is_stale(holder, modified, now):
-                who = holder.describe(now) if holder else f"unreadable lock, written {now - modified:.0f} s ago"
+                who = holder.describe(now) if holder else f"unreadable lock, written {max(0.0, now - modified):.0f} s ago"
                 local = holder is not None and holder.host == socket.gethostname()
                 if seen_alive or local:  # a live pid here, or a heartbeat seen to advance
                     raise OutputLocked(f"{self.out.uri} is being written by another conversion ({who}); wait for "
                                        f"it to finish, or remove {self.uri} if that process is gone")
                 # Another host: alive if it beats again, dead if it goes stale (a retried job on a new cluster).
-                stale_at = (holder.heartbeat if holder else modified) + self.stale
+                stale_at = self.last_sign_of_life(holder, modified, now) + self.stale
                 log.warning("The output lock of %s is held by %s; waiting up to %.0f s for it to beat again (then "
                             "this run stops) or go stale (then this run takes it over)", self.out.uri, who,
                             stale_at - now)
@@ -366,7 +280,7 @@ class OutputLock:
 
 def read_holder(out: Location) -> Holder | None:
     """The current holder of ``out``'s lock, if any (for tests and diagnostics)."""
-    current = _backend(out).read()
+    current = backend(out).read()
     return Holder.parse(current[0]) if current else None
 
 

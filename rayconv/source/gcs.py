@@ -17,7 +17,7 @@ import os
 import threading
 
 from rayconv.errors import SourceError, one_line_reason
-from rayconv.gcs_api import object_info, parse_gs
+from rayconv.gcs_api import no_answer, object_info, parse_gs, timeout
 from rayconv.process_local import per_process
 from rayconv.source.bytesource import RangeSource, register_scheme
 from rayconv.storage import open_kvstore
@@ -52,7 +52,7 @@ class GcsObject(RangeSource):
 
     def _store(self):
         if self._kv is None:
-            self._kv = open_kvstore({"driver": "gcs", "bucket": self.bucket})
+            self._kv = open_kvstore({"driver": "gcs", "bucket": self.bucket}, SourceError)
         return self._kv
 
     def size(self) -> int:
@@ -95,7 +95,10 @@ class GcsObject(RangeSource):
     def _finish(self, item, buffer: memoryview, sem) -> None:
         a, b, future = item
         try:
-            result = future.result()
+            result = future.result(timeout=timeout())  # bounded: no answer ends in one line, not minutes of retries
+        except TimeoutError:
+            future.cancel()
+            raise no_answer(self.bucket, timeout(), SourceError) from None
         except Exception as exc:  # tensorstore raises ValueError/OSError with a status message
             raise SourceError(f"{self.uri}: read of bytes {a}-{b} failed: {one_line_reason(exc)}") from None
         finally:

@@ -161,6 +161,9 @@ _executor = per_process(lambda: concurrent.futures.ThreadPoolExecutor(DEFAULT_CO
                                                                       thread_name_prefix="rayconv-http"))
 
 
+#: Sizes already probed, per full signed URL (the query names one grant): a file probed under one URL keeps its
+#: size for this process. Not per path: the same path under another URL may be another file (republished, or
+#: another server on a reused host:port), and a size assumed from it fails "changed size on the server".
 _SIZES: dict[str, int] = {}
 
 
@@ -176,7 +179,7 @@ class HttpFile(RangeSource):
         self.retries = DEFAULT_RETRIES if retries is None else retries
         self.timeout_s = default_timeout() if timeout is None else timeout
         self.timeout = urllib3.Timeout(connect=min(30.0, self.timeout_s), read=self.timeout_s)
-        self._size = size if size is not None else _SIZES.get(redact(url))
+        self._size = size if size is not None else _SIZES.get(url)
 
     def __repr__(self) -> str:
         return f"HttpFile({redact(self.uri)!r})"
@@ -208,7 +211,7 @@ class HttpFile(RangeSource):
     def size(self) -> int:
         if self._size is None:
             self._size = self._probe_size()
-            _SIZES[redact(self.uri)] = self._size
+            _SIZES[self.uri] = self._size
         return self._size
 
     def _probe_size(self) -> int:
