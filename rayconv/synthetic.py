@@ -52,6 +52,10 @@ class SyntheticModel:
     #: Meta's FP8 SKU layout: FFN weights of layers 1..n_layers-2 as float8_e4m3fn, quantized per row by
     #: FBGEMM's quantizer (rayconv.fp8.quantize_rows) from the bf16 weights, plus fp8_scales_{r}.pt.
     fp8: bool = False
+    #: One all-zero output channel in every int8-quantized kernel of every layer (row ``(layer + 1) % rows`` of
+    #: each shard's wq/wk/wv/wo/w1/w2/w3, see ``_zero_channel``): AQT stores a fixed scale for such a channel
+    #: (absmax 0 -> 1), which only a checkpoint that has one can compare with MaxText's quantizer.
+    zero_channel: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -143,8 +147,10 @@ PRESETS: dict[str, SyntheticModel] = {
 
 def ensure_checkpoint(model: SyntheticModel, root: str | Path) -> Path:
     """Write the checkpoint under ``root/<hash of the model>`` unless a complete copy is there."""
-    # fp8=False is left out of the key so checkpoints cached before the field existed keep their names.
-    key = hashlib.sha256(repr(model).replace(", fp8=False)", ")").encode()).hexdigest()[:12]
+    # fp8=False and zero_channel=False are left out of the key so checkpoints cached before those fields existed
+    # keep their names.
+    text = repr(model).replace(", zero_channel=False)", ")").replace(", fp8=False)", ")")
+    key = hashlib.sha256(text.encode()).hexdigest()[:12]
     out = Path(root) / key
     if (out / "checklist.chk").exists():
         return out
@@ -176,6 +182,20 @@ def _norm(model: SyntheticModel, shard: int, *key: object) -> np.ndarray:
     return values.astype(BF16)
 
 
+def _zero_channel(model: SyntheticModel, layer: int, kernel: np.ndarray) -> np.ndarray:
+    """With ``model.zero_channel``, zero row ``(layer + 1) % rows`` of one shard's [out, in] layer kernel.
+
+    A Meta row is an output channel of MaxText's per-layer kernel for every quantized rule in mapping.RULES: the
+    kernels contract over Meta's input axis (query/key/value/wi_*: embed; out: heads x head_dim; mlp wo: mlp),
+    and the transposes and the query's rope permutation only move whole rows. wo and w2 are split on their input
+    axis, so each shard holds every row and the same local row zeroed in every shard is one all-zero channel;
+    the row-split kernels get one zero channel per shard (repeated kv heads stay identical).
+    """
+    if model.zero_channel:
+        kernel[(layer + 1) % kernel.shape[0]] = 0
+    return kernel
+
+
 def shard_tensors(model: SyntheticModel, shard: int) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (Meta key, bf16 array) for one shard, in Meta's key order."""
     mp, e, d = model.n_shards, model.dim, model.head_dim
@@ -188,13 +208,17 @@ def shard_tensors(model: SyntheticModel, shard: int) -> Iterator[tuple[str, np.n
     kv_rows = max(1, model.n_kv_heads // mp) * d
     for layer in range(model.n_layers):
         p = f"layers.{layer}."
-        yield p + "attention.wq.weight", _weights(model, (model.n_heads // mp * d, e), "wq", layer, shard)
-        yield p + "attention.wk.weight", _weights(model, (kv_rows, e), "wk", layer, shard // kv_step)
-        yield p + "attention.wv.weight", _weights(model, (kv_rows, e), "wv", layer, shard // kv_step)
-        yield p + "attention.wo.weight", _weights(model, (e, model.n_heads // mp * d), "wo", layer, shard)
-        yield p + "feed_forward.w1.weight", _weights(model, (m // mp, e), "w1", layer, shard)
-        yield p + "feed_forward.w2.weight", _weights(model, (e, m // mp), "w2", layer, shard)
-        yield p + "feed_forward.w3.weight", _weights(model, (m // mp, e), "w3", layer, shard)
+        kernels = (
+            ("attention.wq.weight", _weights(model, (model.n_heads // mp * d, e), "wq", layer, shard)),
+            ("attention.wk.weight", _weights(model, (kv_rows, e), "wk", layer, shard // kv_step)),
+            ("attention.wv.weight", _weights(model, (kv_rows, e), "wv", layer, shard // kv_step)),
+            ("attention.wo.weight", _weights(model, (e, model.n_heads // mp * d), "wo", layer, shard)),
+            ("feed_forward.w1.weight", _weights(model, (m // mp, e), "w1", layer, shard)),
+            ("feed_forward.w2.weight", _weights(model, (e, m // mp), "w2", layer, shard)),
+            ("feed_forward.w3.weight", _weights(model, (m // mp, e), "w3", layer, shard)),
+        )
+        for name, array in kernels:
+            yield p + name, _zero_channel(model, layer, array)
         yield p + "attention_norm.weight", _norm(model, shard, "attention_norm", layer)
         yield p + "ffn_norm.weight", _norm(model, shard, "ffn_norm", layer)
     yield "norm.weight", _norm(model, shard, "norm")

@@ -15,6 +15,14 @@ import pytest
 from conftest import MODELS, run_convert, synthetic_checkpoint
 from helpers import assert_same_leaves, assert_same_tree_metadata
 
+from rayconv.synthetic import SyntheticModel
+
+#: Two shards (so wo/w2, split on their input axis, have their zero channel in every shard) and llama-3's rope
+#: permutation of the query/key rows; one all-zero output channel in every quantized kernel (issue 21 #12).
+ZERO_CHANNEL = SyntheticModel(family="llama-3", dim=256, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=512,
+                              multiple_of=64, n_shards=2, seed=6, zero_channel=True)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_scanned_bit_equal_to_llama_or_mistral_ckpt(name, converted, reference):
     model, _ = MODELS[name]
@@ -113,3 +121,30 @@ def test_all_zero_chunks_are_stored(tmp_path, ray_session):
     assert not np.asarray(tree["params"]["params"]["decoder"]["layers_1"]["self_attention"]["query"]["kernel"]).any()
     q = _orbax_restore(tmp_path / "out/int8")["params"]["aqt"]["decoder"]["layers_1"]["self_attention"]["query"]
     assert not np.asarray(q["AqtDotGeneral_0"]["qrhs"]["frozen"]["qvalue"]).any()
+    # every channel is all-zero: AQT takes absmax 0 as 1, so each scale is bf16(1 / 127.5)
+    scale = np.asarray(q["AqtDotGeneral_0"]["qrhs"]["frozen"]["scale"][0])
+    assert scale.shape == (1, model.n_heads, model.head_dim)
+    assert (scale == np.float32(1 / 127.5).astype(scale.dtype)).all()
+
+
+def test_int8_all_zero_channel_scales_equal_maxtexts(tmp_path, reference):
+    """AQT's scale for an all-zero channel (absmax 0 taken as 1) and its qvalues, bit-equal to MaxText 0.2.4's
+    load_and_quantize_checkpoint on a checkpoint where every quantized kernel has such a channel."""
+    from reference import read_leaves
+
+    model = ZERO_CHANNEL
+    src = synthetic_checkpoint(model)
+    theirs = reference.quantized(model, src, quant="int8")
+    run_convert(src, tmp_path / "out", model_name=model.family, kinds=("int8",), quantize_type="int8",
+                executor="local")
+    # MaxText's own output has what this test is about: a channel whose qvalues are all zero in every kernel
+    # (a channel with any nonzero weight has a qvalue of +-127). Scales keep the kernel's rank with the
+    # contraction axes at 1, which names those axes.
+    leaves = read_leaves(theirs)
+    qvalues = [key for key in leaves if key.endswith("/qvalue")]
+    assert len(qvalues) == 7 * model.n_layers
+    for key in qvalues:
+        q, scale = leaves[key], leaves[key.removesuffix("qvalue") + "scale/0"]
+        contraction = tuple(axis for axis, n in enumerate(scale.shape) if n == 1 and q.shape[axis] > 1)
+        assert contraction and not np.any(q, axis=contraction).all(), key
+    assert assert_same_leaves(tmp_path / "out/int8", theirs) == 3 + (2 + 7 * 2) * model.n_layers

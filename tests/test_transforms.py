@@ -36,6 +36,7 @@ def test_quantize_int8_per_channel():
     q, scale = quantize.quantize(w, (0,), 8)
     assert q.dtype == np.int8 and scale.dtype == BF16 and scale.shape == (1, 4, 8)
     assert np.abs(q).max() <= 127 and (q[:, 0, 0] == 0).all()
+    assert scale[0, 0, 0] == np.float32(1 / 127.5).astype(BF16)  # AQT's absmax 0 -> 1, then absmax / bound
     absmax = np.abs(w.astype(np.float32)).max(axis=0)
     assert np.allclose(scale[0].astype(np.float32)[absmax > 0], (absmax / 127.5)[absmax > 0], rtol=1e-2)
     error = np.abs(q.astype(np.float32) * scale.astype(np.float32) - w.astype(np.float32))

@@ -165,8 +165,9 @@ def model_spec(model: Any) -> dict:
             spec.update(head_dim=m.head_dim, ffn_dim=m.ffn_dim)
         return spec
     spec = dataclasses.asdict(model)
-    if not spec.get("fp8"):  # added later: leave it out so cached entries of bf16 models keep their keys
-        spec.pop("fp8", None)
+    for late in ("fp8", "zero_channel"):  # added later: left out when false so cached entries keep their keys
+        if not spec.get(late):
+            spec.pop(late, None)
     spec.update(head_dim=model.head_dim, ffn_dim=model.ffn_dim)
     return spec
 
