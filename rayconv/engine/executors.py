@@ -16,7 +16,7 @@ import socket
 import time
 from typing import Any, Callable, Iterator, Sequence
 
-from rayconv import interrupt
+from rayconv import gcs_api, interrupt
 from rayconv.engine import watchdog
 from rayconv.engine.lean_ray import without_unused_daemons
 from rayconv.errors import ConversionError, user_error
@@ -348,7 +348,8 @@ class RayExecutor:
         from rayconv.engine.actors import Committer
         from rayconv.plan import KINDS
 
-        return Committer.options(name="rayconv-committer", num_cpus=0, max_concurrency=len(KINDS)).remote()
+        return Committer.options(name="rayconv-committer", num_cpus=0,
+                                 max_concurrency=len(KINDS)).remote(gcs_api.timeout())
 
     def call_all(self, calls: Sequence[tuple[Callable[..., Any], tuple, dict]]) -> list[Any]:
         """Run the commit calls concurrently on one committer actor (the reducer; one call per output)."""
