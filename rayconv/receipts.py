@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from rayconv import trees
+from rayconv import gcs_api, trees
 from rayconv.models import ModelSpec
 from rayconv.plan import ArraySpec, Plan
 
@@ -33,6 +33,9 @@ class JobContext:
     batch_bytes: int = 0  # output bytes per OCDBT commit (rayconv.job.commit_batch_bytes); 0: after every piece
     scale_files: tuple[str, ...] = ()  # FP8 SKU: fp8_scales_{r}.pt per shard
     layout: str = trees.DEFAULT_LAYOUT  # MaxText tree layout: decides the leaf paths (rayconv.trees)
+    # The bound on one storage call (--storage_timeout_s), taken from the process that creates the context (the
+    # driver): a Ray worker is another process and would keep gcs_api's default (rayconv.engine.actors).
+    storage_timeout: float = dataclasses.field(default_factory=gcs_api.timeout)
 
     @classmethod
     def create(cls, plan: Plan, layouts: dict[str, OutputLayout], compression: str | None,

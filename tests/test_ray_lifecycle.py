@@ -3,6 +3,8 @@
 * inside ``ray job submit`` (RAY_ADDRESS set, no ``--address``) it joins the job's cluster;
 * more workers than a cluster fits: clamped on a local Ray, waited for (bounded, logged) on an existing one;
 * SIGTERM mid-conversion: one line, exit 1, no Ray stack dump, nothing left running, a rerun resumes;
+* SIGINT/SIGTERM while the committer commits or while ``ray.init`` runs: the same one line (not click's
+  ``Aborted!``, not Ray's C++ stack dump and exit 134);
 * SIGKILL of the driver: every process the run started (raylet's agents and workers included) dies too.
 
 All real: a local Ray started by the CLI, ``ray.cluster_utils.Cluster`` and ``ray start --head`` clusters
@@ -116,6 +118,51 @@ def test_sigterm_stops_with_one_line_and_leaves_nothing_running(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming: {done} of" in resumed.stderr
     assert (out / "bf16/scanned/0/items/commit_success.txt").exists()
+
+
+# A run paused at a named step (RAYCONV_TEST_WAIT_AFTER, rayconv.sink.commit.stop_point) is signalled there.
+SMALL = SyntheticModel(family="llama-3.1", dim=256, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=256,
+                       multiple_of=64, n_shards=2, seed=32)
+
+
+def paused_run(out: Path, step: str, release: Path) -> subprocess.Popen:
+    """Start a one-worker conversion of SMALL and return once it waits at ``step`` (until ``release`` exists).
+
+    Its own session, so a signal to its process group is a terminal's Ctrl-C and reaches nobody else."""
+    argv = convert_argv(out, "--num_workers", "1", "--skip_scanned")
+    argv[argv.index("--input_directory") + 1] = str(synthetic_checkpoint(SMALL))
+    env = dict(cli_env(), RAYCONV_TEST_WAIT_AFTER=step, RAYCONV_TEST_WAIT_FILE=str(release))
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    reached = Path(f"{release}.reached")
+    deadline = time.monotonic() + 300
+    while not reached.exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{step} not reached within 300 s"
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.parametrize("step, sig", [("merge", signal.SIGINT), ("merge", signal.SIGTERM),
+                                       ("ray_init", signal.SIGTERM)])
+def test_a_signal_while_ray_commits_or_starts_is_one_line(tmp_path, step, sig):
+    """merge: the driver waits in ray.get for the committer (Ray turns the handler's exception into a plain
+    KeyboardInterrupt); ray_init: inside ray.init, the driver's core worker has just connected (Ray's C++
+    failure handler would own SIGTERM from here until rayconv takes its signals back)."""
+    out, release = tmp_path / "out", tmp_path / "release"
+    proc = paused_run(out, step, release)
+    started = descendants(proc.pid)
+    proc.send_signal(sig)
+    if step == "ray_init":
+        release.touch()  # the signal is held until ray.init returns (the commit must not go on: no release)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        release.touch()  # for anything the run left paused (nothing should be left)
+        proc.kill()
+    assert_one_line_error(proc.returncode, stderr, out, f"interrupted ({sig.name})")
+    assert "Aborted!" not in stderr
+    assert not wait_gone(started, 30), "processes of the interrupted run still running"
 
 
 def test_sigkill_of_the_driver_takes_its_local_ray_along(tmp_path):

@@ -45,8 +45,8 @@ def _one_line_errors(verbose: bool = False, *, signals: bool = False):
         interrupt.install()
     try:
         yield
-    except interrupt.Interrupted as exc:
-        _fail(str(exc))
+    except KeyboardInterrupt as exc:  # Interrupted, or what Ray's core worker made of it (interrupt.reason)
+        _fail(interrupt.reason(exc))
     except Exception as exc:
         error = user_error(exc)
         if error is None:

@@ -37,7 +37,8 @@ def _http_timeout(ctx: click.Context, param: click.Parameter, value: float | Non
 
 
 def _storage_timeout(ctx: click.Context, param: click.Parameter, value: float | None) -> None:
-    """Bound every storage call of this process (rayconv.gcs_api.set_timeout); workers keep the default."""
+    """Bound every storage call of this process (rayconv.gcs_api.set_timeout); the job context carries it to
+    the Ray workers and the committer (rayconv.receipts.JobContext.storage_timeout)."""
     if value is None:
         return
     if not 0 < value < float("inf"):

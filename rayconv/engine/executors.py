@@ -8,15 +8,15 @@ and receipts — a few KB — so no tensor bytes enter the object store.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-import signal
 import socket
 import time
 from typing import Any, Callable, Iterator, Sequence
 
-from rayconv import interrupt
+from rayconv import gcs_api, interrupt
 from rayconv.engine import watchdog
 from rayconv.engine.lean_ray import without_unused_daemons
 from rayconv.errors import ConversionError, user_error
@@ -24,6 +24,7 @@ from rayconv.job import GiB
 from rayconv.plan import Unit
 from rayconv.progress import LOG
 from rayconv.receipts import JobContext, Receipt
+from rayconv.sink.commit import stop_point
 from rayconv.worker import run_unit
 
 #: How rayconv starts a local Ray (scripts/bench.py measures Ray alone with the same): a new private Ray, no
@@ -82,17 +83,53 @@ def _forwarded_env() -> dict[str, str]:
 
 
 def _ray_init(ray: Any, **kwargs: Any) -> None:
-    """ray.init, then rayconv's signal handlers again (the core worker replaces SIGTERM's with a stack dump).
+    """ray.init with SIGTERM and SIGINT held (:func:`rayconv.interrupt.held`): acted on once it has returned.
 
-    Ray's own SIGTERM handler, active during init, calls sys.exit(signum): that is an interruption too.
+    Left to itself, Ray replaces the SIGTERM handler three times while it starts: ``sys.exit(15)`` in init, the
+    local node's (kill its processes, ``sys.exit(1)``), and, from the moment the core worker connects, a C++
+    failure handler that prints a stack dump and aborts (exit 134). :func:`_ray_keeps_off_signals` stops all
+    three; a signal that came meanwhile then stops the run with rayconv's one line (the Ray it started goes at
+    exit, and with the watchdog).
+    """
+    with interrupt.held() as retake, _ray_keeps_off_signals(retake):
+        ray.init(**kwargs)
+
+
+@contextlib.contextmanager
+def _ray_keeps_off_signals(retake: Callable[[], None]) -> Iterator[None]:
+    """While ray.init runs: Ray's ``set_sigterm_handler`` does nothing, and the driver's core worker is created
+    with ``RAY_DISABLE_FAILURE_SIGNAL_HANDLER`` on (Ray reads it from ``ray_constants`` when the core worker is
+    created, not from the environment: set for that call only, in this process only, the local Ray's own
+    processes keep their crash dumps); the holding handlers are taken back right after. Private Ray API, like
+    :mod:`rayconv.engine.lean_ray`: where a Ray version lacks it, the handlers are taken back after init only.
     """
     try:
-        ray.init(**kwargs)
-    except SystemExit as exc:
-        if exc.code in (signal.SIGTERM, signal.SIGINT):
-            raise interrupt.Interrupted(interrupt.message(signal.Signals(exc.code).name)) from None
-        raise
-    interrupt.install()
+        from ray import _raylet
+        from ray._private import ray_constants, utils
+
+        set_sigterm_handler, core_worker = utils.set_sigterm_handler, _raylet.CoreWorker
+        no_failure_handler = ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    def connect(*args: Any, **kwargs: Any) -> Any:
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+        try:
+            worker = core_worker(*args, **kwargs)
+        finally:
+            ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = no_failure_handler
+        stop_point("ray_init")  # test hook: the driver's core worker is connected
+        retake()
+        return worker
+
+    utils.set_sigterm_handler = lambda handler: None
+    _raylet.CoreWorker = connect
+    try:
+        yield
+    finally:
+        utils.set_sigterm_handler, _raylet.CoreWorker = set_sigterm_handler, core_worker
+        retake()
 
 
 def _check_reachable(target: str, origin: str, timeout: float = 10.0) -> None:
@@ -311,7 +348,8 @@ class RayExecutor:
         from rayconv.engine.actors import Committer
         from rayconv.plan import KINDS
 
-        return Committer.options(name="rayconv-committer", num_cpus=0, max_concurrency=len(KINDS)).remote()
+        return Committer.options(name="rayconv-committer", num_cpus=0,
+                                 max_concurrency=len(KINDS)).remote(gcs_api.timeout())
 
     def call_all(self, calls: Sequence[tuple[Callable[..., Any], tuple, dict]]) -> list[Any]:
         """Run the commit calls concurrently on one committer actor (the reducer; one call per output)."""
