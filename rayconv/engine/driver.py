@@ -12,10 +12,10 @@ import time
 from typing import Any
 
 from rayconv.checksum import crc_check, crc_error
-from rayconv.engine.md5gate import Md5Gate
 from rayconv.engine.ledger import (COMMITTED, COMMITTING, Ledger, file_identities, relative, remove_output,
                                    read_identities, restart_targets, resumable, source_digest, source_identities,
                                    unit_sources)
+from rayconv.engine.md5gate import Md5Gate
 from rayconv.errors import ConversionError, OutputError
 from rayconv.job import (ConvertOptions, budgets, commit_batch_bytes, make_plan, open_checkpoint,
                          resume_options)
