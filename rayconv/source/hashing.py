@@ -192,9 +192,9 @@ def verify_input(files: Mapping[str, str], display: str, names: list[str]) -> No
 def background_threads() -> int:
     """Threads hashing beside the conversion: a quarter of the cores, 1 to 8.
 
-    md5 runs at ~600 MB/s per core, the conversion at ~190 MB of input per CPU-second, so hashing
-    costs about a quarter of the conversion's CPU: with a quarter of the cores it ends about when the
-    conversion does, and on a 2-core machine one thread takes at most one core from it."""
+    md5 runs at ~600 MB/s per core, the conversion at ~190 MB of input per CPU-second, so hashing is
+    about a quarter of the job's CPU (190 / (190 + 600)): with a quarter of the cores it ends about when
+    the conversion does, and on a 2-core machine one thread takes at most one core from it."""
     return max(1, min(8, (os.cpu_count() or 1) // 4))
 
 
