@@ -449,6 +449,64 @@ def test_convert_from_url_and_bucket_bit_equal_to_local(tmp_path, gcs_prefix):
         assert gcs_prefix.join("from-url").exists(sub + "/commit_success.txt")
 
 
+URL_CONVERT_CHILD = """
+import sys
+from rayconv.download import resolve_input
+from rayconv.engine.driver import convert
+from rayconv.errors import ConversionError
+from rayconv.job import ConvertOptions
+from rayconv.progress import setup_logging
+setup_logging()
+try:
+    convert(ConvertOptions(files=resolve_input(sys.argv[1], "Llama3.1-8B"), input_display="url", output=sys.argv[2],
+                           model_path="Llama3.1-8B", executor="local", progress=False, verify_md5=True,
+                           piece_budget=1 << 20, unit_budget=1 << 20))
+except ConversionError as exc:
+    sys.exit(f"rayconv: error: {exc}")
+"""
+
+
+def test_url_resume_hashes_again(tmp_path):
+    """Issue 21 #13: files behind a signed URL have no byte identity (empty), so the md5 memo of an interrupted URL
+    conversion proves nothing about what the server serves now: the resume must hash again. Here the checklist
+    changes on the server between the runs, and the resume catches it; with the checklist back, it hashes and
+    finishes."""
+    import subprocess
+    import sys
+
+    from helpers import cli_env
+    from rayconv.synthetic import SyntheticModel, write_checkpoint
+
+    model = SyntheticModel(dim=256, n_layers=1, n_heads=8, n_kv_heads=4, vocab_size=1024, n_shards=1, seed=21)
+    src = write_checkpoint(model, tmp_path / "cdn" / "Llama-3.1-8B")
+    checklist = (src / "checklist.chk").read_bytes()
+    out = tmp_path / "out"
+
+    def run(server: SignedUrlServer, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", URL_CONVERT_CHILD, server.url(), str(out)], capture_output=True,
+                              text=True, env=cli_env(env), timeout=300)
+
+    with SignedUrlServer(tmp_path / "cdn") as server:
+        killed = run(server, RAYCONV_TEST_STOP_AFTER="units:1")
+        assert killed.returncode == 99 and "md5 of 2 files matches checklist.chk" in killed.stderr, killed.stderr
+        assert (out / ".rayconv/md5.json").exists()  # what a resume must not trust for URLs
+
+        sums = read_checklist(checklist)
+        (src / "checklist.chk").write_text("".join(f"{'0' * 32 if n == 'consolidated.00.pth' else d}  {n}\n"
+                                                   for n, d in sums.items()))
+        caught = run(server)
+        assert caught.returncode == 1, caught.stderr[-3000:]
+        check_message(caught.stderr.strip().splitlines()[-1], "consolidated.00.pth: md5 mismatch")
+        assert not list(out.rglob("commit_success.txt"))
+
+        (src / "checklist.chk").write_bytes(checklist)
+        resumed = run(server)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Checking md5 of 2 files" in resumed.stderr and "not hashed again" not in resumed.stderr
+    assert "Resuming" in resumed.stderr, resumed.stderr[-3000:]
+    assert (out / "bf16/unscanned/checkpoints/0/items/commit_success.txt").exists()
+
+
 STAGE_CHILD = """
 import json, os, sys, time
 sys.path.insert(0, {repo!r})

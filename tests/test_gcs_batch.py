@@ -42,8 +42,10 @@ def test_gcs_batch_is_larger_and_fits_the_worker(gb):
     assert forecast.worker_memory_bytes(piece_budget(local)) <= gb * GiB
     assert piece_budget(gcs) == (gb * GiB - forecast.WORKER_BASE_BYTES - 2 * batch) // forecast.MEMORY_PER_PIECE_BYTE
     if gb == 4.0:
-        # At the measured per-worker rate (input MB/s; ~2.5x as output), a batch is at least a second of output.
-        assert batch == GCS_COMMIT_BATCH_BYTES >= forecast.DEFAULT_WORKER_MB_S * 1e6 * 2.5
+        # Sized for the per-worker rates measured at real widths (58-104 MB/s of input, disk-bound; ~2.5x as output,
+        # rayconv.job): at least a second of output. At the CPU-bound rate the forecast uses since issue 24
+        # (forecast.DEFAULT_WORKER_MB_S) it is less: the forecast's manifest-write bound counts those commits.
+        assert batch == GCS_COMMIT_BATCH_BYTES >= 104e6 * 2.5
     else:
         assert batch < GCS_COMMIT_BATCH_BYTES  # capped by memory: two batches take at most half the usable memory
         assert 2 * batch <= (gb * GiB - forecast.WORKER_BASE_BYTES) / 2

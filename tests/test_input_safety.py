@@ -309,7 +309,9 @@ def test_resume_does_not_hash_unchanged_input_again(tmp_path):
     out = tmp_path / "out"
     args = ("convert", "--input_directory", str(src), "--model_name", "llama-3.1", "--executor", "local",
             "--no_progress", "--skip_scanned", "--output_directory", str(out))
-    killed = run_cli(*args, env=dict(os.environ, RAYCONV_TEST_STOP_AFTER="units:1"))
+    # Stopped once every unit is done: a local input is hashed while converting, and the memo is written when
+    # the hashes have matched, at the latest before the commit starts (tests/test_md5_while_converting.py).
+    killed = run_cli(*args, env=dict(os.environ, RAYCONV_TEST_STOP_AFTER="intent"))
     assert killed.returncode == 99 and "md5 of 3 files matches checklist.chk" in killed.stderr, killed.stderr[-3000:]
     assert not any(out.rglob("commit_success.txt"))
 

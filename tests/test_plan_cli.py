@@ -134,3 +134,42 @@ def test_estimate_names_the_bottleneck():
                                                                             gcs_object_writes_per_s=100.0), batch)
     assert thin_network["bottleneck"] == "write" and thin_network["vms"] == 2
     assert thin_network["write_seconds"] == pytest.approx(written / (2 * 1e9 / 8), abs=0.1)
+
+
+def test_compute_term_is_the_cpu_rate_and_network_saturation_is_reported():
+    """Issue 24 item 4: the compute term is the measured MB per CPU-second × cores per worker, and the report
+    says how many such workers fill one VM's network at 32 and 100 Gbit/s (and at --vm_gbps)."""
+    from rayconv import forecast
+
+    _, plan, _ = _simulated(BF16_405B, 4.0)
+    written = sum(o["bytes"] for o in forecast.output_bytes(plan).values())
+    env = forecast.Environment()
+    rate = forecast.MB_PER_CPU_SECOND * forecast.CORES_PER_WORKER * 1e6
+    assert env.worker_mb_s * 1e6 == rate
+    local = dataclasses.replace(env, source="local", destination="local")
+    largest_unit = max(u.read_bytes for u in plan.units)
+    compute = forecast.estimate(plan, written, 16, local, 16 << 20)
+    assert compute["compute_seconds"] == pytest.approx((plan.input_bytes / 16 + largest_unit) / rate, abs=0.1)
+
+    # To GCS the outputs (~2.5x the input) leave the VM: writing fills it first; from GCS to a local disk, reading.
+    to_gcs = {s["vm_gbps"]: s for s in forecast.network_saturation(plan.input_bytes, written, env)}
+    assert set(to_gcs) == {32.0, 100.0} and to_gcs[32.0]["direction"] == "write"
+    for gbps in (32.0, 100.0):
+        assert to_gcs[gbps]["workers"] == pytest.approx(gbps * 1e9 / 8 / (rate * written / plan.input_bytes), abs=0.05)
+    reading = forecast.network_saturation(plan.input_bytes, written, dataclasses.replace(env, destination="local"))
+    assert [(s["direction"], s["workers"]) for s in reading] == [("read", round(g * 1e9 / 8 / rate, 1))
+                                                                 for g in (32.0, 100.0)]
+    assert {s["workers"] for s in forecast.network_saturation(plan.input_bytes, written, local)} == {None}
+
+    result = rayconv("plan", "--simulate", "--model_path", BF16_405B, "--quantize_type", "int8", "--json",
+                     "--vm_gbps", "50")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert [s["vm_gbps"] for s in report["network_saturation"]] == [32.0, 50.0, 100.0]
+    assert report["compute_model"]["mb_per_cpu_second"] == forecast.MB_PER_CPU_SECOND
+    table = rayconv("plan", "--simulate", "--model_path", BF16_405B, "--quantize_type", "int8")
+    assert table.returncode == 0, table.stderr[-2000:]
+    text = " ".join(table.stdout.split())
+    for needle in (f"{to_gcs[32.0]['workers']:g} workers fill 32 Gbit/s", "fill 100 Gbit/s",
+                   f"{forecast.MB_PER_CPU_SECOND:g} MB of input per CPU-second"):
+        assert needle in text, (needle, table.stdout)

@@ -16,7 +16,8 @@ from rayconv.engine.identity import changed_sources, content_identities
 from rayconv.engine.ledger import (COMMITTED, COMMITTING, Ledger, file_identities, relative, remove_output,
                                    read_identities, restart_targets, resumable, source_digest, source_identities,
                                    unit_sources)
-from rayconv.errors import OutputError
+from rayconv.engine.md5gate import Md5Gate
+from rayconv.errors import ConversionError, OutputError
 from rayconv.job import (ConvertOptions, budgets, commit_batch_bytes, make_plan, open_checkpoint,
                          resume_options)
 from rayconv.mapping import source_format
@@ -137,11 +138,12 @@ def compatibility_note(plan: Plan) -> str:
             "do not: convert again with --maxtext_layout linen for them")
 
 
-def _check_md5(checkpoint: MetaCheckpoint, options: ConvertOptions) -> dict[str, str]:
+def _check_md5(checkpoint: MetaCheckpoint, options: ConvertOptions) -> Md5Gate | None:
     """Check the files convert reads against the input's checklist.chk, unless an earlier run into this output
-    already did and none has changed since. → byte identities of the files found good, taken before hashing
-    (recorded in the ledger once the output is locked), or {} when there is no checklist."""
-    from rayconv.source.hashing import CHECKLIST, verify_input
+    already did and none has changed since. A local input is hashed beside the conversion (the gate holds what
+    may be committed until it matched); a remote one before converting, as a second download beside the
+    conversion's own reads would compete with them. → the gate, None when there is no checklist."""
+    from rayconv.source.hashing import CHECKLIST, hash_in_background, verify_input
 
     out = Location.parse(options.output)
     out.check_writable()  # fail fast, before a long md5 pass
@@ -150,21 +152,23 @@ def _check_md5(checkpoint: MetaCheckpoint, options: ConvertOptions) -> dict[str,
     names = ["params.json", *(name for name, uri in files.items() if uri in read)]
     if CHECKLIST not in files:
         verify_input(files, options.input_display, names)  # says why nothing is checked
-        return {}
+        return None
     identities = file_identities({name: files[name] for name in (*names, CHECKLIST) if name in files})
     if Ledger(out).md5_unchanged(identities):
         LOG.info("md5 of %d files was checked against %s by an earlier run into this output, and none has changed "
                  "since (size, mtime and inode; GCS generation): not hashed again", len(names), CHECKLIST)
-        return identities
+        return Md5Gate(identities)
+    if all("://" not in files[name] for name in (*names, CHECKLIST)):
+        return Md5Gate(identities, hash_in_background(files, options.input_display, names))
     verify_input(files, options.input_display, names)
-    return identities
+    return Md5Gate(identities)
 
 
 def convert(options: ConvertOptions) -> ConvertResult:
     start = time.monotonic()
     started_ns = time.time_ns()
     timer = PhaseTimer()
-    md5_checked: dict[str, str] = {}
+    md5: Md5Gate | None = None
     LOG.info("Reading checkpoint index from %s", options.input_display)
     checkpoint = open_checkpoint(options)
     timer.lap("index")
@@ -173,7 +177,7 @@ def convert(options: ConvertOptions) -> ConvertResult:
     if options.verify_md5 and hf:
         LOG.info("Hugging Face checkpoint: no checklist.chk to check md5 against, and safetensors have no CRCs")
     elif options.verify_md5:
-        md5_checked = _check_md5(checkpoint, options)
+        md5 = _check_md5(checkpoint, options)
         timer.lap("md5")
     kv = "" if hf or spec.params_kv_heads == spec.n_kv_heads else f" (params.json says {spec.params_kv_heads})"
     LOG.info("Model %s: %d layers, dim %d, %d heads, %d kv heads%s, ffn %d, vocab %d, %s, %s",
@@ -184,17 +188,26 @@ def convert(options: ConvertOptions) -> ConvertResult:
         LOG.info("Source is Meta's FP8 SKU: FFN weights of layers 1..%d are float8 with row scales, dequantized to "
                  "bf16 on the fly; the bf16 outputs hold these FP8-rounded weights (not the original bf16 model) "
                  "and int8 is quantized from them", spec.n_layers - 2)
-    out = Location.parse(options.output)
-    out.check_writable()
-    lock = OutputLock(out).acquire()
     try:
-        return _convert_locked(options, checkpoint, out, lock, start, started_ns, timer, md5_checked)
+        out = Location.parse(options.output)
+        out.check_writable()
+        lock = OutputLock(out).acquire()
+        try:
+            return _convert_locked(options, checkpoint, out, lock, start, started_ns, timer, md5)
+        finally:
+            lock.release()
+    except ConversionError:
+        known = md5.pending.failure() if md5 is not None and md5.pending is not None else None
+        if known is not None:  # a unit tripped over a file whose md5 is already known wrong: say the cause
+            raise known[1] from None
+        raise
     finally:
-        lock.release()
+        if md5 is not None:
+            md5.cancel()  # a run that ends before its md5 pass does (failed, interrupted) stops hashing
 
 
 def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Location, lock: OutputLock,
-                    start: float, started_ns: int, timer: PhaseTimer, md5_checked: dict[str, str]) -> ConvertResult:
+                    start: float, started_ns: int, timer: PhaseTimer, md5: Md5Gate | None) -> ConvertResult:
     spec = checkpoint.spec
     ledger = Ledger(out)
     if not options.restart:
@@ -214,8 +227,8 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
               "unit_budget": unit_bytes, "quantize_type": plan.quantize_type, "compression": options.compression,
               "outputs": {k: relative(out, layouts[k].final_root) for k in plan.kinds}}
     record = _prepare_output(out, ledger, layouts, plan, options.restart, summary, started_ns, fields, content)
-    if md5_checked:
-        ledger.record_md5(md5_checked)  # a resume after an interruption need not hash the input again
+    if md5 is not None:
+        md5.poll(ledger, plan)  # records the md5 memo once every file matched (at once if checked already)
     started_ns = record.get("started_ns", started_ns)
     committed = [k for k in plan.kinds if ledger.commit_state(k) == COMMITTED]
     pending = [k for k in plan.kinds if k not in committed]
@@ -252,11 +265,16 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
             timer.lap("ray start")
             for n, receipt in enumerate(executor.run(ctx, todo), 1):
                 ledger.record(receipt, {k: identities[k] for k in unit_sources(units[receipt.unit])})
+                if md5 is not None:
+                    md5.poll(ledger, plan)
                 receipts.append(receipt)
                 progress.update(receipt.bytes_read, 1)
                 stop_point("units", str(n))
         progress.close()
         timer.lap("convert")
+        if md5 is not None:  # nothing is committed before every md5 matched; a mismatch forgets what it made
+            md5.settle(ledger, plan)
+            timer.lap("md5")
         if to_build:
             verified, failed = crc_check(checkpoint, receipts)
             if failed:
