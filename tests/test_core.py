@@ -9,9 +9,11 @@ where the end-to-end tests need seconds to minutes per shape.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import json
 import math
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -350,3 +352,20 @@ def test_modules_stay_small_and_import_without_cycles():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+def test_a_closed_local_file_never_closes_a_reused_descriptor(tmp_path):
+    """close() then __del__ must not close the descriptor number again: by then it may be another file's."""
+    from rayconv.source.bytesource import LocalFile
+
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 16)
+    source = LocalFile(str(path))
+    source.close()
+    other = os.open(path, os.O_RDONLY)  # the lowest free number: the one just closed
+    try:
+        del source
+        gc.collect()
+        os.fstat(other)  # raises EBADF if __del__ closed it
+    finally:
+        os.close(other)

@@ -78,12 +78,16 @@ class LocalFile(RangeSource):
             os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
-        os.close(self._fd)
+        """Close once: the descriptor number is free for reuse after, so a second close (``__del__``) could
+        close another file's descriptor opened meanwhile (seen: tensorstore's write probe failed)."""
+        fd, self._fd = getattr(self, "_fd", -1), -1
+        if fd >= 0:
+            os.close(fd)
 
     def __del__(self) -> None:
         try:
-            os.close(self._fd)
-        except (OSError, AttributeError):
+            self.close()
+        except OSError:
             pass
 
 
