@@ -30,7 +30,9 @@ processes share library pages):
   rayconv writes, in 64 MiB blocks, with one fdatasync at the end — and a second time with an fdatasync
   every 16 MiB (rayconv's OCDBT commit batch, each of which tensorstore makes durable before the unit's
   receipt is recorded);
-* narrow preset: rayconv (and with --maxtext-2x MaxText) on a model with twice the layers (~4 GB).
+* narrow preset: rayconv (and with --maxtext-2x MaxText) on a model with twice the layers (~4 GB);
+* efficiency: MB of input per CPU-second of one local-executor process writing to tmpfs from a warm input
+  (scripts/bench_efficiency.py; ``--efficiency-only`` runs just that).
 
 Writes <out>/results.json, <out>/benchmarks.md (the table) and <out>/benchmarks.png (the chart).
 Not a test: numbers depend on the machine; the targets are reported, not asserted.
@@ -56,6 +58,8 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools" / "maxtext_ref"))  # the MaxText harness (reference.py)
 sys.path.insert(0, str(REPO))
+
+from bench_efficiency import efficiency, efficiency_line  # noqa: E402
 
 from rayconv.engine.executors import LOCAL_RAY  # noqa: E402
 from rayconv.synthetic import PRESETS, SyntheticModel, ensure_checkpoint  # noqa: E402
@@ -387,6 +391,8 @@ def table(results: dict) -> str:
     if default and large:
         lines.append(f"* 4 GiB workers: {large['seconds'] / default['seconds']:.2f}x the default's time, "
                      f"{large['peak_rss'] / default['peak_rss']:.2f}x its peak RSS.")
+    if results.get("efficiency"):
+        lines.append(efficiency_line(results["efficiency"]))
     big, mx2 = runs.get("rayconv, 2x layers"), runs.get("MaxText chain, 2x layers")
     if big:
         lines.append(f"* 2x layers ({results['scaled_input_bytes'] / 1e9:.2f} GB): rayconv {big['seconds']:.1f} s, "
@@ -409,6 +415,9 @@ def main() -> None:
     parser.add_argument("--skip-maxtext", action="store_true")
     parser.add_argument("--maxtext-2x", action="store_true", help="also run MaxText's chain on the 2x model")
     parser.add_argument("--rayconv-only", action="store_true", help="only rayconv's default run (and the floor)")
+    parser.add_argument("--efficiency-only", action="store_true",
+                        help="only the efficiency row: MB of input per CPU-second (scripts/bench_efficiency.py)")
+    parser.add_argument("--efficiency-runs", type=int, default=3, help="runs of the efficiency row (min/median)")
     args = parser.parse_args()
 
     real_width = args.preset == "real-width"
@@ -428,6 +437,13 @@ def main() -> None:
     print(f"load average {load_before}; preparing inputs in {cache}", flush=True)
     try:
         src = ensure_checkpoint(model, cache)
+        if args.efficiency_only:
+            print("efficiency", flush=True)
+            eff = efficiency(src, model.descriptor, logs, args.efficiency_runs)
+            (out / "efficiency.json").write_text(json.dumps(dict(eff, load_before=load_before, load_after=load()),
+                                                            indent=1))
+            print("\n" + efficiency_line(eff))
+            return
         src_big = ensure_checkpoint(big, cache) if big and not args.rayconv_only else None
         in_bytes = dir_bytes(src)
         cpus = os.cpu_count() or 2
@@ -462,6 +478,8 @@ def main() -> None:
             runs.append(floor)
         print("Ray alone", flush=True)
         ray_alone = ray_start_cost()
+        print("efficiency", flush=True)
+        eff = efficiency(src, model.descriptor, logs, args.efficiency_runs)
         if src_big is not None:
             runs.append(rayconv_run(src_big, scratch / "rb", model.descriptor, logs, "rayconv, 2x layers"))
             shutil.rmtree(scratch / "rb")
@@ -482,6 +500,7 @@ def main() -> None:
             "scaled_input_bytes": dir_bytes(src_big) if src_big else None,
             "output_bytes": out_bytes,
             "ray_alone": ray_alone,
+            "efficiency": eff,
             "runs": [r.as_dict() for r in runs],
         }
         (out / "results.json").write_text(json.dumps(results, indent=1))
