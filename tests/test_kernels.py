@@ -150,3 +150,14 @@ def test_to_layer_block_takes_side_by_side_blocks(transform):
     whole = np.concatenate(list(parts), axis=1)
     got = mapping.to_layer_block(rule, mapping.SideBySide(parts), spec)
     assert same(got, mapping.to_layer_block(rule, whole, spec))
+
+
+def test_split_to_bf16_rounds_every_bf16_product_like_the_cast():
+    """Every float32 with at most 16 significant bits (the exact products of two bf16) in quantize's range."""
+    mantissas = np.arange(1 << 15, dtype=np.uint32) << 8
+    exponents = np.arange(127 - 100, 127 + 9, dtype=np.uint32) << 23
+    bits = (exponents[:, None] | mantissas[None, :]).reshape(-1)
+    values = np.concatenate([bits, bits | 0x80000000]).view(np.float32)
+    got = values.copy()
+    quantize.split_to_bf16(got, np.empty_like(got))
+    assert same(got, values.astype(BF16).astype(np.float32))
