@@ -25,7 +25,7 @@ from rayconv.errors import SourceError
 from rayconv.mapping import Rule
 from rayconv.plan import Piece, Read, Unit, aqt_paths, block_region, leaf_paths
 from rayconv.receipts import JobContext, Receipt
-from rayconv.sink.layout import array_spec
+from rayconv.sink.layout import array_kvstore, array_schema, ocdbt_kvstore
 from rayconv.source.bytesource import ByteSource, open_source
 from rayconv.storage import Location, output_errors
 
@@ -127,6 +127,7 @@ class _Writer:
         self.dbs = {kind: f"{unit.id}{secrets.token_hex(4)}" for kind in ctx.kinds}
         self._items = {kind: Location.parse(uri) for kind, uri in ctx.items.items()}
         self._stores: dict[tuple[str, tuple[str, ...]], ts.TensorStore] = {}
+        self._databases: dict[str, ts.KvStore] = {}
         self._context = ts.Context({"data_copy_concurrency": {"limit": 2}, "file_io_concurrency": {"limit": 16}})
         self._batch_bytes = batch_bytes
         self._txn = ts.Transaction()
@@ -135,12 +136,22 @@ class _Writer:
         self._committing: ts.Future | None = None
         self.bytes_written = 0
 
+    def _database(self, kind: str) -> ts.KvStore:
+        """This unit's child database of one output, opened once (its arrays are prefixes of it)."""
+        if kind not in self._databases:
+            with output_errors(self._items[kind]):
+                self._databases[kind] = ts.KvStore.open(ocdbt_kvstore(self._items[kind], self.dbs[kind]),
+                                                        context=self._context).result()
+        return self._databases[kind]
+
     def _store(self, kind: str, path: tuple[str, ...]) -> ts.TensorStore:
         key = (kind, path)
         if key not in self._stores:
-            spec = array_spec(self._items[kind], self.ctx.arrays[kind][path], self.dbs[kind], self.ctx.compression)
+            array = self.ctx.arrays[kind][path]
+            kvstore = array_kvstore(self._database(kind), array)
             with output_errors(self._items[kind]):
-                self._stores[key] = ts.open(spec, open=True, assume_metadata=True, context=self._context).result()
+                self._stores[key] = ts.open(array_schema(array, self.ctx.compression), kvstore=kvstore, open=True,
+                                            assume_metadata=True, context=self._context).result()
         return self._stores[key]
 
     def write(self, kind: str, path: tuple[str, ...], region: tuple[slice, ...], array: np.ndarray) -> None:
