@@ -34,7 +34,9 @@ processes share library pages):
 * efficiency: MB of input per CPU-second of one local-executor process writing to tmpfs from a warm input
   (scripts/bench_efficiency.py; ``--efficiency-only`` runs just that).
 
-Writes <out>/results.json, <out>/benchmarks.md (the table) and <out>/benchmarks.png (the chart).
+Writes <out>/results.json, <out>/benchmarks.md (the table), <out>/benchmarks.png (the bars, with their values)
+and <out>/benchmarks-growth.png (time and memory against the input size; ``--plot-from`` redraws both from
+saved results, e.g. a narrow and a real-width run together).
 Not a test: numbers depend on the machine; the targets are reported, not asserted.
 """
 
@@ -60,6 +62,7 @@ sys.path.insert(0, str(REPO / "tools" / "maxtext_ref"))  # the MaxText harness (
 sys.path.insert(0, str(REPO))
 
 from bench_efficiency import efficiency, efficiency_line  # noqa: E402
+from bench_plots import chart, growth_chart, plot_from  # noqa: E402
 
 from rayconv.engine.executors import LOCAL_RAY  # noqa: E402
 from rayconv.synthetic import PRESETS, SyntheticModel, ensure_checkpoint  # noqa: E402
@@ -324,26 +327,6 @@ def io_floor(src: Path, write_bytes: int, scratch: Path, sync_every: int | None 
         {"name": "write + fdatasync", "seconds": write_seconds, "peak_rss": rss, "peak_pss": rss}])
 
 
-def chart(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = [r for r in results["runs"] if not r.get("failed")]
-    names = [r["name"] for r in runs]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 0.5 * len(names) + 2))
-    a.barh(names, [r["seconds"] for r in runs], color="#4477aa")
-    a.set_xlabel("wall time (s)")
-    b.barh(names, [r["peak_rss"] / 1e9 for r in runs], color="#cc6677")
-    b.set_xlabel("peak RSS of the process tree (GB)")
-    for ax in (a, b):
-        ax.invert_yaxis()
-    fig.suptitle(f"{results['input']['description']}: {results['input']['bytes'] / 1e9:.2f} GB in")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def table(results: dict) -> str:
     runs = {r["name"]: r for r in results["runs"]}
     lines = [
@@ -418,7 +401,12 @@ def main() -> None:
     parser.add_argument("--efficiency-only", action="store_true",
                         help="only the efficiency row: MB of input per CPU-second (scripts/bench_efficiency.py)")
     parser.add_argument("--efficiency-runs", type=int, default=3, help="runs of the efficiency row (min/median)")
+    parser.add_argument("--plot-from", nargs="+", metavar="RESULTS_JSON",
+                        help="only redraw the charts from saved results.json files into --out (scripts/bench_plots.py)")
     args = parser.parse_args()
+    if args.plot_from:
+        plot_from(args.plot_from, Path(args.out))
+        return
 
     real_width = args.preset == "real-width"
     model = BENCH_PRESETS.get(args.preset) or PRESETS[args.preset]
@@ -507,6 +495,7 @@ def main() -> None:
         text = table(results)
         (out / "benchmarks.md").write_text(text + "\n")
         chart(results, out / "benchmarks.png")
+        growth_chart([results], out / "benchmarks-growth.png")
         print("\n" + text)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
