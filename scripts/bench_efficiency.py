@@ -6,7 +6,7 @@ process tree) move much less. So this row measures one ``rayconv convert --execu
 in one process, no Ray), all three outputs, written to tmpfs (no disk in the measurement), from a warm input
 (every file is read once before each run: rayconv drops the pages it reads, so the next run would read cold),
 and reports input MB / (user + sys CPU-seconds of the child and every descendant it waited for, from
-``getrusage(RUSAGE_CHILDREN)``), over several runs (min / median / max).
+``wait4``), over several runs (min / median / max).
 
     .venvs/main/bin/python scripts/bench.py --preset narrow --efficiency-only [--efficiency-runs 3]
 """
@@ -14,7 +14,6 @@ and reports input MB / (user + sys CPU-seconds of the child and every descendant
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -56,20 +55,21 @@ def one_run(src: Path, descriptor: str | None, root: Path, log: Path) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", RAY_USAGE_STATS_ENABLED="0",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     try:
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.monotonic()
         with open(log, "w") as f:
-            rc = subprocess.run(convert_command(src, out / "o", descriptor), env=env, stdout=f,
-                                stderr=subprocess.STDOUT).returncode
+            proc = subprocess.Popen(convert_command(src, out / "o", descriptor), env=env, stdout=f,
+                                    stderr=subprocess.STDOUT)
+            # wait4: this child's own rusage (with every descendant it waited for), not the sum over all the
+            # bench's children (RUSAGE_CHILDREN would also hold MaxText's chain and its peak RSS).
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.monotonic() - start
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    if rc != 0:
-        raise SystemExit(f"efficiency run failed ({rc}); log: {log}\n{log.read_text()[-3000:]}")
-    user, sys_ = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
-    # ru_maxrss of RUSAGE_CHILDREN is the largest child's peak (KiB): here the one conversion process.
-    return {"wall": wall, "user": user, "sys": sys_, "cpu": user + sys_, "peak_rss": after.ru_maxrss * 1024}
+    if proc.returncode != 0:
+        raise SystemExit(f"efficiency run failed ({proc.returncode}); log: {log}\n{log.read_text()[-3000:]}")
+    user, sys_ = usage.ru_utime, usage.ru_stime
+    return {"wall": wall, "user": user, "sys": sys_, "cpu": user + sys_, "peak_rss": usage.ru_maxrss * 1024}
 
 
 def efficiency(src: Path, descriptor: str | None, logs: Path, runs: int = 3, root: Path | None = None) -> dict:
