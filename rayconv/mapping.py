@@ -159,19 +159,65 @@ def source_shards(rule: Rule, spec: ModelSpec) -> int:
     return spec.n_shards
 
 
-def transpose(matrix: np.ndarray, tile: int = 128) -> np.ndarray:
-    """C-contiguous transpose of a 2-D array, copied in cache-sized tiles.
+@dataclasses.dataclass(frozen=True)
+class SideBySide:
+    """A row block of G held as the same rows of each shard, not concatenated: ``parts[i]`` is shard i's columns.
 
-    numpy's ``ascontiguousarray(x.T)`` walks one side with a large stride and is ~7x slower on the
-    multi-hundred-MB matrices here; 128x128 tiles keep both sides in cache.
+    A dim-1-split tensor's block (wo, w2) is read shard by shard, each range straight into its own slot; the
+    transposing transforms put each slot's columns where they land (rows of the output), so the block is never
+    concatenated. Other transforms call :meth:`assemble`.
     """
-    rows, cols = matrix.shape
-    out = np.empty((cols, rows), dtype=matrix.dtype)
-    src = matrix.view(np.uint16) if matrix.dtype == BF16 else matrix
-    dst = out.view(np.uint16) if matrix.dtype == BF16 else out
-    for r in range(0, rows, tile):
-        for c in range(0, cols, tile):
-            dst[c:c + tile, r:r + tile] = src[r:r + tile, c:c + tile].T
+
+    parts: np.ndarray  # [shards, rows, columns per shard]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n, rows, width = self.parts.shape
+        return rows, n * width
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.parts.dtype
+
+    def assemble(self) -> np.ndarray:
+        """The block as one C-contiguous [rows, all columns] array."""
+        return np.ascontiguousarray(self.parts.transpose(1, 0, 2)).reshape(self.shape)
+
+
+Block = np.ndarray | SideBySide
+
+#: Transpose tile, and the padding of its staging buffer's rows (see ``transpose``).
+TILE, TILE_PAD = 128, 24
+
+
+def _bits(array: np.ndarray) -> np.ndarray:
+    """bf16 as uint16: numpy then copies plain words instead of calling ml_dtypes' element functions."""
+    return array.view(np.uint16) if array.dtype == BF16 else array
+
+
+def transpose(block: Block, out: np.ndarray | None = None) -> np.ndarray:
+    """C-contiguous transpose of a 2-D block (``out``, if given, receives it), tile by tile through a small buffer.
+
+    numpy copies a transposed tile by walking each source column at the row stride. Rows of 2048 or 4096 bf16
+    are a multiple of 4 KiB apart, so a tile column's cache lines all map to one L1 set and evict each other:
+    ~4x slower than the copy needs to be. Each tile is therefore first copied row by row (contiguous runs) into
+    a buffer whose rows are ``TILE + TILE_PAD`` words apart, and transposed from there, in L1. A
+    :class:`SideBySide` block is transposed part by part: part i's columns are rows i·width.. of the result.
+    """
+    parts = block.parts if isinstance(block, SideBySide) else block[None]
+    n, rows, width = parts.shape
+    if out is None:
+        out = np.empty((n * width, rows), dtype=parts.dtype)
+    src, dst = _bits(parts), _bits(out)
+    buffer = np.empty((TILE, TILE + TILE_PAD), dtype=src.dtype)
+    for i in range(n):
+        for r in range(0, rows, TILE):
+            nr = min(TILE, rows - r)
+            for c in range(0, width, TILE):
+                nc = min(TILE, width - c)
+                tile = buffer[:nr, :nc]
+                tile[...] = src[i, r:r + nr, c:c + nc]
+                dst[i * width + c:i * width + c + nc, r:r + nr] = tile.T
     return out
 
 
@@ -202,16 +248,19 @@ def rope_order(kernel: np.ndarray, spec: ModelSpec) -> np.ndarray:
 
 def scale_query(kernel: np.ndarray, divisor: float) -> np.ndarray:
     """bf16(float32(w) / float32(bf16(sqrt(head_dim)))), as llama_or_mistral_ckpt computes it."""
-    from rayconv.quantize import slab_rows
+    from rayconv.quantize import bf16_bits_to_f32, round_to_bf16, slab_rows
 
     out = np.empty(kernel.shape, dtype=BF16)
+    words, result = _bits(kernel), out.view(np.uint16)
     rows = slab_rows(kernel.shape)
-    work = np.empty((rows,) + kernel.shape[1:], dtype=np.float32)
-    for r in range(0, kernel.shape[0], rows):  # in cache-sized slabs, like quantize()
+    work, spare = (np.empty((rows,) + kernel.shape[1:], dtype=np.uint32) for _ in range(2))
+    for r in range(0, kernel.shape[0], rows):  # in cache-sized slabs, on bit patterns, like quantize()
         n = min(rows, kernel.shape[0] - r)
-        np.copyto(work[:n], kernel[r:r + n], casting="unsafe")
-        np.divide(work[:n], np.float32(divisor), out=work[:n])
-        np.copyto(out[r:r + n], work[:n], casting="unsafe")
+        value = bf16_bits_to_f32(words[r:r + n], work[:n])
+        np.divide(value, np.float32(divisor), out=value)
+        round_to_bf16(work[:n], spare[:n])
+        np.right_shift(work[:n], np.uint32(16), out=work[:n])
+        np.copyto(result[r:r + n], work[:n], casting="unsafe")
     return out
 
 
@@ -284,11 +333,18 @@ TRANSFORMS: dict[str, Transform] = {
 }
 
 
-def to_layer_block(rule: Rule, block: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    """A row block of G → the matching block of the per-layer MaxText array."""
+#: Transforms whose ``apply`` takes a :class:`SideBySide` block as it is (they transpose it part by part).
+TAKES_PARTS = frozenset({_out, _transposed})
+
+
+def to_layer_block(rule: Rule, block: Block, spec: ModelSpec) -> np.ndarray:
+    """A row block of G (or its shards' rows side by side) → the matching block of the per-layer MaxText array."""
     if block.dtype != BF16:
         raise ValueError(f"{rule.meta}: expected bfloat16, got {block.dtype}")
-    return TRANSFORMS[rule.transform].apply(block, spec)
+    apply = TRANSFORMS[rule.transform].apply
+    if isinstance(block, SideBySide) and apply not in TAKES_PARTS:
+        block = block.assemble()
+    return apply(block, spec)
 
 
 def scanned_shape(shape: tuple[int, ...], n_layers: int) -> tuple[int, ...]:

@@ -25,7 +25,7 @@ from rayconv.errors import SourceError
 from rayconv.mapping import Rule
 from rayconv.plan import Piece, Read, Unit, aqt_paths, block_region, leaf_paths
 from rayconv.receipts import JobContext, Receipt
-from rayconv.sink.layout import array_spec
+from rayconv.sink.layout import array_kvstore, array_schema, ocdbt_kvstore
 from rayconv.source.bytesource import ByteSource, open_source
 from rayconv.storage import Location, output_errors
 
@@ -79,22 +79,27 @@ def _read_into(read: Read, sources: Sources, crcs: list, out: np.ndarray | None 
     return buffer
 
 
-def read_block(piece: Piece, sources: Sources, crcs: list) -> np.ndarray:
-    """Rows [row0, row1) of G: one read, or the same rows of every shard side by side."""
+def read_block(piece: Piece, sources: Sources, crcs: list) -> mapping.Block:
+    """Rows [row0, row1) of G: one read, or the same rows of every shard side by side (mapping.SideBySide).
+
+    Every range is read straight into its place: a multi-shard block is never concatenated, the transform
+    places each shard's columns itself (or assembles them, for the transforms that keep rows as rows).
+    """
     if len(piece.reads) == 1:
-        block = _read_into(piece.reads[0], sources, crcs)
+        block: mapping.Block = _read_into(piece.reads[0], sources, crcs)
     else:
-        # Assemble in place: peak is the block plus one shard's slice, not twice the block.
-        rows = piece.row1 - piece.row0
-        block = np.empty((rows, sum(r.shape[1] for r in piece.reads)), dtype=mapping.BF16)
-        column = 0
-        for read in piece.reads:
-            part = _read_into(read, sources, crcs)
-            block[:, column:column + part.shape[1]] = part
-            column += part.shape[1]
+        parts = np.empty((len(piece.reads), piece.row1 - piece.row0, piece.reads[0].shape[1]), dtype=mapping.BF16)
+        if any(r.shape != parts.shape[1:] for r in piece.reads):
+            raise SourceError(f"{piece.reads[0].tensor}: shards of different widths")
+        for slot, read in zip(parts, piece.reads):
+            part = _read_into(read, sources, crcs, out=slot)
+            if part is not slot:  # FP8: dequantized into a new array
+                slot[...] = part
+        block = mapping.SideBySide(parts)
     for dup in piece.duplicates:
         copy = _read_into(dup, sources, crcs)
-        if not np.array_equal(copy.view(np.uint16), block.view(np.uint16)):
+        whole = block.assemble() if isinstance(block, mapping.SideBySide) else block
+        if not np.array_equal(copy.view(np.uint16), whole.view(np.uint16)):
             raise SourceError(
                 f"{piece.reads[0].tensor}: the kv-head copy in shard {dup.shard:02d} differs from shard "
                 f"{piece.reads[0].shard:02d}; shards that should repeat kv heads do not (wrong --model_path "
@@ -122,6 +127,7 @@ class _Writer:
         self.dbs = {kind: f"{unit.id}{secrets.token_hex(4)}" for kind in ctx.kinds}
         self._items = {kind: Location.parse(uri) for kind, uri in ctx.items.items()}
         self._stores: dict[tuple[str, tuple[str, ...]], ts.TensorStore] = {}
+        self._databases: dict[str, ts.KvStore] = {}
         self._context = ts.Context({"data_copy_concurrency": {"limit": 2}, "file_io_concurrency": {"limit": 16}})
         self._batch_bytes = batch_bytes
         self._txn = ts.Transaction()
@@ -130,12 +136,22 @@ class _Writer:
         self._committing: ts.Future | None = None
         self.bytes_written = 0
 
+    def _database(self, kind: str) -> ts.KvStore:
+        """This unit's child database of one output, opened once (its arrays are prefixes of it)."""
+        if kind not in self._databases:
+            with output_errors(self._items[kind]):
+                self._databases[kind] = ts.KvStore.open(ocdbt_kvstore(self._items[kind], self.dbs[kind]),
+                                                        context=self._context).result()
+        return self._databases[kind]
+
     def _store(self, kind: str, path: tuple[str, ...]) -> ts.TensorStore:
         key = (kind, path)
         if key not in self._stores:
-            spec = array_spec(self._items[kind], self.ctx.arrays[kind][path], self.dbs[kind], self.ctx.compression)
+            array = self.ctx.arrays[kind][path]
+            kvstore = array_kvstore(self._database(kind), array)
             with output_errors(self._items[kind]):
-                self._stores[key] = ts.open(spec, open=True, assume_metadata=True, context=self._context).result()
+                self._stores[key] = ts.open(array_schema(array, self.ctx.compression), kvstore=kvstore, open=True,
+                                            assume_metadata=True, context=self._context).result()
         return self._stores[key]
 
     def write(self, kind: str, path: tuple[str, ...], region: tuple[slice, ...], array: np.ndarray) -> None:
@@ -174,7 +190,7 @@ def _scanned_region(region: tuple[slice, ...], layer: int) -> tuple[slice, ...]:
     return region[:1] + (slice(layer, layer + 1),) + region[1:]
 
 
-def piece_outputs(ctx: JobContext, rule: Rule, piece: Piece, block: np.ndarray) -> Iterator[
+def piece_outputs(ctx: JobContext, rule: Rule, piece: Piece, block: mapping.Block) -> Iterator[
         tuple[str, tuple[str, ...], tuple[slice, ...], np.ndarray]]:
     """Everything one block of G becomes: (output kind, leaf path, region, array) per destination.
 

@@ -30,9 +30,13 @@ processes share library pages):
   rayconv writes, in 64 MiB blocks, with one fdatasync at the end — and a second time with an fdatasync
   every 16 MiB (rayconv's OCDBT commit batch, each of which tensorstore makes durable before the unit's
   receipt is recorded);
-* narrow preset: rayconv (and with --maxtext-2x MaxText) on a model with twice the layers (~4 GB).
+* narrow preset: rayconv (and with --maxtext-2x MaxText) on a model with twice the layers (~4 GB);
+* efficiency: MB of input per CPU-second of one local-executor process writing to tmpfs from a warm input
+  (scripts/bench_efficiency.py; ``--efficiency-only`` runs just that).
 
-Writes <out>/results.json, <out>/benchmarks.md (the table) and <out>/benchmarks.png (the chart).
+Writes <out>/results.json, <out>/benchmarks.md (the table), <out>/benchmarks.png (the bars, with their values)
+and <out>/benchmarks-growth.png (time and memory against the input size; ``--plot-from`` redraws both from
+saved results, e.g. a narrow and a real-width run together).
 Not a test: numbers depend on the machine; the targets are reported, not asserted.
 """
 
@@ -56,6 +60,9 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools" / "maxtext_ref"))  # the MaxText harness (reference.py)
 sys.path.insert(0, str(REPO))
+
+from bench_efficiency import efficiency, efficiency_line  # noqa: E402
+from bench_plots import chart, growth_chart, plot_from  # noqa: E402
 
 from rayconv.engine.executors import LOCAL_RAY  # noqa: E402
 from rayconv.synthetic import PRESETS, SyntheticModel, ensure_checkpoint  # noqa: E402
@@ -320,26 +327,6 @@ def io_floor(src: Path, write_bytes: int, scratch: Path, sync_every: int | None 
         {"name": "write + fdatasync", "seconds": write_seconds, "peak_rss": rss, "peak_pss": rss}])
 
 
-def chart(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = [r for r in results["runs"] if not r.get("failed")]
-    names = [r["name"] for r in runs]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 0.5 * len(names) + 2))
-    a.barh(names, [r["seconds"] for r in runs], color="#4477aa")
-    a.set_xlabel("wall time (s)")
-    b.barh(names, [r["peak_rss"] / 1e9 for r in runs], color="#cc6677")
-    b.set_xlabel("peak RSS of the process tree (GB)")
-    for ax in (a, b):
-        ax.invert_yaxis()
-    fig.suptitle(f"{results['input']['description']}: {results['input']['bytes'] / 1e9:.2f} GB in")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def table(results: dict) -> str:
     runs = {r["name"]: r for r in results["runs"]}
     lines = [
@@ -387,6 +374,8 @@ def table(results: dict) -> str:
     if default and large:
         lines.append(f"* 4 GiB workers: {large['seconds'] / default['seconds']:.2f}x the default's time, "
                      f"{large['peak_rss'] / default['peak_rss']:.2f}x its peak RSS.")
+    if results.get("efficiency"):
+        lines.append(efficiency_line(results["efficiency"]))
     big, mx2 = runs.get("rayconv, 2x layers"), runs.get("MaxText chain, 2x layers")
     if big:
         lines.append(f"* 2x layers ({results['scaled_input_bytes'] / 1e9:.2f} GB): rayconv {big['seconds']:.1f} s, "
@@ -409,7 +398,15 @@ def main() -> None:
     parser.add_argument("--skip-maxtext", action="store_true")
     parser.add_argument("--maxtext-2x", action="store_true", help="also run MaxText's chain on the 2x model")
     parser.add_argument("--rayconv-only", action="store_true", help="only rayconv's default run (and the floor)")
+    parser.add_argument("--efficiency-only", action="store_true",
+                        help="only the efficiency row: MB of input per CPU-second (scripts/bench_efficiency.py)")
+    parser.add_argument("--efficiency-runs", type=int, default=3, help="runs of the efficiency row (min/median)")
+    parser.add_argument("--plot-from", nargs="+", metavar="RESULTS_JSON",
+                        help="only redraw the charts from saved results.json files into --out (scripts/bench_plots.py)")
     args = parser.parse_args()
+    if args.plot_from:
+        plot_from(args.plot_from, Path(args.out))
+        return
 
     real_width = args.preset == "real-width"
     model = BENCH_PRESETS.get(args.preset) or PRESETS[args.preset]
@@ -428,6 +425,13 @@ def main() -> None:
     print(f"load average {load_before}; preparing inputs in {cache}", flush=True)
     try:
         src = ensure_checkpoint(model, cache)
+        if args.efficiency_only:
+            print("efficiency", flush=True)
+            eff = efficiency(src, model.descriptor, logs, args.efficiency_runs)
+            (out / "efficiency.json").write_text(json.dumps(dict(eff, load_before=load_before, load_after=load()),
+                                                            indent=1))
+            print("\n" + efficiency_line(eff))
+            return
         src_big = ensure_checkpoint(big, cache) if big and not args.rayconv_only else None
         in_bytes = dir_bytes(src)
         cpus = os.cpu_count() or 2
@@ -462,6 +466,8 @@ def main() -> None:
             runs.append(floor)
         print("Ray alone", flush=True)
         ray_alone = ray_start_cost()
+        print("efficiency", flush=True)
+        eff = efficiency(src, model.descriptor, logs, args.efficiency_runs)
         if src_big is not None:
             runs.append(rayconv_run(src_big, scratch / "rb", model.descriptor, logs, "rayconv, 2x layers"))
             shutil.rmtree(scratch / "rb")
@@ -482,12 +488,14 @@ def main() -> None:
             "scaled_input_bytes": dir_bytes(src_big) if src_big else None,
             "output_bytes": out_bytes,
             "ray_alone": ray_alone,
+            "efficiency": eff,
             "runs": [r.as_dict() for r in runs],
         }
         (out / "results.json").write_text(json.dumps(results, indent=1))
         text = table(results)
         (out / "benchmarks.md").write_text(text + "\n")
         chart(results, out / "benchmarks.png")
+        growth_chart([results], out / "benchmarks-growth.png")
         print("\n" + text)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

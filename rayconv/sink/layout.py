@@ -24,7 +24,10 @@ is written in place and ``commit_success.txt`` (which Orbax requires on GCS) is 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
+
+import tensorstore as ts
 
 from rayconv import trees
 from rayconv.plan import ArraySpec
@@ -114,7 +117,26 @@ def zarr3_metadata(array: ArraySpec, compression: str | None = None) -> dict[str
 
 def array_spec(item: Location, array: ArraySpec, db: str | None, compression: str | None) -> dict[str, Any]:
     kvstore = dict(ocdbt_kvstore(item, db), path=array.param_name + "/")
+    return dict(_zarr3_spec(array, compression), kvstore=kvstore)
+
+
+def _zarr3_spec(array: ArraySpec, compression: str | None) -> dict[str, Any]:
     # Orbax stores chunks equal to the fill value (its _METADATA says so) and restores with no fill for
     # missing chunks: an all-zero chunk (or the step scalar 0) must still be written.
-    return {"driver": "zarr3", "kvstore": kvstore, "metadata": zarr3_metadata(array, compression),
-            "store_data_equal_to_fill_value": True}
+    return {"driver": "zarr3", "metadata": zarr3_metadata(array, compression), "store_data_equal_to_fill_value": True}
+
+
+@functools.lru_cache(maxsize=8192)
+def array_schema(array: ArraySpec, compression: str | None) -> ts.Spec:
+    """:func:`array_spec` without its kvstore, parsed once per array and process.
+
+    A worker opens every array it writes once per unit (each unit writes its own child databases), thousands
+    of times in a job; parsing the JSON spec each time cost most of that. Opened with ``kvstore=`` the unit's
+    database (:func:`array_kvstore`) it is the same store as :func:`array_spec` describes.
+    """
+    return ts.Spec(_zarr3_spec(array, compression))
+
+
+def array_kvstore(database: ts.KvStore, array: ArraySpec) -> ts.KvStore:
+    """The array's prefix in an opened OCDBT database (the kvstore of :func:`array_spec`)."""
+    return database / (array.param_name + "/")
