@@ -579,3 +579,17 @@ def test_rayjob_entrypoint_runs_on_a_local_ray_cluster():
         if ray_cluster is not None:
             ray_cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_installing_prints_no_setuptools_deprecation():
+    """pyproject.toml as setuptools applies it when installing: no deprecation banner (issue 21: the
+    ``project.license`` table printed one on every install; an SPDX string is what PEP 639 asks for)."""
+    import warnings
+
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_configuration(Distribution(), str(ROOT / "pyproject.toml"))
+    assert not [str(w.message) for w in caught], [str(w.message)[:200] for w in caught]
