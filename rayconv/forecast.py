@@ -43,8 +43,8 @@ from rayconv.simulated import simulated_checkpoint, simulated_indexes, simulated
 
 #: Input MB converted per CPU-second (read + transform + write all three outputs + CRC; user + sys of the whole
 #: process tree): the efficiency row of scripts/bench.py (--preset narrow, local executor, output on tmpfs, input
-#: warm). 170-210 on a quiet machine before issue 24's kernels (2026-12-06); the kernels measure 1.17-1.27x the
-#: old code's rate in interleaved runs on a loaded machine (docs/benchmarks.md), to be folded in from a quiet run.
+#: warm): 170-210 on a quiet machine (2026-12-06), and 181-213 (narrow) / 155-199 (real widths) on 2026-12-07
+#: with issue 24's kernels, which measured no faster than the old code on a quiet machine (docs/benchmarks.md).
 #: The real-width runs' 58-104 MB/s per worker were bound by this machine's disk, not by the CPU.
 MB_PER_CPU_SECOND = 190.0
 #: Cores each worker converts with: a Ray worker actor reserves one CPU (rayconv.engine.executors) and runs its
