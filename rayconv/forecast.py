@@ -39,7 +39,7 @@ from rayconv.job import (MEMORY_PER_PIECE_BYTE, WORKER_BASE_BYTES, ConvertOption
                          commit_batch_bytes, make_plan, open_checkpoint, piece_budget, worker_memory_bytes)
 from rayconv.models import ModelSpec
 from rayconv.plan import Plan, describe, piece_rows
-from rayconv.simulated import simulated_checkpoint, simulated_indexes, simulated_scales  # noqa: F401 (re-exported)
+from rayconv.simulated import simulated_checkpoint
 
 #: Input MB converted per CPU-second (read + transform + write all three outputs + CRC; user + sys of the whole
 #: process tree): the efficiency row of scripts/bench.py (--preset narrow, local executor, output on tmpfs, input

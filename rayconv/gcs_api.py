@@ -10,8 +10,10 @@ Identity credentials tensorstore finds. Nothing here logs a credential or token.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
+from typing import Iterator
 
 from rayconv.errors import ConversionError, OutputError, SourceError, one_line_reason
 from rayconv.process_local import per_process
@@ -77,6 +79,18 @@ def gave_up(exc: BaseException) -> bool:
     return isinstance(exc, (gexc.RetryError, requests.exceptions.RequestException, TimeoutError))
 
 
+@contextlib.contextmanager
+def answered(bucket: str, error: type[ConversionError]) -> Iterator[None]:
+    """Turns a google-cloud-storage request that got no answer (:func:`gave_up`) into :func:`no_answer`'s one
+    line; GCS's own error replies pass through to the caller's handling."""
+    try:
+        yield
+    except Exception as exc:
+        if gave_up(exc):
+            raise no_answer(bucket, timeout(), error) from None
+        raise
+
+
 def parse_gs(uri: str, error: type[ConversionError] = SourceError) -> tuple[str, str]:
     """``gs://bucket/a/b`` → (``bucket``, ``a/b``); ``error`` is raised (one line) for anything else."""
     if not uri.startswith("gs://"):
@@ -118,18 +132,15 @@ client = per_process(_make_client)
 def _gcs_call(what: str, uri: str, fn, error: type[ConversionError] = SourceError):
     from google.api_core import exceptions as gexc
 
-    try:
-        return fn()
-    except Exception as exc:
-        if gave_up(exc):
-            raise no_answer(parse_gs(uri)[0], timeout(), error) from None
-        if isinstance(exc, gexc.NotFound):
+    with answered(parse_gs(uri)[0], error):
+        try:
+            return fn()
+        except gexc.NotFound:
             raise error(f"missing {what} {uri}") from None
-        if isinstance(exc, gexc.Forbidden):
+        except gexc.Forbidden:
             raise error(f"permission denied on {uri} (check the credentials' IAM roles on the bucket)") from None
-        if isinstance(exc, gexc.GoogleAPICallError):
+        except gexc.GoogleAPICallError as exc:
             raise error(f"{uri}: GCS error: {one_line_reason(exc)}") from None
-        raise
 
 
 #: Custom metadata key under which staging records the md5 it verified for a composed object (GCS keeps
@@ -144,16 +155,13 @@ def object_info(bucket: str, name: str) -> dict | None:
     from google.api_core import exceptions as gexc
 
     uri = f"gs://{bucket}/{name}"
-    try:
-        blob = client().bucket(bucket).get_blob(name, **request_args())
-    except gexc.Forbidden:
-        raise SourceError(f"permission denied reading {uri} (check the credentials' IAM roles)") from None
-    except gexc.GoogleAPICallError as exc:
-        raise SourceError(f"{uri}: GCS error: {one_line_reason(exc)}") from None
-    except Exception as exc:
-        if gave_up(exc):
-            raise no_answer(bucket, timeout(), SourceError) from None
-        raise
+    with answered(bucket, SourceError):
+        try:
+            blob = client().bucket(bucket).get_blob(name, **request_args())
+        except gexc.Forbidden:
+            raise SourceError(f"permission denied reading {uri} (check the credentials' IAM roles)") from None
+        except gexc.GoogleAPICallError as exc:
+            raise SourceError(f"{uri}: GCS error: {one_line_reason(exc)}") from None
     if blob is None:
         return None
     md5 = None
@@ -212,11 +220,5 @@ def delete_objects(bucket: str, names: list[str]) -> None:
 
     b = client().bucket(bucket)
     for name in names:
-        try:
+        with answered(bucket, OutputError), contextlib.suppress(gexc.NotFound):
             b.blob(name).delete(**request_args())
-        except gexc.NotFound:
-            pass
-        except Exception as exc:
-            if gave_up(exc):
-                raise no_answer(bucket, timeout(), OutputError) from None
-            raise

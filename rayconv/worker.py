@@ -96,9 +96,9 @@ def read_block(piece: Piece, sources: Sources, crcs: list) -> mapping.Block:
             if part is not slot:  # FP8: dequantized into a new array
                 slot[...] = part
         block = mapping.SideBySide(parts)
+    whole = block.assemble() if piece.duplicates and isinstance(block, mapping.SideBySide) else block
     for dup in piece.duplicates:
         copy = _read_into(dup, sources, crcs)
-        whole = block.assemble() if isinstance(block, mapping.SideBySide) else block
         if not np.array_equal(copy.view(np.uint16), whole.view(np.uint16)):
             raise SourceError(
                 f"{piece.reads[0].tensor}: the kv-head copy in shard {dup.shard:02d} differs from shard "

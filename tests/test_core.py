@@ -21,7 +21,7 @@ import pytest
 
 from rayconv import mapping, trees
 from rayconv.engine.ledger import COMMITTED, COMMITTING, Ledger, unit_sources
-from rayconv.forecast import simulated_indexes
+from rayconv.simulated import simulated_indexes
 from rayconv.job import ConvertOptions, budgets, make_plan, piece_budget
 from rayconv.models import resolve_spec
 from rayconv.plan import Plan, block_region, build_plan

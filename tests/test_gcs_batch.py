@@ -17,6 +17,7 @@ from rayconv import forecast
 from rayconv.job import (COMMIT_BATCH_BYTES, GCS_COMMIT_BATCH_BYTES, GiB, ConvertOptions, batch_reserve_bytes,
                          commit_batch_bytes, make_plan, open_checkpoint, piece_budget)
 from rayconv.plan import Piece, Read, Unit
+from rayconv.simulated import simulated_checkpoint
 from rayconv.source.checkpoint import list_input
 from rayconv.storage import Location
 from rayconv.synthetic import SyntheticModel
@@ -70,7 +71,7 @@ def _unit(sizes: list[int]) -> Unit:
 
 def test_unit_commits_replays_the_writer():
     """A commit when a piece ends with a batch staged, one more for the rest; a big piece commits alone."""
-    plan = make_plan(forecast.simulated_checkpoint(None, "Llama3.1-8B-Instruct"), _options("/tmp/out", 4.0))
+    plan = make_plan(simulated_checkpoint(None, "Llama3.1-8B-Instruct"), _options("/tmp/out", 4.0))
     units = (_unit([10, 10, 10, 10, 10]), _unit([100]), _unit([1, 1]), _unit([30, 5, 30]))
     plan = dataclasses.replace(plan, units=units)
     written = 2 * sum(u.nbytes for u in units)  # 2 bytes out per byte in
@@ -82,7 +83,7 @@ def test_405b_estimate_counts_the_commits_of_the_destinations_batch():
     """The model counts per-piece commits, so fewer, larger gs:// batches mean fewer manifest rewrites."""
     model = "Llama3.1-405B-Instruct:bf16-mp16"
     options = _options("gs://b/o", 4.0, model_path=model, kinds=("scanned", "unscanned", "int8"), quantize_type="int8")
-    plan = make_plan(forecast.simulated_checkpoint(None, model), options)
+    plan = make_plan(simulated_checkpoint(None, model), options)
     written = sum(o["bytes"] for o in forecast.output_bytes(plan).values())
     env = forecast.Environment(destination="gcs")
     small = forecast.unit_commits(plan, written, COMMIT_BATCH_BYTES)
@@ -156,7 +157,7 @@ def test_gcs_output_planned_with_the_old_budget_asks_for_workers_that_hold_it():
     from rayconv.job import budgets, resume_options
 
     model = "Llama3.1-405B-Instruct:bf16-mp16"
-    checkpoint = forecast.simulated_checkpoint(None, model)
+    checkpoint = simulated_checkpoint(None, model)
     options = _options("gs://b/o", 4.0, model_path=model, kinds=("scanned", "unscanned", "int8"), quantize_type="int8")
     old = budgets(_options("/tmp/out", 4.0))  # what the previous version planned for gs:// too
     assert old != budgets(options)

@@ -81,12 +81,12 @@ def test_plan_refuses_rates_that_are_not_positive():
 
 
 def _simulated(model_path: str, gb: float, output: str = ""):
-    from rayconv import forecast
     from rayconv.engine.driver import ConvertOptions, make_plan
+    from rayconv.simulated import simulated_checkpoint
 
     options = ConvertOptions(files={}, input_display="", output=output, model_path=model_path, worker_memory_gb=gb,
                              kinds=("scanned", "unscanned", "int8"), quantize_type="int8")
-    checkpoint = forecast.simulated_checkpoint(None, model_path)
+    checkpoint = simulated_checkpoint(None, model_path)
     return checkpoint, make_plan(checkpoint, options), options
 
 

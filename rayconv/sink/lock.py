@@ -32,6 +32,7 @@ So every wait for a holder is bounded by the stale timeout plus the skew allowan
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -44,6 +45,7 @@ from typing import Any
 
 from rayconv import jsonio
 from rayconv.errors import OutputError, one_line_reason
+from rayconv.gcs_api import answered
 from rayconv.sink.lock_backends import Backend, backend
 from rayconv.storage import Location
 
@@ -169,15 +171,14 @@ class OutputLock:
         return now - self.last_sign_of_life(holder, modified, now) > self.stale
 
     def acquire(self) -> "OutputLock":
+        # On GCS a request that gets no answer is the one line naming the bucket (gcs_api.answered).
+        bounded = contextlib.nullcontext() if self.out.is_local else answered(self.out.bucket, OutputError)
         try:
-            self._acquire()
+            with bounded:
+                self._acquire()
         except OutputError:
             raise
         except Exception as exc:  # OSError locally; google.api_core errors on GCS
-            from rayconv.gcs_api import gave_up, no_answer, timeout
-
-            if not self.out.is_local and gave_up(exc):
-                raise no_answer(self.out.bucket, timeout()) from None
             raise OutputError(f"cannot lock {self.out.uri}: {one_line_reason(exc)}") from None
         self._thread = threading.Thread(target=self._beat, name="rayconv-lock-heartbeat", daemon=True)
         self._thread.start()

@@ -16,11 +16,11 @@ import collections
 import os
 import threading
 
-from rayconv.errors import SourceError, one_line_reason
-from rayconv.gcs_api import no_answer, object_info, parse_gs, timeout
+from rayconv.errors import ConversionError, SourceError, one_line_reason
+from rayconv.gcs_api import object_info, parse_gs
 from rayconv.process_local import per_process
 from rayconv.source.bytesource import RangeSource, register_scheme
-from rayconv.storage import open_kvstore
+from rayconv.storage import bounded, open_kvstore
 
 MiB = 1 << 20
 DEFAULT_CHUNK = int(os.environ.get("RAYCONV_GCS_CHUNK_MB", "16")) * MiB
@@ -95,10 +95,10 @@ class GcsObject(RangeSource):
     def _finish(self, item, buffer: memoryview, sem) -> None:
         a, b, future = item
         try:
-            result = future.result(timeout=timeout())  # bounded: no answer ends in one line, not minutes of retries
-        except TimeoutError:
-            future.cancel()
-            raise no_answer(self.bucket, timeout(), SourceError) from None
+            # bounded: no answer ends in one line naming the bucket, not minutes of retries
+            result = bounded(future, {"driver": "gcs", "bucket": self.bucket}, SourceError)
+        except ConversionError:
+            raise
         except Exception as exc:  # tensorstore raises ValueError/OSError with a status message
             raise SourceError(f"{self.uri}: read of bytes {a}-{b} failed: {one_line_reason(exc)}") from None
         finally:

@@ -121,15 +121,20 @@ def stored_md5(uri: str) -> str | None:
     return info["md5"] or info["verified_md5"]
 
 
+def require_sums(uris: Mapping[str, str], sums: Mapping[str, str]) -> None:
+    """Every file to check must be listed in the checklist (one line naming those that are not)."""
+    missing = [name for name in uris if name not in sums]
+    if missing:
+        raise SourceError(f"{CHECKLIST} has no md5 for {', '.join(sorted(missing))}")
+
+
 def verify_files(uris: Mapping[str, str], md5: Mapping[str, str], *, parallel: int | None = None,
                  use_stored: bool = True, **kwargs) -> dict[str, str]:
     """Check every file of ``uris`` against ``md5`` (all must be listed), files in parallel.
 
     Returns ``{name: 'stored' | 'hashed'}``: how each was checked. The first mismatch raises.
     """
-    missing = [name for name in uris if name not in md5]
-    if missing:
-        raise SourceError(f"{CHECKLIST} has no md5 for {', '.join(sorted(missing))}")
+    require_sums(uris, md5)
     how: dict[str, str] = {}
 
     def one(name: str) -> None:
@@ -210,9 +215,7 @@ class BackgroundMd5:
 
     def __init__(self, uris: Mapping[str, str], sums: Mapping[str, str], sizes: Mapping[str, int], *,
                  threads: int = 1, block: int = 8 * MiB) -> None:
-        missing = [name for name in uris if name not in sums]
-        if missing:
-            raise SourceError(f"{CHECKLIST} has no md5 for {', '.join(sorted(missing))}")
+        require_sums(uris, sums)
         self.uris, self.sums, self.sizes, self.block = dict(uris), dict(sums), dict(sizes), block
         self._todo = sorted(uris, key=lambda n: n.startswith("consolidated."))  # small files first: fail fast
         self._lock = threading.Lock()
