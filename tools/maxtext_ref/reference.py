@@ -37,6 +37,7 @@ Main API::
     ref = MaxTextReference(cache_dir)               # or MaxTextReference() for the default
     ref.scanned(model, src_dir=None)    -> Path     # <...>/0/items (llama_or_mistral_ckpt)
     ref.scanned_hf(model, hf_dir)       -> Path     # the same from HF safetensors (--huggingface-checkpoint true)
+    ref.to_maxtext(hf_dir, name, scanned=…) -> Path # 0.2.5's to_maxtext.py on HF files (Qwen3), <...>/0/items
     ref.unscanned(model, src_dir=None)  -> Path     # <...>/checkpoints/0/items (generate_param_only_checkpoint)
     ref.quantized(model, src_dir=None, quant="int8") -> Path   # save_quantized_params_path dir
                                                    # (0.2.4: load_and_quantize_checkpoint; 0.2.5: layerwise_quantization)
@@ -733,6 +734,24 @@ class MaxTextReference:
             (tmp / "run.txt").write_text(out)
 
         return self._cached(entry, build, "scanned_hf.py") / "out" / "0" / "items"
+
+    def to_maxtext(self, hf_dir: str | Path, model_name: str, *, scanned: bool) -> Path:
+        """MaxText 0.2.5's ``checkpoint_conversion/to_maxtext.py`` (default flags) on the HF checkpoint in ``hf_dir``,
+        its ``config.json`` registered as ``model_name``'s HF config and its dims passed as overrides
+        (to_maxtext_hf.py); returns ``<entry>/out/0/items``. Any family to_maxtext maps (Qwen3 dense and MoE)."""
+        if self.maxtext != "0.2.5":
+            raise ValueError("to_maxtext.py is MaxText 0.2.5's tool: use with_maxtext('0.2.5')")
+        hf_dir = Path(hf_dir).resolve()
+        scan = "true" if scanned else "false"
+        entry = self._entry("to-maxtext", {"name": model_name, "scan": scan, "src": path_fingerprint(hf_dir),
+                                           "scripts": script_hash("to_maxtext_hf.py")})
+
+        def build(tmp: Path) -> None:
+            out = self._run("to_maxtext_hf.py", ["--src", hf_dir, "--name", model_name, "--scan", scan,
+                                                 "--out", tmp / "out"], tmp)
+            (tmp / "run.txt").write_text(out)
+
+        return self._cached(entry, build, "to_maxtext_hf.py") / "out" / "0" / "items"
 
     def unscanned(self, model: Any, src_dir: str | Path | None = None) -> Path:
         """generate_param_only_checkpoint on the scanned reference; returns ``<entry>/out/unscanned/checkpoints/0/items``."""
