@@ -49,12 +49,16 @@ def case(reference_025):
     return get
 
 
+def source_of(rule: qwen3.Rule, spec: qwen3.Qwen3Spec, tensors: dict, layer: int | None) -> np.ndarray:
+    """The rule's HF tensor for one layer; for an expert rule every expert's, stacked ``[experts, rows, cols]``."""
+    if qwen3.per_expert(rule):
+        return np.stack([tensors[rule.source_key("hf", layer, expert=e)] for e in range(spec.n_experts)])
+    return tensors[rule.source_key("hf", layer)]
+
+
 def per_layer_leaf(rule: qwen3.Rule, spec: qwen3.Qwen3Spec, tensors: dict, layer: int | None) -> np.ndarray:
     """The whole per-layer leaf from the HF tensors, through the rule's transform."""
-    transform = qwen3.TRANSFORMS[rule.transform]
-    if rule.per_expert:
-        return transform.apply(np.stack([tensors[rule.source_key(layer, e)] for e in range(spec.n_experts)]), spec)
-    return transform.apply(tensors[rule.source_key(layer)], spec)
+    return rule.transform.apply(source_of(rule, spec, tensors, layer), spec)
 
 
 def expected_leaves(spec: qwen3.Qwen3Spec, tensors: dict, scanned: bool) -> dict[str, np.ndarray]:
@@ -135,20 +139,19 @@ def test_row_blocks_land_on_their_region_and_invert(name, case):
     spec, tensors, _ = case(name)
     layer = spec.n_layers - 1
     for rule in qwen3.rules(spec):
-        transform = qwen3.TRANSFORMS[rule.transform]
-        whole = per_layer_leaf(rule, spec, tensors, layer if rule.per_layer else None)
-        source = (np.stack([tensors[rule.source_key(layer, e)] for e in range(spec.n_experts)]) if rule.per_expert
-                  else tensors[rule.source_key(layer if rule.per_layer else None)])
-        experts = [slice(1, 4), slice(6, 8)] if rule.per_expert else [slice(None)]
+        transform = rule.transform
+        at = layer if rule.per_layer else None
+        whole, source = per_layer_leaf(rule, spec, tensors, at), source_of(rule, spec, tensors, at)
+        experts = [slice(1, 4), slice(6, 8)] if qwen3.per_expert(rule) else [slice(None)]
         rows = source.shape[-2] if source.ndim > 1 else source.shape[0]
         quantum = spec.head_dim if transform.per_head else 1
         cut = (rows // quantum // 2) * quantum or rows
         for e in experts:
             for r in (slice(0, cut), slice(cut, rows)) if transform.row_axis is not None else (slice(None),):
-                block = source[e][..., r, :] if rule.per_expert else source[r]
+                block = source[e][..., r, :] if qwen3.per_expert(rule) else source[r]
                 region = [slice(None)] * whole.ndim
-                if rule.per_expert:
-                    region[transform.expert_axis] = e
+                if qwen3.per_expert(rule):
+                    region[qwen3.EXPERT_AXIS] = e
                 if transform.row_axis is not None:
                     region[transform.row_axis] = slice(r.start // quantum, r.stop // quantum)
                 got = transform.apply(block, spec)

@@ -21,6 +21,7 @@ experts, stacked ``[experts, rows, cols]``) to the matching block of the per-lay
 from __future__ import annotations
 
 import dataclasses
+import string
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -207,21 +208,29 @@ Fn = Callable[[np.ndarray, Qwen3Spec], np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
-    """One kind of tensor: shapes, the function to MaxText and back, where a source row block lands.
+    """One kind of tensor: shapes, the function to MaxText and back, where a source row block lands (the fields of
+    the generic ``mapping.Transform`` of the families seam, which replaces this class once it is on main).
 
-    ``source_shape`` is one source tensor (one expert's); ``layer_shape`` the per-layer MaxText leaf (with the
-    expert axis first for expert transforms). ``apply`` takes rows of the source tensor (``[rows, cols]``; for an
-    expert transform ``[experts, rows, cols]``) and returns the block of the leaf they fill; ``row_axis`` is the
-    leaf axis those rows land on; ``per_head``: rows come in heads of head_dim.
+    ``global_shape`` is one source tensor (one expert's); ``layer_shape`` the per-layer MaxText leaf (the expert
+    axis first, :data:`EXPERT_AXIS`, for an expert rule). ``apply`` takes rows of the source tensor (``[rows,
+    cols]``; for an expert rule the same rows of a range of experts, ``[experts, rows, cols]``) and returns the
+    block of the leaf they fill; ``row_axis`` is the leaf axis those rows land on; ``per_head``: rows come in
+    heads of head_dim.
     """
 
-    source_shape: Shape
+    name: str
+    global_shape: Shape
     layer_shape: Shape
     apply: Fn
     invert: Fn
     row_axis: int | None = None
     per_head: bool = False
-    expert_axis: int | None = None  # leaf axis of {expert}; None: not an expert tensor
+    kv_heads: bool = False  # Meta's repeated kv heads: never in an HF file
+    takes_parts: bool = False
+
+
+#: The per-layer leaf axis ``{expert}`` indexes (``moe_block/wi_0`` ``[X, E, I]``; scanned ``[X, L, E, I]``).
+EXPERT_AXIS = 0
 
 
 def _as_is(block: np.ndarray, spec: Qwen3Spec) -> np.ndarray:
@@ -258,26 +267,26 @@ def _experts_t(block: np.ndarray, spec: Qwen3Spec) -> np.ndarray:
     return out
 
 
-TRANSFORMS: dict[str, Transform] = {
+TRANSFORMS: dict[str, Transform] = {t.name: t for t in (
     # E = dim, D = head_dim, H/K = q/kv heads, M = ffn_dim, V = vocab, X = experts, I = moe_ffn_dim
-    "embedding": Transform(lambda s: (s.vocab_size, s.dim), lambda s: (s.vocab_size, s.dim), _as_is, _as_is, 0),
-    "logits": Transform(lambda s: (s.vocab_size, s.dim), lambda s: (s.dim, s.vocab_size), _t, _t, 1),
-    "query": Transform(lambda s: (s.n_heads * s.head_dim, s.dim), lambda s: (s.dim, s.n_heads, s.head_dim),
-                       _heads, _unheads, 1, per_head=True),
-    "kv": Transform(lambda s: (s.n_kv_heads * s.head_dim, s.dim), lambda s: (s.dim, s.n_kv_heads, s.head_dim),
-                    _heads, _unheads, 1, per_head=True),
-    "out": Transform(lambda s: (s.dim, s.n_heads * s.head_dim), lambda s: (s.n_heads, s.head_dim, s.dim),
-                     _out, _unout, 2),
-    "wi": Transform(lambda s: (s.ffn_dim, s.dim), lambda s: (s.dim, s.ffn_dim), _t, _t, 1),
-    "wo": Transform(lambda s: (s.dim, s.ffn_dim), lambda s: (s.ffn_dim, s.dim), _t, _t, 1),
-    "norm": Transform(lambda s: (s.dim,), lambda s: (s.dim,), _as_is, _as_is),
-    "qk_norm": Transform(lambda s: (s.head_dim,), lambda s: (s.head_dim,), _as_is, _as_is),
-    "router": Transform(lambda s: (s.n_experts, s.dim), lambda s: (s.dim, s.n_experts), _t, _t, 1),
-    "expert_wi": Transform(lambda s: (s.moe_ffn_dim, s.dim), lambda s: (s.n_experts, s.dim, s.moe_ffn_dim),
-                           _experts_t, _experts_t, 2, expert_axis=0),
-    "expert_wo": Transform(lambda s: (s.dim, s.moe_ffn_dim), lambda s: (s.n_experts, s.moe_ffn_dim, s.dim),
-                           _experts_t, _experts_t, 2, expert_axis=0),
-}
+    Transform("embedding", lambda s: (s.vocab_size, s.dim), lambda s: (s.vocab_size, s.dim), _as_is, _as_is, 0),
+    Transform("logits", lambda s: (s.vocab_size, s.dim), lambda s: (s.dim, s.vocab_size), _t, _t, 1),
+    Transform("query", lambda s: (s.n_heads * s.head_dim, s.dim), lambda s: (s.dim, s.n_heads, s.head_dim),
+              _heads, _unheads, 1, per_head=True),
+    Transform("kv", lambda s: (s.n_kv_heads * s.head_dim, s.dim), lambda s: (s.dim, s.n_kv_heads, s.head_dim),
+              _heads, _unheads, 1, per_head=True),
+    Transform("out", lambda s: (s.dim, s.n_heads * s.head_dim), lambda s: (s.n_heads, s.head_dim, s.dim),
+              _out, _unout, 2),
+    Transform("wi", lambda s: (s.ffn_dim, s.dim), lambda s: (s.dim, s.ffn_dim), _t, _t, 1),
+    Transform("wo", lambda s: (s.dim, s.ffn_dim), lambda s: (s.ffn_dim, s.dim), _t, _t, 1),
+    Transform("norm", lambda s: (s.dim,), lambda s: (s.dim,), _as_is, _as_is),
+    Transform("qk_norm", lambda s: (s.head_dim,), lambda s: (s.head_dim,), _as_is, _as_is),
+    Transform("router", lambda s: (s.n_experts, s.dim), lambda s: (s.dim, s.n_experts), _t, _t, 1),
+    Transform("expert_wi", lambda s: (s.moe_ffn_dim, s.dim), lambda s: (s.n_experts, s.dim, s.moe_ffn_dim),
+              _experts_t, _experts_t, 2),
+    Transform("expert_wo", lambda s: (s.dim, s.moe_ffn_dim), lambda s: (s.n_experts, s.moe_ffn_dim, s.dim),
+              _experts_t, _experts_t, 2),
+)}
 
 
 # ------------------------------------------------------------------------------------------------ rules
@@ -285,22 +294,39 @@ TRANSFORMS: dict[str, Transform] = {
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """One MaxText leaf (path under the model root; ``layers`` = per layer) and its source tensor in each format."""
+    """One MaxText leaf (path under the model root; ``layers`` = per layer) and its source tensor in each format,
+    templated with ``{layer}`` / ``{expert}`` (the generic ``mapping.Rule``'s fields; replaced by it on main)."""
 
     target: tuple[str, ...]
-    sources: Mapping[str, str]  # source format → name template with {layer} / {expert}
-    transform: str
+    sources: Mapping[str, str] = dataclasses.field(hash=False)
+    split: int | None  # HF tensors are never split across files
+    transform: Transform
+    quantized: bool = False
+    contraction: tuple[int, ...] = (0,)
+
+    @property
+    def name(self) -> str:
+        return "/".join(self.target)
+
+    @property
+    def indices(self) -> tuple[str, ...]:
+        """The named indices of the source names (``layer``, ``expert``), in order of appearance."""
+        found: dict[str, None] = {}
+        for template in self.sources.values():
+            found.update((field, None) for _, field, _, _ in string.Formatter().parse(template) if field)
+        return tuple(found)
 
     @property
     def per_layer(self) -> bool:
-        return "{layer}" in self.sources["hf"]
+        return "layer" in self.indices
 
-    @property
-    def per_expert(self) -> bool:
-        return "{expert}" in self.sources["hf"]
+    def source_key(self, source: str, layer: int | None = None, **index: int) -> str:
+        return self.sources[source].format(layer=layer, **index)
 
-    def source_key(self, layer: int | None = None, expert: int | None = None, source: str = "hf") -> str:
-        return self.sources[source].format(layer=layer, expert=expert)
+
+def per_expert(rule: Rule) -> bool:
+    """Whether the rule's tensor is one per expert (its leaf stacks them on :data:`EXPERT_AXIS`)."""
+    return "expert" in rule.indices
 
 
 _L = "model.layers.{layer}."
@@ -308,7 +334,7 @@ ATTN, MLP, MOE = ("decoder", "layers", "self_attention"), ("decoder", "layers", 
 
 
 def _r(target: tuple[str, ...], hf: str, transform: str) -> Rule:
-    return Rule(target, {"hf": hf}, transform)
+    return Rule(target, {"hf": hf}, None, TRANSFORMS[transform])
 
 
 COMMON: tuple[Rule, ...] = (
@@ -347,10 +373,10 @@ def source_tensors(spec: Qwen3Spec, source: str = "hf") -> dict[str, tuple[int, 
     """{name: shape} of every tensor the checkpoint must hold, and no other (the source cross-check's list)."""
     out = {}
     for rule in rules(spec):
-        shape = TRANSFORMS[rule.transform].source_shape(spec)
+        shape = rule.transform.global_shape(spec)
         for layer in range(spec.n_layers) if rule.per_layer else (None,):
-            for expert in range(spec.n_experts) if rule.per_expert else (None,):
-                out[rule.source_key(layer, expert, source)] = shape
+            for expert in range(spec.n_experts) if per_expert(rule) else (None,):
+                out[rule.source_key(source, layer, expert=expert)] = shape
     return out
 
 
