@@ -228,3 +228,36 @@ def test_fixture_dims_get_the_name_whose_settings_apply():
     assert qwen3.spec_from_config(config("qwen3-dense")).maxtext_name == "qwen3-0.6b"  # tied logits
     assert qwen3.spec_from_config({**config("qwen3-dense"), "tie_word_embeddings": False}).maxtext_name == "qwen3-8b"
     assert qwen3.spec_from_config(config("qwen3-moe")).maxtext_name == "qwen3-30b-a3b"
+
+
+#: yml key → the spec field it must equal (MaxText's configs/models/<name>.yml against its HF config).
+YML_FIELDS = {"base_emb_dim": "dim", "base_num_decoder_layers": "n_layers", "base_num_query_heads": "n_heads",
+              "base_num_kv_heads": "n_kv_heads", "head_dim": "head_dim", "vocab_size": "vocab_size",
+              "rope_max_timescale": "rope_theta", "normalization_layer_epsilon": "norm_eps"}
+
+
+def test_sizes_are_maxtexts_own(reference_025):
+    """Every MaxText 0.2.5 Qwen3 text model's own HF config reads to a spec with its yml's dims, named by a model
+    whose yml is the same; every KnownSize is one of them; to_maxtext.py converts only those in HF_IDS too."""
+    configs = {name: c for name, c in reference_025.model_configs("qwen3-").items()
+               if c["hf"] and c["hf"].get("model_type") in qwen3.MODEL_TYPES}
+    assert {k.name for k in qwen3.KNOWN_SIZES} <= set(configs) and len(configs) == 15
+    # MaxText's own HF config of qwen3-4b-thinking-2507 is a copy of qwen3-4b's (rope_theta 1e6); its yml and the
+    # Hub's config.json say 5e6. The yml is what MaxText runs, so the name follows the yml's theta.
+    stale = {n for n, c in configs.items() if qwen3.spec_from_config(c["hf"]).rope_theta
+             != c["yml"]["rope_max_timescale"]}
+    assert stale == {"qwen3-4b-thinking-2507"}
+    for name, c in configs.items():
+        yml = c["yml"]
+        spec = qwen3.spec_from_config({**c["hf"], "rope_theta": yml["rope_max_timescale"], "rope_parameters": None})
+        assert {key: yml[key] for key in YML_FIELDS} == {key: getattr(spec, f) for key, f in YML_FIELDS.items()}, name
+        assert spec.tie_embeddings == yml.get("logits_via_embedding", False), name
+        mlp = spec.moe_ffn_dim if spec.moe else spec.ffn_dim
+        assert (yml["base_mlp_dim"] if not spec.moe else yml["base_moe_mlp_dim"]) == mlp, name
+        assert (yml.get("num_experts", 0), yml.get("num_experts_per_tok", 0)) == (spec.n_experts,
+                                                                                 spec.experts_per_token), name
+        assert yml["decoder_block"] == ("qwen3_moe" if spec.moe else "qwen3"), name
+        assert configs[spec.maxtext_name]["yml"] == yml, (name, spec.maxtext_name)
+    converts = {n for n, c in configs.items() if c["hf_ids"] and c["param_mapping"]}
+    assert set(configs) - converts == {"qwen3-1.7b", "qwen3-1.7b-base", "qwen3-4b-base", "qwen3-8b-base",
+                                       "qwen3-14b-base", "qwen3-480b-a35b"}

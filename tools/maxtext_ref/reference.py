@@ -38,6 +38,7 @@ Main API::
     ref.scanned(model, src_dir=None)    -> Path     # <...>/0/items (llama_or_mistral_ckpt)
     ref.scanned_hf(model, hf_dir)       -> Path     # the same from HF safetensors (--huggingface-checkpoint true)
     ref.to_maxtext(hf_dir, name, scanned=…) -> Path # 0.2.5's to_maxtext.py on HF files (Qwen3), <...>/0/items
+    ref.model_configs(prefix)           -> dict     # MaxText's HF configs + model ymls of the names with a prefix
     ref.unscanned(model, src_dir=None)  -> Path     # <...>/checkpoints/0/items (generate_param_only_checkpoint)
     ref.quantized(model, src_dir=None, quant="int8") -> Path   # save_quantized_params_path dir
                                                    # (0.2.4: load_and_quantize_checkpoint; 0.2.5: layerwise_quantization)
@@ -752,6 +753,16 @@ class MaxTextReference:
             (tmp / "run.txt").write_text(out)
 
         return self._cached(entry, build, "to_maxtext_hf.py") / "out" / "0" / "items"
+
+    def model_configs(self, prefix: str) -> dict:
+        """MaxText's own configs of its models named ``prefix…`` (model_configs.py): {name: {hf, yml, param_mapping,
+        hf_ids}}, to check a family's size table against."""
+        entry = self._entry("model-configs", {"prefix": prefix, "scripts": script_hash("model_configs.py")})
+
+        def build(tmp: Path) -> None:
+            self._run("model_configs.py", ["--prefix", prefix, "--out", tmp / "configs.json"], tmp)
+
+        return json.loads((self._cached(entry, build, "model_configs.py") / "configs.json").read_text())
 
     def unscanned(self, model: Any, src_dir: str | Path | None = None) -> Path:
         """generate_param_only_checkpoint on the scanned reference; returns ``<entry>/out/unscanned/checkpoints/0/items``."""
