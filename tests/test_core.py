@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from rayconv import mapping, trees
+from rayconv import families, mapping, trees
 from rayconv.engine.ledger import COMMITTED, COMMITTING, Ledger, unit_sources
 from rayconv.simulated import simulated_indexes
 from rayconv.job import ConvertOptions, budgets, make_plan, piece_budget
-from rayconv.models import resolve_spec
+from rayconv.families import resolve_spec
 from rayconv.plan import Plan, block_region, build_plan
 from rayconv.receipts import Receipt
 from rayconv.source.checkpoint import MetaCheckpoint
@@ -125,7 +125,7 @@ def test_units_and_pieces_respect_their_budgets(name, budget):
             rule = plan.rules[piece.rule]
             # Pieces are whole rows of G; only a block that cannot be cut any finer (one row quantum) may exceed.
             quantum = mapping.row_quantum(rule, spec) if rule.split is not None else piece.row1 - piece.row0
-            assert piece.nbytes <= piece_budget_ or piece.row1 - piece.row0 == quantum, (rule.meta, piece.nbytes)
+            assert piece.nbytes <= piece_budget_ or piece.row1 - piece.row0 == quantum, (rule.name, piece.nbytes)
             assert sum(r.length for r in piece.reads) == piece.nbytes
     # No source byte is read twice (kv-head copies are compared, not converted: they are duplicates, not reads).
     ranges = sorted((r.shard, r.offset, r.offset + r.length) for u in plan.units for p in u.pieces for r in p.reads)
@@ -141,21 +141,21 @@ def test_transform_table_rows_agree_with_each_other(name):
     import numpy as np
 
     spec = SPECS[name]
-    for rule in mapping.rules(spec):
+    for rule in families.rules(spec):
         g_shape, shape = mapping.global_shape(rule, spec), mapping.layer_shape(rule, spec)
         g = np.arange(math.prod(g_shape), dtype=np.float32).reshape(g_shape).astype(ml_dtypes.bfloat16)
         whole = mapping.to_layer_block(rule, g, spec)
-        assert whole.shape == shape, rule.meta
-        assert block_region(rule, spec, 0, g_shape[0]) == tuple((0, n) for n in shape), rule.meta
-        if mapping.TRANSFORMS[rule.transform].row_axis is None:
+        assert whole.shape == shape, rule.name
+        assert block_region(rule, spec, 0, g_shape[0]) == tuple((0, n) for n in shape), rule.name
+        if rule.transform.row_axis is None:
             continue
         q = mapping.row_quantum(rule, spec)
         row0, row1 = q, 3 * q if g_shape[0] >= 3 * q else 2 * q
         region = block_region(rule, spec, row0, row1)
         part = mapping.to_layer_block(rule, g[row0:row1], spec)
-        assert part.shape == tuple(b - a for a, b in region), rule.meta
+        assert part.shape == tuple(b - a for a, b in region), rule.name
         # Every transform is elementwise or a permutation (the query's division too), so a block equals its region.
-        assert part.tobytes() == whole[tuple(slice(a, b) for a, b in region)].tobytes(), rule.meta
+        assert part.tobytes() == whole[tuple(slice(a, b) for a, b in region)].tobytes(), rule.name
 
 
 def test_small_budget_cuts_more_pieces_and_units():
@@ -203,7 +203,7 @@ def test_crc_check_combines_receipts_and_names_the_damaged_tensor():
     import zlib
 
     from rayconv.checksum import crc_check, crc_error
-    from rayconv.source.pth import TensorInfo
+    from rayconv.leaves import TensorInfo
 
     rng = random.Random(0)
     data = {name: rng.randbytes(4096) for name in ("a", "b")}

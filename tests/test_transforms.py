@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from rayconv import mapping, quantize
+from rayconv.families import llama
 
 BF16 = ml_dtypes.bfloat16
 
@@ -52,8 +53,8 @@ def test_quantize_int4_range():
 
 @pytest.mark.parametrize("transform,shape", [("wi", (6, 4)), ("wo", (4, 6)), ("logits", (10, 4))])
 def test_transposed_blocks(transform, shape):
-    rule = next(r for r in mapping.RULES if r.transform == transform)
+    rule = next(r for r in llama.RULES if r.transform.name == transform)
     block = np.arange(np.prod(shape), dtype=np.float32).reshape(shape).astype(BF16)
-    array = mapping.TRANSFORMS[rule.transform].apply(block, None)
+    array = rule.transform.apply(block, None)
     assert array.shape == shape[::-1] and array.flags.c_contiguous
     assert (array == block.T).all()
