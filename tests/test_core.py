@@ -307,30 +307,50 @@ def test_linen_tree_metadata_equals_maxtexts(kind):
 
 
 # ------------------------------------------------------------------------------------------------
-# The package's shape (issue 15): small modules, and no import cycle at module level
+# The package's shape (issues 15, 20): small modules, and no import cycle of any kind
 
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rayconv"
 MAX_MODULE_LINES = 400
 
 
+def _imported(node, name: str, is_package: bool, modules) -> set[str]:
+    """The rayconv modules one import statement names (``from a import b`` names a.b when that is a module)."""
+    import ast
+
+    if isinstance(node, ast.Import):
+        return {a.name for a in node.names}
+    if node.level:  # relative: resolved against the importing module's package
+        base = name.split(".") if is_package else name.split(".")[:-1]
+        base = base[:len(base) - node.level + 1]
+        module = ".".join(base + ([node.module] if node.module else []))
+    else:
+        module = node.module or ""
+    return {f"{module}.{a.name}" if f"{module}.{a.name}" in modules else module for a in node.names}
+
+
 def _module_imports() -> dict[str, set[str]]:
-    """{module: rayconv modules it imports at module level} (imports inside functions are deferred on purpose)."""
+    """{module: rayconv modules it imports}: every import statement anywhere in it, at module level, inside
+    functions (deferred, still a dependency) and under ``if TYPE_CHECKING`` (a type-only edge is still an edge)."""
     import ast
 
     modules = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
                for p in PACKAGE.rglob("*.py")}
     graph = {}
     for name, path in modules.items():
-        found = set()
-        for node in ast.parse(path.read_text()).body:
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rayconv"):
-                found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
-                          for a in node.names}
-            elif isinstance(node, ast.Import):
-                found |= {a.name for a in node.names if a.name.startswith("rayconv")}
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                found |= _imported(node, name, path.name == "__init__.py", modules)
         graph[name] = {m for m in found if m in modules and m != name}
     return graph
+
+
+def test_the_cycle_guard_sees_function_level_and_type_checking_imports():
+    graph = _module_imports()
+    assert "rayconv.fp8" in graph["rayconv.plan"]  # build_plan's deferred import of fp8
+    assert "rayconv.mapping" in graph["rayconv.trees"]  # trees' TYPE_CHECKING import of Rule
+    assert "rayconv.quantize" in graph["rayconv.mapping"]  # scale_query's deferred import
 
 
 def test_modules_stay_small_and_import_without_cycles():
