@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import itertools
 import json
-import math
 import os
-from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from rayconv import families, mapping, trees
+from rayconv import mapping, trees
 from rayconv.engine.ledger import COMMITTED, COMMITTING, Ledger, unit_sources
 from rayconv.simulated import simulated_indexes
 from rayconv.job import ConvertOptions, budgets, make_plan, piece_budget
 from rayconv.families import resolve_spec
-from rayconv.plan import Plan, block_region, build_plan
+from rayconv.plan import Plan, build_plan
 from rayconv.receipts import Receipt
 from rayconv.source.checkpoint import MetaCheckpoint
 from rayconv.storage import Location
@@ -67,47 +64,7 @@ def plan_of(spec, piece: int, unit: int, kinds=("scanned", "unscanned", "int8"),
 
 
 # ------------------------------------------------------------------------------------------------
-# Plan invariants
-
-
-def chunk_writers(plan: Plan, kind: str) -> dict[tuple[str, ...], Counter]:
-    """For every output array of ``kind``: how many pieces write each chunk (by chunk grid index)."""
-    spec, rules = plan.spec, plan.rules
-    arrays = {a.path: a for a in plan.arrays(kind)}
-    writers: dict[tuple[str, ...], Counter] = {path: Counter() for path in arrays}
-    for unit in plan.units:
-        for piece in unit.pieces:
-            rule = rules[piece.rule]
-            region = block_region(rule, spec, piece.row0, piece.row1)
-            if kind == "scanned" and rule.per_layer:
-                # the layer axis is axis 1 of a scanned array (mapping.scanned_shape)
-                targets = [(plan.tree.leaf_path(rule, 0, kind), region[:1] + ((piece.layer, piece.layer + 1),) + region[1:])]
-            elif kind == "int8" and rule.quantized:
-                qpath, spath = plan.tree.aqt_paths(rule, piece.layer)
-                scale = tuple((0, 1) if axis in rule.contraction else r for axis, r in enumerate(region))
-                targets = [(qpath, region), (spath, scale)]
-            else:
-                targets = [(plan.tree.leaf_path(rule, piece.layer, kind), region)]
-            for path, box in targets:
-                array = arrays[path]
-                for (start, stop), chunk, size in zip(box, array.chunks, array.shape):
-                    # A piece's region must be exactly one chunk: aligned, one chunk long (or up to the end).
-                    assert start % chunk == 0 and stop - start == min(chunk, size - start), (path, box, array)
-                writers[path][tuple(start // chunk for (start, _), chunk in zip(box, array.chunks))] += 1
-    return writers
-
-
-@pytest.mark.parametrize("budget", BUDGETS, ids=lambda b: f"piece{b[0]}-unit{b[1]}")
-@pytest.mark.parametrize("name", list(SPECS))
-def test_pieces_tile_every_output_array_once(name, budget):
-    plan = plan_of(SPECS[name], *budget)
-    for kind in plan.kinds:
-        writers = chunk_writers(plan, kind)
-        for array in plan.arrays(kind):
-            count = writers[array.path]
-            grid = [range(math.ceil(n / c)) for n, c in zip(array.shape, array.chunks)]
-            assert set(count) == set(itertools.product(*grid)), f"{kind} {array.path}: chunks without a writer"
-            assert set(count.values()) == {1}, f"{kind} {array.path}: a chunk has several writers"
+# Plan invariants (that every chunk has exactly one writer, and the transforms as data: tests/test_mapping_data.py)
 
 
 @pytest.mark.parametrize("budget", BUDGETS, ids=lambda b: f"piece{b[0]}-unit{b[1]}")
@@ -131,31 +88,6 @@ def test_units_and_pieces_respect_their_budgets(name, budget):
     ranges = sorted((r.shard, r.offset, r.offset + r.length) for u in plan.units for p in u.pieces for r in p.reads)
     for (shard, _, end), (next_shard, start, _) in zip(ranges, ranges[1:]):
         assert shard != next_shard or start >= end, (shard, start, end)
-
-
-@pytest.mark.parametrize("name", list(SPECS))
-def test_transform_table_rows_agree_with_each_other(name):
-    """Each row of mapping.TRANSFORMS: G's shape, the per-layer shape, where G's rows land and the transform itself
-    must describe the same array; a block of whole heads/rows of G must become exactly its block_region."""
-    import ml_dtypes
-    import numpy as np
-
-    spec = SPECS[name]
-    for rule in families.rules(spec):
-        g_shape, shape = mapping.global_shape(rule, spec), mapping.layer_shape(rule, spec)
-        g = np.arange(math.prod(g_shape), dtype=np.float32).reshape(g_shape).astype(ml_dtypes.bfloat16)
-        whole = mapping.to_layer_block(rule, g, spec)
-        assert whole.shape == shape, rule.name
-        assert block_region(rule, spec, 0, g_shape[0]) == tuple((0, n) for n in shape), rule.name
-        if rule.transform.row_axis is None:
-            continue
-        q = mapping.row_quantum(rule, spec)
-        row0, row1 = q, 3 * q if g_shape[0] >= 3 * q else 2 * q
-        region = block_region(rule, spec, row0, row1)
-        part = mapping.to_layer_block(rule, g[row0:row1], spec)
-        assert part.shape == tuple(b - a for a, b in region), rule.name
-        # Every transform is elementwise or a permutation (the query's division too), so a block equals its region.
-        assert part.tobytes() == whole[tuple(slice(a, b) for a, b in region)].tobytes(), rule.name
 
 
 def test_small_budget_cuts_more_pieces_and_units():
