@@ -18,6 +18,7 @@ import pytest
 
 from conftest import CACHE
 from qwen3_checkpoints import FIXTURES, ensure_qwen3_checkpoint, hf_tensors
+from rayconv import mapping
 from rayconv.errors import SpecError
 from rayconv.families import qwen3
 from reference import metadata_tree, read_leaves
@@ -161,8 +162,8 @@ def test_row_blocks_land_on_their_region_and_invert(name, case):
 
 
 def test_scanned_shape_puts_layers_second_for_every_leaf():
-    assert qwen3.scanned_shape((8, 64, 32), 3) == (8, 3, 64, 32)  # experts, layers, emb, moe_mlp
-    assert qwen3.scanned_shape((64,), 3) == (64, 3)
+    assert mapping.scanned_shape((8, 64, 32), 3) == (8, 3, 64, 32)  # experts, layers, emb, moe_mlp
+    assert mapping.scanned_shape((64,), 3) == (64, 3)
 
 
 @pytest.mark.parametrize("change, needle", [
@@ -241,7 +242,7 @@ def test_sizes_are_maxtexts_own(reference_025):
     whose yml is the same; every KnownSize is one of them; to_maxtext.py converts only those in HF_IDS too."""
     configs = {name: c for name, c in reference_025.model_configs("qwen3-").items()
                if c["hf"] and c["hf"].get("model_type") in qwen3.MODEL_TYPES}
-    assert {k.name for k in qwen3.KNOWN_SIZES} <= set(configs) and len(configs) == 15
+    assert {k.name for k in qwen3.SIZES} <= set(configs) and len(configs) == 15
     # MaxText's own HF config of qwen3-4b-thinking-2507 is a copy of qwen3-4b's (rope_theta 1e6); its yml and the
     # Hub's config.json say 5e6. The yml is what MaxText runs, so the name follows the yml's theta.
     stale = {n for n, c in configs.items() if qwen3.spec_from_config(c["hf"]).rope_theta
@@ -261,3 +262,14 @@ def test_sizes_are_maxtexts_own(reference_025):
     converts = {n for n, c in configs.items() if c["hf_ids"] and c["param_mapping"]}
     assert set(configs) - converts == {"qwen3-1.7b", "qwen3-1.7b-base", "qwen3-4b-base", "qwen3-8b-base",
                                        "qwen3-14b-base", "qwen3-480b-a35b"}
+
+
+def test_the_family_seams_flags_are_checked_against_config_json():
+    moe = config("qwen3-moe")
+    assert qwen3.spec_from_config(moe, model_name="qwen3", kv_heads=2) == qwen3.spec_from_config(moe)
+    for kwargs, needle in (({"model_name": "llama-3.1"}, "--model_name llama-3.1 disagrees with config.json"),
+                           ({"kv_heads": 4}, "--num_kv_heads 4 disagrees with config.json (num_key_value_heads 2)")):
+        with pytest.raises(SpecError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+            qwen3.spec_from_config(moe, **kwargs)
+    with pytest.raises(SpecError, match="not params.json"):
+        qwen3.spec_from_params({"dim": 64})

@@ -21,19 +21,22 @@ experts, stacked ``[experts, rows, cols]``) to the matching block of the per-lay
 from __future__ import annotations
 
 import dataclasses
-import string
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
+from rayconv import mapping
 from rayconv.errors import SpecError
-from rayconv.mapping import transpose
+from rayconv.mapping import Rule, Transform
 from rayconv.models import (MAX_DIM, MAX_FFN_DIM, MAX_HEADS, MAX_LAYERS, MAX_NORM_EPS, MAX_ROPE_THETA, MAX_VOCAB,
-                            float_field, int_field)
+                            KnownSize, float_field, int_field)
 
 NAME = "qwen3"
+#: ``--model_name`` (``spec.family``, the string in plan.json) → MaxText model-name prefix (the Family seam's).
+MODEL_NAMES = {NAME: "qwen3"}
 #: config.json ``model_type`` → whether the model is MoE.
 MODEL_TYPES = {"qwen3": False, "qwen3_moe": True}
+HF_MODEL_TYPES = tuple(MODEL_TYPES)
 ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 #: Far above the largest published Qwen3 MoE (Qwen3-Coder-480B: 160 experts); MaxText's mapping needs ≥ 2.
 MAX_EXPERTS = 1 << 12
@@ -80,7 +83,7 @@ class Qwen3Spec:
 
 
 @dataclasses.dataclass(frozen=True)
-class KnownSize:
+class Size:
     """A MaxText Qwen3 model (``configs/models/<name>.yml``, HF config ``HF_MODEL_CONFIGS[name]``)."""
 
     name: str
@@ -97,29 +100,33 @@ class KnownSize:
 #: Every MaxText 0.2.5 Qwen3 text model: head_dim 128, vocab 151936, top-8 routing for the MoE ones. Identical
 #: dims under two names (``-base``) convert identically; the first is named. Qwen3-30B-A3B's two releases differ
 #: only in rope_theta, which picks the name.
-KNOWN_SIZES: tuple[KnownSize, ...] = (
-    KnownSize("qwen3-0.6b", 1024, 28, 16, 8, 3072, True, 1e6),
-    KnownSize("qwen3-1.7b", 2048, 28, 16, 8, 6144, True, 1e6),
-    KnownSize("qwen3-4b", 2560, 36, 32, 8, 9728, True, 1e6),
-    KnownSize("qwen3-4b-thinking-2507", 2560, 36, 32, 8, 9728, True, 5e6),
-    KnownSize("qwen3-8b", 4096, 36, 32, 8, 12288, False, 1e6),
-    KnownSize("qwen3-14b", 5120, 40, 40, 8, 17408, False, 1e6),
-    KnownSize("qwen3-32b", 5120, 64, 64, 8, 25600, False, 1e6),
-    KnownSize("qwen3-30b-a3b", 2048, 48, 32, 4, 768, False, 1e7, 128),
-    KnownSize("qwen3-30b-a3b-base", 2048, 48, 32, 4, 768, False, 1e6, 128),
-    KnownSize("qwen3-235b-a22b", 4096, 94, 64, 4, 1536, False, 5e6, 128),
-    KnownSize("qwen3-480b-a35b", 6144, 62, 96, 8, 2560, False, 1e7, 160),
+SIZES: tuple[Size, ...] = (
+    Size("qwen3-0.6b", 1024, 28, 16, 8, 3072, True, 1e6),
+    Size("qwen3-1.7b", 2048, 28, 16, 8, 6144, True, 1e6),
+    Size("qwen3-4b", 2560, 36, 32, 8, 9728, True, 1e6),
+    Size("qwen3-4b-thinking-2507", 2560, 36, 32, 8, 9728, True, 5e6),
+    Size("qwen3-8b", 4096, 36, 32, 8, 12288, False, 1e6),
+    Size("qwen3-14b", 5120, 40, 40, 8, 17408, False, 1e6),
+    Size("qwen3-32b", 5120, 64, 64, 8, 25600, False, 1e6),
+    Size("qwen3-30b-a3b", 2048, 48, 32, 4, 768, False, 1e7, 128),
+    Size("qwen3-30b-a3b-base", 2048, 48, 32, 4, 768, False, 1e6, 128),
+    Size("qwen3-235b-a22b", 4096, 94, 64, 4, 1536, False, 5e6, 128),
+    Size("qwen3-480b-a35b", 6144, 62, 96, 8, 2560, False, 1e7, 160),
 )
+
+#: The family seam's view (``Family.known_sizes``): model name → (size, dim, layers, heads, kv heads).
+KNOWN_SIZES: dict[str, tuple[KnownSize, ...]] = {
+    NAME: tuple(KnownSize(k.name.removeprefix("qwen3-"), k.dim, k.n_layers, k.n_heads, k.n_kv_heads) for k in SIZES)}
 
 #: For dims no MaxText model has: the model whose other settings (tied logits, the MoE decoder) MaxText applies,
 #: i.e. the name to load it under with the dims as overrides (and what to_maxtext.py is run with in the tests).
 SETTINGS_NAMES = {(False, True): "qwen3-0.6b", (False, False): "qwen3-8b", (True, False): "qwen3-30b-a3b"}
 
 
-def known_size(spec: Qwen3Spec) -> KnownSize | None:
+def known_size(spec: Qwen3Spec) -> Size | None:
     """The MaxText model with exactly these dims (and rope_theta), if any."""
     mlp = spec.moe_ffn_dim if spec.moe else spec.ffn_dim
-    return next((k for k in KNOWN_SIZES
+    return next((k for k in SIZES
                  if (k.dim, k.n_layers, k.n_heads, k.n_kv_heads, k.ffn_dim, k.tie, k.n_experts)
                  == (spec.dim, spec.n_layers, spec.n_heads, spec.n_kv_heads, mlp, spec.tie_embeddings, spec.n_experts)
                  and k.rope_theta == spec.rope_theta and spec.head_dim == 128 and spec.vocab_size == 151936
@@ -134,9 +141,23 @@ def _refuse_if(condition: bool, message: str) -> None:
         raise SpecError(message)
 
 
-def spec_from_config(config: Mapping[str, Any], *, source: str = "config.json") -> Qwen3Spec:
+def embedding_split_axis(model_name: str) -> int:
+    """The Family seam's (Meta shards only): Qwen3 comes as HF files, whose embedding is whole."""
+    return 0
+
+
+def spec_from_params(params: Mapping[str, Any], **_: Any) -> Qwen3Spec:
+    """The Family seam's params.json reader: Qwen3 has no Meta-format release."""
+    raise SpecError("Qwen3 is converted from Hugging Face files (config.json + *.safetensors), not params.json")
+
+
+def spec_from_config(config: Mapping[str, Any], *, model_name: str | None = None, model_path: str | None = None,
+                     kv_heads: int | None = None, source: str = "config.json") -> Qwen3Spec:
     """The spec of a Qwen3 / Qwen3-MoE ``config.json``; anything that changes the weights and that MaxText's Qwen3
-    models cannot hold is refused in one line (:class:`SpecError`)."""
+    models cannot hold is refused in one line (:class:`SpecError`). ``model_name`` may only say ``qwen3``;
+    ``model_path`` (a Hub repo id or Meta descriptor) names nothing config.json does not, and is not used."""
+    _refuse_if(model_name not in (None, NAME), f"--model_name {model_name} disagrees with {source} "
+               f"(model_type {str(config.get('model_type'))[:40]!r}: {NAME})")
     model_type = config.get("model_type")
     _refuse_if(model_type not in MODEL_TYPES, f"{source}: model_type {str(model_type)[:40]!r} is not a Qwen3 model "
                f"({' or '.join(MODEL_TYPES)})")
@@ -160,6 +181,8 @@ def spec_from_config(config: Mapping[str, Any], *, source: str = "config.json") 
     n_layers = int_field(config, "num_hidden_layers", source, low=1, high=MAX_LAYERS)
     n_heads = int_field(config, "num_attention_heads", source, low=1, high=MAX_HEADS)
     n_kv = int_field(config, "num_key_value_heads", source, low=1, high=n_heads, default=n_heads)
+    _refuse_if(kv_heads is not None and kv_heads != n_kv,
+               f"--num_kv_heads {kv_heads} disagrees with {source} (num_key_value_heads {n_kv})")
     _refuse_if(n_heads % n_kv != 0,
                f"{source}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv}")
     # transformers' Qwen3: head_dim defaults to hidden/heads; any value is legal (MaxText's head_dim is its own key).
@@ -201,127 +224,66 @@ def spec_from_config(config: Mapping[str, Any], *, source: str = "config.json") 
 
 
 # ------------------------------------------------------------------------------------------------ transforms
-
-Shape = Callable[[Qwen3Spec], tuple[int, ...]]
-Fn = Callable[[np.ndarray, Qwen3Spec], np.ndarray]
-
-
-@dataclasses.dataclass(frozen=True)
-class Transform:
-    """One kind of tensor: shapes, the function to MaxText and back, where a source row block lands (the fields of
-    the generic ``mapping.Transform`` of the families seam, which replaces this class once it is on main).
-
-    ``global_shape`` is one source tensor (one expert's); ``layer_shape`` the per-layer MaxText leaf (the expert
-    axis first, :data:`EXPERT_AXIS`, for an expert rule). ``apply`` takes rows of the source tensor (``[rows,
-    cols]``; for an expert rule the same rows of a range of experts, ``[experts, rows, cols]``) and returns the
-    block of the leaf they fill; ``row_axis`` is the leaf axis those rows land on; ``per_head``: rows come in
-    heads of head_dim.
-    """
-
-    name: str
-    global_shape: Shape
-    layer_shape: Shape
-    apply: Fn
-    invert: Fn
-    row_axis: int | None = None
-    per_head: bool = False
-    kv_heads: bool = False  # Meta's repeated kv heads: never in an HF file
-    takes_parts: bool = False
-
+# Row block of one source tensor (an expert rule: the same rows of a range of experts) → its block of the per-layer
+# leaf, and back. ``mapping.Transform``'s ``global_shape`` is one source tensor (one expert's); an expert rule's
+# ``layer_shape`` has the expert axis first (:data:`EXPERT_AXIS`) and ``row_axis`` counts it.
 
 #: The per-layer leaf axis ``{expert}`` indexes (``moe_block/wi_0`` ``[X, E, I]``; scanned ``[X, L, E, I]``).
 EXPERT_AXIS = 0
 
 
-def _as_is(block: np.ndarray, spec: Qwen3Spec) -> np.ndarray:
-    return block
-
-
-def _t(block: np.ndarray, spec: Qwen3Spec) -> np.ndarray:
-    return transpose(block)
-
-
 def _heads(block: np.ndarray, spec: Qwen3Spec) -> np.ndarray:
-    # [heads·D rows, E] → [E, heads, D]
-    return transpose(block).reshape(block.shape[1], block.shape[0] // spec.head_dim, spec.head_dim)
+    return mapping.heads_kernel(block, spec.head_dim)  # [heads·D, E] → [E, heads, D]; no rope permutation
 
 
 def _unheads(kernel: np.ndarray, spec: Qwen3Spec) -> np.ndarray:
-    return transpose(kernel.reshape(kernel.shape[0], -1))
+    return mapping.kernel_rows(kernel)
 
 
-def _out(block: np.ndarray, spec: Qwen3Spec) -> np.ndarray:
+def _out(block: mapping.Block, spec: Qwen3Spec) -> np.ndarray:
     # o_proj [E rows, H·D] → [H, D, E rows]
-    return transpose(block).reshape(spec.n_heads, spec.head_dim, block.shape[0])
+    return mapping.transpose(block).reshape(spec.n_heads, spec.head_dim, block.shape[0])
 
 
 def _unout(kernel: np.ndarray, spec: Qwen3Spec) -> np.ndarray:
-    return transpose(kernel.reshape(-1, kernel.shape[-1]))
+    return mapping.transpose(np.ascontiguousarray(kernel).reshape(-1, kernel.shape[-1]))
 
 
 def _experts_t(block: np.ndarray, spec: Qwen3Spec) -> np.ndarray:
-    # [experts, rows, cols] → [experts, cols, rows]: each expert's matrix transposed into its slot
+    # [experts, rows, cols] → [experts, cols, rows]: each expert's matrix transposed into its slot (and back)
     out = np.empty((block.shape[0], block.shape[2], block.shape[1]), dtype=block.dtype)
     for e in range(block.shape[0]):
-        transpose(block[e], out=out[e])
+        mapping.transpose(block[e], out=out[e])
     return out
 
 
+_AS_IS, _T = mapping.as_is, mapping.transposed
+#: E = dim, D = head_dim, H/K = q/kv heads, M = ffn_dim, V = vocab, X = experts, I = moe_ffn_dim.
 TRANSFORMS: dict[str, Transform] = {t.name: t for t in (
-    # E = dim, D = head_dim, H/K = q/kv heads, M = ffn_dim, V = vocab, X = experts, I = moe_ffn_dim
-    Transform("embedding", lambda s: (s.vocab_size, s.dim), lambda s: (s.vocab_size, s.dim), _as_is, _as_is, 0),
-    Transform("logits", lambda s: (s.vocab_size, s.dim), lambda s: (s.dim, s.vocab_size), _t, _t, 1),
+    Transform("embedding", lambda s: (s.vocab_size, s.dim), lambda s: (s.vocab_size, s.dim), _AS_IS, _AS_IS,
+              row_axis=0),
+    Transform("logits", lambda s: (s.vocab_size, s.dim), lambda s: (s.dim, s.vocab_size), _T, _T, row_axis=1,
+              takes_parts=True),
     Transform("query", lambda s: (s.n_heads * s.head_dim, s.dim), lambda s: (s.dim, s.n_heads, s.head_dim),
-              _heads, _unheads, 1, per_head=True),
+              _heads, _unheads, row_axis=1, per_head=True),
     Transform("kv", lambda s: (s.n_kv_heads * s.head_dim, s.dim), lambda s: (s.dim, s.n_kv_heads, s.head_dim),
-              _heads, _unheads, 1, per_head=True),
+              _heads, _unheads, row_axis=1, per_head=True),
     Transform("out", lambda s: (s.dim, s.n_heads * s.head_dim), lambda s: (s.n_heads, s.head_dim, s.dim),
-              _out, _unout, 2),
-    Transform("wi", lambda s: (s.ffn_dim, s.dim), lambda s: (s.dim, s.ffn_dim), _t, _t, 1),
-    Transform("wo", lambda s: (s.dim, s.ffn_dim), lambda s: (s.ffn_dim, s.dim), _t, _t, 1),
-    Transform("norm", lambda s: (s.dim,), lambda s: (s.dim,), _as_is, _as_is),
-    Transform("qk_norm", lambda s: (s.head_dim,), lambda s: (s.head_dim,), _as_is, _as_is),
-    Transform("router", lambda s: (s.n_experts, s.dim), lambda s: (s.dim, s.n_experts), _t, _t, 1),
+              _out, _unout, row_axis=2, takes_parts=True),
+    Transform("wi", lambda s: (s.ffn_dim, s.dim), lambda s: (s.dim, s.ffn_dim), _T, _T, row_axis=1, takes_parts=True),
+    Transform("wo", lambda s: (s.dim, s.ffn_dim), lambda s: (s.ffn_dim, s.dim), _T, _T, row_axis=1, takes_parts=True),
+    Transform("norm", lambda s: (s.dim,), lambda s: (s.dim,), _AS_IS, _AS_IS),
+    Transform("qk_norm", lambda s: (s.head_dim,), lambda s: (s.head_dim,), _AS_IS, _AS_IS),
+    Transform("router", lambda s: (s.n_experts, s.dim), lambda s: (s.dim, s.n_experts), _T, _T, row_axis=1,
+              takes_parts=True),
     Transform("expert_wi", lambda s: (s.moe_ffn_dim, s.dim), lambda s: (s.n_experts, s.dim, s.moe_ffn_dim),
-              _experts_t, _experts_t, 2),
+              _experts_t, _experts_t, row_axis=2),
     Transform("expert_wo", lambda s: (s.dim, s.moe_ffn_dim), lambda s: (s.n_experts, s.moe_ffn_dim, s.dim),
-              _experts_t, _experts_t, 2),
+              _experts_t, _experts_t, row_axis=2),
 )}
 
 
 # ------------------------------------------------------------------------------------------------ rules
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """One MaxText leaf (path under the model root; ``layers`` = per layer) and its source tensor in each format,
-    templated with ``{layer}`` / ``{expert}`` (the generic ``mapping.Rule``'s fields; replaced by it on main)."""
-
-    target: tuple[str, ...]
-    sources: Mapping[str, str] = dataclasses.field(hash=False)
-    split: int | None  # HF tensors are never split across files
-    transform: Transform
-    quantized: bool = False
-    contraction: tuple[int, ...] = (0,)
-
-    @property
-    def name(self) -> str:
-        return "/".join(self.target)
-
-    @property
-    def indices(self) -> tuple[str, ...]:
-        """The named indices of the source names (``layer``, ``expert``), in order of appearance."""
-        found: dict[str, None] = {}
-        for template in self.sources.values():
-            found.update((field, None) for _, field, _, _ in string.Formatter().parse(template) if field)
-        return tuple(found)
-
-    @property
-    def per_layer(self) -> bool:
-        return "layer" in self.indices
-
-    def source_key(self, source: str, layer: int | None = None, **index: int) -> str:
-        return self.sources[source].format(layer=layer, **index)
 
 
 def per_expert(rule: Rule) -> bool:
@@ -334,7 +296,7 @@ ATTN, MLP, MOE = ("decoder", "layers", "self_attention"), ("decoder", "layers", 
 
 
 def _r(target: tuple[str, ...], hf: str, transform: str) -> Rule:
-    return Rule(target, {"hf": hf}, None, TRANSFORMS[transform])
+    return Rule(target, {"hf": hf}, None, TRANSFORMS[transform])  # HF tensors are never split across files
 
 
 COMMON: tuple[Rule, ...] = (
@@ -378,8 +340,3 @@ def source_tensors(spec: Qwen3Spec, source: str = "hf") -> dict[str, tuple[int, 
             for expert in range(spec.n_experts) if per_expert(rule) else (None,):
                 out[rule.source_key(source, layer, expert=expert)] = shape
     return out
-
-
-def scanned_shape(shape: tuple[int, ...], n_layers: int) -> tuple[int, ...]:
-    """The scanned leaf: the layer axis at position 1 (MaxText's param_scan_axis), for experts too."""
-    return shape[:1] + (n_layers,) + shape[1:]
