@@ -273,3 +273,26 @@ def test_the_family_seams_flags_are_checked_against_config_json():
             qwen3.spec_from_config(moe, **kwargs)
     with pytest.raises(SpecError, match="not params.json"):
         qwen3.spec_from_params({"dim": 64})
+
+
+@pytest.mark.parametrize("name", list(FIXTURES))
+def test_the_planners_row_blocks_of_ordinary_rules_tile_their_leaf(name, case):
+    """The generic planner helpers (plan.piece_rows, plan.block_region) on Qwen3's non-expert rules, router and
+    QK-norm scales included: at a budget of 2 KiB every cuttable tensor is cut, and the pieces tile the leaf."""
+    from rayconv import plan
+
+    spec, tensors, _ = case(name)
+    for rule in (r for r in qwen3.rules(spec) if not qwen3.per_expert(r)):
+        at = spec.n_layers - 1 if rule.per_layer else None
+        source, whole = source_of(rule, spec, tensors, at), per_layer_leaf(rule, spec, tensors, at)
+        rows = plan.piece_rows(rule, spec, 2048)
+        assert rows * source[0].nbytes <= 2048 or rows == mapping.row_quantum(rule, spec) or source.ndim == 1
+        assert (rows < source.shape[0]) == (rule.transform.row_axis is not None and source.nbytes > 2048), rule.name
+        filled = np.zeros(whole.shape, dtype=bool)
+        for row0 in range(0, source.shape[0], rows):
+            region = tuple(slice(a, b) for a, b in plan.block_region(rule, spec, row0, row0 + rows))
+            got = mapping.to_layer_block(rule, source[row0:row0 + rows], spec)
+            assert np.array_equal(got.view(np.uint16), whole[region].view(np.uint16)), (rule.name, row0)
+            assert not filled[region].any()
+            filled[region] = True
+        assert filled.all(), rule.name

@@ -296,7 +296,10 @@ ATTN, MLP, MOE = ("decoder", "layers", "self_attention"), ("decoder", "layers", 
 
 
 def _r(target: tuple[str, ...], hf: str, transform: str) -> Rule:
-    return Rule(target, {"hf": hf}, None, TRANSFORMS[transform])  # HF tensors are never split across files
+    # An HF file holds each tensor whole: one logical shard (n_shards 1), "split" on axis 0 wherever rows may be cut
+    # (the planner cuts ``split is not None`` tensors into budget-sized row blocks; norms are never cut).
+    row_cut = TRANSFORMS[transform].row_axis is not None
+    return Rule(target, {"hf": hf}, 0 if row_cut else None, TRANSFORMS[transform])
 
 
 COMMON: tuple[Rule, ...] = (
