@@ -24,10 +24,14 @@ _common.bootstrap(device_count=16)  # to_maxtext's default --simulated_cpu_devic
 
 
 def overrides(config: dict) -> list[str]:
-  """MaxText key=value overrides giving the HF config's dims (the MoE ones only for an MoE config)."""
+  """MaxText key=value overrides giving the HF config's dims (the MoE ones only for an MoE config), rope base and
+  norm epsilon: the model MaxText builds is then the checkpoint's own (its logits are comparable with HF's)."""
   experts = config.get("num_experts", config.get("num_local_experts", 0))
   mlp = config["moe_intermediate_size"] if experts else config["intermediate_size"]
+  theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
   out = [
+      f"rope_max_timescale={int(theta) if float(theta).is_integer() else theta}",
+      f"normalization_layer_epsilon={config.get('rms_norm_eps', 1e-6)}",
       f"base_emb_dim={config['hidden_size']}",
       f"base_num_query_heads={config['num_attention_heads']}",
       f"base_num_kv_heads={config['num_key_value_heads']}",
