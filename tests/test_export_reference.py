@@ -160,3 +160,18 @@ def test_our_files_equal_maxtexts(reference_025, rayconv_outputs, tmp_path, max_
         w.close()
         writer.finish(directory, file, regions)
         assert (tmp_path / file.name).read_bytes() == (out / file.name).read_bytes(), file.name
+
+
+def test_reference_export_of_a_training_checkpoint(reference_025):
+    """A float32 training checkpoint (params + optimizer state, maxtext 0.2.5's trainer) with weight_dtype=bfloat16:
+    the params are restored as bf16 first (round to nearest even), then transformed as above; the optimizer state
+    is not exported."""
+    items = reference_025.train(MODEL, steps=2)
+    out = reference_025.to_huggingface(MODEL, items, scanned=True)
+    theirs = load_file(str(out / SINGLE_FILE))
+    params = {k: v.astype(BF16) for k, v in read_leaves(items, prefix="params/params/").items()}
+    assert params and all(v.dtype == np.float32 for v in read_leaves(items, prefix="params/params/").values())
+    ours = expected_export(params, MODEL.n_layers, MODEL.head_dim, scanned=True)
+    assert sorted(theirs) == sorted(ours)
+    for name, value in theirs.items():
+        assert value.dtype == BF16 and np.array_equal(_bits(value), _bits(ours[name])), name

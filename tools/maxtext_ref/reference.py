@@ -40,6 +40,7 @@ Main API::
     ref.unscanned(model, src_dir=None)  -> Path     # <...>/checkpoints/0/items (generate_param_only_checkpoint)
     ref.quantized(model, src_dir=None, quant="int8") -> Path   # save_quantized_params_path dir
     ref.to_huggingface(model, items, scanned=…) -> Path  # 0.2.5's to_huggingface.py output dir (to_hf.py)
+    ref.train(model, steps=2)           -> Path     # 0.2.5's trainer: the last step's items (train.py)
                                                    # (0.2.4: load_and_quantize_checkpoint; 0.2.5: layerwise_quantization)
     ref.with_maxtext("0.2.5")           -> MaxTextReference   # same cache, the other version
     ref.load_check(model, path, kind)   -> dict     # MaxEngine.load_params summary; raises if MaxText can't restore
@@ -352,8 +353,9 @@ FORK_SERVER_GRACE = 60.0
 
 #: Scripts that always run as a plain subprocess: to_hf.py's forked child died of SIGSEGV within 0.4 s, before any
 #: output (importing maxtext.checkpoint_conversion.to_huggingface after the fork), while the same run as a plain
-#: subprocess succeeds.
-PLAIN_SCRIPTS = frozenset({"to_hf.py"})
+#: subprocess succeeds; train.py imports the trainer's modules, which the server never preloads, likewise untested
+#: forked.
+PLAIN_SCRIPTS = frozenset({"to_hf.py", "train.py"})
 
 #: Env vars that can matter while the server imports jax/torch/maxtext: if any changes, the server restarts.
 _IMPORT_ENV_PREFIXES = ("JAX_", "XLA_", "TF_", "PYTHON", "LD_", "CUDA", "TPU_", "OMP_", "MKL_", "TORCH",
@@ -808,6 +810,22 @@ class MaxTextReference:
         if kind == "unscanned":
             return self.unscanned(model, src_dir)
         return self.quantized(model, src_dir, quant=kind)
+
+    def train(self, model: Any, *, steps: int = 2, scanned: bool = True) -> Path:
+        """maxtext 0.2.5's trainer (``maxtext.trainers.pre_train.train``, synthetic data, float32 weights) for
+        ``steps`` steps with checkpointing on; returns the last step's ``items`` (params, opt_state, nnx_aux, step)."""
+        if self.maxtext != "0.2.5":
+            raise ValueError("train.py drives maxtext 0.2.5's trainer (use with_maxtext('0.2.5'))")
+        spec = model_spec(model)
+        entry = self._entry("train", {"model": spec, "steps": steps, "scanned": scanned,
+                                      "scripts": script_hash("train.py")})
+
+        def build(tmp: Path) -> None:
+            out = self._run("train.py", ["--model", self._model_file(tmp, spec), "--out", tmp / "out", "--steps", steps,
+                                         "--scan-layers", "true" if scanned else "false"], tmp)
+            (tmp / "run.txt").write_text(out)
+
+        return self._cached(entry, build, "train.py") / "out" / "train" / "checkpoints" / str(steps - 1) / "items"
 
     def to_huggingface(self, model: Any, items: str | Path, *, scanned: bool, max_shard_size: int | None = None) -> Path:
         """maxtext 0.2.5's ``to_huggingface.py`` on the checkpoint at ``items`` (tokenizer stubbed, architecture
