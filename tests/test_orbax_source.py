@@ -201,3 +201,38 @@ def test_checkpoint_location_is_picklable(outputs):
     copy = pickle.loads(pickle.dumps(ckpt))
     assert copy == ckpt and isinstance(copy.location, Location)
     assert _bits(copy.read("token_embedder/embedding")) == _bits(ckpt.read("token_embedder/embedding"))
+
+
+def _add_array(items, tree_path: tuple[str, ...], shape: tuple[int, ...]) -> None:
+    """A real extra float32 array in the checkpoint's OCDBT database, and its _METADATA entry."""
+    import tensorstore as ts
+
+    spec = {"driver": "zarr3", "kvstore": {"driver": "ocdbt", "base": f"file://{items}/", "path": ".".join(tree_path) + "/"},
+            "metadata": {"shape": list(shape), "data_type": "float32"}}
+    ts.open(spec, create=True).result().write(np.ones(shape, np.float32)).result()
+
+    def add(meta):
+        keys = [{"key": k, "key_type": 2} for k in tree_path]
+        meta["tree_metadata"][repr(tree_path)] = {"key_metadata": keys, "value_metadata": {
+            "value_type": "jax.Array", "skip_deserialize": False, "write_shape": list(shape)}}
+
+    _edit_metadata(items, add)
+
+
+@pytest.mark.parametrize("case", ["mixed", "layer-axis", "gap"])
+def test_inconsistent_layers_refused(outputs, tmp_path, case):
+    kind = "unscanned" if case == "gap" else "scanned"
+    items = _copy(outputs["linen"] / ITEMS[kind], tmp_path)
+    if case == "mixed":
+        _add_array(items, ("params", "params", "decoder", "layers_0", "extra", "kernel"), (4, 3))
+        needle = "both decoder/layers"
+    elif case == "layer-axis":
+        _add_array(items, ("params", "params", "decoder", "layers", "extra", "kernel"), (4, 3))
+        needle = "disagree on the layer axis"
+    else:
+        _edit_metadata(items, lambda meta: meta.update(tree_metadata={
+            k: v for k, v in meta["tree_metadata"].items() if "layers_0" not in k}))
+        needle = r"decoder layers \[1\] are not layers_0"
+    assert open_checkpoint(str(outputs["linen"] / ITEMS[kind])).n_layers == MODEL.n_layers
+    with pytest.raises(SourceError, match=needle):
+        open_checkpoint(str(items))
