@@ -1,6 +1,6 @@
 """The one catalog of Meta's Llama releases: descriptor → family, size, SKU, shards, dtype, server folder.
 
-``rayconv convert --model_path`` (:class:`rayconv.models.Descriptor`) and the signed-URL download
+``rayconv convert --model_path`` (:class:`rayconv.families.Descriptor`) and the signed-URL download
 (:mod:`rayconv.download`) both read descriptors such as ``Llama3.1-405B-Instruct:bf16-mp16`` through
 :func:`lookup`, so the grammar, the shard counts and the folder names live here once. The facts come
 from llama-models' ``sku_list.py`` (``llama_meta_net_info``, ``llama_meta_pth_size``) and the older

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from rayconv.errors import SourceError
 from rayconv.progress import LOG
-from rayconv.source.pth import TensorInfo
+from rayconv.leaves import TensorInfo
 
 if TYPE_CHECKING:
     from rayconv.receipts import Receipt

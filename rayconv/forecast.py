@@ -34,7 +34,7 @@ import dataclasses
 import math
 from typing import Any, Sequence
 
-from rayconv import mapping
+from rayconv import families, mapping
 from rayconv.job import (MEMORY_PER_PIECE_BYTE, WORKER_BASE_BYTES, ConvertOptions, GiB, batch_reserve_bytes,
                          commit_batch_bytes, make_plan, open_checkpoint, piece_budget, worker_memory_bytes)
 from rayconv.models import ModelSpec
@@ -123,7 +123,7 @@ def largest_piece_for(spec: ModelSpec, budget: int) -> int:
     Uses the planner's own cutting rule (:func:`rayconv.plan.piece_rows`) per tensor without building the
     plan, which at small budgets has hundreds of thousands of pieces."""
     largest = 0
-    for rule in mapping.rules(spec):
+    for rule in families.rules(spec):
         shape = mapping.global_shape(rule, spec)
         rows = piece_rows(rule, spec, budget)
         largest = max(largest, rows * math.prod(shape[1:]) * 2)

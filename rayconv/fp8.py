@@ -8,7 +8,7 @@ See ``/work/shared/notes/sources.md``.
 
 rayconv converts it by dequantizing on the fly: ``bf16 = RNE_bf16(float32(float32(q) * float32(s[row])))``.
 The plan carries, for each float8 read, the byte range of its rows' scales in the scale file (a
-:class:`rayconv.plan.ScaleRead`), found from the scale file's index; workers read both ranges and
+:class:`rayconv.leaves.ScaleRead`), found from the scale file's index; workers read both ranges and
 dequantize, so neither weights nor scales pass through Ray, and the plan stays a few bytes per read
 (the 405B scales are ~118 MB, too much to carry in the plan). The driver checks the scale files'
 structure (files, keys, dtypes, row counts) from their indexes before anything runs; each worker checks
@@ -25,6 +25,7 @@ import ml_dtypes
 import numpy as np
 
 from rayconv.errors import SourceError
+from rayconv.leaves import ScaleRead
 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -179,8 +180,6 @@ def open_scales(files: Mapping[str, str], shards: Sequence[str], display: str, n
 
 def attach_scales(pieces: list, scales: Scales) -> list:
     """Give every float8 read of the plan the byte range of its rows' scales."""
-    from rayconv.plan import ScaleRead
-
     def with_scale(read):  # noqa: ANN001, ANN202
         if not _FFN.match(read.tensor):
             return read

@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from rayconv.errors import OutputError, SpecError
-from rayconv.models import Descriptor
+from rayconv.families import Descriptor
 from rayconv.plan import Plan, build_plan
 from rayconv.progress import LOG, human_bytes
 from rayconv.source.checkpoint import MetaCheckpoint

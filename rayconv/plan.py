@@ -2,7 +2,7 @@
 
 A plan is pure data, built from the model spec and the shard indexes before anything runs, so
 ``rayconv plan`` prints exactly what ``rayconv convert`` executes. A *piece* is one row block of one
-Meta tensor's global matrix (see :mod:`rayconv.mapping`): its byte ranges, and the chunk-aligned
+source tensor's global matrix (see :mod:`rayconv.mapping`): its byte ranges, and the chunk-aligned
 region it fills in each output array. A *unit* is a run of pieces executed by one task that writes
 one OCDBT database per output; units are idempotent (re-running one rewrites the same chunks with
 the same bytes) and their receipts are what the ledger records.
@@ -17,21 +17,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
 
-from rayconv import mapping, trees
+from rayconv import families, mapping, trees
+from rayconv.leaves import ArraySpec, Read, TensorInfo
 from rayconv.mapping import Rule
 from rayconv.models import ModelSpec
-from rayconv.source.pth import TensorInfo
 
 KINDS = ("scanned", "unscanned", "int8")
 
 def block_region(rule: Rule, spec: ModelSpec, row0: int, row1: int) -> tuple[tuple[int, int], ...]:
     """Region (start, stop per axis) of the per-layer array filled by rows [row0, row1) of G."""
-    transform = mapping.TRANSFORMS[rule.transform]
+    transform = rule.transform
     region = [(0, n) for n in transform.layer_shape(spec)]
     if transform.row_axis is not None:
         div = mapping.row_quantum(rule, spec)
@@ -40,57 +38,10 @@ def block_region(rule: Rule, spec: ModelSpec, row0: int, row1: int) -> tuple[tup
 
 
 @dataclasses.dataclass(frozen=True)
-class ArraySpec:
-    """One leaf array of an output tree."""
-
-    path: tuple[str, ...]
-    shape: tuple[int, ...]
-    dtype: str  # "bfloat16" | "int8" | "int4" | "int64"
-    chunks: tuple[int, ...]
-
-    @property
-    def param_name(self) -> str:
-        return ".".join(self.path)
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * np.dtype(_np_dtype(self.dtype)).itemsize
-
-
-def _np_dtype(name: str) -> Any:
-    import ml_dtypes
-
-    return {"bfloat16": ml_dtypes.bfloat16, "int4": ml_dtypes.int4}.get(name, name)
-
-
-@dataclasses.dataclass(frozen=True)
-class ScaleRead:
-    """The float32 row scales of an FP8 read: a byte range of ``plan.scale_files[file]`` (see rayconv.fp8)."""
-
-    file: int
-    key: str
-    offset: int
-    length: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Read:
-    """One contiguous byte range of one source file: rows [row0, row1) of a tensor."""
-
-    shard: int  # index into Plan.shards: a consolidated.NN.pth, or a .safetensors file
-    tensor: str
-    offset: int
-    length: int
-    rows: tuple[int, int]
-    shape: tuple[int, ...]  # shape of the rows read
-    scale: ScaleRead | None = None  # set for float8 rows: dequantize with these scales (FP8 SKU)
-
-
-@dataclasses.dataclass(frozen=True)
 class Piece:
-    """Rows [row0, row1) of one Meta tensor's global matrix G, for one layer."""
+    """Rows [row0, row1) of one source tensor's global matrix G, for one layer."""
 
-    rule: int  # index into mapping.rules(spec)
+    rule: int  # index into the family's rules(spec)
     layer: int | None
     row0: int
     row1: int
@@ -134,7 +85,7 @@ class Plan:
 
     @property
     def rules(self) -> tuple[Rule, ...]:
-        return mapping.rules(self.spec)
+        return families.rules(self.spec)
 
     @property
     def input_bytes(self) -> int:
@@ -174,14 +125,14 @@ def piece_rows(rule: Rule, spec: ModelSpec, budget: int) -> int:
     return _divisor_rows(per_shard, quantum, width, budget)
 
 
-#: Where logical shard ``s``'s copy of a tensor (named by its Meta key) lives: (file index, TensorInfo).
-#: Reads point at files. For Meta checkpoints shard s *is* file s (``shard_locator``); a Hugging Face
-#: checkpoint is one logical shard spread over many files (``HFCheckpoint.locate``).
+#: Where logical shard ``s``'s copy of a tensor (named as its source format names it, ``Rule.source_key``) lives:
+#: (file index, TensorInfo). Reads point at files. For Meta checkpoints shard s *is* file s (``shard_locator``); a
+#: Hugging Face checkpoint is one logical shard spread over many files (``HFCheckpoint.locate``).
 Locate = Callable[[int, str], tuple[int, TensorInfo]]
 
 
 def shard_locator(indexes: Sequence[dict[str, TensorInfo]]) -> Locate:
-    """Meta layout: tensor ``key`` of shard s is in file s, under its Meta name."""
+    """Meta layout: tensor ``key`` of shard s is in file s."""
     return lambda shard, key: (shard, indexes[shard][key])
 
 
@@ -195,12 +146,13 @@ def build_pieces(spec: ModelSpec, indexes: Sequence[dict[str, TensorInfo]], budg
     locate = locate or shard_locator(indexes)
     rows_by_rule: dict[int, int] = {}
     pieces: list[Piece] = []
-    for ri, rule in enumerate(mapping.rules(spec)):
+    source = mapping.source_format(spec)
+    for ri, rule in enumerate(families.rules(spec)):
         rows = piece_rows(rule, spec, budget)
         rows_by_rule[ri] = rows
         g_rows = mapping.global_shape(rule, spec)[0]
         for layer in _layers(rule, spec):
-            key = rule.key(layer)
+            key = rule.source_key(source, layer)
             if rule.split is None:  # replicated: shard 0's copy (MaxText ignores the others)
                 file, info = locate(0, key)
                 pieces.append(Piece(ri, layer, 0, g_rows, (_read(file, info, 0, info.shape[0]),)))

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from rayconv import gcs_api, trees
 from rayconv.models import ModelSpec
-from rayconv.plan import ArraySpec, Plan
+from rayconv.leaves import ArraySpec
+from rayconv.plan import Plan
 
 if TYPE_CHECKING:
     from rayconv.sink.layout import OutputLayout

@@ -6,10 +6,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from rayconv import fp8, mapping
-from rayconv.models import KNOWN_SIZES, Descriptor, ModelSpec, resolve_spec
+from rayconv import families, fp8, mapping
+from rayconv.families import Descriptor, family_of_name, resolve_spec
+from rayconv.models import ModelSpec
 from rayconv.source.checkpoint import MetaCheckpoint
-from rayconv.source.pth import TensorInfo
+from rayconv.leaves import TensorInfo
 
 
 def simulated_indexes(spec: ModelSpec, fp8_sku: bool = False) -> list[dict[str, TensorInfo]]:
@@ -17,10 +18,10 @@ def simulated_indexes(spec: ModelSpec, fp8_sku: bool = False) -> list[dict[str, 
     indexes = []
     for shard in range(spec.n_shards):
         offset, index = 64, {}
-        for rule in mapping.rules(spec):
+        for rule in families.rules(spec):
             shape = mapping.shard_shape(rule, spec)
             for layer in (range(spec.n_layers) if rule.per_layer else (None,)):
-                key = rule.key(layer)
+                key = rule.source_key("meta", layer)
                 dtype = fp8.FP8_DTYPE if fp8_sku and fp8.is_fp8_tensor(key, spec.n_layers) else "bfloat16"
                 nbytes = math.prod(shape) * (1 if dtype == fp8.FP8_DTYPE else 2)
                 index[key] = TensorInfo(key, dtype, shape, offset, nbytes)
@@ -44,7 +45,7 @@ def simulated_scales(indexes: list[dict[str, TensorInfo]], n_layers: int) -> fp8
 
 
 def _published_params(descriptor: Descriptor) -> dict[str, Any]:
-    known = next(k for k in KNOWN_SIZES[descriptor.family] if k.size == descriptor.size)
+    known = next(k for k in family_of_name(descriptor.family).known_sizes[descriptor.family] if k.size == descriptor.size)
     ffn = {"405b": (1.2, 4096), "70b": (1.3, 4096), "8b": (1.3, 1024)}.get(descriptor.size, (None, 256))
     return {"dim": known.dim, "n_layers": known.n_layers, "n_heads": known.n_heads,
             "n_kv_heads": max(known.n_kv_heads, descriptor.shards or 1), "vocab_size": 128256,

@@ -23,7 +23,7 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
-from rayconv.models import ffn_dim
+from rayconv.families.llama import SCALED_ROPE_FAMILIES, embedding_split_axis, ffn_dim
 
 BF16 = ml_dtypes.bfloat16
 
@@ -79,7 +79,7 @@ class SyntheticModel:
             "multiple_of": self.multiple_of,
             "norm_eps": self.norm_eps,
             "rope_theta": self.rope_theta,
-            "use_scaled_rope": self.family in ("llama-3.1", "llama-3.3"),
+            "use_scaled_rope": self.family in SCALED_ROPE_FAMILIES,
         }
         if self.ffn_dim_multiplier is not None:
             params["ffn_dim_multiplier"] = self.ffn_dim_multiplier
@@ -108,7 +108,7 @@ class SyntheticModel:
             problems.append("n_kv_heads and n_shards must divide one another")
         if self.ffn_dim % mp:
             problems.append(f"ffn dim {self.ffn_dim} must be a multiple of n_shards")
-        split = self.dim if self.family == "llama-2" else self.vocab_size
+        split = self.dim if embedding_split_axis(self.family) == 1 else self.vocab_size
         if split % mp:
             problems.append("the embedding's split axis must be a multiple of n_shards")
         if problems:
@@ -185,7 +185,7 @@ def _norm(model: SyntheticModel, shard: int, *key: object) -> np.ndarray:
 def _zero_channel(model: SyntheticModel, layer: int, kernel: np.ndarray) -> np.ndarray:
     """With ``model.zero_channel``, zero row ``(layer + 1) % rows`` of one shard's [out, in] layer kernel.
 
-    A Meta row is an output channel of MaxText's per-layer kernel for every quantized rule in mapping.RULES: the
+    A Meta row is an output channel of MaxText's per-layer kernel for every quantized rule of rayconv.families.llama: the
     kernels contract over Meta's input axis (query/key/value/wi_*: embed; out: heads x head_dim; mlp wo: mlp),
     and the transposes and the query's rope permutation only move whole rows. wo and w2 are split on their input
     axis, so each shard holds every row and the same local row zeroed in every shard is one all-zero channel;
@@ -200,7 +200,7 @@ def shard_tensors(model: SyntheticModel, shard: int) -> Iterator[tuple[str, np.n
     """Yield (Meta key, bf16 array) for one shard, in Meta's key order."""
     mp, e, d = model.n_shards, model.dim, model.head_dim
     m, v = model.ffn_dim, model.vocab_size
-    if model.family == "llama-2":
+    if embedding_split_axis(model.family) == 1:
         yield "tok_embeddings.weight", _weights(model, (v, e // mp), "tok", shard)
     else:
         yield "tok_embeddings.weight", _weights(model, (v // mp, e), "tok", shard)

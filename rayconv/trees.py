@@ -32,7 +32,7 @@ from rayconv.errors import SpecError
 
 if TYPE_CHECKING:
     from rayconv.mapping import Rule
-    from rayconv.plan import ArraySpec
+    from rayconv.leaves import ArraySpec
 
 Path = tuple[str, ...]
 

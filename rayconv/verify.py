@@ -13,11 +13,11 @@ import dataclasses
 import numpy as np
 import tensorstore as ts
 
-from rayconv import jsonio, mapping, trees
+from rayconv import families, jsonio, trees
 from rayconv.checksum import verify_crcs
 from rayconv.errors import ConversionError
 from rayconv.job import ConvertOptions, make_plan, open_checkpoint
-from rayconv.plan import ArraySpec
+from rayconv.leaves import ArraySpec
 from rayconv.receipts import JobContext, Receipt
 from rayconv.sink.layout import output_layouts, ocdbt_kvstore
 from rayconv.storage import Location
@@ -150,7 +150,7 @@ def verify(options: ConvertOptions, output: str) -> VerifyReport:
         return stores[(kind, path)]
 
     sources = Sources(plan.shards, plan.scale_files)
-    rules = mapping.rules(plan.spec)
+    rules = families.rules(plan.spec)
     crcs: list = []
     regions = compared = 0
     for unit in plan.units:

@@ -20,10 +20,11 @@ from typing import Iterator
 import numpy as np
 import tensorstore as ts
 
-from rayconv import fp8, mapping, quantize, trees
+from rayconv import families, fp8, mapping, quantize, trees
 from rayconv.errors import SourceError
 from rayconv.mapping import Rule
-from rayconv.plan import Piece, Read, Unit, aqt_paths, block_region, leaf_paths
+from rayconv.leaves import Read
+from rayconv.plan import Piece, Unit, aqt_paths, block_region, leaf_paths
 from rayconv.receipts import JobContext, Receipt
 from rayconv.sink.layout import array_kvstore, array_schema, ocdbt_kvstore
 from rayconv.source.bytesource import ByteSource, open_source
@@ -231,7 +232,7 @@ def _peak_rss() -> int:
 def run_unit(ctx: JobContext, unit: Unit) -> Receipt:
     """Execute one unit; raises ConversionError on bad input. Safe to run again."""
     start = time.monotonic()
-    rules = mapping.rules(ctx.spec)
+    rules = families.rules(ctx.spec)
     sources = Sources(ctx.shards, ctx.scale_files)
     writer = _Writer(ctx, unit, batch_bytes=ctx.batch_bytes)
     crcs: list = []

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import itertools
 import json
-import math
 import os
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -23,8 +20,8 @@ from rayconv import mapping, trees
 from rayconv.engine.ledger import COMMITTED, COMMITTING, Ledger, unit_sources
 from rayconv.simulated import simulated_indexes
 from rayconv.job import ConvertOptions, budgets, make_plan, piece_budget
-from rayconv.models import resolve_spec
-from rayconv.plan import Plan, block_region, build_plan
+from rayconv.families import resolve_spec
+from rayconv.plan import Plan, build_plan
 from rayconv.receipts import Receipt
 from rayconv.source.checkpoint import MetaCheckpoint
 from rayconv.storage import Location
@@ -67,47 +64,7 @@ def plan_of(spec, piece: int, unit: int, kinds=("scanned", "unscanned", "int8"),
 
 
 # ------------------------------------------------------------------------------------------------
-# Plan invariants
-
-
-def chunk_writers(plan: Plan, kind: str) -> dict[tuple[str, ...], Counter]:
-    """For every output array of ``kind``: how many pieces write each chunk (by chunk grid index)."""
-    spec, rules = plan.spec, plan.rules
-    arrays = {a.path: a for a in plan.arrays(kind)}
-    writers: dict[tuple[str, ...], Counter] = {path: Counter() for path in arrays}
-    for unit in plan.units:
-        for piece in unit.pieces:
-            rule = rules[piece.rule]
-            region = block_region(rule, spec, piece.row0, piece.row1)
-            if kind == "scanned" and rule.per_layer:
-                # the layer axis is axis 1 of a scanned array (mapping.scanned_shape)
-                targets = [(plan.tree.leaf_path(rule, 0, kind), region[:1] + ((piece.layer, piece.layer + 1),) + region[1:])]
-            elif kind == "int8" and rule.quantized:
-                qpath, spath = plan.tree.aqt_paths(rule, piece.layer)
-                scale = tuple((0, 1) if axis in rule.contraction else r for axis, r in enumerate(region))
-                targets = [(qpath, region), (spath, scale)]
-            else:
-                targets = [(plan.tree.leaf_path(rule, piece.layer, kind), region)]
-            for path, box in targets:
-                array = arrays[path]
-                for (start, stop), chunk, size in zip(box, array.chunks, array.shape):
-                    # A piece's region must be exactly one chunk: aligned, one chunk long (or up to the end).
-                    assert start % chunk == 0 and stop - start == min(chunk, size - start), (path, box, array)
-                writers[path][tuple(start // chunk for (start, _), chunk in zip(box, array.chunks))] += 1
-    return writers
-
-
-@pytest.mark.parametrize("budget", BUDGETS, ids=lambda b: f"piece{b[0]}-unit{b[1]}")
-@pytest.mark.parametrize("name", list(SPECS))
-def test_pieces_tile_every_output_array_once(name, budget):
-    plan = plan_of(SPECS[name], *budget)
-    for kind in plan.kinds:
-        writers = chunk_writers(plan, kind)
-        for array in plan.arrays(kind):
-            count = writers[array.path]
-            grid = [range(math.ceil(n / c)) for n, c in zip(array.shape, array.chunks)]
-            assert set(count) == set(itertools.product(*grid)), f"{kind} {array.path}: chunks without a writer"
-            assert set(count.values()) == {1}, f"{kind} {array.path}: a chunk has several writers"
+# Plan invariants (that every chunk has exactly one writer, and the transforms as data: tests/test_mapping_data.py)
 
 
 @pytest.mark.parametrize("budget", BUDGETS, ids=lambda b: f"piece{b[0]}-unit{b[1]}")
@@ -125,37 +82,12 @@ def test_units_and_pieces_respect_their_budgets(name, budget):
             rule = plan.rules[piece.rule]
             # Pieces are whole rows of G; only a block that cannot be cut any finer (one row quantum) may exceed.
             quantum = mapping.row_quantum(rule, spec) if rule.split is not None else piece.row1 - piece.row0
-            assert piece.nbytes <= piece_budget_ or piece.row1 - piece.row0 == quantum, (rule.meta, piece.nbytes)
+            assert piece.nbytes <= piece_budget_ or piece.row1 - piece.row0 == quantum, (rule.name, piece.nbytes)
             assert sum(r.length for r in piece.reads) == piece.nbytes
     # No source byte is read twice (kv-head copies are compared, not converted: they are duplicates, not reads).
     ranges = sorted((r.shard, r.offset, r.offset + r.length) for u in plan.units for p in u.pieces for r in p.reads)
     for (shard, _, end), (next_shard, start, _) in zip(ranges, ranges[1:]):
         assert shard != next_shard or start >= end, (shard, start, end)
-
-
-@pytest.mark.parametrize("name", list(SPECS))
-def test_transform_table_rows_agree_with_each_other(name):
-    """Each row of mapping.TRANSFORMS: G's shape, the per-layer shape, where G's rows land and the transform itself
-    must describe the same array; a block of whole heads/rows of G must become exactly its block_region."""
-    import ml_dtypes
-    import numpy as np
-
-    spec = SPECS[name]
-    for rule in mapping.rules(spec):
-        g_shape, shape = mapping.global_shape(rule, spec), mapping.layer_shape(rule, spec)
-        g = np.arange(math.prod(g_shape), dtype=np.float32).reshape(g_shape).astype(ml_dtypes.bfloat16)
-        whole = mapping.to_layer_block(rule, g, spec)
-        assert whole.shape == shape, rule.meta
-        assert block_region(rule, spec, 0, g_shape[0]) == tuple((0, n) for n in shape), rule.meta
-        if mapping.TRANSFORMS[rule.transform].row_axis is None:
-            continue
-        q = mapping.row_quantum(rule, spec)
-        row0, row1 = q, 3 * q if g_shape[0] >= 3 * q else 2 * q
-        region = block_region(rule, spec, row0, row1)
-        part = mapping.to_layer_block(rule, g[row0:row1], spec)
-        assert part.shape == tuple(b - a for a, b in region), rule.meta
-        # Every transform is elementwise or a permutation (the query's division too), so a block equals its region.
-        assert part.tobytes() == whole[tuple(slice(a, b) for a, b in region)].tobytes(), rule.meta
 
 
 def test_small_budget_cuts_more_pieces_and_units():
@@ -203,7 +135,7 @@ def test_crc_check_combines_receipts_and_names_the_damaged_tensor():
     import zlib
 
     from rayconv.checksum import crc_check, crc_error
-    from rayconv.source.pth import TensorInfo
+    from rayconv.leaves import TensorInfo
 
     rng = random.Random(0)
     data = {name: rng.randbytes(4096) for name in ("a", "b")}
@@ -307,30 +239,58 @@ def test_linen_tree_metadata_equals_maxtexts(kind):
 
 
 # ------------------------------------------------------------------------------------------------
-# The package's shape (issue 15): small modules, and no import cycle at module level
+# The package's shape (issues 15, 20): small modules, and no import cycle of any kind
 
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rayconv"
 MAX_MODULE_LINES = 400
 
 
+def _imported(node, name: str, is_package: bool, modules) -> set[str]:
+    """The rayconv modules one import statement names (``from a import b`` names a.b when that is a module)."""
+    import ast
+
+    if isinstance(node, ast.Import):
+        return {a.name for a in node.names}
+    if node.level:  # relative: resolved against the importing module's package
+        base = name.split(".") if is_package else name.split(".")[:-1]
+        base = base[:len(base) - node.level + 1]
+        module = ".".join(base + ([node.module] if node.module else []))
+    else:
+        module = node.module or ""
+    return {f"{module}.{a.name}" if f"{module}.{a.name}" in modules else module for a in node.names}
+
+
 def _module_imports() -> dict[str, set[str]]:
-    """{module: rayconv modules it imports at module level} (imports inside functions are deferred on purpose)."""
+    """{module: rayconv modules it imports}: every import statement anywhere in it, at module level, inside
+    functions (deferred, still a dependency) and under ``if TYPE_CHECKING`` (a type-only edge is still an edge)."""
     import ast
 
     modules = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
                for p in PACKAGE.rglob("*.py")}
     graph = {}
     for name, path in modules.items():
-        found = set()
-        for node in ast.parse(path.read_text()).body:
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rayconv"):
-                found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
-                          for a in node.names}
-            elif isinstance(node, ast.Import):
-                found |= {a.name for a in node.names if a.name.startswith("rayconv")}
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                found |= _imported(node, name, path.name == "__init__.py", modules)
         graph[name] = {m for m in found if m in modules and m != name}
     return graph
+
+
+def test_the_cycle_guard_sees_function_level_and_type_checking_imports():
+    graph = _module_imports()
+    assert "rayconv.fp8" in graph["rayconv.plan"]  # build_plan's deferred import of fp8
+    assert "rayconv.mapping" in graph["rayconv.trees"]  # trees' TYPE_CHECKING import of Rule
+    assert "rayconv.quantize" in graph["rayconv.mapping"]  # scale_query's deferred import
+
+
+def test_readers_do_not_know_the_maxtext_mapping():
+    """The readers give their index; the family says which tensors, of which shapes, a spec needs (issue 20)."""
+    graph = _module_imports()
+    for reader in ("rayconv.source.hf", "rayconv.source.checkpoint", "rayconv.source.pth",
+                   "rayconv.source.safetensors"):
+        assert not graph[reader] & {"rayconv.mapping", "rayconv.families.llama", "rayconv.plan"}, reader
 
 
 def test_modules_stay_small_and_import_without_cycles():

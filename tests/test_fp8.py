@@ -20,7 +20,7 @@ from fp8_checkpoints import torch_dequantize, write_dequantized
 from helpers import assert_clean_failure, assert_same_checkpoint, assert_same_leaves, copy_down, run_cli, run_convert_cli
 from helpers import output_leaves as leaves
 from rayconv import fp8
-from rayconv.models import Descriptor
+from rayconv.families import Descriptor
 from rayconv.source.bytesource import open_source
 from rayconv.source.pth import index_pth
 from rayconv.synthetic import SyntheticModel, shard_tensors

@@ -16,7 +16,8 @@ from conftest import run_convert, synthetic_checkpoint
 from rayconv import forecast
 from rayconv.job import (COMMIT_BATCH_BYTES, GCS_COMMIT_BATCH_BYTES, GiB, ConvertOptions, batch_reserve_bytes,
                          commit_batch_bytes, make_plan, open_checkpoint, piece_budget)
-from rayconv.plan import Piece, Read, Unit
+from rayconv.leaves import Read
+from rayconv.plan import Piece, Unit
 from rayconv.simulated import simulated_checkpoint
 from rayconv.source.checkpoint import list_input
 from rayconv.storage import Location

@@ -25,7 +25,7 @@ from conftest import CACHE, MODELS, run_convert, synthetic_checkpoint
 from helpers import assert_same_leaves as leaves_equal
 from helpers import copy_down, run_cli
 from hf_checkpoints import ensure_hf_checkpoint, hf_permute, merged_meta
-from rayconv import fp8, mapping
+from rayconv import families, fp8, mapping
 from rayconv.errors import ConversionError
 from rayconv.source.bytesource import open_source
 from rayconv.source.safetensors import index_safetensors
@@ -135,7 +135,7 @@ def test_rope_inverse_only_for_the_families_stored_interleaved():
         spec = spec_from_config(json.loads((hf_checkpoint(name) / "config.json").read_text()), model_name=None,
                                 model_path=None)
         assert spec.family == model.family, name  # family from config.json alone
-        kernel = mapping.to_layer_block(mapping.rules(spec)[1], hf_permute(wq, model.n_heads), spec)
+        kernel = mapping.to_layer_block(families.rules(spec)[1], hf_permute(wq, model.n_heads), spec)
         meta_kernel = wq.T.reshape(model.dim, model.n_heads, model.head_dim)
         want = meta_kernel if model.family == "llama-3.1" else mapping.permute_rope(meta_kernel)
         assert kernel.tobytes() == mapping.scale_query(want, spec.query_scale_divisor).tobytes(), name

@@ -151,7 +151,7 @@ def test_checkpoint_file_kind(name, kind):
 
 
 def test_catalog_fp8_sku_and_descriptor():
-    from rayconv.models import Descriptor
+    from rayconv.families import Descriptor
 
     for text in ("Llama3.1-405B-Instruct", "Llama3.1-405B", "Llama3.1-405B:fp8-mp8"):
         model = catalog.lookup(text)
@@ -385,7 +385,7 @@ def test_no_import_cycle_between_storage_and_gcs_source():
 
 
 def test_descriptor_is_a_dataclass_view_of_the_catalog():
-    from rayconv.models import Descriptor
+    from rayconv.families import Descriptor
 
     d = Descriptor.parse("Llama-2-70b-chat")
     model = catalog.lookup("Llama-2-70b-chat")
@@ -393,7 +393,7 @@ def test_descriptor_is_a_dataclass_view_of_the_catalog():
 
 
 def test_every_convertible_size_is_a_catalog_release():
-    from rayconv.models import KNOWN_SIZES
+    from rayconv.families.llama import KNOWN_SIZES
 
     for family, sizes in KNOWN_SIZES.items():
         for known in sizes:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from rayconv import mapping, quantize
+from rayconv.families import llama
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 MAX = 0x7F7F  # the largest finite bf16
@@ -143,8 +144,8 @@ def test_to_layer_block_takes_side_by_side_blocks(transform):
     from types import SimpleNamespace
 
     spec = SimpleNamespace(n_heads=4, head_dim=8, dim=40, ffn_dim=64, vocab_size=40)
-    rule = next(r for r in mapping.RULES if r.transform == transform)
-    columns = mapping.TRANSFORMS[transform].global_shape(spec)[1]
+    rule = next(r for r in llama.RULES if r.transform.name == transform)
+    columns = rule.transform.global_shape(spec)[1]
     rng = np.random.default_rng(2)
     parts = finite_patterns(rng, (4, 24, columns // 4))
     whole = np.concatenate(list(parts), axis=1)

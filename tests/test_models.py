@@ -3,7 +3,8 @@
 import pytest
 
 from rayconv.errors import SpecError
-from rayconv.models import Descriptor, ffn_dim, resolve_spec
+from rayconv.families import Descriptor, resolve_spec
+from rayconv.families.llama import embedding_split_axis, ffn_dim, rope_permuted
 
 LLAMA31_405B_MP16 = {"dim": 16384, "n_layers": 126, "n_heads": 128, "n_kv_heads": 16, "vocab_size": 128256,
                      "ffn_dim_multiplier": 1.2, "multiple_of": 4096, "norm_eps": 1e-5, "rope_theta": 500000.0,
@@ -47,7 +48,7 @@ def test_405b_mp16_kv_heads_come_from_maxtext_not_params_json():
     spec = resolve_spec(LLAMA31_405B_MP16, n_shards=16, vocab_size=128256, model_name="llama-3.1",
                         descriptor=Descriptor.parse("Llama3.1-405B-Instruct:bf16-mp16"))
     assert (spec.maxtext_name, spec.n_kv_heads, spec.params_kv_heads, spec.kv_step) == ("llama3.1-405b", 8, 16, 2)
-    assert spec.ffn_dim == 53248 and spec.head_dim == 128 and not spec.rope_permuted
+    assert spec.ffn_dim == 53248 and spec.head_dim == 128 and not rope_permuted(spec)
     assert spec.query_scale_divisor == 11.3125
 
 
@@ -77,5 +78,5 @@ def test_vocab_mismatch_between_params_and_shards():
 def test_llama2_vocab_minus_one_takes_the_shards_vocab():
     params = {"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256, "norm_eps": 1e-5, "vocab_size": -1}
     spec = resolve_spec(params, n_shards=1, vocab_size=32000, model_name="llama-2", descriptor=None)
-    assert (spec.vocab_size, spec.n_kv_heads, spec.maxtext_name, spec.rope_permuted) == (32000, 32, "llama2-7b", True)
-    assert spec.embedding_split_axis == 1
+    assert (spec.vocab_size, spec.n_kv_heads, spec.maxtext_name, rope_permuted(spec)) == (32000, 32, "llama2-7b", True)
+    assert embedding_split_axis(spec.family) == 1

@@ -130,7 +130,7 @@ def test_a_redownloaded_identical_meta_shard_keeps_a_finished_output(tmp_path):
 
 def test_content_identity_kinds(tmp_path):
     """CRC-covered indexes are identified by their directory, Hub blobs by name, other files by their bytes' identity."""
-    from rayconv.source.pth import TensorInfo
+    from rayconv.leaves import TensorInfo
 
     crc = {"w": TensorInfo("w", "bfloat16", (2,), 64, 4, crc32=7)}
     view = {"w": TensorInfo("w", "bfloat16", (2,), 64, 4, record=(64, 8, 9))}

@@ -2,7 +2,6 @@
 
 import ml_dtypes
 import numpy as np
-import pytest
 
 from rayconv import mapping, quantize
 
@@ -48,12 +47,3 @@ def test_quantize_int4_range():
     w = np.linspace(-1, 1, 256, dtype=np.float32).reshape(32, 8).astype(BF16)
     q, scale = quantize.quantize(w, (0,), 4)
     assert q.dtype == ml_dtypes.int4 and int(q.astype(np.int8).max()) <= 7 and int(q.astype(np.int8).min()) >= -7
-
-
-@pytest.mark.parametrize("transform,shape", [("wi", (6, 4)), ("wo", (4, 6)), ("logits", (10, 4))])
-def test_transposed_blocks(transform, shape):
-    rule = next(r for r in mapping.RULES if r.transform == transform)
-    block = np.arange(np.prod(shape), dtype=np.float32).reshape(shape).astype(BF16)
-    array = mapping.TRANSFORMS[rule.transform].apply(block, None)
-    assert array.shape == shape[::-1] and array.flags.c_contiguous
-    assert (array == block.T).all()

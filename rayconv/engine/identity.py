@@ -31,7 +31,7 @@ import re
 from typing import TYPE_CHECKING, Mapping
 
 from rayconv.plan import Plan
-from rayconv.source.pth import TensorInfo
+from rayconv.leaves import TensorInfo
 
 if TYPE_CHECKING:
     from rayconv.source.checkpoint import MetaCheckpoint

@@ -39,7 +39,7 @@ from rayconv.plan import Plan, Unit
 from rayconv.progress import LOG
 from rayconv.sink.commit import missing_databases
 from rayconv.sink.layout import OutputLayout, output_layouts
-from rayconv.source.pth import TensorInfo
+from rayconv.leaves import TensorInfo
 from rayconv.storage import Location
 from rayconv.receipts import Receipt
 

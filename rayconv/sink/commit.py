@@ -33,7 +33,7 @@ import numpy as np
 import tensorstore as ts
 
 from rayconv import jsonio
-from rayconv.plan import ArraySpec
+from rayconv.leaves import ArraySpec
 from rayconv.sink.layout import DB_PREFIX, OutputLayout, array_spec, ocdbt_kvstore
 from rayconv.errors import OutputError, one_line_reason
 from rayconv.progress import LOG

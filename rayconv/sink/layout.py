@@ -30,7 +30,7 @@ from typing import Any
 import tensorstore as ts
 
 from rayconv import trees
-from rayconv.plan import ArraySpec
+from rayconv.leaves import ArraySpec
 from rayconv.storage import Location
 
 #: Directory prefix of a unit's child database under an item (Orbax names its per-process ones the same way).

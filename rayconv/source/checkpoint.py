@@ -16,11 +16,13 @@ import struct
 import zipfile
 from typing import Any, Mapping
 
-from rayconv import fp8, mapping
+from rayconv import fp8
 from rayconv.errors import SourceError
-from rayconv.models import Descriptor, ModelSpec, load_params, resolve_spec
+from rayconv.families import Descriptor, expected_tensors, for_model_name, resolve_spec, tensor_count
+from rayconv.models import ModelSpec, load_params
 from rayconv.source.bytesource import open_source
-from rayconv.source.pth import TensorInfo, index_pth
+from rayconv.leaves import TensorInfo
+from rayconv.source.pth import index_pth
 from rayconv.storage import Location
 
 SHARD_NAME = re.compile(r"^consolidated\.(\d+)\.pth$")
@@ -130,9 +132,10 @@ class MetaCheckpoint:
         tok = indexes[0].get("tok_embeddings.weight")
         if tok is None:
             raise SourceError(f"{_display_name(shards[0])} has no tok_embeddings.weight: not a Meta Llama checkpoint")
-        family = descriptor.family if descriptor else model_name
+        name = descriptor.family if descriptor else model_name
+        family = for_model_name(name)  # an unknown or missing name is refused by resolve_spec
         # llama-2 splits the embedding on its width; later families on the vocabulary.
-        vocab = tok.shape[0] * (1 if family == "llama-2" else len(shards))
+        vocab = tok.shape[0] * (1 if family and family.embedding_split_axis(name) == 1 else len(shards))
         spec = resolve_spec(params, n_shards=len(shards), vocab_size=vocab, model_name=model_name,
                             descriptor=descriptor, kv_heads_override=kv_heads, source=f"{display}/params.json")
         checkpoint = cls(spec=spec, shards=shards, indexes=indexes, files=dict(files))
@@ -144,23 +147,15 @@ class MetaCheckpoint:
     def check_shapes(self) -> None:
         """Every shard must hold exactly the expected tensors, as bf16, with the expected shapes."""
         spec = self.spec
-        rules = mapping.rules(spec)
-
-        def keys():
-            for rule in rules:
-                for layer in (range(spec.n_layers) if rule.per_layer else (None,)):
-                    yield rule, layer
-
         # Bound what is built below by what the shards hold, so params.json cannot make it grow: when it names
         # more tensors than a shard has, one of the first len(index) + 1 names is missing, found lazily.
-        count = sum(spec.n_layers if rule.per_layer else 1 for rule in rules)
+        count = tensor_count(spec)
         for uri, index in zip(self.shards, self.indexes):
             if count > len(set(index) - IGNORED_KEYS):
-                missing = next(rule.key(layer) for rule, layer in keys() if rule.key(layer) not in index)
+                missing = next(key for key, _ in expected_tensors(spec, "meta") if key not in index)
                 raise SourceError(f"{_display_name(uri)} has no tensor {missing} (params.json says "
                                   f"{spec.n_layers} layers)")
-        expected: dict[str, tuple[int, ...]] = {rule.key(layer): mapping.shard_shape(rule, spec)
-                                                for rule, layer in keys()}
+        expected = dict(expected_tensors(spec, "meta"))
         for shard, (uri, index) in enumerate(zip(self.shards, self.indexes)):
             name = _display_name(uri)
             for key, shape in expected.items():

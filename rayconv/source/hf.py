@@ -4,9 +4,9 @@ What people download from the Hub (``huggingface-cli download meta-llama/Llama-3
 ``config.json``, ``model-0000k-of-0000n.safetensors`` and ``model.safetensors.index.json`` (plus, under
 ``original/``, Meta's own ``consolidated.NN.pth``). The converter treats it as *one logical shard*
 spread over several files: every tensor is whole (never split, each kv head once), so with
-``n_shards = 1`` the Meta rules of :mod:`rayconv.mapping` apply unchanged and :meth:`HFCheckpoint.locate`
-tells the planner which file holds each tensor. Only the q/k row order differs (HF's conversion
-half-split each head), which :func:`rayconv.mapping.rope_order` undoes for the families that need it.
+``n_shards = 1`` the family's rules (:mod:`rayconv.families`) apply unchanged, under each rule's HF name, and
+:meth:`HFCheckpoint.locate` tells the planner which file holds each tensor. Only the q/k row order differs (HF's
+conversion half-split each head), which the family's transforms undo where MaxText wants Meta's order.
 
 Opening reads config.json, the index and each file's header (never tensor data), then checks that
 the index, the headers and config.json agree and that every tensor the model needs is present exactly
@@ -21,14 +21,13 @@ import dataclasses
 import re
 from typing import Any, Mapping
 
-from rayconv import catalog, jsonio, mapping
+from rayconv import jsonio
 from rayconv.errors import SourceError, SpecError
-from rayconv.models import (FAMILIES, KNOWN_SIZES, MAX_DIM, MAX_FFN_DIM, MAX_HEADS, MAX_LAYERS, MAX_NORM_EPS,
-                            MAX_ROPE_THETA, MAX_VOCAB, ModelSpec, check_llama3_rope, check_scaled_rope, float_field,
-                            int_field)
+from rayconv.families import expected_tensors, for_hf_model_type
+from rayconv.models import ModelSpec
 from rayconv.progress import LOG
 from rayconv.source.bytesource import open_source
-from rayconv.source.pth import TensorInfo
+from rayconv.leaves import TensorInfo
 from rayconv.source.safetensors import index_safetensors
 from rayconv.storage import Location
 
@@ -141,30 +140,15 @@ def detect_format(files: Mapping[str, str], source_format: str, display: str, *,
 # config.json → ModelSpec
 
 
-def _hub_descriptor(text: str) -> tuple[str, str]:
-    """(family, size) from ``--model_path``: a Meta descriptor or a Hub repo id (meta-llama/Llama-3.1-8B)."""
-    name = text.strip().rsplit("/", 1)[-1].split(":", 1)[0]  # the SKU suffix names Meta's files, not these
-    name = re.sub(r"-hf$", "", name, flags=re.IGNORECASE)
-    try:
-        model = catalog.lookup(name)
-    except SpecError:
-        raise SpecError(f"--model_path {text!r} names no Llama model (expected e.g. meta-llama/Llama-3.1-8B-Instruct "
-                        "or Llama3.1-8B)") from None
-    if model.family not in FAMILIES:
-        raise SpecError(f"--model_path {text!r}: {model.family} is not supported (supported: {', '.join(FAMILIES)})")
-    return model.family, model.size
-
-
 def spec_from_config(config: Mapping[str, Any], *, model_name: str | None, model_path: str | None,
                      kv_heads: int | None = None, source: str = CONFIG) -> HFModelSpec:
-    """Translate a transformers ``LlamaConfig`` into the ModelSpec the Meta path would build.
+    """config.json → the ModelSpec the Meta path would build, read by the family its ``model_type`` names.
 
-    The family comes from ``--model_name``/``--model_path`` when given (and must agree with the rope
-    scaling), else from config.json: ``rope_type: llama3`` is Llama 3.1/3.3 (3.1 unless named 3.3:
-    the conversions are identical), otherwise a 128K vocabulary or rope_theta ≥ 500000 is Llama 3,
-    anything else Llama 2. FFN width is ``intermediate_size`` itself (no multiple_of arithmetic).
+    What is refused here is refused for every family: another model type, and a quantized variant.
     """
-    if config.get("model_type", "llama") != "llama":
+    model_type = config.get("model_type", "llama")
+    family = for_hf_model_type(model_type) if isinstance(model_type, str) else None
+    if family is None:
         raise SpecError(f"{source}: model_type {config.get('model_type')!r} is not a Llama checkpoint")
     quantization = config.get("quantization_config")
     if quantization is not None:  # e.g. meta-llama/Llama-3.1-405B-Instruct-FP8 (fbgemm_fp8: float8 MLP weights)
@@ -172,63 +156,9 @@ def spec_from_config(config: Mapping[str, Any], *, model_name: str | None, model
         raise SpecError(f"{source}: quantization_config {method!r} (a quantized Hugging Face variant such as the -FP8 "
                         "repos) is not supported; convert the bf16 repository, or Meta's FP8 SKU from its "
                         "consolidated.NN.pth + fp8_scales_*.pt files")
-    tie = config.get("tie_word_embeddings")
-    if tie is not None and not isinstance(tie, bool):
-        raise SpecError(f"{source}: tie_word_embeddings is {tie!r}, expected true or false")
-    for flag in ("attention_bias", "mlp_bias"):
-        if config.get(flag):
-            raise SpecError(f"{source}: {flag} is set; Llama (and MaxText's llama models) have no biases")
-    dim = int_field(config, "hidden_size", source, low=1, high=MAX_DIM)
-    n_layers = int_field(config, "num_hidden_layers", source, low=1, high=MAX_LAYERS)
-    n_heads = int_field(config, "num_attention_heads", source, low=1, high=min(MAX_HEADS, dim))
-    n_kv = int_field(config, "num_key_value_heads", source, low=1, high=n_heads, default=n_heads)
-    if dim % n_heads:
-        raise SpecError(f"{source}: hidden_size {dim} is not a multiple of num_attention_heads {n_heads}")
-    head_dim = int_field(config, "head_dim", source, low=1, high=MAX_DIM, default=dim // n_heads)
-    if head_dim != dim // n_heads:
-        raise SpecError(f"{source}: head_dim {head_dim} is not hidden_size / num_attention_heads ({dim // n_heads}); "
-                        "MaxText's llama models need it to be")
-    if n_heads % n_kv:
-        raise SpecError(f"{source}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv}")
-    if kv_heads is not None and kv_heads != n_kv:
-        raise SpecError(f"--num_kv_heads {kv_heads} disagrees with {source} (num_key_value_heads {n_kv})")
-    vocab = int_field(config, "vocab_size", source, low=1, high=MAX_VOCAB)
-    ffn = int_field(config, "intermediate_size", source, low=1, high=MAX_FFN_DIM)
-    rope_key = "rope_parameters" if config.get("rope_parameters") else "rope_scaling"  # transformers 5 / 4
-    rope = config.get(rope_key) or {}
-    if not isinstance(rope, Mapping):
-        raise SpecError(f"{source}: {rope_key} is {str(rope)[:40]!r}, expected an object")
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise SpecError(f"{source}: rope type {str(rope_type)[:40]!r} is not a Llama 2/3/3.1 rope")
-    scaled = rope_type == "llama3"
-    if scaled:
-        check_llama3_rope(rope, f"{source}: {rope_key}")
-    theta = dict(high=MAX_ROPE_THETA, null=False)
-    rope_theta = float_field(config, "rope_theta", source,
-                             float_field(rope, "rope_theta", f"{source}: {rope_key}", 10000.0, **theta), **theta)
-    norm_eps = float_field(config, "rms_norm_eps", source, 1e-5, high=MAX_NORM_EPS, null=False)
-
-    family, size = model_name, None
-    if model_path:
-        named, size = _hub_descriptor(model_path)
-        if family is not None and family != named:
-            raise SpecError(f"--model_name {family} disagrees with --model_path {model_path} ({named})")
-        family = named
-    if family is None:
-        family = "llama-3.1" if scaled else ("llama-3" if vocab >= 128000 or rope_theta >= 500000 else "llama-2")
-    if family not in FAMILIES:
-        raise SpecError(f"unknown --model_name {family!r} (supported: {', '.join(FAMILIES)})")
-    check_scaled_rope(family, scaled, source, f"rope type {rope_type!r}")
-    if size is None:  # as on the Meta path: --model_path names the size, else the published dims do
-        known = next((k for k in KNOWN_SIZES[family] if (k.dim, k.n_layers, k.n_heads) == (dim, n_layers, n_heads)),
-                     None)
-        size = known.size if known else None
-    return HFModelSpec(
-        family=family, maxtext_name=f"{FAMILIES[family]}-{size}" if size else f"{FAMILIES[family]}-custom",
-        dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, params_kv_heads=n_kv, vocab_size=vocab,
-        ffn_dim=ffn, norm_eps=norm_eps, rope_theta=rope_theta, use_scaled_rope=scaled,
-        n_shards=1)
+    spec = family.spec_from_config(config, model_name=model_name, model_path=model_path, kv_heads=kv_heads,
+                                   source=source)
+    return HFModelSpec(**dataclasses.asdict(spec))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -302,7 +232,7 @@ class HFCheckpoint:
     shards: list[str]  # uri per safetensors file: Read.shard indexes this
     indexes: list[dict[str, TensorInfo]]  # per file: {HF name: TensorInfo}
     files: dict[str, str]
-    where: dict[str, tuple[int, TensorInfo]]  # Meta key → (file index, TensorInfo)
+    where: dict[str, tuple[int, TensorInfo]]  # HF name → (file index, TensorInfo)
     scales: None = None  # the driver's FP8 hook (MetaCheckpoint.scales); HF's FP8 variants are refused (spec)
     fp8: bool = False
 
@@ -326,7 +256,7 @@ class HFCheckpoint:
         return cls(spec=spec, shards=uris, indexes=indexes, files=dict(files), where=where)
 
     def locate(self, shard: int, key: str) -> tuple[int, TensorInfo]:
-        """plan.Locate: the one logical shard's tensor ``key`` (a Meta key) → (file index, TensorInfo)."""
+        """plan.Locate: the one logical shard's tensor ``key`` (its HF name) → (file index, TensorInfo)."""
         if shard != 0:
             raise ValueError(f"a Hugging Face checkpoint has one logical shard, not shard {shard}")
         return self.where[key]
@@ -361,33 +291,28 @@ def _locate_all(names: list[str], indexes: list[dict[str, TensorInfo]], index: M
 
 def _check(spec: ModelSpec, names: list[str], indexes: list[dict[str, TensorInfo]], located: dict[str, int],
            config: Mapping[str, Any], display: str) -> dict[str, tuple[int, TensorInfo]]:
-    """Every tensor the model needs, once, bf16, shaped as config.json implies; nothing unexpected."""
+    """Every tensor the spec's family needs, once, bf16, shaped as config.json implies; nothing unexpected."""
     where: dict[str, tuple[int, TensorInfo]] = {}
-    wanted: set[str] = set()
-    for rule in mapping.rules(spec):
-        for layer in (range(spec.n_layers) if rule.per_layer else (None,)):
-            key = rule.source_key(layer, "hf")
-            wanted.add(key)
-            if key not in located:
-                hint = (" (tie_word_embeddings: rayconv needs lm_head.weight stored)"
-                        if key == "lm_head.weight" and config.get("tie_word_embeddings") else "")
-                raise SourceError(f"{display} has no tensor {key} ({CONFIG} says {spec.n_layers} layers){hint}")
-            file = located[key]
-            info = indexes[file][key]
-            shape = mapping.global_shape(rule, spec)
-            if tuple(info.shape) != shape:
-                raise SourceError(f"{names[file]}: {key} has shape {list(info.shape)}, but {CONFIG} implies "
-                                  f"{list(shape)} ({CONFIG} disagrees with the tensors)")
-            if info.dtype != "bfloat16":
-                raise SourceError(f"{names[file]}: {key} is {info.dtype}; rayconv converts bf16 checkpoints")
-            where[rule.key(layer)] = (file, info)
+    for key, shape in expected_tensors(spec, "hf"):
+        if key not in located:
+            hint = (" (tie_word_embeddings: rayconv needs lm_head.weight stored)"
+                    if key == "lm_head.weight" and config.get("tie_word_embeddings") else "")
+            raise SourceError(f"{display} has no tensor {key} ({CONFIG} says {spec.n_layers} layers){hint}")
+        file = located[key]
+        info = indexes[file][key]
+        if tuple(info.shape) != shape:
+            raise SourceError(f"{names[file]}: {key} has shape {list(info.shape)}, but {CONFIG} implies "
+                              f"{list(shape)} ({CONFIG} disagrees with the tensors)")
+        if info.dtype != "bfloat16":
+            raise SourceError(f"{names[file]}: {key} is {info.dtype}; rayconv converts bf16 checkpoints")
+        where[key] = (file, info)
     if config.get("tie_word_embeddings") and "lm_head.weight" in located:
         # transformers (5.x) loads such a checkpoint the same way: it ties the two only when they are equal, and
         # when they differ it keeps the stored lm_head.weight ("we will NOT tie them") with a warning. So do we.
         LOG.warning("%s sets tie_word_embeddings but also stores lm_head.weight: the logits kernel is converted from "
                     "the stored lm_head.weight, as transformers loads it (where it differs from "
                     "model.embed_tokens.weight, transformers does not tie them either)", CONFIG)
-    unexpected = sorted(k for k in set(located) - wanted if not IGNORED.match(k))
+    unexpected = sorted(k for k in set(located) - set(where) if not IGNORED.match(k))
     if unexpected:
         raise SourceError(f"{names[located[unexpected[0]]]} holds unexpected tensor {unexpected[0]} ({CONFIG} says "
                           f"{spec.n_layers} layers; is this a Llama checkpoint?)")

@@ -25,28 +25,13 @@ import pickle
 import zipfile
 from typing import Any, Mapping
 
-import ml_dtypes
 import numpy as np
 
 from rayconv.errors import ConversionError, SourceError
+from rayconv.leaves import DTYPES, TensorInfo
 from rayconv.source.bytesource import ByteSource
 from rayconv.source.torch_zip import ENCRYPTED, Archive, check_container
 
-#: torch dtype name → numpy dtype. The names are TensorInfo.dtype values.
-DTYPES: dict[str, np.dtype] = {
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "float16": np.dtype(np.float16),
-    "float32": np.dtype(np.float32),
-    "float64": np.dtype(np.float64),
-    "int64": np.dtype(np.int64),
-    "int32": np.dtype(np.int32),
-    "int16": np.dtype(np.int16),
-    "int8": np.dtype(np.int8),
-    "uint8": np.dtype(np.uint8),
-    "bool": np.dtype(np.bool_),
-    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
-    "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
-}
 _FLOATING = frozenset({"bfloat16", "float16", "float32", "float64", "float8_e4m3fn", "float8_e5m2"})
 
 #: torch legacy storage class (``torch.<name>``, used by ``_rebuild_tensor_v2``) → dtype name. There is
@@ -70,33 +55,6 @@ _STORAGE_DTYPES: dict[str, str] = {
 MAX_PICKLE_BYTES = 64 << 20
 _INT64_MAX = (1 << 63) - 1
 _UINT64_MAX = (1 << 64) - 1
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor's bytes are: ``offset`` is absolute in the file, rows are contiguous."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
-    crc32: int | None = None  # of the whole storage record, when the tensor covers all of it
-    #: (record start, record bytes, record CRC-32) when the tensor covers only part of its storage record
-    #: (``torch.save(big[:n])``): the CRC check must see the rest of the record too (rayconv.checksum).
-    record: tuple[int, int, int] | None = None
-
-    @property
-    def np_dtype(self) -> np.dtype:
-        return DTYPES[self.dtype]
-
-    @property
-    def row_bytes(self) -> int:
-        return self.nbytes // self.shape[0] if self.shape and self.shape[0] else self.nbytes
-
-    def row_range(self, start: int, stop: int) -> tuple[int, int]:
-        """(offset, length) of rows [start, stop) of a C-contiguous tensor."""
-        return self.offset + start * self.row_bytes, (stop - start) * self.row_bytes
 
 
 class _Invalid(Exception):

@@ -22,7 +22,7 @@ import numpy as np
 from rayconv import jsonio
 from rayconv.errors import SourceError
 from rayconv.source.bytesource import ByteSource
-from rayconv.source.pth import TensorInfo
+from rayconv.leaves import TensorInfo
 
 #: The safetensors library refuses headers above 100 MB; so do we (a 405B file's header is ~20 KB).
 MAX_HEADER_BYTES = 100_000_000
