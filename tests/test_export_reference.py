@@ -175,3 +175,33 @@ def test_reference_export_of_a_training_checkpoint(reference_025):
     assert sorted(theirs) == sorted(ours)
     for name, value in theirs.items():
         assert value.dtype == BF16 and np.array_equal(_bits(value), _bits(ours[name])), name
+
+
+@pytest.mark.parametrize("layout,kind", CASES, ids=[f"{a}-{b}" for a, b in CASES])
+def test_family_inverse_equals_maxtexts_export(reference_025, rayconv_outputs, layout, kind):
+    """Every rule's ``Transform.invert`` (rayconv.families) with an HF-format spec gives MaxText's exported tensor."""
+    import dataclasses
+
+    from rayconv import families, mapping
+    from rayconv.source.hf import HFModelSpec
+
+    spec = families.resolve_spec(MODEL.params_json(), n_shards=1, vocab_size=MODEL.vocab_size,
+                                 model_name=MODEL.family, descriptor=None)
+    spec = HFModelSpec(**dict(dataclasses.asdict(spec), n_shards=1))
+    items = rayconv_outputs[layout] / ITEMS[kind]
+    theirs = load_file(str(reference_025.to_huggingface(MODEL, items, scanned=kind == "scanned") / SINGLE_FILE))
+    leaves = read_leaves(items)
+    checked = set()
+    for rule in families.rules(spec):
+        for layer in (range(MODEL.n_layers) if rule.per_layer else (None,)):
+            parts = rule.target
+            if layer is not None and kind == "unscanned":
+                parts = tuple(f"layers_{layer}" if p == "layers" else p for p in parts)
+            value = _leaf(leaves, *parts)
+            if layer is not None and kind == "scanned":
+                value = np.take(value, layer, axis=1)
+            name = rule.source_key("hf", layer)
+            ours = mapping.from_layer_block(rule, np.ascontiguousarray(value), spec)
+            assert ours.dtype == BF16 and np.array_equal(_bits(ours), _bits(theirs[name])), name
+            checked.add(name)
+    assert checked == set(theirs)
