@@ -176,7 +176,7 @@ def verify(source, output, model_name, model_path, num_kv_heads, maxtext_layout,
 @click.option("--n_layers", type=int, default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--fp8", is_flag=True, default=False,
-              help="Write Meta's FP8 SKU layout (float8 FFN weights of layers 1..n-2 + fp8_scales_{r}.pt).")
+              help="Write Meta's FP8 SKU files (float8 FFN weights of layers 1..n-2 + fp8_scales_{r}.pt).")
 def synthetic(preset_or_dims, out, n_shards, n_layers, seed, fp8) -> None:
     """Write a synthetic Meta-format checkpoint (PRESET: demo, 405b-2gb, demo-fp8)."""
     import dataclasses
