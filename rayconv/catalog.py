@@ -13,7 +13,6 @@ come from a server or an index (``checklist.chk``) are only ever written when th
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 
 from rayconv.errors import SpecError
@@ -67,7 +66,7 @@ class MetaModel:
     shards: int
     dtype: str  # "bf16" or "fp8"
     folder: str
-    #: Meta's published shard size, or None (unknown, or ignored via RAYCONV_META_SHARD_SIZES=ignore).
+    #: Meta's published shard size, or None (unknown; a download may ignore it: rayconv.download.resolve).
     shard_bytes: int | None
     #: Older folder names (``Meta-Llama-3.1-…``, llama3 ``download.sh`` paths), tried in order when
     #: the current name is not found.
@@ -132,9 +131,9 @@ def lookup(descriptor: str, folder: str | None = None) -> MetaModel:
             raise SpecError(f"--model_path {descriptor!r}: variant {variant!r} is not supported; only bf16 "
                             "checkpoints (e.g. :bf16-mp16, :bf16-mp8) convert bit-exactly")
         shards = int(parsed["mp"])
-    if folder or os.environ.get("RAYCONV_META_SHARD_SIZES", "").lower() == "ignore":
-        # A custom folder, a re-published release or a synthetic checkpoint served under a real
-        # descriptor: trust Content-Range instead of llama-models' published sizes.
+    if folder:
+        # A custom folder (a re-published release, say): trust Content-Range instead of llama-models'
+        # published sizes.
         shard_bytes = None
     return MetaModel(descriptor=descriptor, family=family, size=size, instruct=instruct, variant=variant,
                      shards=shards, dtype=dtype, folder=folder or name, shard_bytes=shard_bytes,

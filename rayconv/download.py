@@ -73,12 +73,17 @@ class MetaFiles:
     checklist: bytes
 
 
-def resolve(meta_url: str, descriptor: str, *, folder: str | None = None,
-            allow_unverified: bool = False) -> MetaFiles:
-    """Check the URL, find the server folder (probing older names), read checklist.chk."""
+def resolve(meta_url: str, descriptor: str, *, folder: str | None = None, allow_unverified: bool = False,
+            published_sizes: bool = True) -> MetaFiles:
+    """Check the URL, find the server folder (probing older names), read checklist.chk.
+
+    ``published_sizes=False`` (``RAYCONV_META_SHARD_SIZES=ignore``, ``Tunables.meta_shard_sizes``): a
+    re-published release or synthetic shards under a real descriptor; sizes come from Content-Range only."""
     check_meta_url(meta_url)
     check_expiry(meta_url)
     model = catalog.lookup(descriptor, folder)
+    if not published_sizes:
+        model = dataclasses.replace(model, shard_bytes=None)
     candidates = [model.folder, *model.legacy_folders]
     checklist = None
     first_error: HttpStatusError | None = None
@@ -162,6 +167,7 @@ def _fetch_order(model: MetaModel, md5: dict[str, str]) -> list[str]:
     return sorted(others, key=lambda n: (n != "tokenizer.model", n != "params.json", n)) + shards
 
 
-def resolve_input(meta_url: str, descriptor: str, *, folder: str | None = None) -> dict[str, str]:
+def resolve_input(meta_url: str, descriptor: str, *, folder: str | None = None,
+                  published_sizes: bool = True) -> dict[str, str]:
     """``{file name: url}`` for converting straight from the URL."""
-    return resolve(meta_url, descriptor, folder=folder).urls
+    return resolve(meta_url, descriptor, folder=folder, published_sizes=published_sizes).urls

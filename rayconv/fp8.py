@@ -4,7 +4,7 @@ The FP8 SKU (``Llama3.1-405B[-Instruct]`` with no variant) is the bf16 MP8 check
 weights ``layers.{i}.feed_forward.{w1,w3,w2}.weight`` of layers 1..n_layers-2 stored as
 float8_e4m3fn, quantized per row by FBGEMM's ``quantize_fp8_per_row`` with the scale of every row in
 ``fp8_scales_{shard}.pt`` (a ``torch.save`` dict ``{f"{i}_feed_forward.{w}_{shard}": float32 [rows]}``).
-See ``/work/shared/notes/sources.md``.
+See docs/architecture.md, "Meta's FP8 SKU".
 
 rayconv converts it by dequantizing on the fly: ``bf16 = RNE_bf16(float32(float32(q) * float32(s[row])))``.
 The plan carries, for each float8 read, the byte range of its rows' scales in the scale file (a

@@ -1,5 +1,5 @@
 """GCS object operations and the one ``gs://`` parser: a leaf module (imports nothing else of rayconv's
-but :mod:`rayconv.errors` and :mod:`rayconv.process_local`).
+but :mod:`rayconv.errors`, :mod:`rayconv.process_local` and :mod:`rayconv.tunables`).
 
 Bytes move through tensorstore (:mod:`rayconv.storage`, :mod:`rayconv.source.gcs`); what tensorstore's
 kvstore cannot do — object metadata (size, md5, crc32c, generation), compose, batch delete — goes
@@ -15,29 +15,19 @@ import logging
 import os
 from typing import Iterator
 
+from rayconv import tunables
 from rayconv.errors import ConversionError, OutputError, SourceError, one_line_reason
 from rayconv.process_local import per_process
 
 log = logging.getLogger(__name__)
 
-#: Seconds one storage call (a small object's read or write, a sub-read of a large one, a metadata request)
-#: may take before rayconv gives up with one line naming the bucket. Without it a run with no network or no
-#: credentials is silent for minutes while tensorstore and google-cloud-storage retry (#21: > 90 s). The CLI
-#: sets it from ``--storage_timeout_s`` (:func:`set_timeout`).
-DEFAULT_TIMEOUT = 60.0
-_timeout = [DEFAULT_TIMEOUT]
-
-
-def set_timeout(seconds: float) -> None:
-    """Bound every storage call of this process by ``seconds`` (positive, finite)."""
-    if not 0 < seconds < float("inf"):
-        raise ValueError(f"a storage timeout must be a positive number of seconds, got {seconds}")
-    _timeout[0] = float(seconds)
-
 
 def timeout() -> float:
-    """The bound on one storage call, in seconds (:data:`DEFAULT_TIMEOUT` unless :func:`set_timeout` changed it)."""
-    return _timeout[0]
+    """The bound on one storage call (a small object's read or write, a sub-read of a large one, a metadata
+    request), in seconds: this process's ``--storage_timeout_s`` (:attr:`rayconv.tunables.Tunables.storage_timeout_s`,
+    installed by the driver and by every worker from the job context). Without it a run with no network or no
+    credentials is silent for minutes while tensorstore and google-cloud-storage retry (#21: > 90 s)."""
+    return tunables.current().storage_timeout_s
 
 
 def _credentials_file() -> str | None:

@@ -11,12 +11,14 @@ import dataclasses
 import math
 from typing import Any
 
+from rayconv.acquire import Acquisition
 from rayconv.errors import OutputError, SpecError
 from rayconv.families import Descriptor
 from rayconv.plan import Plan, build_plan
 from rayconv.progress import LOG, human_bytes
 from rayconv.source.checkpoint import MetaCheckpoint
 from rayconv.storage import Location
+from rayconv.tunables import Tunables
 
 GiB = 1 << 30
 #: Peak worker memory per piece byte: the read buffer, the transformed copy, float32 temporaries
@@ -61,6 +63,10 @@ class ConvertOptions:
     verify_md5: bool = False
     source_format: str = "auto"  # meta | hf | auto (see source/hf.detect_format)
     input_directory: str | None = None  # where files were listed from (finds a Hub snapshot's original/)
+    #: What the job's first phase fetches or writes to fill ``files`` (rayconv.acquire); None: ``files`` is the input.
+    acquire: Acquisition | None = None
+    #: Timeouts, read sizes, concurrency: installed in the driver, carried to the workers (rayconv.tunables).
+    tunables: Tunables = dataclasses.field(default_factory=Tunables)
 
 
 def on_gcs(output: str) -> bool:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from rayconv import gcs_api, trees
+from rayconv import trees
 from rayconv.models import ModelSpec
 from rayconv.leaves import ArraySpec
 from rayconv.plan import Plan
+from rayconv.tunables import Tunables
+from rayconv.tunables import current as current_tunables
 
 if TYPE_CHECKING:
     from rayconv.sink.layout import OutputLayout
@@ -34,9 +36,10 @@ class JobContext:
     batch_bytes: int = 0  # output bytes per OCDBT commit (rayconv.job.commit_batch_bytes); 0: after every piece
     scale_files: tuple[str, ...] = ()  # FP8 SKU: fp8_scales_{r}.pt per shard
     layout: str = trees.DEFAULT_LAYOUT  # MaxText tree layout: decides the leaf paths (rayconv.trees)
-    # The bound on one storage call (--storage_timeout_s), taken from the process that creates the context (the
-    # driver): a Ray worker is another process and would keep gcs_api's default (rayconv.engine.actors).
-    storage_timeout: float = dataclasses.field(default_factory=gcs_api.timeout)
+    # Timeouts, read sizes, concurrency (--storage_timeout_s, --http_timeout_s, RAYCONV_* overrides), taken from the
+    # process that creates the context (the driver, which installed ConvertOptions.tunables): a Ray worker is
+    # another process, and installs these when it starts (rayconv.engine.actors).
+    tunables: Tunables = dataclasses.field(default_factory=current_tunables)
 
     @classmethod
     def create(cls, plan: Plan, layouts: dict[str, OutputLayout], compression: str | None,

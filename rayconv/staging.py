@@ -351,7 +351,7 @@ def stage(meta_url: str, descriptor: str, dest: Location | str, *, folder: str |
           files: Iterable[str] | None = None, part_size: int = 32 * MiB, concurrency: int = 8,
           parallel_files: int = 2, memory_budget: int = 1024 * MiB, allow_unverified: bool = False,
           progress: Callable[[str, int, int], None] | None = None,
-          report: StageReport | None = None) -> Location:
+          report: StageReport | None = None, published_sizes: bool = True) -> Location:
     """Copy the model's raw files from Meta's URL into ``dest`` (local dir or gs:// prefix).
 
     Resumable: rerun with the same (or a fresh) URL after any interruption. Each file is
@@ -361,10 +361,12 @@ def stage(meta_url: str, descriptor: str, dest: Location | str, *, folder: str |
 
     Memory: about ``memory_budget`` (parts in flight, split across ``parallel_files``); each file
     uses up to ``concurrency`` parallel ranged GETs of ``part_size`` (raised for files over
-    ~1000 parts).
+    ~1000 parts). ``published_sizes``: check the shards against Meta's published sizes
+    (:func:`rayconv.download.resolve`).
     """
     dest = Location.parse(dest) if isinstance(dest, str) else dest
-    meta = resolve(meta_url, descriptor, folder=folder, allow_unverified=allow_unverified)
+    meta = resolve(meta_url, descriptor, folder=folder, allow_unverified=allow_unverified,
+                   published_sizes=published_sizes)
     names = [n for n in meta.urls if n != "checklist.chk"]
     if files is not None:
         wanted = set(files)

@@ -162,12 +162,14 @@ class Location:
         keys = self._wait(store.list(_prefix_range(prefix) if prefix else None))
         return sorted(k.decode() if isinstance(k, bytes) else k for k in keys)
 
-    def list_folders(self) -> list[str]:
-        """Names of the directories directly under this location (on GCS: the common prefixes)."""
+    def list_folders(self, *, follow_symlinks: bool = False) -> list[str]:
+        """Names of the directories directly under this location (on GCS: the common prefixes). A local link to a
+        directory counts only with ``follow_symlinks`` (an input's folders may be links; what a cleanup deletes
+        must never be one)."""
         if self.is_local:
             if not os.path.isdir(self.path):
                 return []
-            return sorted(e.name for e in os.scandir(self.path) if e.is_dir(follow_symlinks=False))
+            return sorted(e.name for e in os.scandir(self.path) if e.is_dir(follow_symlinks=follow_symlinks))
         return list_folders(self.bucket, self.path.rstrip("/") + "/" if self.path else "")
 
     def size(self, key: str) -> int | None:

@@ -285,6 +285,14 @@ def test_the_cycle_guard_sees_function_level_and_type_checking_imports():
     assert "rayconv.quantize" in graph["rayconv.mapping"]  # scale_query's deferred import
 
 
+def test_readers_do_not_know_the_maxtext_mapping():
+    """The readers give their index; the family says which tensors, of which shapes, a spec needs (issue 20)."""
+    graph = _module_imports()
+    for reader in ("rayconv.source.hf", "rayconv.source.checkpoint", "rayconv.source.pth",
+                   "rayconv.source.safetensors"):
+        assert not graph[reader] & {"rayconv.mapping", "rayconv.families.llama", "rayconv.plan"}, reader
+
+
 def test_modules_stay_small_and_import_without_cycles():
     sizes = {p.relative_to(PACKAGE.parent).as_posix(): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     assert len(sizes) > 30 and max(sizes.values()) > 100  # the walk found the package

@@ -347,7 +347,7 @@ def test_nnx_parity_with_maxtext_025_on_the_dequantized_shards(tmp_path, fp8_src
                                   step_dir=False) == 3 + (2 + 7 * 2) * MODEL.n_layers
 
 
-def test_fp8_from_meta_url_and_bucket(tmp_path, fp8_src, fp8_out, gcs_prefix, monkeypatch):
+def test_fp8_from_meta_url_and_bucket(tmp_path, fp8_src, fp8_out, gcs_prefix):
     """Behind a signed URL: streamed (md5-checked inline) and staged to gs://, the FP8 SKU converts to the same bytes."""
     from servers import SignedUrlServer
 
@@ -357,7 +357,6 @@ def test_fp8_from_meta_url_and_bucket(tmp_path, fp8_src, fp8_out, gcs_prefix, mo
     from rayconv.job import ConvertOptions
     from rayconv.source.checkpoint import list_input
 
-    monkeypatch.setenv("RAYCONV_META_SHARD_SIZES", "ignore")  # synthetic shards, not Meta's 60.9 GB
     cdn = tmp_path / "cdn"
     shutil.copytree(fp8_src, cdn / "Llama-3.1-405B-Instruct")
 
@@ -366,10 +365,10 @@ def test_fp8_from_meta_url_and_bucket(tmp_path, fp8_src, fp8_out, gcs_prefix, mo
                                kinds=KINDS, quantize_type="int8", executor="local", progress=False))
 
     with SignedUrlServer(cdn) as server:
-        files = resolve_input(server.url(), FP8_PATH)
+        files = resolve_input(server.url(), FP8_PATH, published_sizes=False)  # synthetic shards, not Meta's 60.9 GB
         assert {f"fp8_scales_{r}.pt" for r in range(8)} <= set(files)
         run(files, gcs_prefix.join("from-url").uri)
-        staged = stage(server.url(), FP8_PATH, gcs_prefix.join("base"))
+        staged = stage(server.url(), FP8_PATH, gcs_prefix.join("base"), published_sizes=False)
     run(list_input(staged.uri), gcs_prefix.join("from-gs").uri)
     want = leaves(fp8_out[0])
     for name in ("from-url", "from-gs"):

@@ -147,10 +147,10 @@ def test_storage_that_never_answers_ends_in_one_line_naming_the_bucket(silent_en
 def test_gcs_object_read_that_never_answers_is_one_line(silent_endpoint):
     """A worker's ranged read of a shard is bounded too (source side, tensorstore's retries cut short)."""
     code = textwrap.dedent("""
-        from rayconv import gcs_api
+        from rayconv import tunables
         from rayconv.errors import SourceError
         from rayconv.source.gcs import GcsObject
-        gcs_api.set_timeout(2)
+        tunables.install(tunables.Tunables(storage_timeout_s=2))
         try:
             GcsObject("gs://silent-bucket/consolidated.00.pth", size=1 << 20).readinto(0, memoryview(bytearray(1 << 20)))
         except SourceError as exc:

@@ -16,6 +16,8 @@ from typing import Any
 
 import click
 
+from rayconv import tunables
+from rayconv.acquire import acquire
 from rayconv.cli.flags import MAXTEXT_LAYOUT_HELP, RATE_FLAGS, SOURCE_FORMAT, convert_options, option, plan_options
 from rayconv.cli.options import build_options, check_engine_flags, destination, source_kind_of
 from rayconv.errors import ConversionError, SpecError, user_error
@@ -124,6 +126,8 @@ def plan(simulate: bool, json_output: bool, throughput_mb_s: float, source_kind:
         if simulate and not flags["model_path"]:
             raise SpecError("--simulate needs --model_path (e.g. Llama3.1-405B-Instruct:bf16-mp16)")
         options = build_options(flags, for_plan=True, simulate=simulate)
+        tunables.install(options.tunables)  # before the first read (convert's driver does the same)
+        options = acquire(options)  # the input's files: resolved where they are, never staged for a plan
         env = forecast.Environment(worker_mb_s=throughput_mb_s, **rates,
                                    source=source_kind or source_kind_of(options, simulate),
                                    destination=destination(options))
@@ -154,10 +158,12 @@ def verify(source, output, model_name, model_path, num_kv_heads, maxtext_layout,
 
     with _one_line_errors(signals=True):
         check_engine_flags(None, None, num_kv_heads)
+        knobs = tunables.from_env(os.environ)  # the RAYCONV_* read sizes and lock settings, read once
+        tunables.install(knobs)
         options = ConvertOptions(files=list_input(source), input_display=source, output=output,
                                  model_name=model_name, model_path=model_path, kv_heads=num_kv_heads,
                                  maxtext_layout=maxtext_layout, source_format=source_format,
-                                 input_directory=source)
+                                 input_directory=source, tunables=knobs)
         report = run(options, output)
     click.echo(f"verified {report.arrays} arrays ({report.regions} regions, {human_bytes(report.bytes_compared)}) "
                f"in {', '.join(report.outputs)}: identical to the mapping of {source}")
@@ -170,7 +176,7 @@ def verify(source, output, model_name, model_path, num_kv_heads, maxtext_layout,
 @click.option("--n_layers", type=int, default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--fp8", is_flag=True, default=False,
-              help="Write Meta's FP8 SKU layout (float8 FFN weights of layers 1..n-2 + fp8_scales_{r}.pt).")
+              help="Write Meta's FP8 SKU files (float8 FFN weights of layers 1..n-2 + fp8_scales_{r}.pt).")
 def synthetic(preset_or_dims, out, n_shards, n_layers, seed, fp8) -> None:
     """Write a synthetic Meta-format checkpoint (PRESET: demo, 405b-2gb, demo-fp8)."""
     import dataclasses

@@ -6,7 +6,6 @@ what it will do; what the flags mean for a job is :mod:`rayconv.cli.options`' co
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 import click
@@ -27,25 +26,13 @@ def option(name: str, *args: Any, **kwargs: Any) -> Callable:
     return click.option(*names, name.lstrip("-"), *args, **kwargs)
 
 
-def _http_timeout(ctx: click.Context, param: click.Parameter, value: float | None) -> None:
-    """Publish --http_timeout_s as RAYCONV_HTTP_TIMEOUT_S: HttpFile reads it, and Ray workers get RAYCONV_*."""
-    if value is None:
-        return
-    if not 0 < value < float("inf"):
+def _seconds(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """A timeout flag: a positive number of seconds (a usage error otherwise), or None (not given). What it bounds
+    travels in the job's tunables (rayconv.tunables: ``--http_timeout_s`` → ``http_timeout_s``,
+    ``--storage_timeout_s`` → ``storage_timeout_s``), to the driver and every Ray worker."""
+    if value is not None and not 0 < value < float("inf"):
         raise click.BadParameter("must be a positive number of seconds", ctx, param)
-    os.environ["RAYCONV_HTTP_TIMEOUT_S"] = repr(value)
-
-
-def _storage_timeout(ctx: click.Context, param: click.Parameter, value: float | None) -> None:
-    """Bound every storage call of this process (rayconv.gcs_api.set_timeout); the job context carries it to
-    the Ray workers and the committer (rayconv.receipts.JobContext.storage_timeout)."""
-    if value is None:
-        return
-    if not 0 < value < float("inf"):
-        raise click.BadParameter("must be a positive number of seconds", ctx, param)
-    from rayconv.gcs_api import set_timeout
-
-    set_timeout(value)
+    return value
 
 
 SOURCE_FORMAT = option(
@@ -80,7 +67,7 @@ def input_options(fn: Callable) -> Callable:
         option("--num_kv_heads", type=int, default=None,
                help="Real kv-head count when params.json counts repeated heads and --model_path is not given."),
         option("--http_timeout_s", type=float, default=None, envvar="RAYCONV_HTTP_TIMEOUT_S", show_envvar=True,
-               callback=_http_timeout, expose_value=False,
+               callback=_seconds,
                help="With --meta_url: seconds without a byte from the server before a read is retried "
                     "(each retry is logged with the file and byte range). Default 60."),
         SOURCE_FORMAT,
@@ -96,7 +83,7 @@ def engine_options(fn: Callable) -> Callable:
         option("--num_workers", type=int, default=None, help="Worker actors (default: CPUs / memory allow)."),
         option("--worker_memory_gb", type=float, default=1.0, show_default=True,
                help="Memory each worker actor reserves; the planner cuts work to fit it."),
-        option("--storage_timeout_s", type=float, default=None, callback=_storage_timeout, expose_value=False,
+        option("--storage_timeout_s", type=float, default=None, callback=_seconds,
                help="Seconds one Cloud Storage request may take (retries included) before the run stops with one "
                     "line naming the bucket (no network, no credentials, an endpoint that does not answer). "
                     "Default 60."),

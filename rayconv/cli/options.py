@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import click
 
+from rayconv import tunables
+from rayconv.acquire import Acquisition
 from rayconv.cli.flags import DEFAULT_OUTPUT
 from rayconv.errors import ConversionError, SpecError
-from rayconv.progress import LOG, human_bytes
+from rayconv.progress import LOG
 from rayconv.trees import DEFAULT_LAYOUT
 
 #: ``rayconv plan --simulate`` without an output plans for ``gs://BUCKET/<model>``: the 405B goes to a bucket, and
@@ -27,11 +28,10 @@ SIMULATED_BUCKET = "BUCKET"
 SERVER_LAYOUTS = {"jetstream-maxtext": "linen", "maxtext": "nnx"}
 
 
-def resolve_input(model_name, model_path, input_directory, meta_url, download_directory, synthetic,
-                  bucket_name) -> tuple[dict[str, str], str, str | None, str | None, int | None]:
-    """→ (files, display, model_name, model_path, kv_heads)"""
-    from rayconv.source.checkpoint import list_input
-
+def choose_input(model_name, model_path, input_directory, meta_url, download_directory, synthetic,
+                  bucket_name) -> tuple[Acquisition, str, str | None, str | None, int | None]:
+    """→ (what to acquire, how to name the input until it is, model_name, model_path, kv_heads). Nothing is read,
+    fetched or written here: the job's first phase does that (rayconv.acquire)."""
     chosen = [x for x in (input_directory, meta_url, synthetic) if x]
     if len(chosen) > 1:
         raise click.UsageError("give only one of --input_directory, --meta_url, --synthetic")
@@ -45,28 +45,20 @@ def resolve_input(model_name, model_path, input_directory, meta_url, download_di
         if synthetic not in syn.PRESETS:
             raise click.UsageError(f"unknown --synthetic preset {synthetic!r} (choose from {', '.join(syn.PRESETS)})")
         model = syn.PRESETS[synthetic]
-        cache = Path(os.environ.get("RAYCONV_CACHE", Path.home() / ".cache" / "rayconv")) / "synthetic"
-        LOG.info("Preparing synthetic %s checkpoint (%s) in %s", synthetic, human_bytes(model.nbytes()), cache)
-        directory = syn.ensure_checkpoint(model, cache)
-        return (list_input(str(directory)), str(directory), model_name or model.family,
-                model_path or model.descriptor, model.n_kv_heads)
+        # Where generated checkpoints are kept between runs: read here, once, like every other RAYCONV_* setting.
+        what = Acquisition(synthetic=synthetic, cache=os.environ.get("RAYCONV_CACHE") or None)
+        return (what, f"synthetic {synthetic}", model_name or model.family, model_path or model.descriptor,
+                model.n_kv_heads)
     if meta_url:
         if not model_path:
             raise click.UsageError("--meta_url needs --model_path (e.g. Llama3.1-405B-Instruct:bf16-mp16)")
-        from rayconv import download
+        from rayconv.source.http import redact
 
         if download_directory is None and bucket_name:
             download_directory = f"gs://{bucket_name}/base/{model_path.replace(':', '-')}"
-        if download_directory:
-            from rayconv.staging import stage
-
-            staged = stage(meta_url, model_path, download_directory)
-            return list_input(str(staged)), str(staged), model_name, model_path, None
-        files = download.resolve_input(meta_url, model_path)
-        from rayconv.source.http import redact
-
-        return files, f"{redact(meta_url)} ({model_path})", model_name, model_path, None
-    return list_input(input_directory), input_directory, model_name, model_path, None
+        what = Acquisition(meta_url=meta_url, model_path=model_path, download_directory=download_directory)
+        return what, f"{redact(meta_url)} ({model_path})", model_name, model_path, None
+    return Acquisition(input_directory=input_directory), input_directory, model_name, model_path, None
 
 
 def md5_policy(skip_md5: bool, meta_url: str | None, staged: str | None) -> bool:
@@ -145,8 +137,10 @@ def check_engine_flags(num_workers: int | None, worker_memory_gb: float | None, 
 
 
 def build_options(flags: dict[str, Any], *, for_plan: bool = False, simulate: bool = False) -> Any:
-    """ConvertOptions from convert's flags. ``for_plan``: nothing is downloaded or checked (the shard indexes are
-    read where the files are, from the signed URL if that is where they are); ``simulate``: no input at all."""
+    """ConvertOptions from convert's flags, reading nothing but the environment's RAYCONV_* settings: the input is
+    acquired by the job (``options.acquire``, rayconv.acquire). ``for_plan``: nothing will be downloaded or checked
+    (the shard indexes are read where the files are, from the signed URL if that is where they are);
+    ``simulate``: no input at all."""
     from rayconv import trees
     from rayconv.job import ConvertOptions
 
@@ -161,15 +155,19 @@ def build_options(flags: dict[str, Any], *, for_plan: bool = False, simulate: bo
     meta_url, bucket_name = flags["meta_url"], flags["bucket_name"]
     download_directory = None if for_plan else flags["download_directory"]
     if simulate:
-        files, display, model_name, model_path, kv = {}, flags["model_path"], flags["model_name"], flags["model_path"], None
+        what, display, kv = None, flags["model_path"], None
+        model_name, model_path = flags["model_name"], flags["model_path"]
     else:
-        files, display, model_name, model_path, kv = resolve_input(
+        what, display, model_name, model_path, kv = choose_input(
             flags["model_name"], flags["model_path"], flags["input_directory"], meta_url, download_directory,
             flags["synthetic"], None if for_plan else bucket_name)
     verify_md5 = False if for_plan else md5_policy(flags["skip_md5"], meta_url, download_directory or bucket_name)
     compression = flags["compression"]
+    # Timeouts and read sizes: the flags, over the RAYCONV_* overrides, read here once (rayconv.tunables.ENV).
+    knobs = tunables.from_env(os.environ, http_timeout_s=flags["http_timeout_s"],
+                              storage_timeout_s=flags["storage_timeout_s"])
     return ConvertOptions(
-        files=files, input_display=display,
+        files={}, acquire=what, tunables=knobs, input_display=display,
         output=default_output(flags["output_directory"], bucket_name or (SIMULATED_BUCKET if simulate else None),
                               model_path, model_name),
         model_name=model_name, model_path=model_path, kinds=kinds, quantize_type=quantize_type,

@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import ray
 
-from rayconv import gcs_api
+from rayconv import tunables
 from rayconv.plan import Unit
 from rayconv.receipts import JobContext
 from rayconv.worker import run_unit
@@ -18,7 +18,7 @@ class ConverterWorker:
 
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
-        gcs_api.set_timeout(ctx.storage_timeout)  # the driver's --storage_timeout_s, in this process too
+        tunables.install(ctx.tunables)  # the driver's timeouts and read sizes, in this process too
 
     def ready(self) -> bool:
         """Answers once the actor is scheduled and constructed (the driver waits on it, bounded)."""
@@ -34,8 +34,8 @@ class ConverterWorker:
 class Committer:
     """The reducer: assembles and commits an output tree from the recorded child databases."""
 
-    def __init__(self, storage_timeout: float) -> None:
-        gcs_api.set_timeout(storage_timeout)  # the driver's --storage_timeout_s (gcs_api.timeout there)
+    def __init__(self, knobs: tunables.Tunables) -> None:
+        tunables.install(knobs)  # the driver's (its --storage_timeout_s bounds the commit's storage calls)
         import rayconv.sink.commit  # noqa: F401  (imported while the last units run, not when the commit starts)
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

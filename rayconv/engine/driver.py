@@ -11,6 +11,8 @@ import dataclasses
 import time
 from typing import Any
 
+from rayconv import tunables
+from rayconv.acquire import acquire
 from rayconv.checksum import crc_check, crc_error
 from rayconv.engine.identity import changed_sources, content_identities
 from rayconv.engine.ledger import (COMMITTED, COMMITTING, Ledger, file_identities, relative, remove_output,
@@ -32,7 +34,7 @@ from rayconv.storage import Location
 
 
 #: The phases of a run, in order, as the closing log line and the benchmark name them.
-PHASES = ("index", "plan", "ray start", "convert", "verify", "commit", "shutdown")
+PHASES = ("acquire", "index", "plan", "ray start", "convert", "verify", "commit", "shutdown")
 
 
 class PhaseTimer:
@@ -49,11 +51,6 @@ class PhaseTimer:
         now = time.monotonic()
         self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._mark
         self._mark = now
-
-    def summary(self) -> str:
-        """``index 0.1 s, plan 0.2 s, …`` in :data:`PHASES` order (phases that did not run are left out)."""
-        names = [p for p in PHASES if p in self.seconds] + [p for p in self.seconds if p not in PHASES]
-        return ", ".join(f"{p} {self.seconds[p]:.1f} s" for p in names)
 
 
 @dataclasses.dataclass
@@ -169,6 +166,10 @@ def convert(options: ConvertOptions) -> ConvertResult:
     started_ns = time.time_ns()
     timer = PhaseTimer()
     md5: Md5Gate | None = None
+    tunables.install(options.tunables)  # this process's timeouts and read sizes; the workers' come in the JobContext
+    if options.acquire is not None:  # the first phase: list, resolve, stage or generate the input (rayconv.acquire)
+        options = acquire(options)
+        timer.lap("acquire")
     LOG.info("Reading checkpoint index from %s", options.input_display)
     checkpoint = open_checkpoint(options)
     timer.lap("index")

@@ -16,7 +16,7 @@ import socket
 import time
 from typing import Any, Callable, Iterator, Sequence
 
-from rayconv import gcs_api, interrupt
+from rayconv import interrupt, tunables
 from rayconv.engine import watchdog
 from rayconv.engine.lean_ray import without_unused_daemons
 from rayconv.errors import ConversionError, user_error
@@ -75,9 +75,10 @@ def _job_env_keys() -> set[str]:
 
 
 def _forwarded_env() -> dict[str, str]:
-    """Storage endpoints the workers must see; credentials stay wherever ADC finds them."""
+    """Storage endpoints the workers must see, and the test hooks (``RAYCONV_TEST_*``); credentials stay wherever
+    ADC finds them. rayconv's own knobs travel in the job context (``JobContext.tunables``), not here."""
     prefixes = ("TENSORSTORE_", "STORAGE_EMULATOR_HOST", "GOOGLE_AUTH_TOKEN_FOR_TESTING", "GOOGLE_CLOUD_PROJECT",
-                "GOOGLE_APPLICATION_CREDENTIALS", "RAYCONV_")
+                "GOOGLE_APPLICATION_CREDENTIALS", "RAYCONV_TEST_")
     inherited = _job_env_keys()
     return {k: v for k, v in os.environ.items() if k.startswith(prefixes) and k not in inherited}
 
@@ -349,7 +350,7 @@ class RayExecutor:
         from rayconv.plan import KINDS
 
         return Committer.options(name="rayconv-committer", num_cpus=0,
-                                 max_concurrency=len(KINDS)).remote(gcs_api.timeout())
+                                 max_concurrency=len(KINDS)).remote(tunables.current())
 
     def call_all(self, calls: Sequence[tuple[Callable[..., Any], tuple, dict]]) -> list[Any]:
         """Run the commit calls concurrently on one committer actor (the reducer; one call per output)."""

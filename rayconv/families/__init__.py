@@ -64,11 +64,17 @@ def for_hf_model_type(model_type: str) -> Family | None:
     return next((f for f in FAMILIES.values() if model_type in f.hf_model_types), None)
 
 
-def family_of(spec: ModelSpec) -> Family:
-    family = for_model_name(spec.family)
-    if family is None:  # a spec is only ever built for a registered model name
-        raise SpecError(f"unknown model {spec.family!r} (supported: {', '.join(model_names())})")
+def family_of_name(name: str) -> Family:
+    """The family of a model name, or one line naming the names rayconv converts."""
+    family = for_model_name(name)
+    if family is None:
+        raise SpecError(f"unknown --model_name {name!r} (supported: {', '.join(model_names())})")
     return family
+
+
+def family_of(spec: ModelSpec) -> Family:
+    """The spec's family (a spec is only ever built for a registered model name)."""
+    return family_of_name(spec.family)
 
 
 def rules(spec: ModelSpec) -> tuple[Rule, ...]:
@@ -138,8 +144,7 @@ def model_name_of(model_name: str | None, descriptor: Descriptor | None) -> str:
     if name is None:
         raise SpecError(f"say which model this is: --model_name ({', '.join(model_names())}) "
                         "or --model_path (e.g. Llama3.1-405B-Instruct:bf16-mp16)")
-    if for_model_name(name) is None:
-        raise SpecError(f"unknown --model_name {name!r} (supported: {', '.join(model_names())})")
+    family_of_name(name)
     return name
 
 
@@ -156,9 +161,3 @@ def resolve_spec(params: Mapping[str, Any], *, n_shards: int, vocab_size: int | 
                                                  descriptor=descriptor, kv_heads_override=kv_heads_override,
                                                  source=source)
 
-
-def family_of_name(name: str) -> Family:
-    family = for_model_name(name)
-    if family is None:
-        raise SpecError(f"unknown --model_name {name!r} (supported: {', '.join(model_names())})")
-    return family

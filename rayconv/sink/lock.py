@@ -9,10 +9,10 @@ work committed. The lock is a small JSON object (owner id, host, pid, start and 
   holder on another host is watched until its heartbeat advances (alive: refuse) or goes stale (take
   over), so a job retried on a fresh cluster right after its driver's node died waits, not fails.
 * **stale** means: the holder ran on this host and its pid is gone, or its heartbeat is older than
-  :data:`STALE_SECONDS` (``RAYCONV_LOCK_STALE_SECONDS``). A stale lock is replaced with a
-  compare-and-swap — a generation precondition on GCS; locally a ``flock``-guarded read-compare-
-  replace — so of two processes that both saw it stale exactly one wins; the other sees a fresh
-  holder and refuses.
+  the stale timeout (``rayconv.tunables.Tunables.lock_stale_s``, 120 s; ``RAYCONV_LOCK_STALE_SECONDS``). A
+  stale lock is replaced with a compare-and-swap — a generation precondition on GCS; locally a
+  ``flock``-guarded read-compare-replace — so of two processes that both saw it stale exactly one
+  wins; the other sees a fresh holder and refuses.
 * **heartbeat**: a daemon thread rewrites the lock every ``stale/4`` seconds with the same
   compare-and-swap; if the lock is no longer ours (taken over after this process stalled), it
   records that, and :meth:`OutputLock.check` makes the driver stop before committing anything.
@@ -43,7 +43,7 @@ import time
 import uuid
 from typing import Any
 
-from rayconv import jsonio
+from rayconv import jsonio, tunables
 from rayconv.errors import OutputError, one_line_reason
 from rayconv.gcs_api import answered
 from rayconv.sink.lock_backends import Backend, backend
@@ -51,24 +51,12 @@ from rayconv.storage import Location
 
 log = logging.getLogger("rayconv")
 
-#: A heartbeat older than this marks the lock stale (seconds). Two minutes: long enough to ride out
-#: a stalled storage request, short enough that a crashed run on another host blocks a retry briefly.
-STALE_SECONDS = 120.0
 #: How far a holder's heartbeat (or the lock object's modified time) may lie ahead of our clock and
 #: still be believed (seconds). Hosts under NTP agree to well under a second; beyond this a future
 #: time is treated as no time at all, so it can never stretch a wait.
 CLOCK_SKEW_SECONDS = 30.0
 #: Linux's largest pid is 2**22; anything outside (0, 2**31) cannot name a process.
 _MAX_PID = 2**31 - 1
-
-
-def stale_seconds() -> float:
-    """:data:`STALE_SECONDS`, or ``RAYCONV_LOCK_STALE_SECONDS`` when set (tests, slow storage)."""
-    value = os.environ.get("RAYCONV_LOCK_STALE_SECONDS")
-    try:
-        return float(value) if value else STALE_SECONDS
-    except ValueError:
-        raise OutputError(f"RAYCONV_LOCK_STALE_SECONDS={value!r} is not a number of seconds") from None
 
 
 class OutputLocked(OutputError):
@@ -123,7 +111,7 @@ class OutputLock:
 
     def __init__(self, out: Location, *, stale: float | None = None, heartbeat: float | None = None) -> None:
         self.out = out
-        self.stale = stale_seconds() if stale is None else stale
+        self.stale = tunables.current().lock_stale_s if stale is None else stale
         self.interval = heartbeat if heartbeat is not None else max(0.5, self.stale / 4)
         self._backend: Backend = backend(out)
         self._holder: Holder | None = None

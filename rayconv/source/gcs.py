@@ -5,7 +5,7 @@ Reads go through tensorstore's gcs kvstore (``byte_range`` reads): it brings its
 retries transient errors with backoff (``gcs_request_retries``, 32 attempts by default) and honours
 ``TENSORSTORE_GCS_HTTP_URL`` for emulators. A large ``readinto`` is split into ``chunk_size``
 sub-reads with a bounded number in flight; a process-wide byte budget caps the transient copies
-when many threads read at once.
+when many threads read at once (sizes: :class:`rayconv.tunables.Tunables`).
 
 Object metadata (the size) comes from :mod:`rayconv.gcs_api`. Nothing here logs a credential or token.
 """
@@ -13,9 +13,9 @@ Object metadata (the size) comes from :mod:`rayconv.gcs_api`. Nothing here logs 
 from __future__ import annotations
 
 import collections
-import os
 import threading
 
+from rayconv import tunables
 from rayconv.errors import ConversionError, SourceError, one_line_reason
 from rayconv.gcs_api import object_info, parse_gs
 from rayconv.process_local import per_process
@@ -23,14 +23,10 @@ from rayconv.source.bytesource import RangeSource, register_scheme
 from rayconv.storage import bounded, open_kvstore
 
 MiB = 1 << 20
-DEFAULT_CHUNK = int(os.environ.get("RAYCONV_GCS_CHUNK_MB", "16")) * MiB
-#: Sub-reads in flight per readinto call.
-DEFAULT_CONCURRENCY = int(os.environ.get("RAYCONV_GCS_CONCURRENCY", "8"))
-#: Sub-reads in flight per process across all threads (each holds ~2 x chunk while in flight).
-PROCESS_INFLIGHT = int(os.environ.get("RAYCONV_GCS_PROCESS_INFLIGHT", "16"))
 
-#: Sub-reads in flight in this process, across all GcsObjects and threads.
-_semaphore = per_process(lambda: threading.BoundedSemaphore(PROCESS_INFLIGHT))
+#: Sub-reads in flight in this process, across all GcsObjects and threads (``Tunables.gcs_process_inflight``,
+#: as installed before the process's first read).
+_semaphore = per_process(lambda: threading.BoundedSemaphore(tunables.current().gcs_process_inflight))
 
 
 class GcsObject(RangeSource):
@@ -42,8 +38,9 @@ class GcsObject(RangeSource):
         self.bucket, self.key = parse_gs(uri)
         if not self.key:
             raise SourceError(f"{uri} names a bucket, not an object")
-        self.chunk_size = max(MiB, chunk_size or DEFAULT_CHUNK)
-        self.concurrency = max(1, concurrency or DEFAULT_CONCURRENCY)
+        knobs = tunables.current()  # chunk size and sub-reads in flight per call, unless given
+        self.chunk_size = max(MiB, chunk_size or knobs.gcs_chunk_mb * MiB)
+        self.concurrency = max(1, concurrency or knobs.gcs_concurrency)
         self._size = size
         self._kv = None
 

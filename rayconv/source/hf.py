@@ -84,24 +84,15 @@ def _original(files: Mapping[str, str], input_directory: str | None, display: st
         return None
     if _is_meta(inner):
         return inner, f"{display.rstrip('/')}/original"
-    layouts = sorted(n for n in _list_dirs(base) if re.fullmatch(r"mp\d+", n))
-    if not layouts:
+    sharded = [n for n in Location.parse(base).list_folders(follow_symlinks=True) if re.fullmatch(r"mp\d+", n)]
+    if not sharded:
         return None
     pick = f"mp{descriptor_shards}" if descriptor_shards else None
-    if pick not in layouts:
-        raise SourceError(f"{display}/original holds Meta checkpoints in {', '.join(layouts)}: choose one with "
-                          f"--model_path (e.g. Llama3.1-405B-Instruct:bf16-{layouts[0]}) or point --input_directory "
+    if pick not in sharded:
+        raise SourceError(f"{display}/original holds Meta checkpoints in {', '.join(sharded)}: choose one with "
+                          f"--model_path (e.g. Llama3.1-405B-Instruct:bf16-{sharded[0]}) or point --input_directory "
                           "at that folder")
     return list_input(Location.parse(base).join(pick).uri), f"{display.rstrip('/')}/original/{pick}"
-
-
-def _list_dirs(uri: str) -> list[str]:
-    location = Location.parse(uri)
-    if location.is_local:
-        import os
-
-        return [n for n in os.listdir(location.path) if os.path.isdir(os.path.join(location.path, n))]
-    return sorted({k.split("/", 1)[0] for k in location.list_keys() if "/" in k})
 
 
 def detect_format(files: Mapping[str, str], source_format: str, display: str, *, input_directory: str | None = None,

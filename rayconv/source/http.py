@@ -11,8 +11,10 @@
   file (both :class:`HttpStatusError`, with ``.status``); 416 / short object → truncated. Messages
   name the file; the query string (the signature) is never put in a message or log line: use
   :func:`redact` for anything shown to a user.
-* A server that stops sending is noticed after ``--http_timeout_s`` (``RAYCONV_HTTP_TIMEOUT_S``,
-  default 60 s) without a byte; every retry is logged with the file and the byte range it waits for.
+* A server that stops sending is noticed after ``--http_timeout_s`` (default 60 s) without a byte; every
+  retry is logged with the file and the byte range it waits for.
+* Sizes, concurrency, retries and the timeout are this process's :class:`rayconv.tunables.Tunables` (installed
+  by the driver, and by each Ray worker from its job context), unless a caller passes them.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import urllib.parse
 
 import urllib3
 
-from rayconv import jsonio
+from rayconv import jsonio, tunables
 from rayconv.errors import SourceError
 from rayconv.process_local import per_process
 from rayconv.source.bytesource import RangeSource, register_scheme
@@ -38,20 +40,11 @@ from rayconv.source.bytesource import RangeSource, register_scheme
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
-#: Sub-request size for large reads; each is one ranged GET streamed into the caller's buffer.
-DEFAULT_CHUNK = int(os.environ.get("RAYCONV_HTTP_CHUNK_MB", "32")) * MiB
-#: Parallel ranged GETs per process (shared by all HttpFile objects and threads).
-DEFAULT_CONCURRENCY = int(os.environ.get("RAYCONV_HTTP_CONCURRENCY", "8"))
-#: Consecutive failed attempts (no byte received) before a sub-request gives up.
-DEFAULT_RETRIES = int(os.environ.get("RAYCONV_HTTP_RETRIES", "8"))
 #: CloudFront refuses single GETs larger than this (llama-models: "Cloudfront max chunk size").
 MAX_GET = 27_000_000_000
 _READ_BLOCK = 4 * MiB  # bytes per socket read call (bounded copy through urllib3)
 
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
-#: Seconds without a byte from the server before a request is retried (the socket read timeout).
-TIMEOUT_ENV = "RAYCONV_HTTP_TIMEOUT_S"
-DEFAULT_TIMEOUT_S = 60.0
 
 
 class HttpStatusError(SourceError):
@@ -60,20 +53,6 @@ class HttpStatusError(SourceError):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
-
-
-def default_timeout() -> float:
-    """``RAYCONV_HTTP_TIMEOUT_S`` (set by ``--http_timeout_s``; forwarded to Ray workers), else 60 s."""
-    raw = os.environ.get(TIMEOUT_ENV, "")
-    if not raw:
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        raise SourceError(f"{TIMEOUT_ENV}={raw!r} (--http_timeout_s) must be a positive number of seconds")
-    return value
 
 
 def check_url(url: str, what: str = "URL") -> urllib.parse.SplitResult:
@@ -142,7 +121,7 @@ def format_time(epoch: float) -> str:
 
 
 def _make_pool() -> urllib3.PoolManager:
-    kwargs = dict(num_pools=16, maxsize=max(4, 2 * DEFAULT_CONCURRENCY), block=False, retries=False)
+    kwargs = dict(num_pools=16, maxsize=max(4, 2 * tunables.current().http_concurrency), block=False, retries=False)
     try:
         import certifi
 
@@ -155,9 +134,10 @@ def _make_pool() -> urllib3.PoolManager:
     return urllib3.PoolManager(**kwargs)
 
 
-#: Per-process connection pool and sub-request threads (rebuilt after fork).
+#: Per-process connection pool and sub-request threads (rebuilt after fork), sized by the tunables installed
+#: before the process's first read.
 _pool = per_process(_make_pool)
-_executor = per_process(lambda: concurrent.futures.ThreadPoolExecutor(DEFAULT_CONCURRENCY,
+_executor = per_process(lambda: concurrent.futures.ThreadPoolExecutor(tunables.current().http_concurrency,
                                                                       thread_name_prefix="rayconv-http"))
 
 
@@ -175,9 +155,10 @@ class HttpFile(RangeSource):
         check_url(url)
         self.uri = url
         self.name = display_name(url)
-        self.chunk_size = max(1, min(chunk_size or DEFAULT_CHUNK, MAX_GET))
-        self.retries = DEFAULT_RETRIES if retries is None else retries
-        self.timeout_s = default_timeout() if timeout is None else timeout
+        knobs = tunables.current()
+        self.chunk_size = max(1, min(chunk_size or knobs.http_chunk_mb * MiB, MAX_GET))
+        self.retries = knobs.http_retries if retries is None else retries
+        self.timeout_s = knobs.http_timeout_s if timeout is None else timeout
         self.timeout = urllib3.Timeout(connect=min(30.0, self.timeout_s), read=self.timeout_s)
         self._size = size if size is not None else _SIZES.get(url)
 

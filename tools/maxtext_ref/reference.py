@@ -42,6 +42,8 @@ Main API::
     ref.logits_hf(hf_dir, name, path, kind) -> np.ndarray  # 0.2.5 MaxEngine logits of an HF-sourced model (Qwen3)
     ref.unscanned(model, src_dir=None)  -> Path     # <...>/checkpoints/0/items (generate_param_only_checkpoint)
     ref.quantized(model, src_dir=None, quant="int8") -> Path   # save_quantized_params_path dir
+    ref.to_huggingface(model, items, scanned=…) -> Path  # 0.2.5's to_huggingface.py output dir (to_hf.py)
+    ref.train(model, steps=2)           -> Path     # 0.2.5's trainer: the last step's items (train.py)
                                                    # (0.2.4: load_and_quantize_checkpoint; 0.2.5: layerwise_quantization)
     ref.with_maxtext("0.2.5")           -> MaxTextReference   # same cache, the other version
     ref.load_check(model, path, kind)   -> dict     # MaxEngine.load_params summary; raises if MaxText can't restore
@@ -308,6 +310,12 @@ def leaves_summary(path: str | Path, prefix: str | None = "params/") -> dict[str
     }
 
 
+def content_fingerprint(path: str | Path) -> str:
+    """Hash of what a checkpoint holds (its tree metadata and every stored leaf's bytes), not of its files: two
+    writes of the same tree (fresh OCDBT file names, commit markers naming their directory) hash the same."""
+    return _sha({"tree": metadata_tree(path), "leaves": leaves_summary(path, prefix=None)})
+
+
 # --------------------------------------------------------------------------------------------------
 # The harness
 
@@ -345,6 +353,12 @@ FORK_SERVER_MAX_FAILURES = 2
 FORK_SERVER_READY_TIMEOUT = 600.0
 #: Seconds the client waits beyond a run's timeout for the server's reply (the server enforces the timeout itself).
 FORK_SERVER_GRACE = 60.0
+
+#: Scripts that always run as a plain subprocess: to_hf.py's forked child died of SIGSEGV within 0.4 s, before any
+#: output (importing maxtext.checkpoint_conversion.to_huggingface after the fork), while the same run as a plain
+#: subprocess succeeds; train.py imports the trainer's modules, which the server never preloads, likewise untested
+#: forked.
+PLAIN_SCRIPTS = frozenset({"to_hf.py", "train.py"})
 
 #: Env vars that can matter while the server imports jax/torch/maxtext: if any changes, the server restarts.
 _IMPORT_ENV_PREFIXES = ("JAX_", "XLA_", "TF_", "PYTHON", "LD_", "CUDA", "TPU_", "OMP_", "MKL_", "TORCH",
@@ -554,7 +568,8 @@ class MaxTextReference:
             open(err_path, "w") as err_f,
         ):
             env = child_env(self.maxtext)
-            outcome = self._run_forked(cmd, Path(cwd), out_path, err_path, env) if self.fork_server else None
+            forked = self.fork_server and script not in PLAIN_SCRIPTS
+            outcome = self._run_forked(cmd, Path(cwd), out_path, err_path, env) if forked else None
             if outcome is None:
                 outcome = self._run_subprocess(cmd, Path(cwd), out_f, err_f, env)
             returncode, maxrss_kb, timed_out, via, seconds = outcome
@@ -844,6 +859,41 @@ class MaxTextReference:
         if kind == "unscanned":
             return self.unscanned(model, src_dir)
         return self.quantized(model, src_dir, quant=kind)
+
+    def train(self, model: Any, *, steps: int = 2, scanned: bool = True) -> Path:
+        """maxtext 0.2.5's trainer (``maxtext.trainers.pre_train.train``, synthetic data, float32 weights) for
+        ``steps`` steps with checkpointing on; returns the last step's ``items`` (params, opt_state, nnx_aux, step)."""
+        if self.maxtext != "0.2.5":
+            raise ValueError("train.py drives maxtext 0.2.5's trainer (use with_maxtext('0.2.5'))")
+        spec = model_spec(model)
+        entry = self._entry("train", {"model": spec, "steps": steps, "scanned": scanned,
+                                      "scripts": script_hash("train.py")})
+
+        def build(tmp: Path) -> None:
+            out = self._run("train.py", ["--model", self._model_file(tmp, spec), "--out", tmp / "out", "--steps", steps,
+                                         "--scan-layers", "true" if scanned else "false"], tmp)
+            (tmp / "run.txt").write_text(out)
+
+        return self._cached(entry, build, "train.py") / "out" / "train" / "checkpoints" / str(steps - 1) / "items"
+
+    def to_huggingface(self, model: Any, items: str | Path, *, scanned: bool, max_shard_size: int | None = None) -> Path:
+        """maxtext 0.2.5's ``to_huggingface.py`` on the checkpoint at ``items`` (tokenizer stubbed, architecture
+        overridden by the synthetic dims, ``weight_dtype=bfloat16``); returns the directory of config.json and the
+        safetensors files. ``max_shard_size`` replaces its 3 GiB split size (see to_hf.py)."""
+        if self.maxtext != "0.2.5":
+            raise ValueError("to_huggingface.py is maxtext 0.2.5's (use with_maxtext('0.2.5'))")
+        spec = model_spec(model)
+        items = Path(items).resolve()
+        entry = self._entry("to-hf", {"model": spec, "ckpt": content_fingerprint(items), "scanned": scanned,
+                                      "max_shard_size": max_shard_size, "scripts": script_hash("to_hf.py")})
+
+        def build(tmp: Path) -> None:
+            extra = [] if max_shard_size is None else ["--max-shard-size", max_shard_size]
+            out = self._run("to_hf.py", ["--model", self._model_file(tmp, spec), "--items", items, "--scan-layers",
+                                         "true" if scanned else "false", "--out", tmp / "out", *extra], tmp)
+            (tmp / "run.txt").write_text(out)
+
+        return self._cached(entry, build, "to_hf.py") / "out"
 
     # ---------------------------------------------------------------- MaxText loading
     def load_check(self, model: Any, path: str | Path, kind: str) -> dict:
