@@ -25,10 +25,10 @@ class JobContext:
 
     spec: ModelSpec
     shards: tuple[str, ...]
-    kinds: tuple[str, ...]
+    kinds: tuple[Any, ...]  # the target's output kinds to write (objects; see rayconv.targets)
     quantize_type: str | None
-    arrays: dict[str, dict[tuple[str, ...], ArraySpec]]  # kind → path → array
-    items: dict[str, str]  # kind → staging item uri
+    arrays: dict[Any, dict[tuple[str, ...], ArraySpec]]  # kind → path → array
+    items: dict[Any, str]  # kind → staging item uri
     compression: str | None = None
     batch_bytes: int = 0  # output bytes per OCDBT commit (rayconv.job.commit_batch_bytes); 0: after every piece
     scale_files: tuple[str, ...] = ()  # FP8 SKU: fp8_scales_{r}.pt per shard
@@ -36,6 +36,7 @@ class JobContext:
     # The bound on one storage call (--storage_timeout_s), taken from the process that creates the context (the
     # driver): a Ray worker is another process and would keep gcs_api's default (rayconv.engine.actors).
     storage_timeout: float = dataclasses.field(default_factory=gcs_api.timeout)
+    target: Any = None  # the plan's target (rayconv.targets): the values for a piece, the writer
 
     @classmethod
     def create(cls, plan: Plan, layouts: dict[str, OutputLayout], compression: str | None,
@@ -51,6 +52,7 @@ class JobContext:
             batch_bytes=batch_bytes,
             scale_files=plan.scale_files,
             layout=plan.layout,
+            target=plan.target,
         )
 
 
@@ -59,7 +61,8 @@ class Receipt:
     """What a finished unit reports: small, JSON-able, enough to resume and to verify."""
 
     unit: str
-    dbs: dict[str, str]  # kind → child database id
+    #: What the target's writer returned (MaxText: output name → child database id), read only by the target.
+    dbs: dict[str, str]
     bytes_read: int
     bytes_written: int
     seconds: float

@@ -28,6 +28,8 @@ from rayconv.plan import Plan, block_region, build_plan
 from rayconv.receipts import Receipt
 from rayconv.source.checkpoint import MetaCheckpoint
 from rayconv.storage import Location
+from rayconv.targets.maxtext import MAXTEXT
+from rayconv.targets.maxtext_kinds import OutputKind
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -63,14 +65,15 @@ def checkpoint_of(spec) -> MetaCheckpoint:
 def plan_of(spec, piece: int, unit: int, kinds=("scanned", "unscanned", "int8"), quantize_type="int8",
             layout="linen") -> Plan:
     return build_plan(spec, [f"consolidated.{i:02d}.pth" for i in range(spec.n_shards)], simulated_indexes(spec),
-                      kinds=kinds, quantize_type=quantize_type, piece_budget=piece, unit_budget=unit, layout=layout)
+                      kinds=kinds, quantize_type=quantize_type, piece_budget=piece, unit_budget=unit, layout=layout,
+                      target=MAXTEXT)
 
 
 # ------------------------------------------------------------------------------------------------
 # Plan invariants
 
 
-def chunk_writers(plan: Plan, kind: str) -> dict[tuple[str, ...], Counter]:
+def chunk_writers(plan: Plan, kind: OutputKind) -> dict[tuple[str, ...], Counter]:
     """For every output array of ``kind``: how many pieces write each chunk (by chunk grid index)."""
     spec, rules = plan.spec, plan.rules
     arrays = {a.path: a for a in plan.arrays(kind)}
@@ -79,10 +82,10 @@ def chunk_writers(plan: Plan, kind: str) -> dict[tuple[str, ...], Counter]:
         for piece in unit.pieces:
             rule = rules[piece.rule]
             region = block_region(rule, spec, piece.row0, piece.row1)
-            if kind == "scanned" and rule.per_layer:
+            if kind.scanned and rule.per_layer:
                 # the layer axis is axis 1 of a scanned array (mapping.scanned_shape)
                 targets = [(plan.tree.leaf_path(rule, 0, kind), region[:1] + ((piece.layer, piece.layer + 1),) + region[1:])]
-            elif kind == "int8" and rule.quantized:
+            elif kind.quantized and rule.quantized:
                 qpath, spath = plan.tree.aqt_paths(rule, piece.layer)
                 scale = tuple((0, 1) if axis in rule.contraction else r for axis, r in enumerate(region))
                 targets = [(qpath, region), (spath, scale)]
@@ -302,7 +305,7 @@ def test_linen_tree_metadata_equals_maxtexts(kind):
     for the llama3-mp1 synthetic model (tools/maxtext_ref), copied from the reference cache."""
     golden = json.loads((GOLDEN / f"linen-llama3-mp1-{kind}._METADATA").read_text())
     plan = plan_of(SPECS["llama3-mp1"], 1 << 30, 1 << 30)
-    ours = trees.LINEN.tree_metadata(kind, plan.arrays(kind))
+    ours = trees.LINEN.tree_metadata(plan.kind(kind), plan.arrays(plan.kind(kind)))
     assert _without_write_shape(ours) == _without_write_shape(golden)
 
 
