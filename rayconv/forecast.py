@@ -154,7 +154,7 @@ def smallest_worker_memory_gb(spec: ModelSpec, step_gb: float = 0.01, output: st
 
 
 def unit_commits(plan: Plan, written: int, batch_bytes: int) -> list[int]:
-    """Commits of each unit: the worker's rule (``OcdbtWriter.piece_done``, rayconv.sink.ocdbt_writer) replayed over the plan's pieces.
+    """Commits of each unit: the worker's rule (``sink.ocdbt_writer.OcdbtWriter.piece_done``) replayed over the plan's pieces.
 
     A unit commits when a piece ends with at least ``batch_bytes`` of output staged, and once more for the rest
     (``flush``), so a piece larger than the batch commits on its own. Output per piece is approximated as the

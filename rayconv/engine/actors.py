@@ -36,7 +36,7 @@ class Committer:
 
     def __init__(self, storage_timeout: float) -> None:
         gcs_api.set_timeout(storage_timeout)  # the driver's --storage_timeout_s (gcs_api.timeout there)
-        import rayconv.sink.commit  # noqa: F401  (imported while the last units run, not when the commit starts)
+        import rayconv.targets  # noqa: F401  (the commit's modules, imported while the last units run)
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)

@@ -12,7 +12,7 @@ Adding a target is one module here (the MaxText one: :mod:`rayconv.targets.maxte
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
 from rayconv.errors import SpecError
 from rayconv.targets.maxtext import MAXTEXT
@@ -39,6 +39,7 @@ class Writer(Protocol):
     def written(self) -> dict[str, str]: ...
 
 
+@runtime_checkable
 class Target(Protocol):
     """What the planner, the workers, the driver, the ledger and ``rayconv verify`` ask of an output format.
 
