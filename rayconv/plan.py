@@ -145,7 +145,10 @@ class Plan:
 
     def kind(self, name: str) -> Any:
         """The output of this plan called ``name`` (a JSON or ledger name)."""
-        return next(k for k in self.kinds if k.name == name)
+        for kind in self.kinds:
+            if kind.name == name:
+                return kind
+        raise KeyError(name)
 
     def fingerprint(self) -> str:
         """Identifies the work: same fingerprint ⇒ a ledger's receipts are valid for this plan."""

@@ -2,7 +2,9 @@
 
 The driver holds only metadata: shard indexes, the plan, receipts. Tensor bytes move between
 storage and workers directly. It only orchestrates: what the job is (options, budgets, plan) lives in
-rayconv/job.py, the CRC proof in rayconv/checksum.py, the receipts in rayconv/receipts.py.
+rayconv/job.py, the CRC proof in rayconv/checksum.py, the receipts in rayconv/receipts.py, and everything about
+the output format — where each output lives, whether it is complete, how one is committed — in the plan's
+target (rayconv/targets/), whose kinds it handles as objects and names only in the ledger and the logs.
 """
 
 from __future__ import annotations

@@ -144,6 +144,8 @@ class Ledger:
     # Commits --------------------------------------------------------------------------------
 
     def commit_state(self, name: str) -> str | None:
+        """``committing``, ``committed`` or None for the output called ``name`` (a kind's ``name``: the records are
+        files named after it, so they outlive any change to the objects)."""
         state = self._load(f"commits/{name}.json")
         if state is None:
             record = self.plan_record() or {}
