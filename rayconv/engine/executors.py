@@ -344,7 +344,7 @@ class RayExecutor:
             for ref in in_flight:
                 ray.cancel(ref)
 
-    def _new_committer(self, outputs: int) -> Any:
+    def _new_committer(self, outputs: int = 1) -> Any:
         """The committer actor, running up to ``outputs`` commits at once (one per output of the target)."""
         from rayconv.engine.actors import Committer
 
