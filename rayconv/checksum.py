@@ -18,7 +18,7 @@ from rayconv.leaves import TensorInfo
 
 if TYPE_CHECKING:
     from rayconv.receipts import Receipt
-    from rayconv.source.checkpoint import MetaCheckpoint
+    from rayconv.source.protocol import Checkpoint
 
 _POLY = 0xEDB88320
 #: Bytes per read when the driver CRCs the part of a record no unit read (bounded memory for any file).
@@ -119,7 +119,7 @@ def _tile(parts: Iterable[tuple[int, int, int]], nbytes: int, gap: Callable[[int
     return crc
 
 
-def crc_check(checkpoint: MetaCheckpoint, receipts: Sequence[Receipt],
+def crc_check(checkpoint: Checkpoint, receipts: Sequence[Receipt],
               read: Callable[[str, int, int], int] = read_crc) -> tuple[int, list[tuple[int, str]]]:
     """Combine per-range CRCs into per-record CRCs and compare with the zip directory: every storage record a
     unit read from is checked whole. Where a tensor covers only part of its record (``torch.save(big[:n])``)
@@ -157,7 +157,7 @@ def crc_check(checkpoint: MetaCheckpoint, receipts: Sequence[Receipt],
     return verified, failed
 
 
-def crc_error(checkpoint: MetaCheckpoint, failed: Sequence[tuple[int, str]],
+def crc_error(checkpoint: Checkpoint, failed: Sequence[tuple[int, str]],
                hint: str = "corrupt shard; re-download it") -> SourceError:
     shard, tensor = failed[0]
     # shard -1-r: the row scales in fp8_scales_{r}.pt of an FP8 checkpoint (see worker._read_fp8).
@@ -166,7 +166,7 @@ def crc_error(checkpoint: MetaCheckpoint, failed: Sequence[tuple[int, str]],
     return SourceError(f"{name}: tensor {tensor} fails its CRC-32 check ({hint})")
 
 
-def verify_crcs(checkpoint: MetaCheckpoint, receipts: Sequence[Receipt]) -> int:
+def verify_crcs(checkpoint: Checkpoint, receipts: Sequence[Receipt]) -> int:
     """:func:`crc_check`, raising on the first record that fails."""
     verified, failed = crc_check(checkpoint, receipts)
     if failed:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 from rayconv.acquire import Acquisition
 from rayconv import targets
@@ -18,6 +18,7 @@ from rayconv.families import Descriptor
 from rayconv.plan import Plan, build_plan
 from rayconv.progress import LOG, human_bytes
 from rayconv.source.checkpoint import MetaCheckpoint
+from rayconv.source.protocol import Checkpoint
 from rayconv.storage import Location
 from rayconv.tunables import Tunables
 from rayconv.targets.maxtext_kinds import DEFAULT_KINDS
@@ -130,8 +131,8 @@ def commit_batch_bytes(options: ConvertOptions, gcs: bool | None = None) -> int:
     return min(COMMIT_BATCH_BYTES, piece_budget(options))
 
 
-def open_checkpoint(options: ConvertOptions) -> MetaCheckpoint:  # or an HFCheckpoint (same interface)
-    """Open the input as a Meta or a Hugging Face checkpoint (``options.source_format``, detected when auto)."""
+def open_checkpoint(options: ConvertOptions) -> Checkpoint:
+    """Open the input with its format's reader (``options.source_format``, detected when auto)."""
     from rayconv.source.hf import HFCheckpoint, detect_format
 
     descriptor = None
@@ -143,20 +144,21 @@ def open_checkpoint(options: ConvertOptions) -> MetaCheckpoint:  # or an HFCheck
     fmt, files, display = detect_format(options.files, options.source_format, options.input_display,
                                         input_directory=options.input_directory,
                                         descriptor_shards=descriptor.shards if descriptor else None)
-    if fmt == "hf":
-        return HFCheckpoint.open(files, display=display, model_name=options.model_name,
-                                 model_path=options.model_path, kv_heads=options.kv_heads)
-    descriptor = Descriptor.parse(options.model_path) if options.model_path else None
-    return MetaCheckpoint.open(files, display=display, model_name=options.model_name,
-                               descriptor=descriptor, kv_heads=options.kv_heads)
+    readers: dict[str, Callable[[], Checkpoint]] = {
+        "hf": lambda: HFCheckpoint.open(files, display=display, model_name=options.model_name,
+                                        model_path=options.model_path, kv_heads=options.kv_heads),
+        "meta": lambda: MetaCheckpoint.open(files, display=display, model_name=options.model_name,
+                                            descriptor=Descriptor.parse(options.model_path) if options.model_path
+                                            else None, kv_heads=options.kv_heads),
+    }
+    return readers[fmt]()
 
 
-def make_plan(checkpoint: MetaCheckpoint, options: ConvertOptions) -> Plan:
+def make_plan(checkpoint: Checkpoint, options: ConvertOptions) -> Plan:
     return build_plan(checkpoint.spec, checkpoint.shards, checkpoint.indexes, kinds=options.kinds,
                       target=targets.get(), quantize_type=options.quantize_type, piece_budget=piece_budget(options),
                       unit_budget=max(options.unit_budget, piece_budget(options)), scales=checkpoint.scales,
-                      layout=options.maxtext_layout,
-                      locate=getattr(checkpoint, "locate", None))  # HF: tensors live in several files
+                      layout=options.maxtext_layout, locate=checkpoint.locate)
 
 
 def budgets(options: ConvertOptions) -> tuple[int, int]:
@@ -165,7 +167,7 @@ def budgets(options: ConvertOptions) -> tuple[int, int]:
     return piece, max(options.unit_budget, piece)
 
 
-def resume_options(options: ConvertOptions, checkpoint: MetaCheckpoint, record: dict[str, Any] | None,
+def resume_options(options: ConvertOptions, checkpoint: Checkpoint, record: dict[str, Any] | None,
                    out: Location) -> ConvertOptions:
     """Plan a resume with the budgets the output was started with, so its finished units stay valid
     after --worker_memory_gb changed (e.g. raised after an out-of-memory kill) — as long as the new

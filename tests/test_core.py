@@ -295,6 +295,24 @@ def test_readers_do_not_know_the_maxtext_mapping():
         assert not graph[reader] & {"rayconv.mapping", "rayconv.families.llama", "rayconv.plan"}, reader
 
 
+def test_every_reader_offers_the_checkpoint_protocol():
+    """The Source seam (issue 20): each format's reader has every member of ``source.protocol.Checkpoint``, and
+    the driver and the job reach the input only through it (no test of which format it is)."""
+    from rayconv.source import protocol
+    from rayconv.source.checkpoint import MetaCheckpoint
+    from rayconv.source.hf import HFCheckpoint
+
+    members = set(protocol.Checkpoint.__annotations__) | {
+        name for name in vars(protocol.Checkpoint) if not name.startswith("_")}
+    assert {"spec", "shards", "locate", "describe_files", "checklist_note"} <= members
+    for reader in (MetaCheckpoint, HFCheckpoint):
+        fields = {f.name for f in dataclasses.fields(reader)}
+        assert not {m for m in members if m not in fields and not hasattr(reader, m)}, reader
+    for module in ("rayconv/engine/driver.py", "rayconv/job.py"):
+        text = (PACKAGE / module.removeprefix("rayconv/")).read_text()
+        assert "source_format(" not in text and '== "hf"' not in text, module
+
+
 def test_modules_stay_small_and_import_without_cycles():
     sizes = {p.relative_to(PACKAGE.parent).as_posix(): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     assert len(sizes) > 30 and max(sizes.values()) > 100  # the walk found the package

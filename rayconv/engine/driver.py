@@ -24,13 +24,12 @@ from rayconv.engine.md5gate import Md5Gate
 from rayconv.errors import ConversionError, OutputError
 from rayconv.job import (ConvertOptions, budgets, commit_batch_bytes, make_plan, open_checkpoint,
                          resume_options)
-from rayconv.mapping import source_format
 from rayconv.plan import Plan, describe
 from rayconv.progress import LOG, Progress, human_bytes
 from rayconv.receipts import JobContext
 from rayconv.sink.commit import occupied, stop_point
 from rayconv.sink.lock import OutputLock
-from rayconv.source.checkpoint import MetaCheckpoint
+from rayconv.source.protocol import Checkpoint
 from rayconv.storage import Location
 
 
@@ -124,7 +123,7 @@ def _prepare_output(out: Location, ledger: Ledger, layouts: dict[Any, Any], plan
     return record
 
 
-def _check_md5(checkpoint: MetaCheckpoint, options: ConvertOptions) -> Md5Gate | None:
+def _check_md5(checkpoint: Checkpoint, options: ConvertOptions) -> Md5Gate | None:
     """Check the files convert reads against the input's checklist.chk, unless an earlier run into this output
     already did and none has changed since. A local input is hashed beside the conversion (the gate holds what
     may be committed until it matched); a remote one before converting, as a second download beside the
@@ -163,17 +162,15 @@ def convert(options: ConvertOptions) -> ConvertResult:
     checkpoint = open_checkpoint(options)
     timer.lap("index")
     spec = checkpoint.spec
-    hf = source_format(spec) == "hf"  # one logical shard in many files, kv heads stored once, config.json
-    if options.verify_md5 and hf:
-        LOG.info("Hugging Face checkpoint: no checklist.chk to check md5 against, and safetensors have no CRCs")
+    if options.verify_md5 and checkpoint.checklist_note:
+        LOG.info(checkpoint.checklist_note)
     elif options.verify_md5:
         md5 = _check_md5(checkpoint, options)
         timer.lap("md5")
-    kv = "" if hf or spec.params_kv_heads == spec.n_kv_heads else f" (params.json says {spec.params_kv_heads})"
+    kv = "" if spec.params_kv_heads == spec.n_kv_heads else f" (params.json says {spec.params_kv_heads})"
     LOG.info("Model %s: %d layers, dim %d, %d heads, %d kv heads%s, ffn %d, vocab %d, %s, %s",
              spec.maxtext_name, spec.n_layers, spec.dim, spec.n_heads, spec.n_kv_heads, kv, spec.ffn_dim,
-             spec.vocab_size, f"{len(checkpoint.shards)} safetensors files" if hf else f"{spec.n_shards} shards",
-             human_bytes(checkpoint.nbytes))
+             spec.vocab_size, checkpoint.describe_files(), human_bytes(checkpoint.nbytes))
     if checkpoint.fp8:
         LOG.info("Source is Meta's FP8 SKU: FFN weights of layers 1..%d are float8 with row scales, dequantized to "
                  "bf16 on the fly; the bf16 outputs hold these FP8-rounded weights (not the original bf16 model) "
@@ -196,7 +193,7 @@ def convert(options: ConvertOptions) -> ConvertResult:
             md5.cancel()  # a run that ends before its md5 pass does (failed, interrupted) stops hashing
 
 
-def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Location, lock: OutputLock,
+def _convert_locked(options: ConvertOptions, checkpoint: Checkpoint, out: Location, lock: OutputLock,
                     start: float, started_ns: int, timer: PhaseTimer, md5: Md5Gate | None) -> ConvertResult:
     ledger = Ledger(out)
     if not options.restart:

@@ -34,7 +34,7 @@ from rayconv.plan import Plan
 from rayconv.leaves import TensorInfo
 
 if TYPE_CHECKING:
-    from rayconv.source.checkpoint import MetaCheckpoint
+    from rayconv.source.protocol import Checkpoint
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -75,7 +75,7 @@ def content_identity(uri: str, index: Mapping[str, TensorInfo], byte_identity: s
     return hub_blob(uri) or (f"{digest}/{byte_identity}" if byte_identity else "")
 
 
-def content_identities(checkpoint: MetaCheckpoint, identities: Mapping[str, str]) -> dict[str, str]:
+def content_identities(checkpoint: Checkpoint, identities: Mapping[str, str]) -> dict[str, str]:
     """Every file the plan reads, by ledger name → content identity. ``identities``: the byte identities as
     :func:`rayconv.engine.ledger.read_identities` gives them (``<index digest>/<byte identity>`` for shards)."""
     out = {str(i): content_identity(uri, index, identities[str(i)].split("/", 1)[-1])

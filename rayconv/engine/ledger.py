@@ -42,7 +42,7 @@ from rayconv.storage import Location
 from rayconv.receipts import Receipt
 
 if TYPE_CHECKING:
-    from rayconv.source.checkpoint import MetaCheckpoint
+    from rayconv.source.protocol import Checkpoint
 
 COMMITTING, COMMITTED = "committing", "committed"
 
@@ -247,7 +247,7 @@ def file_identities(files: dict[Any, str]) -> dict[Any, str]:
         return dict(zip(files, pool.map(_byte_identity, files.values())))
 
 
-def source_identities(checkpoint: MetaCheckpoint) -> list[str]:
+def source_identities(checkpoint: Checkpoint) -> list[str]:
     """Per shard, ``<index digest>/<byte identity>``: what a receipt records for each shard it read."""
     identities = file_identities(dict(enumerate(checkpoint.shards))).values()
     return [f"{index_digest(index)}/{ident}" for index, ident in zip(checkpoint.indexes, identities)]

@@ -179,6 +179,16 @@ class MetaCheckpoint:
     def fp8(self) -> bool:
         return self.scales is not None
 
+    #: Meta's downloads carry a checklist.chk that --verify_md5 checks.
+    checklist_note = None
+
+    def describe_files(self) -> str:
+        return f"{self.spec.n_shards} shards"
+
+    def locate(self, shard: int, key: str) -> tuple[int, TensorInfo]:
+        """Meta's layout: tensor ``key`` of shard s is in file s."""
+        return shard, self.indexes[shard][key]
+
     def expected_dtype(self, key: str) -> str:
         return fp8.FP8_DTYPE if self.fp8 and fp8.is_fp8_tensor(key, self.spec.n_layers) else "bfloat16"
 

@@ -256,6 +256,12 @@ class HFCheckpoint:
     def nbytes(self) -> int:
         return sum(info.nbytes for index in self.indexes for info in index.values())
 
+    #: safetensors carry no checksum, and a Hub repository no checklist.chk.
+    checklist_note = "Hugging Face checkpoint: no checklist.chk to check md5 against, and safetensors have no CRCs"
+
+    def describe_files(self) -> str:
+        return f"{len(self.shards)} safetensors files"
+
 
 def _locate_all(names: list[str], indexes: list[dict[str, TensorInfo]], index: Mapping[str, Any] | None,
                 display: str) -> dict[str, int]:
