@@ -56,6 +56,7 @@ class ExportOptions:
     address: str | None = None
     num_workers: int | None = None
     worker_memory_gb: float = 1.0
+    piece_budget: int | None = None  # bytes per piece; default from worker_memory_gb (tests cut smaller pieces)
     worker_start_timeout: float = 600.0
     restart: bool = False
     progress: bool = True
@@ -157,7 +158,7 @@ def export(options: ExportOptions) -> ExportResult:
     tokenizer = _tokenizer_files(options.tokenizer_from)
     out = Location.parse(options.output)
     plan = build_plan(checkpoint, spec, dtype=options.dtype, max_shard_size=options.max_shard_size,
-                      budget=piece_budget(options.worker_memory_gb), gcs=not out.is_local)
+                      budget=options.piece_budget or piece_budget(options.worker_memory_gb), gcs=not out.is_local)
     summary = describe(plan)
     LOG.info("Plan %s: %d files, %d units, %d pieces, largest piece %s, %s of %s", summary["fingerprint"],
              summary["files"], summary["units"], summary["pieces"], human_bytes(summary["largest_piece_bytes"]),
