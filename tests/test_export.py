@@ -37,7 +37,9 @@ def outputs(tmp_path_factory):
         outs[layout] = root / layout
         run_convert(synthetic_checkpoint(MODEL), outs[layout], model_name=MODEL.family, executor="local",
                     kinds=("scanned", "unscanned"), maxtext_layout=layout, verify=False)
-    hf_config(MODEL).to_json_file(str(root / "config.json"))
+    config = hf_config(MODEL)
+    config.bos_token_id, config.eos_token_id = 128000, 128001  # Llama 3.1's, as its config.json on the Hub says
+    config.to_json_file(str(root / "config.json"))
     outs["config"] = root / "config.json"
     return outs
 

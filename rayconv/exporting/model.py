@@ -118,7 +118,9 @@ def from_config_file(path: str, text: bytes) -> ExportModel:
     family = families.for_hf_model_type(str(config.get("model_type")))
     if family is None:
         raise SpecError(f"{path}: model_type {str(config.get('model_type'))[:40]!r} is not a family rayconv exports")
-    config = {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype", "transformers_version")}
+    # What save_pretrained adds (architectures) and what rayconv sets itself (dtype, the format's version).
+    config = {**_LLAMA_DEFAULTS, **{k: v for k, v in config.items()
+                                    if k not in ("dtype", "torch_dtype", "transformers_version")}}
     return ExportModel(path, family, _spec(family, config, None, path), config)
 
 
