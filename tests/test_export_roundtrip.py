@@ -107,7 +107,8 @@ def _logits(directory) -> np.ndarray:
 
 def test_transformers_loads_the_export_and_its_logits(round_trips):
     """transformers loads every export; head_dim 64: logits array-equal to the original model's; head_dim 32:
-    the one-ulp query differences move the logits by a measured, small amount."""
+    the one-ulp query differences move the logits by a measured, small amount (measured: at most 0.0078125, one
+    bf16 step, on logits up to 1.28; 65% of the logits differ; the argmax of every position is unchanged)."""
     exports, sources = round_trips
     exact = _logits(sources["head_dim-64"])
     assert np.array_equal(_logits(exports["head_dim-64", "nnx", "scanned"]), exact)
@@ -115,4 +116,5 @@ def test_transformers_loads_the_export_and_its_logits(round_trips):
     ours = _logits(exports["head_dim-32", "linen", "unscanned"])
     difference = np.abs(ours - original)
     scale = np.abs(original).max()
-    assert 0 < difference.max() < 0.05 * scale, (difference.max(), scale)
+    assert 0 < difference.max() <= 2 ** -7 and scale > 1, (difference.max(), scale)
+    assert np.array_equal(ours.argmax(-1), original.argmax(-1))
