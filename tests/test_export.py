@@ -162,6 +162,11 @@ def test_other_export_into_the_same_directory_is_refused(outputs, tmp_path):
                      "--output_directory", str(tmp_path / "hf"), "--config", str(outputs["config"]), "--dtype",
                      "float32")
     assert "holds another export" in one_error(result)
+    restarted = run_cli("export", "--executor", "local", "--input_directory",
+                        str(outputs["linen"] / ITEMS["unscanned"]), "--output_directory", str(tmp_path / "hf"),
+                        "--config", str(outputs["config"]), "--dtype", "float32", "--restart")
+    assert restarted.returncode == 0, restarted.stderr[-2000:]
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "float32"
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text("{}")
     result = run_cli("export", "--executor", "local", "--input_directory", str(outputs["linen"] / ITEMS["unscanned"]),
@@ -170,16 +175,22 @@ def test_other_export_into_the_same_directory_is_refused(outputs, tmp_path):
     assert (tmp_path / "other" / "config.json").read_text() == "{}"
 
 
-def test_gcs_output_equals_local(outputs, tmp_path, gcs_prefix):
+def test_gcs_input_and_output_equal_local(outputs, tmp_path, gcs_prefix):
+    """A gs:// checkpoint exported to gs:// (parts composed into each file) gives the local export's bytes."""
     items = outputs["linen"] / ITEMS["scanned"]
+    source = gcs_prefix.join("items")
+    for path in items.rglob("*"):
+        if path.is_file():
+            source.write_bytes(str(path.relative_to(items)), path.read_bytes())
     run_export(items, tmp_path / "local", outputs["config"], max_shard_size=SPLIT)
-    run_export(items, gcs_prefix.uri, outputs["config"], max_shard_size=SPLIT)
-    copy_down(gcs_prefix, tmp_path / "gcs")
+    target = gcs_prefix.join("hf")
+    run_export(source.uri, target.uri, outputs["config"], max_shard_size=SPLIT)
+    copy_down(target, tmp_path / "gcs")
     local = sorted(p.name for p in (tmp_path / "local").iterdir() if p.is_file())
     assert sorted(p.name for p in (tmp_path / "gcs").iterdir() if p.is_file()) == local
     for name in local:
         assert (tmp_path / "gcs" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
-    assert not any(k.startswith(".rayconv-staging") for k in gcs_prefix.list_keys())
+    assert not any(k.startswith(".rayconv-staging") for k in target.list_keys())
 
 
 def test_ray_executor_with_small_workers(outputs, tmp_path, ray_session):
@@ -190,6 +201,7 @@ def test_ray_executor_with_small_workers(outputs, tmp_path, ray_session):
     result = run_export(items, tmp_path / "ray", outputs["config"], executor="ray", num_workers=2,
                         piece_budget=64 << 10)
     assert result.workers == 2 and result.plan["largest_piece_bytes"] <= 64 << 10
+    assert 0 < result.worker_peak_rss < 1 << 30  # each actor within its --worker_memory_gb (1)
     for name in os.listdir(tmp_path / "local"):
         if name.endswith((".safetensors", ".json")):
             assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
