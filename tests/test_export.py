@@ -205,3 +205,17 @@ def test_ray_executor_with_small_workers(outputs, tmp_path, ray_session):
     for name in os.listdir(tmp_path / "local"):
         if name.endswith((".safetensors", ".json")):
             assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+
+
+def test_verify_proves_an_export_and_names_a_damaged_tensor(outputs, tmp_path):
+    items = outputs["nnx"] / ITEMS["scanned"]
+    run_export(items, tmp_path / "hf", outputs["config"], max_shard_size=SPLIT)
+    ok = run_cli("verify", str(items), str(tmp_path / "hf"))
+    assert ok.returncode == 0 and "verified 21 tensors in 17 files" in ok.stdout, ok.stderr[-2000:]
+    index = json.loads((tmp_path / "hf" / INDEX_FILE).read_text())
+    damaged = tmp_path / "hf" / index["weight_map"]["model.layers.1.self_attn.k_proj.weight"]
+    data = bytearray(damaged.read_bytes())
+    data[-3] ^= 1  # a bit of the last tensor's data, inside its range
+    damaged.write_bytes(bytes(data))
+    bad = run_cli("verify", str(items), str(tmp_path / "hf"))
+    assert "differ from the inverse transform" in one_error(bad) and damaged.name in one_error(bad)

@@ -177,8 +177,20 @@ def export(**flags: Any) -> None:
          help="The tree layout OUTPUT must have (default: the one it has). " + MAXTEXT_LAYOUT_HELP)
 @SOURCE_FORMAT
 def verify(source, output, model_name, model_path, num_kv_heads, maxtext_layout, source_format) -> None:
-    """Re-read SOURCE (Meta shards or HF safetensors) and prove every leaf under OUTPUT equals its mapping."""
+    """Re-read SOURCE (Meta shards or HF safetensors) and prove every leaf under OUTPUT equals its mapping; or, for
+    OUTPUT a `rayconv export` directory and SOURCE its MaxText checkpoint, every byte of its tensors."""
     setup_logging()
+    from rayconv.exporting.verify import is_export, verify_export
+
+    with _one_line_errors(signals=True):
+        tunables.install(tunables.from_env(os.environ))
+        exported = is_export(output)
+        if exported:
+            found = verify_export(source, output)
+    if exported:
+        click.echo(f"verified {found.tensors} tensors in {found.files} files ({found.pieces} pieces, "
+                   f"{human_bytes(found.bytes_compared)}) in {output}: identical to the export of {source}")
+        return
     from rayconv.job import ConvertOptions
     from rayconv.source.checkpoint import list_input
     from rayconv.verify import verify as run

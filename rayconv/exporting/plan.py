@@ -102,7 +102,7 @@ def piece_budget(worker_memory_gb: float) -> int:
     return max(1 << 20, int((worker_memory_gb * GiB - WORKER_BASE_BYTES) / MEMORY_PER_PIECE_BYTE))
 
 
-def tensors(spec: ModelSpec, dtype: str) -> list[tuple[str, mapping.Rule, int, int | None, tuple[int, ...]]]:
+def tensors(spec: ModelSpec) -> list[tuple[str, mapping.Rule, int, int | None, tuple[int, ...]]]:
     """[(HF name, rule, rule index, layer, G shape)] of every tensor the spec's family writes."""
     out = []
     for index, rule in enumerate(families.rules(spec)):
@@ -115,8 +115,8 @@ def tensors(spec: ModelSpec, dtype: str) -> list[tuple[str, mapping.Rule, int, i
 def _piece_rows(rule: mapping.Rule, spec: ModelSpec, shape: tuple[int, ...], itemsize: int, budget: int,
                 chunk_rows: int) -> int:
     """Rows of G per piece: whole heads, within the budget, a multiple of the source chunk when it fits."""
-    if rule.transform.row_axis is None or not shape:
-        return shape[0] if shape else 1
+    if rule.transform.row_axis is None:
+        return shape[0]
     quantum = mapping.row_quantum(rule, spec)
     row_bytes = math.prod(shape[1:]) * itemsize
     rows = max(quantum, budget // max(1, row_bytes) // quantum * quantum)
@@ -126,16 +126,27 @@ def _piece_rows(rule: mapping.Rule, spec: ModelSpec, shape: tuple[int, ...], ite
     return min(rows, shape[0])
 
 
-def build_plan(checkpoint: MaxTextCheckpoint, spec: ModelSpec, *, dtype: str = "bfloat16",
-               max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, budget: int, gcs: bool = False,
-               unit_bytes: int = UNIT_BYTES) -> ExportPlan:
-    """The plan for a checkpoint already checked against the spec (:func:`rayconv.exporting.model.check_checkpoint`)."""
+def output_dtype(dtype: str) -> np.dtype:
     if dtype not in OUTPUT_DTYPES:
         raise OutputError(f"--dtype {dtype!r}: choose one of {', '.join(OUTPUT_DTYPES)}")
-    out_size = np.dtype(mapping.BF16 if dtype == "bfloat16" else dtype).itemsize
-    listed = tensors(spec, dtype)
-    files = plan_files([(name, mapping.BF16 if dtype == "bfloat16" else np.float32, shape)
-                        for name, _, _, _, shape in listed], max_shard_size=max_shard_size, style="maxtext")
+    return mapping.BF16 if dtype == "bfloat16" else np.dtype(np.float32)
+
+
+def plan_output_files(spec: ModelSpec, dtype: str, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> SafetensorsPlan:
+    """MaxText's files for the spec's tensors in ``dtype`` (its split, the safetensors library's headers)."""
+    return plan_files([(name, output_dtype(dtype), shape) for name, _, _, _, shape in tensors(spec)],
+                      max_shard_size=max_shard_size, style="maxtext")
+
+
+def build_plan(checkpoint: MaxTextCheckpoint, spec: ModelSpec, *, dtype: str = "bfloat16",
+               max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, budget: int, gcs: bool = False,
+               unit_bytes: int = UNIT_BYTES, files: SafetensorsPlan | None = None) -> ExportPlan:
+    """The plan for a checkpoint already checked against the spec (:func:`rayconv.exporting.model.check_checkpoint`).
+    ``files``: the output files' layout when it is given (``rayconv verify`` reads it from an export), else
+    MaxText's split at ``max_shard_size``."""
+    out_size = output_dtype(dtype).itemsize
+    listed = tensors(spec)
+    files = files or plan_output_files(spec, dtype, max_shard_size)
     pieces: list[Piece] = []
     for name, rule, index, layer, shape in listed:
         leaf = checkpoint.leaves[leaf_name(rule, layer, checkpoint.scanned)]
@@ -147,15 +158,15 @@ def build_plan(checkpoint: MaxTextCheckpoint, spec: ModelSpec, *, dtype: str = "
         chunk_rows = leaf.chunks[leaf_axis] * quantum if leaf_axis is not None else 1
         step = _piece_rows(rule, spec, shape, max(in_size, out_size), budget, chunk_rows)
         planned = files.tensors[name]
-        for begin in range(0, max(shape[0], 1) if shape else 1, step):
-            end = min(begin + step, shape[0]) if shape else 1
+        for begin in range(0, shape[0], step):
+            end = min(begin + step, shape[0])
             region = [(0, n) for n in mapping.layer_shape(rule, spec)]
             if axis is not None:
                 region[axis] = (begin // quantum, end // quantum)
             if scanned:
                 region.insert(1, (layer, layer + 1))
             pieces.append(Piece(name, index, layer, (begin, end), leaf.name, tuple(region), planned.file,
-                                planned.rows(begin, end) if shape else (planned.start, planned.start + planned.nbytes)))
+                                planned.rows(begin, end)))
     pieces.sort(key=lambda p: (p.file, p.span))
     units: list[Unit] = []
     current: list[Piece] = []

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from rayconv import families, mapping
-from rayconv.exporting.plan import Unit
+from rayconv.exporting.plan import Piece, Unit
 from rayconv.models import ModelSpec
 from rayconv.source.orbax import MaxTextCheckpoint
 from rayconv.storage import Location
@@ -94,6 +94,17 @@ class ExportContext:
         return run_unit(self, unit)
 
 
+def piece_rows(checkpoint: MaxTextCheckpoint, spec: ModelSpec, rule: mapping.Rule, piece: Piece,
+               dtype: np.dtype) -> tuple[np.ndarray, int]:
+    """(the piece's rows of its HF tensor, source bytes read): what the export writes at ``piece.span``."""
+    scanned = checkpoint.scanned and piece.layer is not None
+    block, nbytes = read_piece(checkpoint, piece.leaf, piece.region, scanned, dtype)
+    rows = mapping.from_layer_block(rule, block, spec)
+    if rows.nbytes != piece.nbytes:
+        raise AssertionError(f"{piece.tensor} rows {piece.rows}: {rows.nbytes} bytes, planned {piece.nbytes}")
+    return rows, nbytes
+
+
 def run_unit(ctx: ExportContext, unit: Unit) -> ExportReceipt:
     """Run one unit's pieces in order; only one piece's arrays are alive at a time."""
     started = time.monotonic()
@@ -103,14 +114,10 @@ def run_unit(ctx: ExportContext, unit: Unit) -> ExportReceipt:
     bytes_read, dtype = 0, compute_dtype(ctx.dtype)
     try:
         for piece in unit.pieces:
-            scanned = ctx.checkpoint.scanned and piece.layer is not None
-            block, nbytes = read_piece(ctx.checkpoint, piece.leaf, piece.region, scanned, dtype)
+            rows, nbytes = piece_rows(ctx.checkpoint, ctx.spec, rules[piece.rule], piece, dtype)
             bytes_read += nbytes
-            rows = mapping.from_layer_block(rules[piece.rule], block, ctx.spec)
-            if rows.nbytes != piece.nbytes:
-                raise AssertionError(f"{piece.tensor} rows {piece.rows}: {rows.nbytes} bytes, planned {piece.nbytes}")
             writer.write(piece.span[0], rows)
-            del block, rows
+            del rows
         if directory.is_local:  # the receipt promises the bytes are on disk
             fd = os.open(writer.partial, os.O_RDONLY)
             try:
