@@ -118,6 +118,15 @@ def _make_executor(options: ExportOptions):
                        worker_memory_gb=options.worker_memory_gb, start_timeout=options.worker_start_timeout)
 
 
+def _sizes(out: Location, names: list[str]) -> dict[str, int | None]:
+    """Each name's size (None: absent). On gs:// one listing first, so a 405B export's ~400 files cost one request
+    plus one per file that exists, not one per planned file."""
+    if out.is_local:
+        return {name: out.size(name) for name in names}
+    present = set(out.list_keys())
+    return {name: out.size(name) if name in present else None for name in names}
+
+
 def _small_files(plan: ExportPlan) -> list[str]:
     """The files the export writes besides the safetensors, the last one last (the index, or config.json)."""
     return [GENERATION_CONFIG, CONFIG] + ([INDEX_FILE] if plan.files.index is not None else [])
@@ -136,8 +145,9 @@ def _prepare(out: Location, ledger: ExportLedger, plan: ExportPlan, tokenizer: d
         if not out.is_local:
             out.join(safetensors_writer.STAGING_DIR).delete_all()
     if ledger.record() is None:
+        sizes = _sizes(out, names)
         for name in names:
-            if out.size(name) is not None:
+            if sizes[name] is not None:
                 raise OutputError(f"{out.join(name).uri} already exists and was not written by this export; choose "
                                   "another --output_directory or pass --restart to replace it")
     ledger.start(fields)
@@ -178,13 +188,14 @@ def _export_locked(options: ExportOptions, checkpoint: MaxTextCheckpoint, model:
     _prepare(out, ledger, plan, tokenizer, options.restart, fields)
     files = [f.name for f in plan.files.files]
     result = ExportResult(out.uri, files, summary, 0.0, 0, 0, 0, 0, 0, 0)
-    if ledger.complete() and all(out.size(f.name) == f.size for f in plan.files.files):
+    sizes = _sizes(out, files)
+    if ledger.complete() and all(sizes[f.name] == f.size for f in plan.files.files):
         LOG.info("%s is a finished export of %s: nothing to do", out.uri, checkpoint.location.uri)
         result.units_skipped = len(plan.units)
         result.seconds = time.monotonic() - start
         return result
     by_file = plan.unit_files()
-    published = {f.name for f in plan.files.files if out.size(f.name) == f.size}
+    published = {f.name for f in plan.files.files if sizes[f.name] == f.size}
     for name in published - ledger.published():  # published by a run stopped before it said so
         ledger.mark_published(name, plan.files.file(name).size)
     receipts = {u: r for u, r in ledger.receipts().items()}
