@@ -113,3 +113,15 @@ def test_float32_export(tmp_path):
             assert not np.array_equal(f32[name], value.astype(np.float32))  # not rounded to bf16
         else:
             assert np.array_equal(f32[name], value.astype(np.float32)), name
+
+
+def test_max_shard_size_spellings():
+    import click
+
+    from rayconv.cli.flags import _size
+
+    assert [_size(None, None, v) for v in ("3GiB", "500MB", "200KB", "1000000", "1.5 GiB")] == [
+        3 << 30, 500 * 10 ** 6, 200 * 10 ** 3, 10 ** 6, 3 << 29]
+    for bad in ("0", "-5MB", "3 parsecs", ""):
+        with pytest.raises(click.BadParameter):
+            _size(None, None, bad)
