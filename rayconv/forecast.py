@@ -109,7 +109,7 @@ def _gbps(gbit: float) -> float:
 
 def output_bytes(plan: Plan) -> dict[str, dict[str, int]]:
     """Arrays and bytes of each output (what the workers write; the commit adds only metadata)."""
-    return {kind: {"arrays": len(arrays), "bytes": sum(a.nbytes for a in arrays)}
+    return {kind.name: {"arrays": len(arrays), "bytes": sum(a.nbytes for a in arrays)}
             for kind, arrays in ((k, plan.arrays(k)) for k in plan.kinds)}
 
 
@@ -154,7 +154,7 @@ def smallest_worker_memory_gb(spec: ModelSpec, step_gb: float = 0.01, output: st
 
 
 def unit_commits(plan: Plan, written: int, batch_bytes: int) -> list[int]:
-    """Commits of each unit: the worker's rule (``_Writer.piece_done``) replayed over the plan's pieces.
+    """Commits of each unit: the worker's rule (``sink.ocdbt_writer.OcdbtWriter.piece_done``) replayed over the plan's pieces.
 
     A unit commits when a piece ends with at least ``batch_bytes`` of output staged, and once more for the rest
     (``flush``), so a piece larger than the batch commits on its own. Output per piece is approximated as the

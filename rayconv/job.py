@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 from rayconv.acquire import Acquisition
+from rayconv import targets
 from rayconv.errors import OutputError, SpecError
 from rayconv.families import Descriptor
 from rayconv.plan import Plan, build_plan
@@ -19,6 +20,7 @@ from rayconv.progress import LOG, human_bytes
 from rayconv.source.checkpoint import MetaCheckpoint
 from rayconv.storage import Location
 from rayconv.tunables import Tunables
+from rayconv.targets.maxtext_kinds import DEFAULT_KINDS
 
 GiB = 1 << 30
 #: Peak worker memory per piece byte: the read buffer, the transformed copy, float32 temporaries
@@ -44,7 +46,7 @@ class ConvertOptions:
     output: str
     model_name: str | None = None
     model_path: str | None = None
-    kinds: tuple[str, ...] = ("scanned", "unscanned")
+    kinds: tuple[Any, ...] = DEFAULT_KINDS  # the target's output kinds (objects, or their names)
     quantize_type: str | None = None
     #: GiB each worker reserves. 1: at the 405B's real widths as fast as 4 GiB and half the memory (docs/benchmarks.md).
     worker_memory_gb: float = 1.0
@@ -151,7 +153,7 @@ def open_checkpoint(options: ConvertOptions) -> MetaCheckpoint:  # or an HFCheck
 
 def make_plan(checkpoint: MetaCheckpoint, options: ConvertOptions) -> Plan:
     return build_plan(checkpoint.spec, checkpoint.shards, checkpoint.indexes, kinds=options.kinds,
-                      quantize_type=options.quantize_type, piece_budget=piece_budget(options),
+                      target=targets.get(), quantize_type=options.quantize_type, piece_budget=piece_budget(options),
                       unit_budget=max(options.unit_budget, piece_budget(options)), scales=checkpoint.scales,
                       layout=options.maxtext_layout,
                       locate=getattr(checkpoint, "locate", None))  # HF: tensors live in several files

@@ -25,8 +25,6 @@ from rayconv.leaves import ArraySpec, Read, TensorInfo
 from rayconv.mapping import Rule
 from rayconv.models import ModelSpec
 
-KINDS = ("scanned", "unscanned", "int8")
-
 def block_region(rule: Rule, spec: ModelSpec, row0: int, row1: int) -> tuple[tuple[int, int], ...]:
     """Region (start, stop per axis) of the per-layer array filled by rows [row0, row1) of G."""
     transform = rule.transform
@@ -72,12 +70,13 @@ class Unit:
 class Plan:
     spec: ModelSpec
     shards: tuple[str, ...]  # source uri per file index (Read.shard)
-    kinds: tuple[str, ...]
+    kinds: tuple[Any, ...]  # the target's output kinds (objects with a .name: rayconv.targets)
     quantize_type: str | None
     piece_rows: dict[int, int]  # rule index → rows per piece
     units: tuple[Unit, ...]
     scale_files: tuple[str, ...] = ()  # FP8 SKU: fp8_scales_{r}.pt uri per shard
     layout: str = trees.DEFAULT_LAYOUT  # MaxText tree layout (rayconv.trees.LAYOUTS)
+    target: Any = None  # the output format (rayconv.targets): its arrays, values, writer and commit
 
     @property
     def tree(self) -> trees.TreeLayout:
@@ -91,12 +90,20 @@ class Plan:
     def input_bytes(self) -> int:
         return sum(u.read_bytes for u in self.units)
 
-    def arrays(self, kind: str) -> list[ArraySpec]:
-        return output_arrays(self, kind)
+    def arrays(self, kind: Any) -> list[ArraySpec]:
+        """Every array of output ``kind`` with its chunk grid (the target decides)."""
+        return self.target.arrays(self, kind)
+
+    def kind(self, name: str) -> Any:
+        """The output of this plan called ``name`` (a JSON or ledger name)."""
+        for kind in self.kinds:
+            if kind.name == name:
+                return kind
+        raise KeyError(name)
 
     def fingerprint(self) -> str:
         """Identifies the work: same fingerprint ⇒ a ledger's receipts are valid for this plan."""
-        work = {"spec": self.spec.to_json(), "kinds": self.kinds, "q": self.quantize_type,
+        work = {"spec": self.spec.to_json(), "kinds": [k.name for k in self.kinds], "q": self.quantize_type,
                 "rows": sorted(self.piece_rows.items()), "units": [(u.id, len(u.pieces)) for u in self.units]}
         if self.scale_files:
             work["fp8"] = True  # the same model from an FP8 source converts to different bytes
@@ -209,14 +216,15 @@ def group_units(pieces: Iterable[Piece], unit_budget: int) -> tuple[Unit, ...]:
 
 
 def build_plan(spec: ModelSpec, shards: Sequence[str], indexes: Sequence[dict[str, TensorInfo]], *,
-               kinds: Sequence[str], quantize_type: str | None, piece_budget: int,
-               unit_budget: int, scales: Any = None, layout: str = trees.DEFAULT_LAYOUT,
+               kinds: Sequence[Any], quantize_type: str | None, piece_budget: int,
+               unit_budget: int, target: Any, scales: Any = None, layout: str = trees.DEFAULT_LAYOUT,
                locate: Locate | None = None) -> Plan:
-    """``scales`` (a rayconv.fp8.Scales) makes the float8 reads carry their row scales (FP8 SKU); ``locate``
-    says which file holds each shard's tensor when that is not file = shard (a Hugging Face checkpoint)."""
+    """``kinds``: outputs of ``target`` (rayconv.targets), as objects or by name. ``scales`` (a rayconv.fp8.Scales)
+    makes the float8 reads carry their row scales (FP8 SKU); ``locate`` says which file holds each shard's tensor
+    when that is not file = shard (a Hugging Face checkpoint)."""
     tree = trees.get(layout)
-    if "int8" in kinds:
-        tree.check_quantize_type(quantize_type)
+    kinds = target.resolve(kinds)
+    target.check(kinds, quantize_type, tree)
     rows, pieces = build_pieces(spec, indexes, piece_budget, locate)
     if scales is not None:
         from rayconv import fp8
@@ -224,57 +232,7 @@ def build_plan(spec: ModelSpec, shards: Sequence[str], indexes: Sequence[dict[st
         pieces = fp8.attach_scales(pieces, scales)
     return Plan(spec=spec, shards=tuple(shards), kinds=tuple(kinds), quantize_type=quantize_type,
                 piece_rows=rows, units=group_units(pieces, unit_budget),
-                scale_files=tuple(scales.files) if scales is not None else (), layout=tree.name)
-
-
-# --------------------------------------------------------------------------------------------
-# Output trees
-
-
-def _layer_chunks(rule: Rule, spec: ModelSpec, rows: int) -> tuple[int, ...]:
-    region = block_region(rule, spec, 0, rows)
-    return tuple(stop - start for start, stop in region)
-
-
-def scale_shape(shape: Sequence[int], contraction: Sequence[int]) -> tuple[int, ...]:
-    return tuple(1 if axis in contraction else n for axis, n in enumerate(shape))
-
-
-def leaf_paths(rule: Rule, layer: int | None, kind: str, tree: trees.TreeLayout = trees.LINEN) -> tuple[str, ...]:
-    """Tree path of a rule's leaf in a given output (unscanned/int8 name layers ``layers_{i}``); the layout
-    (:mod:`rayconv.trees`) decides the wrapping (``params/params/…`` or NNX ``…/value``)."""
-    return tree.leaf_path(rule, layer, kind)
-
-
-def aqt_paths(rule: Rule, layer: int, tree: trees.TreeLayout = trees.LINEN) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(qvalue path, scale path) of an AQT-frozen kernel in the layout's int8 tree."""
-    return tree.aqt_paths(rule, layer)
-
-
-def output_arrays(plan: Plan, kind: str) -> list[ArraySpec]:
-    spec = plan.spec
-    tree = plan.tree
-    arrays: list[ArraySpec] = []
-    for ri, rule in enumerate(plan.rules):
-        shape = mapping.layer_shape(rule, spec)
-        chunks = _layer_chunks(rule, spec, plan.piece_rows[ri])
-        if kind == "scanned" and rule.per_layer:
-            arrays.append(ArraySpec(leaf_paths(rule, 0, kind, tree), mapping.scanned_shape(shape, spec.n_layers),
-                                    "bfloat16", mapping.scanned_shape(chunks, 1)))
-            continue
-        for layer in _layers(rule, spec):
-            if kind == "int8" and rule.quantized:
-                qpath, spath = aqt_paths(rule, layer, tree)
-                arrays.append(ArraySpec(qpath, shape, quant_dtype(plan.quantize_type), chunks))
-                arrays.append(ArraySpec(spath, scale_shape(shape, rule.contraction), "bfloat16",
-                                        scale_shape(chunks, rule.contraction)))
-            else:
-                arrays.append(ArraySpec(leaf_paths(rule, layer, kind, tree), shape, "bfloat16", chunks))
-    return arrays
-
-
-def quant_dtype(quantize_type: str | None) -> str:
-    return "int4" if quantize_type == "int4w" else "int8"
+                scale_files=tuple(scales.files) if scales is not None else (), layout=tree.name, target=target)
 
 
 def describe(plan: Plan) -> dict[str, Any]:
@@ -283,7 +241,7 @@ def describe(plan: Plan) -> dict[str, Any]:
     return {
         "model": plan.spec.maxtext_name,
         "shards": len(plan.shards),
-        "outputs": list(plan.kinds),
+        "outputs": [k.name for k in plan.kinds],
         "maxtext_layout": plan.layout,
         "units": len(plan.units),
         "pieces": sum(len(u.pieces) for u in plan.units),

@@ -25,6 +25,8 @@ QUANT_TYPES: dict[str, tuple[int, np.dtype]] = {
     "int8w": (8, np.dtype(np.int8)),
     "int4w": (4, np.dtype(ml_dtypes.int4)),
 }
+#: The type an AQT output has when none is named (a ledger written before types were recorded).
+DEFAULT_TYPE = "int8"
 
 
 def quantize(kernel: np.ndarray, contraction: tuple[int, ...], bits: int = 8) -> tuple[np.ndarray, np.ndarray]:

@@ -28,10 +28,10 @@ class JobContext:
 
     spec: ModelSpec
     shards: tuple[str, ...]
-    kinds: tuple[str, ...]
+    kinds: tuple[Any, ...]  # the target's output kinds to write (objects; see rayconv.targets)
     quantize_type: str | None
-    arrays: dict[str, dict[tuple[str, ...], ArraySpec]]  # kind → path → array
-    items: dict[str, str]  # kind → staging item uri
+    arrays: dict[Any, dict[tuple[str, ...], ArraySpec]]  # kind → path → array
+    items: dict[Any, str]  # kind → staging item uri
     compression: str | None = None
     batch_bytes: int = 0  # output bytes per OCDBT commit (rayconv.job.commit_batch_bytes); 0: after every piece
     scale_files: tuple[str, ...] = ()  # FP8 SKU: fp8_scales_{r}.pt per shard
@@ -40,6 +40,7 @@ class JobContext:
     # process that creates the context (the driver, which installed ConvertOptions.tunables): a Ray worker is
     # another process, and installs these when it starts (rayconv.engine.actors).
     tunables: Tunables = dataclasses.field(default_factory=current_tunables)
+    target: Any = None  # the plan's target (rayconv.targets): the values for a piece, the writer
 
     @classmethod
     def create(cls, plan: Plan, layouts: dict[str, OutputLayout], compression: str | None,
@@ -55,6 +56,7 @@ class JobContext:
             batch_bytes=batch_bytes,
             scale_files=plan.scale_files,
             layout=plan.layout,
+            target=plan.target,
         )
 
 
@@ -63,7 +65,8 @@ class Receipt:
     """What a finished unit reports: small, JSON-able, enough to resume and to verify."""
 
     unit: str
-    dbs: dict[str, str]  # kind → child database id
+    #: What the target's writer returned (MaxText: output name → child database id), read only by the target.
+    dbs: dict[str, str]
     bytes_read: int
     bytes_written: int
     seconds: float

@@ -26,7 +26,7 @@ import base64
 import dataclasses
 import json
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence
 
 from rayconv.errors import SpecError
 
@@ -35,6 +35,19 @@ if TYPE_CHECKING:
     from rayconv.leaves import ArraySpec
 
 Path = tuple[str, ...]
+
+
+class Kind(Protocol):
+    """What a tree layout asks of an output kind (the MaxText target's kinds: rayconv.targets.maxtext_kinds)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def scanned(self) -> bool: ...
+
+    @property
+    def quantized(self) -> bool: ...
 
 #: Orbax's legacy (v0) handler: MaxText 0.2.4's CheckpointManager and every PyTreeCheckpointer save.
 LEGACY_PYTREE_HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
@@ -72,13 +85,16 @@ def _array_value(array: "ArraySpec") -> dict[str, Any]:
 class TreeLayout:
     """One MaxText tree layout: leaf paths and Orbax metadata for each output kind.
 
-    ``handlers[kind]`` names the Orbax handler MaxText's writer records for that output; ``step_leaf`` lists
-    the kinds whose tree carries the ``step`` scalar and the empty ``opt_state`` (a TrainState).
+    ``bf16_handler`` / ``aqt_handler`` name the Orbax handler MaxText's writer records for the bf16 outputs and
+    the AQT one. The scanned tree is always a TrainState (``step`` scalar, empty ``opt_state``), the AQT tree never;
+    ``unscanned_train_state`` says whether the unscanned one is too (0.2.4's ``generate_param_only_checkpoint``)
+    or a bare decode tree (0.2.5's NNX).
     """
 
     name: str
-    handlers: dict[str, str]
-    step_leaf: frozenset[str]
+    bf16_handler: str
+    aqt_handler: str
+    unscanned_train_state: bool
     #: AQT types this generation of MaxText writes and loads (None: all of rayconv's), and why not the others.
     quantize_types: frozenset[str] | None = None
     unsupported_quantize_reason: str = ""
@@ -90,7 +106,7 @@ class TreeLayout:
                             f"{self.unsupported_quantize_reason}")
 
     # ------------------------------------------------------------------ paths
-    def leaf_path(self, rule: "Rule", layer: int | None, kind: str) -> Path:
+    def leaf_path(self, rule: "Rule", layer: int | None, kind: Kind) -> Path:
         """Tree path of a rule's (non-quantized) leaf in output ``kind``."""
         raise NotImplementedError
 
@@ -107,10 +123,14 @@ class TreeLayout:
         return []
 
     # ------------------------------------------------------------------ metadata
-    def has_step_leaf(self, kind: str) -> bool:
-        return kind in self.step_leaf
+    def has_step_leaf(self, kind: Kind) -> bool:
+        """Whether the tree holds the ``step`` scalar and ``opt_state`` (a TrainState)."""
+        return not kind.quantized and (kind.scanned or self.unscanned_train_state)
 
-    def tree_metadata(self, kind: str, arrays: Sequence["ArraySpec"]) -> dict[str, Any]:
+    def handler(self, kind: Kind) -> str:
+        return self.aqt_handler if kind.quantized else self.bf16_handler
+
+    def tree_metadata(self, kind: Kind, arrays: Sequence["ArraySpec"]) -> dict[str, Any]:
         """``_METADATA`` as Orbax 0.12 writes it for this layout's tree."""
         entries: dict[str, Any] = {}
         if self.has_step_leaf(kind):
@@ -142,14 +162,14 @@ class TreeLayout:
             {"array_metadata": {"param_name": a.param_name, "write_shape": list(a.chunks),
                                 "chunk_shape": list(a.chunks), "ext_metadata": None}} for a in arrays]}
 
-    def custom_metadata(self, kind: str) -> dict[str, Any]:
+    def custom_metadata(self, kind: Kind) -> dict[str, Any]:
         """``custom_metadata`` of the step's ``_CHECKPOINT_METADATA``."""
         return {}
 
-    def checkpoint_metadata(self, kind: str, step_dir: bool, custom: dict[str, Any] | None,
+    def checkpoint_metadata(self, kind: Kind, step_dir: bool, custom: dict[str, Any] | None,
                             started_ns: int) -> dict[str, Any]:
         """``_CHECKPOINT_METADATA``: in the step dir (``{"items": handler}``) or a bare item dir (the handler)."""
-        handler = self.handlers[kind]
+        handler = self.handler(kind)
         return {"item_handlers": {"items": handler} if step_dir else handler, "metrics": {},
                 "performance_metrics": {}, "init_timestamp_nsecs": started_ns,
                 "commit_timestamp_nsecs": time.time_ns(),
@@ -159,8 +179,8 @@ class TreeLayout:
 class _Linen(TreeLayout):
     """MaxText 0.2.4 classic trees (JetStream-MaxText, the GKE tutorial)."""
 
-    def leaf_path(self, rule: "Rule", layer: int | None, kind: str) -> Path:
-        return ("params", "params") + _layer_target(rule, layer, kind == "scanned")
+    def leaf_path(self, rule: "Rule", layer: int | None, kind: Kind) -> Path:
+        return ("params", "params") + _layer_target(rule, layer, kind.scanned)
 
     def aqt_paths(self, rule: "Rule", layer: int) -> tuple[Path, Path]:
         module = _layer_target(rule, layer, False)[:-1]
@@ -176,16 +196,16 @@ class _Linen(TreeLayout):
                 paths.append(("params", "params") + module + ("kernel",))
         return paths
 
-    def custom_metadata(self, kind: str) -> dict[str, Any]:
-        # MaxText ≥ 0.2.4 reads scan_layers from here (verify_and_sync_scan_layers); the int8 dir has none.
-        return {} if kind == "int8" else {"scan_layers": kind == "scanned", "converter": "rayconv"}
+    def custom_metadata(self, kind: Kind) -> dict[str, Any]:
+        # MaxText ≥ 0.2.4 reads scan_layers from here (verify_and_sync_scan_layers); the AQT dir has none.
+        return {} if kind.quantized else {"scan_layers": kind.scanned, "converter": "rayconv"}
 
 
 class _Nnx(TreeLayout):
     """MaxText 0.2.5 default trees: classic scanned, NNX decode unscanned, NNX int8."""
 
-    def leaf_path(self, rule: "Rule", layer: int | None, kind: str) -> Path:
-        if kind == "scanned":  # llama_or_mistral_ckpt: the classic TrainState tree, unchanged in 0.2.5
+    def leaf_path(self, rule: "Rule", layer: int | None, kind: Kind) -> Path:
+        if kind.scanned:  # llama_or_mistral_ckpt: the classic TrainState tree, unchanged in 0.2.5
             return ("params", "params") + _layer_target(rule, layer, True)
         return _layer_target(rule, layer, False) + ("value",)
 
@@ -195,12 +215,10 @@ class _Nnx(TreeLayout):
         return frozen + ("qvalue",), frozen + ("scale", "0")
 
 
-LINEN = _Linen("linen", handlers={"scanned": LEGACY_PYTREE_HANDLER, "unscanned": LEGACY_PYTREE_HANDLER,
-                                  "int8": LEGACY_PYTREE_HANDLER},
-               step_leaf=frozenset({"scanned", "unscanned"}))
-NNX = _Nnx("nnx", handlers={"scanned": V1_PYTREE_HANDLER, "unscanned": V1_PYTREE_HANDLER,
-                            "int8": LEGACY_PYTREE_HANDLER},
-           step_leaf=frozenset({"scanned"}), quantize_types=frozenset({"int8"}),
+LINEN = _Linen("linen", bf16_handler=LEGACY_PYTREE_HANDLER, aqt_handler=LEGACY_PYTREE_HANDLER,
+               unscanned_train_state=True)
+NNX = _Nnx("nnx", bf16_handler=V1_PYTREE_HANDLER, aqt_handler=LEGACY_PYTREE_HANDLER, unscanned_train_state=False,
+           quantize_types=frozenset({"int8"}),
            # Measured: 0.2.5's layerwise_quantization with quantization=intmp fails building the model
            # (quantizations._get_mixed_precision_cfg reads Linen's module stack, None under NNX); MaxEngine builds
            # the same model to load, so there is neither a writer nor a loader to be compatible with.

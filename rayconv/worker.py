@@ -4,31 +4,24 @@ This is the only code that touches tensor bytes, and it runs wherever the engine
 actor, or the driver process for ``--executor local``). It takes a plan unit (a description) and
 returns a :class:`Receipt` (a few hundred bytes): tensors never leave the worker.
 
-Idempotence: a unit writes into fresh child OCDBT databases named after the unit and a random
-attempt tag, and the receipt names them. Only databases named by a recorded receipt are merged at
-commit, so a retried or duplicated attempt can never mix partial chunks into the output.
+What a block becomes and how it is written are the target's (``ctx.target``: its values for a piece and its
+writer, e.g. rayconv.targets.maxtext); the receipt carries what the writer returns, unread here.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import time
 import zlib
-from typing import Iterator
 
 import numpy as np
-import tensorstore as ts
 
-from rayconv import families, fp8, mapping, quantize, trees
+from rayconv import families, fp8, mapping
 from rayconv.errors import SourceError
-from rayconv.mapping import Rule
 from rayconv.leaves import Read
-from rayconv.plan import Piece, Unit, aqt_paths, block_region, leaf_paths
+from rayconv.plan import Piece, Unit
 from rayconv.receipts import JobContext, Receipt
-from rayconv.sink.layout import array_kvstore, array_schema, ocdbt_kvstore
 from rayconv.source.bytesource import ByteSource, open_source
-from rayconv.storage import Location, output_errors
 
 
 class Sources:
@@ -108,118 +101,6 @@ def read_block(piece: Piece, sources: Sources, crcs: list) -> mapping.Block:
     return block
 
 
-def _slices(region: tuple[tuple[int, int], ...]) -> tuple[slice, ...]:
-    return tuple(slice(a, b) for a, b in region)
-
-
-class _Writer:
-    """Writes chunk-aligned regions into this unit's child databases, batched into transactions.
-
-    Each OCDBT commit writes a data file, a b-tree node and a manifest (each fsynced), so committing
-    every chunk on its own costs more kernel time than the data. Writes are staged in a transaction
-    and committed once ``batch_bytes`` have accumulated; one batch commits while the next fills, so
-    memory holds at most two batches of output arrays (tensorstore references them, never copies).
-    The batch depends on the destination (:func:`rayconv.job.commit_batch_bytes`): each commit rewrites every
-    written database's manifest, one object that Cloud Storage lets be rewritten about once a second.
-    """
-
-    def __init__(self, ctx: JobContext, unit: Unit, batch_bytes: int) -> None:
-        self.ctx = ctx
-        self.dbs = {kind: f"{unit.id}{secrets.token_hex(4)}" for kind in ctx.kinds}
-        self._items = {kind: Location.parse(uri) for kind, uri in ctx.items.items()}
-        self._stores: dict[tuple[str, tuple[str, ...]], ts.TensorStore] = {}
-        self._databases: dict[str, ts.KvStore] = {}
-        self._context = ts.Context({"data_copy_concurrency": {"limit": 2}, "file_io_concurrency": {"limit": 16}})
-        self._batch_bytes = batch_bytes
-        self._txn = ts.Transaction()
-        self._staged: list[tuple[str, ts.Future]] = []
-        self._staged_bytes = 0
-        self._committing: ts.Future | None = None
-        self.bytes_written = 0
-
-    def _database(self, kind: str) -> ts.KvStore:
-        """This unit's child database of one output, opened once (its arrays are prefixes of it)."""
-        if kind not in self._databases:
-            with output_errors(self._items[kind]):
-                self._databases[kind] = ts.KvStore.open(ocdbt_kvstore(self._items[kind], self.dbs[kind]),
-                                                        context=self._context).result()
-        return self._databases[kind]
-
-    def _store(self, kind: str, path: tuple[str, ...]) -> ts.TensorStore:
-        key = (kind, path)
-        if key not in self._stores:
-            array = self.ctx.arrays[kind][path]
-            kvstore = array_kvstore(self._database(kind), array)
-            with output_errors(self._items[kind]):
-                self._stores[key] = ts.open(array_schema(array, self.ctx.compression), kvstore=kvstore, open=True,
-                                            assume_metadata=True, context=self._context).result()
-        return self._stores[key]
-
-    def write(self, kind: str, path: tuple[str, ...], region: tuple[slice, ...], array: np.ndarray) -> None:
-        store = self._store(kind, path).with_transaction(self._txn)
-        # The array is never modified afterwards, so tensorstore may write from it without a copy.
-        self._staged.append((kind, store[region].write(array, can_reference_source_data_indefinitely=True)))
-        self._staged_bytes += array.nbytes
-        self.bytes_written += array.nbytes
-
-    def _commit(self) -> None:
-        for kind, future in self._staged:
-            with output_errors(self._items[kind]):
-                future.result()
-        self._wait_commit()
-        self._committing = self._txn.commit_async()
-        self._txn, self._staged, self._staged_bytes = ts.Transaction(), [], 0
-
-    def _wait_commit(self) -> None:
-        if self._committing is not None:
-            with output_errors(next(iter(self._items.values()))):
-                self._committing.result()
-            self._committing = None
-
-    def piece_done(self) -> None:
-        if self._staged_bytes >= self._batch_bytes:
-            self._commit()
-
-    def flush(self) -> None:
-        """Commit everything staged and wait until it is durable."""
-        if self._staged:
-            self._commit()
-        self._wait_commit()
-
-
-def _scanned_region(region: tuple[slice, ...], layer: int) -> tuple[slice, ...]:
-    return region[:1] + (slice(layer, layer + 1),) + region[1:]
-
-
-def piece_outputs(ctx: JobContext, rule: Rule, piece: Piece, block: mapping.Block) -> Iterator[
-        tuple[str, tuple[str, ...], tuple[slice, ...], np.ndarray]]:
-    """Everything one block of G becomes: (output kind, leaf path, region, array) per destination.
-
-    The single definition of what rayconv writes; ``run_unit`` writes it and ``rayconv verify``
-    compares it with what is stored.
-    """
-    spec = ctx.spec
-    tree = trees.get(ctx.layout)
-    array = mapping.to_layer_block(rule, block, spec)
-    region = _slices(block_region(rule, spec, piece.row0, piece.row1))
-    for kind in ctx.kinds:
-        if kind == "scanned":
-            if rule.per_layer:
-                yield (kind, leaf_paths(rule, 0, kind, tree), _scanned_region(region, piece.layer),
-                       np.expand_dims(array, 1))
-            else:
-                yield kind, leaf_paths(rule, None, kind, tree), region, array
-        elif kind == "unscanned" or not rule.quantized:
-            yield kind, leaf_paths(rule, piece.layer, kind, tree), region, array
-        else:
-            bits = quantize.QUANT_TYPES[ctx.quantize_type][0]
-            qvalue, scale = quantize.quantize(array, rule.contraction, bits)
-            qpath, spath = aqt_paths(rule, piece.layer, tree)
-            yield kind, qpath, region, qvalue
-            scale_region = tuple(slice(0, 1) if axis in rule.contraction else s for axis, s in enumerate(region))
-            yield kind, spath, scale_region, scale
-
-
 def _peak_rss() -> int:
     try:
         import resource
@@ -234,19 +115,20 @@ def run_unit(ctx: JobContext, unit: Unit) -> Receipt:
     start = time.monotonic()
     rules = families.rules(ctx.spec)
     sources = Sources(ctx.shards, ctx.scale_files)
-    writer = _Writer(ctx, unit, batch_bytes=ctx.batch_bytes)
+    target = ctx.target
+    writer = target.writer(ctx, unit)
     crcs: list = []
     bytes_read = 0
     for piece in unit.pieces:
         block = read_block(piece, sources, crcs)
         bytes_read += sum(r.length + (r.scale.length if r.scale else 0) for r in piece.reads)
         bytes_read += sum(r.length for r in piece.duplicates)
-        for kind, path, region, array in piece_outputs(ctx, rules[piece.rule], piece, block):
+        for kind, path, region, array in target.piece_values(ctx, rules[piece.rule], piece, block):
             writer.write(kind, path, region, array)
         # Overlap: the next pieces are read and transformed while a full batch commits.
         writer.piece_done()
         del block
     writer.flush()
-    return Receipt(unit=unit.id, dbs=writer.dbs, bytes_read=bytes_read, bytes_written=writer.bytes_written,
+    return Receipt(unit=unit.id, dbs=writer.written(), bytes_read=bytes_read, bytes_written=writer.bytes_written,
                    seconds=time.monotonic() - start, crcs=crcs, worker=f"{os.uname().nodename}:{os.getpid()}",
                    peak_rss=_peak_rss())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -112,12 +113,16 @@ def write_hf_checkpoint(model: SyntheticModel, out: str | Path, max_shard_size: 
 def ensure_hf_checkpoint(model: SyntheticModel, root: str | Path, max_shard_size: str = "200KB") -> Path:
     """Cached :func:`write_hf_checkpoint` under ``root/<hash>`` (built in a temp dir, renamed into place)."""
     key = hashlib.sha256(repr((model, max_shard_size)).encode()).hexdigest()[:12]
-    out = Path(root) / f"hf-{key}"
+    return cached_checkpoint(Path(root) / f"hf-{key}", lambda tmp: write_hf_checkpoint(model, tmp, max_shard_size))
+
+
+def cached_checkpoint(out: Path, write: Callable[[Path], object]) -> Path:
+    """``out`` once it holds a ``config.json``; else ``write(tmp)`` fills a temp dir next to it, renamed into place."""
     if (out / "config.json").exists():
         return out
-    tmp = Path(root) / f".hf-{key}.partial"
+    tmp = out.parent / f".{out.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_hf_checkpoint(model, tmp, max_shard_size)
+    write(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

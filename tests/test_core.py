@@ -25,6 +25,7 @@ from rayconv.plan import Plan, build_plan
 from rayconv.receipts import Receipt
 from rayconv.source.checkpoint import MetaCheckpoint
 from rayconv.storage import Location
+from rayconv.targets.maxtext import MAXTEXT
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -60,7 +61,8 @@ def checkpoint_of(spec) -> MetaCheckpoint:
 def plan_of(spec, piece: int, unit: int, kinds=("scanned", "unscanned", "int8"), quantize_type="int8",
             layout="linen") -> Plan:
     return build_plan(spec, [f"consolidated.{i:02d}.pth" for i in range(spec.n_shards)], simulated_indexes(spec),
-                      kinds=kinds, quantize_type=quantize_type, piece_budget=piece, unit_budget=unit, layout=layout)
+                      kinds=kinds, quantize_type=quantize_type, piece_budget=piece, unit_budget=unit, layout=layout,
+                      target=MAXTEXT)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -234,7 +236,7 @@ def test_linen_tree_metadata_equals_maxtexts(kind):
     for the llama3-mp1 synthetic model (tools/maxtext_ref), copied from the reference cache."""
     golden = json.loads((GOLDEN / f"linen-llama3-mp1-{kind}._METADATA").read_text())
     plan = plan_of(SPECS["llama3-mp1"], 1 << 30, 1 << 30)
-    ours = trees.LINEN.tree_metadata(kind, plan.arrays(kind))
+    ours = trees.LINEN.tree_metadata(plan.kind(kind), plan.arrays(plan.kind(kind)))
     assert _without_write_shape(ours) == _without_write_shape(golden)
 
 

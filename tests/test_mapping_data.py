@@ -29,6 +29,8 @@ from rayconv import families, mapping
 from rayconv.plan import Plan, block_region, build_plan
 from rayconv.simulated import simulated_checkpoint
 from rayconv.source.hf import HFModelSpec
+from rayconv.targets.maxtext import MAXTEXT
+from rayconv.targets.maxtext_kinds import OutputKind
 from test_core import BUDGETS, SPECS, plan_of, spec_of
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -199,7 +201,7 @@ def test_query_inverse_is_maxtexts_to_hf_scaling():
 # Every chunk written exactly once
 
 
-def chunk_writers(plan: Plan, kind: str) -> dict[tuple[str, ...], Counter]:
+def chunk_writers(plan: Plan, kind: OutputKind) -> dict[tuple[str, ...], Counter]:
     """For every output array of ``kind``: how many pieces write each chunk (by chunk grid index)."""
     spec, rules = plan.spec, plan.rules
     arrays = {a.path: a for a in plan.arrays(kind)}
@@ -208,10 +210,10 @@ def chunk_writers(plan: Plan, kind: str) -> dict[tuple[str, ...], Counter]:
         for piece in unit.pieces:
             rule = rules[piece.rule]
             region = block_region(rule, spec, piece.row0, piece.row1)
-            if kind == "scanned" and rule.per_layer:
+            if kind.scanned and rule.per_layer:
                 # the layer axis is axis 1 of a scanned array (mapping.scanned_shape)
                 targets = [(plan.tree.leaf_path(rule, 0, kind), region[:1] + ((piece.layer, piece.layer + 1),) + region[1:])]
-            elif kind == "int8" and rule.quantized:
+            elif kind.quantized and rule.quantized:
                 qpath, spath = plan.tree.aqt_paths(rule, piece.layer)
                 scale = tuple((0, 1) if axis in rule.contraction else r for axis, r in enumerate(region))
                 targets = [(qpath, region), (spath, scale)]
@@ -248,7 +250,8 @@ def test_pieces_tile_every_output_array_once_at_real_widths(model_path, layout):
     """The published dimensions (405B MP16: 126 layers, 8 kv heads stored twice over 16 shards), 1 GiB pieces."""
     checkpoint = simulated_checkpoint(None, model_path)
     plan = build_plan(checkpoint.spec, checkpoint.shards, checkpoint.indexes, kinds=("scanned", "unscanned", "int8"),
-                      quantize_type="int8", piece_budget=1 << 30, unit_budget=4 << 30, layout=layout)
+                      quantize_type="int8", piece_budget=1 << 30, unit_budget=4 << 30, layout=layout,
+                      target=MAXTEXT)
     assert_tiled_once(plan)
 
 
@@ -263,6 +266,6 @@ def test_hf_plan_tiles_every_output_array_once():
         index[key] = TensorInfo(key, "bfloat16", shape, offset, nbytes)
         offset += nbytes
     plan = build_plan(spec, ["model.safetensors"], [index], kinds=("scanned", "unscanned", "int8"),
-                      quantize_type="int8", piece_budget=4 << 10, unit_budget=16 << 10)
+                      quantize_type="int8", piece_budget=4 << 10, unit_budget=16 << 10, target=MAXTEXT)
     assert {r.tensor for u in plan.units for p in u.pieces for r in p.reads} == set(index)
     assert_tiled_once(plan)

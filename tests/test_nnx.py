@@ -159,6 +159,7 @@ def test_layout_is_part_of_the_plan_fingerprint(tmp_path):
     """A linen run's receipts are never resumed into an nnx output (the units write other paths)."""
     from rayconv.job import ConvertOptions, make_plan, open_checkpoint
     from rayconv.source.checkpoint import list_input
+    from rayconv.targets.maxtext_kinds import INT8, SCANNED, UNSCANNED
 
     model, _ = MODELS[TINY]
     src = str(synthetic_checkpoint(model))
@@ -168,9 +169,9 @@ def test_layout_is_part_of_the_plan_fingerprint(tmp_path):
     linen = make_plan(checkpoint, options)
     nnx = make_plan(checkpoint, ConvertOptions(**{**options.__dict__, "maxtext_layout": "nnx"}))
     assert linen.fingerprint() != nnx.fingerprint()
-    assert [a.shape for a in linen.arrays("int8")] == [a.shape for a in nnx.arrays("int8")]
-    assert all(a.path[-1] == "value" for a in nnx.arrays("unscanned"))
-    assert all(a.path[:2] == ("params", "params") for a in nnx.arrays("scanned"))
+    assert [a.shape for a in linen.arrays(INT8)] == [a.shape for a in nnx.arrays(INT8)]
+    assert all(a.path[-1] == "value" for a in nnx.arrays(UNSCANNED))
+    assert all(a.path[:2] == ("params", "params") for a in nnx.arrays(SCANNED))
 
 
 def test_nnx_resume_after_a_crash_gives_the_same_checkpoint(tmp_path):

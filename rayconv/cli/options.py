@@ -15,6 +15,7 @@ import click
 
 from rayconv import tunables
 from rayconv.acquire import Acquisition
+from rayconv import targets
 from rayconv.cli.flags import DEFAULT_OUTPUT
 from rayconv.errors import ConversionError, SpecError
 from rayconv.progress import LOG
@@ -76,7 +77,7 @@ def md5_policy(skip_md5: bool, meta_url: str | None, staged: str | None) -> bool
 
 
 def output_kinds(quantize_type: str | None, quantize_weights: bool | None, skip_scanned: bool) -> tuple[
-        tuple[str, ...], str | None]:
+        tuple[Any, ...], str | None]:
     from rayconv.quantize import QUANT_TYPES
 
     if quantize_weights is False and quantize_type:
@@ -87,10 +88,7 @@ def output_kinds(quantize_type: str | None, quantize_weights: bool | None, skip_
         raise SpecError(f"unsupported --quantize_type {quantize_type!r}: rayconv writes MaxText's AQT "
                         f"{', '.join(QUANT_TYPES)} checkpoints; fp8 and other types have no MaxText serving "
                         "checkpoint format to convert to")
-    kinds = ("unscanned",) if skip_scanned else ("scanned", "unscanned")
-    if quantize_type:
-        kinds += ("int8",)
-    return kinds, quantize_type
+    return targets.get().kinds_for(quantize_type, skip_scanned), quantize_type
 
 
 def default_output(output_directory: str | None, bucket_name: str | None, model_path: str | None,

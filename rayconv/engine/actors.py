@@ -36,7 +36,7 @@ class Committer:
 
     def __init__(self, knobs: tunables.Tunables) -> None:
         tunables.install(knobs)  # the driver's (its --storage_timeout_s bounds the commit's storage calls)
-        import rayconv.sink.commit  # noqa: F401  (imported while the last units run, not when the commit starts)
+        import rayconv.targets  # noqa: F401  (the commit's modules, imported while the last units run)
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)

@@ -2,7 +2,9 @@
 
 The driver holds only metadata: shard indexes, the plan, receipts. Tensor bytes move between
 storage and workers directly. It only orchestrates: what the job is (options, budgets, plan) lives in
-rayconv/job.py, the CRC proof in rayconv/checksum.py, the receipts in rayconv/receipts.py.
+rayconv/job.py, the CRC proof in rayconv/checksum.py, the receipts in rayconv/receipts.py, and everything about
+the output format — where each output lives, whether it is complete, how one is committed — in the plan's
+target (rayconv/targets/), whose kinds it handles as objects and names only in the ledger and the logs.
 """
 
 from __future__ import annotations
@@ -26,8 +28,7 @@ from rayconv.mapping import source_format
 from rayconv.plan import Plan, describe
 from rayconv.progress import LOG, Progress, human_bytes
 from rayconv.receipts import JobContext
-from rayconv.sink.commit import MARKER, commit_or_error, is_complete, occupied, stop_point
-from rayconv.sink.layout import OutputLayout, output_layouts
+from rayconv.sink.commit import occupied, stop_point
 from rayconv.sink.lock import OutputLock
 from rayconv.source.checkpoint import MetaCheckpoint
 from rayconv.storage import Location
@@ -55,7 +56,7 @@ class PhaseTimer:
 
 @dataclasses.dataclass
 class ConvertResult:
-    outputs: dict[str, str]  # kind → items uri
+    outputs: dict[str, str]  # output name → items uri
     plan: dict[str, Any]
     seconds: float
     bytes_read: int
@@ -81,19 +82,20 @@ def _make_executor(options: ConvertOptions):
                        worker_memory_gb=options.worker_memory_gb, start_timeout=options.worker_start_timeout)
 
 
-def _prepare_output(out: Location, ledger: Ledger, layouts: dict[str, OutputLayout], plan: Plan, restart: bool,
+def _prepare_output(out: Location, ledger: Ledger, layouts: dict[Any, Any], plan: Plan, restart: bool,
                     summary: dict[str, Any], started_ns: int, fields: dict[str, Any],
                     content: dict[str, str]) -> dict[str, Any]:
     """Restart or resume: the ledger must describe this conversion, and storage must agree with it. An output that
-    is visible (its last marker is in place) must have been made from ``content``, today's source."""
+    is visible (the plan's target calls it complete) must have been made from ``content``, today's source."""
+    target = plan.target
     if restart:
         try:
             previous = ledger.plan_record()
         except OutputError:
             previous = None
         ledger.clear()
-        for target in restart_targets(out, layouts, plan.kinds, previous):
-            remove_output(target)
+        for location in restart_targets(out, plan, layouts, previous):
+            remove_output(location)
     record = ledger.plan_record()
     if record is None:
         for kind in plan.kinds:
@@ -105,34 +107,21 @@ def _prepare_output(out: Location, ledger: Ledger, layouts: dict[str, OutputLayo
                 remove_output(layouts[kind].staging_root)
     record = ledger.start(plan.fingerprint(), summary, started_ns, **fields)
     for kind in plan.kinds:
-        layout, state = layouts[kind], ledger.commit_state(kind)
-        if state == COMMITTED and not is_complete(layout):
-            raise OutputError(f"the ledger says the {kind} checkpoint was committed, but "
-                              f"{layout.final_root.join(MARKER).uri} is missing (moved or deleted?); rerun with "
+        layout, state = layouts[kind], ledger.commit_state(kind.name)
+        if state == COMMITTED and not target.is_complete(layout):
+            raise OutputError(f"the ledger says the {kind.name} checkpoint was committed, but "
+                              f"{target.completion_mark(layout).uri} is missing (moved or deleted?); rerun with "
                               "--restart to write it again")
-        if state is not None and is_complete(layout):
-            why = changed_sources(plan, ledger.commit_sources(kind), content)
+        if state is not None and target.is_complete(layout):
+            why = changed_sources(plan, ledger.commit_sources(kind.name), content)
             if why is not None:
-                raise OutputError(f"{layout.final_root.uri} is a finished {kind} checkpoint, but {why}; rerun with "
-                                  "--restart to convert again, or choose another --output_directory")
+                raise OutputError(f"{layout.final_root.uri} is a finished {kind.name} checkpoint, but {why}; rerun "
+                                  "with --restart to convert again, or choose another --output_directory")
         if state is None:
-            foreign = (occupied(layout.final_root) if layout.final_root != layout.staging_root
-                       else is_complete(layout) or layout.item().exists(MARKER))
-            if foreign:
+            if target.is_foreign(layout):
                 raise OutputError(f"{layout.final_root.uri} holds a checkpoint this conversion did not commit; move "
                                   "it away or rerun with --restart to replace it")
     return record
-
-
-def compatibility_note(plan: Plan) -> str:
-    """Which MaxText versions load this run's AQT checkpoint, and how to get the other tree layout."""
-    if plan.layout == "linen":
-        return (f"The {plan.quantize_type} checkpoint has the classic (linen) AQT tree: JetStream-MaxText and MaxText "
-                "<= 0.2.4 (with pure_nnx=false enable_nnx=false pure_nnx_decoder=false) load it; MaxText >= 0.2.5 "
-                "does not: convert again with --maxtext_layout nnx (or --inference_server maxtext) for it")
-    return (f"The {plan.quantize_type} checkpoint has MaxText 0.2.5's NNX AQT tree: MaxText >= 0.2.5 loads it "
-            "(quantization=... checkpoint_is_quantized=true scan_layers=false); JetStream-MaxText and MaxText <= 0.2.4 "
-            "do not: convert again with --maxtext_layout linen for them")
 
 
 def _check_md5(checkpoint: MetaCheckpoint, options: ConvertOptions) -> Md5Gate | None:
@@ -209,16 +198,16 @@ def convert(options: ConvertOptions) -> ConvertResult:
 
 def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Location, lock: OutputLock,
                     start: float, started_ns: int, timer: PhaseTimer, md5: Md5Gate | None) -> ConvertResult:
-    spec = checkpoint.spec
     ledger = Ledger(out)
     if not options.restart:
         options = resume_options(options, checkpoint, ledger.plan_record(), out)
     plan = make_plan(checkpoint, options)
     summary = describe(plan)
     LOG.info("Plan %s: %d units, %d pieces, largest piece %s, outputs %s", summary["fingerprint"], summary["units"],
-             summary["pieces"], human_bytes(summary["largest_piece_bytes"]), ", ".join(plan.kinds))
+             summary["pieces"], human_bytes(summary["largest_piece_bytes"]), ", ".join(summary["outputs"]))
 
-    layouts = output_layouts(out, plan.quantize_type, plan.tree)
+    target = plan.target
+    layouts = target.layouts(out, plan.quantize_type, plan.tree)
     shard_identities = source_identities(checkpoint)
     identities = read_identities(plan, shard_identities)
     content = content_identities(checkpoint, identities)
@@ -226,22 +215,22 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
     scale_indexes = checkpoint.scales.indexes if checkpoint.scales is not None else ()
     fields = {"source": source_digest(shard_identities, scale_indexes), "piece_budget": piece_bytes,
               "unit_budget": unit_bytes, "quantize_type": plan.quantize_type, "compression": options.compression,
-              "outputs": {k: relative(out, layouts[k].final_root) for k in plan.kinds}}
+              "outputs": {k.name: relative(out, layouts[k].final_root) for k in plan.kinds}}
     record = _prepare_output(out, ledger, layouts, plan, options.restart, summary, started_ns, fields, content)
     if md5 is not None:
         md5.poll(ledger, plan)  # records the md5 memo once every file matched (at once if checked already)
     started_ns = record.get("started_ns", started_ns)
-    committed = [k for k in plan.kinds if ledger.commit_state(k) == COMMITTED]
+    committed = [k for k in plan.kinds if ledger.commit_state(k.name) == COMMITTED]
     pending = [k for k in plan.kinds if k not in committed]
     # Outputs whose commit finished before an interruption need no units; the rest are built.
-    to_build = [k for k in pending if not is_complete(layouts[k])]
+    to_build = [k for k in pending if not target.is_complete(layouts[k])]
     done = resumable(ledger, plan, identities, layouts, to_build) if to_build else {}
     todo = [u for u in plan.units if u.id not in done] if to_build else []
     if done:
         LOG.info("Resuming: %d of %d units already done", len(done), len(plan.units))
     # An output whose interrupted commit was building it from other bytes: whatever its staging holds (a complete
     # local staging directory, a GCS bf16 item marker) is not this source's and must be rebuilt, not renamed.
-    rebuild = [k for k in to_build if todo or ledger.commit_sources(k) != content]
+    rebuild = [k for k in to_build if todo or ledger.commit_sources(k.name) != content]
 
     timer.lap("plan")
     executor = _make_executor(options) if todo or to_build else None
@@ -251,11 +240,8 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
     progress = Progress(bytes_total, len(plan.units), done_bytes=sum(r.bytes_read for r in receipts),
                         done_units=len(receipts), enabled=options.progress)
     try:
-        for kind in rebuild:  # new databases or bytes: a complete staging directory must be rebuilt, not renamed
-            # (not visible: on GCS, where staging is the final location, a bf16 output is visible only with its
-            # step marker, which a to-build output does not have)
-            layouts[kind].staging_root.delete(MARKER)
-            layouts[kind].item(staging=True).delete(MARKER)
+        for kind in rebuild:  # new databases or bytes: a complete staging area must be rebuilt, not kept
+            target.reset_staging(layouts[kind])
         if todo:
             LOG.info("Converting %s with %d %s worker(s)", human_bytes(sum(u.read_bytes for u in todo)),
                      executor.workers, executor.name)
@@ -291,21 +277,22 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
         outputs = {kind: layouts[kind].items_path.uri for kind in committed}
         lock.check()
         for kind in pending:  # the intent, with the bytes it is built from (checked for visible outputs above)
-            if kind in to_build or ledger.commit_state(kind) != COMMITTING:
-                ledger.set_commit_state(kind, COMMITTING, layouts[kind].items_path.uri, content)
+            if kind in to_build or ledger.commit_state(kind.name) != COMMITTING:
+                ledger.set_commit_state(kind.name, COMMITTING, layouts[kind].items_path.uri, content)
         if pending:
             stop_point("intent")
         calls, results = [], {}
+        kwargs = {"compression": options.compression, "started_ns": started_ns}
         for kind in pending:
-            custom = layouts[kind].tree.custom_metadata(kind)
-            kwargs = {"compression": options.compression, "custom_metadata": custom, "started_ns": started_ns}
             if kind not in to_build:  # only to be checked and recorded: no need for a committer
-                LOG.info("Found the %s checkpoint committed by an interrupted run; checking and recording it", kind)
-                results[kind] = commit_or_error(layouts[kind], plan.arrays(kind), [], **kwargs)
+                LOG.info("Found the %s checkpoint committed by an interrupted run; checking and recording it",
+                         kind.name)
+                results[kind] = target.commit(layouts[kind], plan.arrays(kind), None, **kwargs)
                 continue
-            dbs = [by_unit[u.id].dbs[kind] for u in plan.units]
-            LOG.info("Committing %s checkpoint (%d arrays from %d databases)", kind, len(plan.arrays(kind)), len(dbs))
-            calls.append((commit_or_error, (layouts[kind], plan.arrays(kind), dbs), kwargs))
+            written = [by_unit[u.id].dbs for u in plan.units]  # what each unit's writer returned
+            LOG.info("Committing %s checkpoint (%d arrays from %d databases)", kind.name, len(plan.arrays(kind)),
+                     len(written))
+            calls.append((target.commit, (layouts[kind], plan.arrays(kind), written), kwargs))
         results.update(zip([k for k in pending if k in to_build], executor.call_all(calls) if calls else []))
         failure: Exception | None = None
         for kind in pending:
@@ -313,10 +300,10 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
             if isinstance(result, Exception):
                 failure = failure or result
                 continue
-            ledger.mark_committed(kind, result.uri, content)
-            stop_point("ledger", kind)
+            ledger.mark_committed(kind.name, result.uri, content)
+            stop_point("ledger", kind.name)
             outputs[kind] = result.uri
-            LOG.info("Wrote %s checkpoint to %s", kind, result.uri)
+            LOG.info("Wrote %s checkpoint to %s", kind.name, result.uri)
         if failure is not None:
             raise failure
         timer.lap("commit")
@@ -326,16 +313,10 @@ def _convert_locked(options: ConvertOptions, checkpoint: MetaCheckpoint, out: Lo
             executor.shutdown()
         timer.lap("shutdown")
 
-    if "scanned" in outputs:
-        LOG.info("Completed conversion of %s to %s", spec.maxtext_name, outputs["scanned"])
-    if "unscanned" in outputs:
-        LOG.info("Completed unscanning checkpoint to %s", outputs["unscanned"])
-    if "int8" in outputs:
-        LOG.info("Completed quantizing model %s with %s to %s", spec.maxtext_name, plan.quantize_type,
-                 outputs["int8"])
-        LOG.info(compatibility_note(plan))
+    for line in target.completion_lines(plan, {k: outputs[k] for k in target.kinds if k in outputs}):
+        LOG.info("%s", line)
     return ConvertResult(
-        outputs=outputs, plan=summary, seconds=time.monotonic() - start,
+        outputs={kind.name: uri for kind, uri in outputs.items()}, plan=summary, seconds=time.monotonic() - start,
         bytes_read=sum(r.bytes_read for r in receipts), bytes_written=sum(r.bytes_written for r in receipts),
         units_run=len(todo), units_skipped=len(done), workers=executor.workers if executor else 0,
         worker_peak_rss=max((r.peak_rss for r in receipts), default=0), phases=dict(timer.seconds),

@@ -320,7 +320,7 @@ class RayExecutor:
             elif self._committer is None and getattr(ctx, "needs_committer", True):
                 # Every unit is handed out: start the committer now, so its process start and imports
                 # (~1 s) overlap the last units instead of following them (it needs no CPU of its own).
-                self._committer = self._new_committer()
+                self._committer = self._new_committer(len(ctx.target.kinds))
 
         for i in range(len(self._actors)):
             for _ in range(2):  # two per actor: one reading while one writes
@@ -346,16 +346,16 @@ class RayExecutor:
             for ref in in_flight:
                 ray.cancel(ref)
 
-    def _new_committer(self) -> Any:
+    def _new_committer(self, outputs: int = 1) -> Any:
+        """The committer actor, running up to ``outputs`` commits at once (one per output of the target)."""
         from rayconv.engine.actors import Committer
-        from rayconv.plan import KINDS
 
         return Committer.options(name="rayconv-committer", num_cpus=0,
-                                 max_concurrency=len(KINDS)).remote(tunables.current())
+                                 max_concurrency=max(1, outputs)).remote(tunables.current())
 
     def call_all(self, calls: Sequence[tuple[Callable[..., Any], tuple, dict]]) -> list[Any]:
         """Run the commit calls concurrently on one committer actor (the reducer; one call per output)."""
-        committer, self._committer = self._committer or self._new_committer(), None
+        committer, self._committer = self._committer or self._new_committer(len(calls)), None
         try:
             refs = [committer.call.options(name=f"commit-{i}").remote(fn, *args, **kwargs)
                     for i, (fn, args, kwargs) in enumerate(calls)]

@@ -37,8 +37,6 @@ from rayconv.engine.identity import file_name, index_digest
 from rayconv.errors import OutputError
 from rayconv.plan import Plan, Unit
 from rayconv.progress import LOG
-from rayconv.sink.commit import missing_databases
-from rayconv.sink.layout import OutputLayout, output_layouts
 from rayconv.leaves import TensorInfo
 from rayconv.storage import Location
 from rayconv.receipts import Receipt
@@ -145,26 +143,28 @@ class Ledger:
 
     # Commits --------------------------------------------------------------------------------
 
-    def commit_state(self, kind: str) -> str | None:
-        state = self._load(f"commits/{kind}.json")
+    def commit_state(self, name: str) -> str | None:
+        """``committing``, ``committed`` or None for the output called ``name`` (a kind's ``name``: the records are
+        files named after it, so they outlive any change to the objects)."""
+        state = self._load(f"commits/{name}.json")
         if state is None:
             record = self.plan_record() or {}
-            return COMMITTED if kind in record.get("committed", []) else None  # ledgers before commits/
+            return COMMITTED if name in record.get("committed", []) else None  # ledgers before commits/
         return state.get("state") if isinstance(state, dict) else None
 
-    def set_commit_state(self, kind: str, state: str, final: str, sources: dict[str, str] | None = None) -> None:
+    def set_commit_state(self, name: str, state: str, final: str, sources: dict[str, str] | None = None) -> None:
         """``sources``: the content identity of every file the output is built from (:func:`content_identities`),
         recorded with the intent, before anything of it can become visible, and kept with ``committed``."""
         body = {"state": state, "final": final, "time": time.time(), "sources": sources or {}}
-        self.root.write_bytes(f"commits/{kind}.json", json.dumps(body).encode())
+        self.root.write_bytes(f"commits/{name}.json", json.dumps(body).encode())
 
-    def mark_committed(self, kind: str, final: str = "", sources: dict[str, str] | None = None) -> None:
-        self.set_commit_state(kind, COMMITTED, final, sources)
+    def mark_committed(self, name: str, final: str = "", sources: dict[str, str] | None = None) -> None:
+        self.set_commit_state(name, COMMITTED, final, sources)
 
-    def commit_sources(self, kind: str) -> dict[str, str] | None:
+    def commit_sources(self, name: str) -> dict[str, str] | None:
         """The content identities an output's commit record says it was built from; None when the record has
         none (no record, or one written before rayconv recorded them)."""
-        state = self._load(f"commits/{kind}.json")
+        state = self._load(f"commits/{name}.json")
         sources = state.get("sources") if isinstance(state, dict) else None
         if not isinstance(sources, dict) or not sources:
             return None
@@ -265,11 +265,11 @@ def source_digest(identities: list[str], scales: Sequence[dict[str, TensorInfo]]
 # Resume and restart ----------------------------------------------------------------------
 
 
-def resumable(ledger: Ledger, plan: Plan, identities: dict[str, str], layouts: dict[str, OutputLayout],
-              to_build: Sequence[str]) -> dict[str, Receipt]:
+def resumable(ledger: Ledger, plan: Plan, identities: dict[str, str], layouts: dict[Any, Any],
+              to_build: Sequence[Any]) -> dict[str, Receipt]:
     """Recorded receipts still valid: every file the unit read (:func:`read_identities`) is the same bytes (else
-    it is run again — a re-downloaded shard or scale file is re-read), and its databases are there for the
-    outputs to build."""
+    it is run again — a re-downloaded shard or scale file is re-read), and what it wrote is still there for the
+    outputs to build (the plan's target tells, from what the unit's writer returned)."""
     recorded = ledger.receipts()
     done: dict[str, Receipt] = {}
     changed: set[str] = set()
@@ -289,15 +289,12 @@ def resumable(ledger: Ledger, plan: Plan, identities: dict[str, str], layouts: d
         LOG.info("%d finished unit(s) read files that changed since (%s%s): running them again", rerun, names,
                  ", …" if len(changed) > 3 else "")
     for kind in to_build:
-        item = layouts[kind].item(staging=True)
-        by_db = {r.dbs[kind]: unit for unit, r in done.items() if kind in r.dbs}
-        lost = missing_databases(item, by_db)
-        missing_kind = [u for u, r in done.items() if kind not in r.dbs]
-        for unit in [by_db[db] for db in lost] + missing_kind:
+        lost = plan.target.lost_units(layouts[kind], {unit: r.dbs for unit, r in done.items()})
+        for unit in lost:
             done.pop(unit, None)
-        if lost or missing_kind:
+        if lost:
             LOG.info("%d finished unit(s) have no %s database under %s: running them again",
-                     len(lost) + len(missing_kind), kind, item.uri)
+                     len(lost), kind.name, layouts[kind].item(staging=True).uri)
     return done
 
 
@@ -312,25 +309,24 @@ def remove_output(location: Location) -> None:
         location.delete_all()
 
 
-def restart_targets(out: Location, layouts: dict[str, OutputLayout], kinds: Sequence[str],
+def restart_targets(out: Location, plan: Plan, layouts: dict[Any, Any],
                     previous: dict[str, Any] | None) -> list[Location]:
     """What ``--restart`` removes: every output this plan writes, every output the previous
     conversion of this directory recorded (a stale ``int8/`` next to new bf16 outputs), and rayconv's
-    staging directories. Anything else under the output directory is left alone."""
-    from rayconv.quantize import QUANT_TYPES
-
-    targets = [layouts[k].final_root for k in kinds]
+    staging directories (the plan's target knows them all). Anything else under the output directory is left
+    alone."""
+    target = plan.target
+    targets = [layouts[k].final_root for k in plan.kinds]
     if previous:
         recorded = previous.get("outputs")
         if isinstance(recorded, dict):
             targets += [out.join(str(rel)) for rel in recorded.values() if rel and ".." not in str(rel).split("/")]
-        else:  # ledgers written before outputs were recorded
-            old = output_layouts(out, None)
+        else:  # ledgers written before outputs were recorded: their kinds' directories (the AQT one's default)
+            old = {kind.name: layout for kind, layout in target.layouts(out).items()}
             summary = previous.get("summary")
             kinds_before = summary.get("outputs", []) if isinstance(summary, dict) else []
             targets += [old[k].final_root for k in kinds_before if isinstance(k, str) and k in old]
-    for qtype in (None, *QUANT_TYPES):
-        targets += [layout.staging_root for layout in output_layouts(out, qtype).values() if out.is_local]
+    targets += target.staging_roots(out)
     unique: dict[str, Location] = {}
     base = out.path.rstrip("/") + "/" if out.path else ""
     for target in targets:  # only ever strictly inside the output directory

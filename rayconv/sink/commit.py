@@ -163,11 +163,11 @@ def _write_markers(layout: OutputLayout, *, item_done: bool = False) -> None:
     item, final_item = layout.item(staging=True), layout.item(staging=False)
     if not item_done:
         item.write_bytes(MARKER, f"Checkpoint commit was successful to {final_item.uri}".encode())
-        stop_point("item_marker", layout.kind)
+        stop_point("item_marker", layout.kind.name)
     if layout.has_step:
         layout.staging_root.write_bytes(MARKER, f"Checkpoint commit was successful to {layout.final_root.uri}"
                                         .encode())
-        stop_point("step_marker", layout.kind)
+        stop_point("step_marker", layout.kind.name)
 
 
 def _build(layout: OutputLayout, arrays: list[ArraySpec], dbs: list[str], *, compression: str | None,
@@ -186,7 +186,7 @@ def _build(layout: OutputLayout, arrays: list[ArraySpec], dbs: list[str], *, com
         if stale:
             LOG.info("%s: removed %d database(s) of unit attempts no receipt names (retried or interrupted units)",
                      item.uri, len(stale))
-    stop_point("merge", kind)
+    stop_point("merge", kind.name)
     item.write_bytes("_METADATA", json.dumps(tree.tree_metadata(kind, arrays)).encode())
     item.write_bytes("_sharding", json.dumps(tree.sharding_file(arrays)).encode())
     item.write_bytes("array_metadatas/process_0", json.dumps(tree.array_metadatas(arrays)).encode())
@@ -196,7 +196,7 @@ def _build(layout: OutputLayout, arrays: list[ArraySpec], dbs: list[str], *, com
     else:
         item.write_bytes("_CHECKPOINT_METADATA", json.dumps(
             tree.checkpoint_metadata(kind, False, custom_metadata, started_ns)).encode())
-    stop_point("metadata", kind)
+    stop_point("metadata", kind.name)
     _write_markers(layout)
 
 
@@ -227,7 +227,7 @@ def commit_output(layout: OutputLayout, arrays: list[ArraySpec], dbs: list[str],
     except OSError as exc:
         raise OutputError(f"cannot move {layout.staging_root.uri} to {layout.final_root.uri}: "
                           f"{one_line_reason(exc)}") from None
-    stop_point("rename", layout.kind)
+    stop_point("rename", layout.kind.name)
     return layout.item(staging=False)
 
 

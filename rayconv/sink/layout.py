@@ -1,6 +1,7 @@
-"""Where each output lives, and the tensorstore specs of its arrays.
+"""Where an output lives (staging, final, items), and the tensorstore specs of its arrays.
 
-The three outputs use the layouts MaxText and JetStream read:
+Which output goes where is the MaxText target's (:mod:`rayconv.targets.maxtext`, from each kind's directory);
+the three outputs use the layouts MaxText and JetStream read:
 
 * ``<out>/bf16/scanned/0/items`` and ``<out>/bf16/unscanned/checkpoints/0/items``: an Orbax
   CheckpointManager step (``_CHECKPOINT_METADATA`` + ``commit_success.txt`` in the step dir, the
@@ -48,11 +49,11 @@ OCDBT_CONFIG: dict[str, Any] = {
 
 @dataclasses.dataclass(frozen=True)
 class OutputLayout:
-    """Final and staging locations of one output (``kind`` in plan.KINDS)."""
+    """Final and staging locations of one output (``kind``: an output kind of the MaxText target)."""
 
-    kind: str
+    kind: trees.Kind
     final_root: Location  # the directory MaxText users point at, minus "/items"
-    has_step: bool  # CheckpointManager step dir (bf16) or bare item dir (int8)
+    has_step: bool  # CheckpointManager step dir (bf16) or bare item dir (AQT): the kind's
     tree: trees.TreeLayout = trees.LINEN  # paths and Orbax metadata of the tree inside
 
     @property
@@ -79,16 +80,6 @@ class OutputLayout:
     def items_path(self) -> Location:
         """What users pass as ``load_parameters_path``."""
         return self.item(staging=False)
-
-
-def output_layouts(out: Location, quantize_type: str | None = None,
-                   tree: trees.TreeLayout = trees.LINEN) -> dict[str, OutputLayout]:
-    """Output locations; the AQT checkpoint's directory is named after its type (``<out>/int8``)."""
-    return {
-        "scanned": OutputLayout("scanned", out.join("bf16", "scanned", "0"), True, tree),
-        "unscanned": OutputLayout("unscanned", out.join("bf16", "unscanned", "checkpoints", "0"), True, tree),
-        "int8": OutputLayout("int8", out.join(quantize_type or "int8"), False, tree),
-    }
 
 
 def ocdbt_kvstore(item: Location, db: str | None = None) -> dict[str, Any]:

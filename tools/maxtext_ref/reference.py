@@ -37,6 +37,9 @@ Main API::
     ref = MaxTextReference(cache_dir)               # or MaxTextReference() for the default
     ref.scanned(model, src_dir=None)    -> Path     # <...>/0/items (llama_or_mistral_ckpt)
     ref.scanned_hf(model, hf_dir)       -> Path     # the same from HF safetensors (--huggingface-checkpoint true)
+    ref.to_maxtext(hf_dir, name, scanned=…) -> Path # 0.2.5's to_maxtext.py on HF files (Qwen3), <...>/0/items
+    ref.model_configs(prefix)           -> dict     # MaxText's HF configs + model ymls of the names with a prefix
+    ref.logits_hf(hf_dir, name, path, kind) -> np.ndarray  # 0.2.5 MaxEngine logits of an HF-sourced model (Qwen3)
     ref.unscanned(model, src_dir=None)  -> Path     # <...>/checkpoints/0/items (generate_param_only_checkpoint)
     ref.quantized(model, src_dir=None, quant="int8") -> Path   # save_quantized_params_path dir
     ref.to_huggingface(model, items, scanned=…) -> Path  # 0.2.5's to_huggingface.py output dir (to_hf.py)
@@ -748,6 +751,52 @@ class MaxTextReference:
             (tmp / "run.txt").write_text(out)
 
         return self._cached(entry, build, "scanned_hf.py") / "out" / "0" / "items"
+
+    def to_maxtext(self, hf_dir: str | Path, model_name: str, *, scanned: bool) -> Path:
+        """MaxText 0.2.5's ``checkpoint_conversion/to_maxtext.py`` (default flags) on the HF checkpoint in ``hf_dir``,
+        its ``config.json`` registered as ``model_name``'s HF config and its dims passed as overrides
+        (to_maxtext_hf.py); returns ``<entry>/out/0/items``. Any family to_maxtext maps (Qwen3 dense and MoE)."""
+        if self.maxtext != "0.2.5":
+            raise ValueError("to_maxtext.py is MaxText 0.2.5's tool: use with_maxtext('0.2.5')")
+        hf_dir = Path(hf_dir).resolve()
+        scan = "true" if scanned else "false"
+        entry = self._entry("to-maxtext", {"name": model_name, "scan": scan, "src": path_fingerprint(hf_dir),
+                                           "scripts": script_hash("to_maxtext_hf.py")})
+
+        def build(tmp: Path) -> None:
+            out = self._run("to_maxtext_hf.py", ["--src", hf_dir, "--name", model_name, "--scan", scan,
+                                                 "--out", tmp / "out"], tmp)
+            (tmp / "run.txt").write_text(out)
+
+        return self._cached(entry, build, "to_maxtext_hf.py") / "out" / "0" / "items"
+
+    def logits_hf(self, hf_dir: str | Path, model_name: str, path: str | Path, kind: str,
+                  tokens: tuple[int, ...] = DEFAULT_TOKENS) -> np.ndarray:
+        """float32 prefill logits ``[len(tokens), vocab]`` from MaxText 0.2.5's MaxEngine for the checkpoint at
+        ``path`` of the model in ``hf_dir`` (``model_name`` with config.json's dims, as ``to_maxtext`` registers it)."""
+        if self.maxtext != "0.2.5" or kind not in ("scanned", "unscanned"):
+            raise ValueError("logits_hf: MaxText 0.2.5, kind scanned or unscanned")
+        hf_dir, path = Path(hf_dir).resolve(), Path(path).resolve()
+        toks = ",".join(str(int(t)) for t in tokens)
+        entry = self._entry("logits-hf", {"name": model_name, "kind": kind, "tokens": toks,
+                                          "config": (hf_dir / "config.json").read_text(), "ckpt": path_fingerprint(path),
+                                          "scripts": script_hash("logits_hf.py", "logits.py", "to_maxtext_hf.py")})
+
+        def build(tmp: Path) -> None:
+            self._run("logits_hf.py", ["--src", hf_dir, "--name", model_name, "--path", path, "--kind", kind,
+                                       "--out", tmp / "logits.npy", "--tokens", toks], tmp)
+
+        return np.load(self._cached(entry, build, "logits_hf.py") / "logits.npy")
+
+    def model_configs(self, prefix: str) -> dict:
+        """MaxText's own configs of its models named ``prefix…`` (model_configs.py): {name: {hf, yml, param_mapping,
+        hf_ids}}, to check a family's size table against."""
+        entry = self._entry("model-configs", {"prefix": prefix, "scripts": script_hash("model_configs.py")})
+
+        def build(tmp: Path) -> None:
+            self._run("model_configs.py", ["--prefix", prefix, "--out", tmp / "configs.json"], tmp)
+
+        return json.loads((self._cached(entry, build, "model_configs.py") / "configs.json").read_text())
 
     def unscanned(self, model: Any, src_dir: str | Path | None = None) -> Path:
         """generate_param_only_checkpoint on the scanned reference; returns ``<entry>/out/unscanned/checkpoints/0/items``."""
