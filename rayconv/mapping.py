@@ -244,10 +244,12 @@ def unscale_query(kernel: np.ndarray, head_dim: int) -> np.ndarray:
 
     The inverse of :func:`scale_query` where sqrt(head_dim) is a power of two (head_dim 16, 64, 256: both
     scalings are exact); otherwise (head_dim 128) it multiplies by the unrounded root while the forward divided by
-    its bf16 rounding, as MaxText's two directions do, so a value may come back one bf16 step off.
+    its bf16 rounding, as MaxText's two directions do, so a value may come back one bf16 step off. A float32 kernel
+    (an export with ``weight_dtype=float32``) stays float32.
     """
     scale = np.float32(math.sqrt(head_dim))
-    return (np.asarray(kernel, dtype=np.float32) * scale).astype(BF16)
+    scaled = np.asarray(kernel, dtype=np.float32) * scale
+    return scaled if kernel.dtype == np.float32 else scaled.astype(BF16)
 
 
 def heads_kernel(block: np.ndarray, head_dim: int) -> np.ndarray:

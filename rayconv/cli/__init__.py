@@ -18,7 +18,8 @@ import click
 
 from rayconv import tunables
 from rayconv.acquire import acquire
-from rayconv.cli.flags import MAXTEXT_LAYOUT_HELP, RATE_FLAGS, SOURCE_FORMAT, convert_options, option, plan_options
+from rayconv.cli.flags import (MAXTEXT_LAYOUT_HELP, RATE_FLAGS, SOURCE_FORMAT, convert_options, export_options, option,
+                               plan_options)
 from rayconv.cli.options import build_options, check_engine_flags, destination, source_kind_of
 from rayconv.errors import ConversionError, SpecError, user_error
 from rayconv.progress import LOG, human_bytes, setup_logging
@@ -141,6 +142,32 @@ def plan(simulate: bool, json_output: bool, throughput_mb_s: float, source_kind:
 
 
 @main.command()
+@export_options
+def export(**flags: Any) -> None:
+    """Export a MaxText checkpoint (bf16 or a trainer's) to Hugging Face safetensors, config.json and index."""
+    setup_logging(flags["verbose"])
+    with _one_line_errors(flags["verbose"], signals=True):
+        check_engine_flags(flags["num_workers"], flags["worker_memory_gb"], None, flags["worker_start_timeout"])
+        from rayconv.exporting.driver import ExportOptions
+        from rayconv.exporting.driver import export as run
+
+        knobs = tunables.from_env(os.environ, storage_timeout_s=flags["storage_timeout_s"])
+        result = run(ExportOptions(
+            input=flags["input_directory"], output=flags["output_directory"], model_name=flags["model_name"],
+            config=flags["config"], dtype=flags["dtype"], max_shard_size=flags["max_shard_size"],
+            tokenizer_from=flags["tokenizer_from"], executor=flags["executor"], address=flags["address"],
+            num_workers=flags["num_workers"], worker_memory_gb=flags["worker_memory_gb"],
+            worker_start_timeout=flags["worker_start_timeout"], restart=flags["restart"],
+            progress=not flags["no_progress"], tunables=knobs))
+    LOG.info("Done in %.1f s: read %s, wrote %s, %d units (%d resumed), %d workers, worker peak RSS %s",
+             result.seconds, human_bytes(result.bytes_read), human_bytes(result.bytes_written), result.units_run,
+             result.units_skipped, result.workers, human_bytes(result.worker_peak_rss))
+    click.echo(f"exported: {result.output}")
+    if result.local_ray:
+        _exit_without_waiting_for_ray()
+
+
+@main.command()
 @click.argument("source")
 @click.argument("output")
 @option("--model_name", default=None, help="llama-2, llama-3, llama-3.1 or llama-3.3.")
@@ -150,8 +177,20 @@ def plan(simulate: bool, json_output: bool, throughput_mb_s: float, source_kind:
          help="The tree layout OUTPUT must have (default: the one it has). " + MAXTEXT_LAYOUT_HELP)
 @SOURCE_FORMAT
 def verify(source, output, model_name, model_path, num_kv_heads, maxtext_layout, source_format) -> None:
-    """Re-read SOURCE (Meta shards or HF safetensors) and prove every leaf under OUTPUT equals its mapping."""
+    """Re-read SOURCE (Meta shards or HF safetensors) and prove every leaf under OUTPUT equals its mapping; or, for
+    OUTPUT a `rayconv export` directory and SOURCE its MaxText checkpoint, every byte of its tensors."""
     setup_logging()
+    from rayconv.exporting.verify import is_export, verify_export
+
+    with _one_line_errors(signals=True):
+        tunables.install(tunables.from_env(os.environ))
+        exported = is_export(output)
+        if exported:
+            found = verify_export(source, output)
+    if exported:
+        click.echo(f"verified {found.tensors} tensors in {found.files} files ({found.pieces} pieces, "
+                   f"{human_bytes(found.bytes_compared)}) in {output}: identical to the export of {source}")
+        return
     from rayconv.job import ConvertOptions
     from rayconv.source.checkpoint import list_input
     from rayconv.verify import verify as run

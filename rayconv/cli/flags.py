@@ -6,6 +6,7 @@ what it will do; what the flags mean for a job is :mod:`rayconv.cli.options`' co
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 import click
@@ -148,4 +149,53 @@ def plan_options(fn: Callable) -> Callable:
                 help="Where the shards are read from, for the estimate (default: from the input; gcs with --simulate)."),
         *(option(f"--{field}", type=type(getattr(env, field)), default=getattr(env, field), show_default=True,
                  help=text) for field, text in RATE_FLAGS.items()),
+    ])
+
+
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]*)?)\s*([KMG]I?B|B)?", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """A byte count: an integer, or with a unit as transformers spells them (``3GiB``, ``500MB``, ``200KB``)."""
+    if value is None:
+        return None
+    match = _SIZE.fullmatch(value.strip())
+    size = int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()]) if match else 0
+    if size <= 0:
+        raise click.BadParameter(f"{value!r} is not a positive size (e.g. 3GiB, 500MB, 1000000)", ctx, param)
+    return size
+
+
+def export_options(fn: Callable) -> Callable:
+    """``rayconv export``: a MaxText checkpoint in, a Hugging Face directory out, with convert's engine flags."""
+    return _stack(fn, [
+        option("--input_directory", required=True,
+               help="The MaxText checkpoint: its items directory (…/0/items, what load_parameters_path takes) or the "
+                    "step directory holding it; local or gs://. Scanned or unscanned, linen or nnx trees, bf16 or a "
+                    "trainer's float32 checkpoint (its params are exported, not the optimizer state)."),
+        option("--output_directory", required=True, help="Where the Hugging Face files go (local or gs://)."),
+        option("--model_name", default=None,
+               help="The model as MaxText names it (llama3.1-8b, llama3.1-70b, llama3.1-405b, llama3-8b, llama2-7b, …)."),
+        option("--config", default=None, help="Or the model's Hugging Face config.json (local or gs://)."),
+        option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True,
+               help="Tensor dtype (MaxText's weight_dtype): float32 restores and transforms in float32."),
+        option("--max_shard_size", default="3GiB", show_default=True, callback=_size,
+               help="Largest safetensors file (data bytes), as MaxText's exporter splits: 3GiB, 500MB, bytes."),
+        option("--tokenizer_from", default=None,
+               help="Copy the tokenizer files (tokenizer.json, tokenizer_config.json, …) from this directory."),
+        option("--restart", is_flag=True, help="Discard a partial or earlier export at the destination and start over."),
+        option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
+               help="ray: worker actors on local or existing Ray; local: this process, one unit at a time."),
+        option("--address", default=None, help="Ray cluster address (e.g. auto inside a Ray job). "
+                                                "Default: start Ray locally."),
+        option("--num_workers", type=int, default=None, help="Worker actors (default: CPUs / memory allow)."),
+        option("--worker_memory_gb", type=float, default=1.0, show_default=True,
+               help="Memory each worker actor reserves; the planner cuts tensors into row blocks that fit it."),
+        option("--storage_timeout_s", type=float, default=None, callback=_seconds,
+               help="Seconds one Cloud Storage request may take (retries included). Default 60."),
+        option("--worker_start_timeout", type=float, default=600.0, show_default=True,
+               help="Seconds to wait for worker actors to be scheduled."),
+        option("--no_progress", is_flag=True, help="No progress bar / status lines."),
+        click.option("--verbose", "-v", is_flag=True),
     ])

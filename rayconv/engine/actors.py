@@ -9,7 +9,7 @@ import ray
 from rayconv import tunables
 from rayconv.plan import Unit
 from rayconv.receipts import JobContext
-from rayconv.worker import run_unit
+from rayconv.engine.units import run_unit
 
 
 @ray.remote

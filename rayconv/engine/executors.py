@@ -25,7 +25,7 @@ from rayconv.plan import Unit
 from rayconv.progress import LOG
 from rayconv.receipts import JobContext, Receipt
 from rayconv.sink.commit import stop_point
-from rayconv.worker import run_unit
+from rayconv.engine.units import run_unit
 
 #: How rayconv starts a local Ray (scripts/bench.py measures Ray alone with the same): a new private Ray, no
 #: dashboard, a small object store (only plans and receipts pass through it); and, around ray.init,
@@ -309,6 +309,7 @@ class RayExecutor:
             return
         self.start(ctx)
         queue = list(reversed(units))
+        receipt_type = getattr(ctx, "receipt_type", Receipt)  # an export's receipts are its own (rayconv.exporting)
         in_flight: dict[Any, tuple[int, Unit]] = {}
 
         def submit(actor_index: int) -> None:
@@ -316,7 +317,7 @@ class RayExecutor:
                 unit = queue.pop()
                 ref = self._actors[actor_index].run.options(name=f"unit-{unit.id}").remote(unit)
                 in_flight[ref] = (actor_index, unit)
-            elif self._committer is None:
+            elif self._committer is None and getattr(ctx, "needs_committer", True):
                 # Every unit is handed out: start the committer now, so its process start and imports
                 # (~1 s) overlap the last units instead of following them (it needs no CPU of its own).
                 self._committer = self._new_committer(len(ctx.target.kinds))
@@ -335,7 +336,7 @@ class RayExecutor:
                 ref = ready[0]
                 actor_index, unit = in_flight.pop(ref)
                 try:
-                    receipt = Receipt.from_json(ray.get(ref))
+                    receipt = receipt_type.from_json(ray.get(ref))
                 except ray.exceptions.RayTaskError as exc:
                     raise _unwrap(exc) from None
                 last = time.monotonic()
