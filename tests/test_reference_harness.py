@@ -210,3 +210,12 @@ def test_a_dead_fork_server_falls_back_to_a_plain_subprocess(tmp_path):
         assert ref.last_run["via"] == "subprocess" and ref._fork is None
     finally:
         ref.close()
+
+
+def test_cache_keys_follow_the_code_not_its_comments():
+    """A reworded comment or docstring keeps a script's cached MaxText runs; a changed line of code does not."""
+    code = b'"""Doc."""\nimport os\n\n\ndef f(x):\n    """Say why."""\n    return x + 1  # one\n'
+    reworded = b'"""Another doc."""\nimport os\n\n\ndef f(x):\n    """Say it otherwise."""\n    return x + 1  # two\n'
+    changed = b'"""Doc."""\nimport os\n\n\ndef f(x):\n    """Say why."""\n    return x + 2  # one\n'
+    assert refmod._code_of(code) == refmod._code_of(reworded)
+    assert refmod._code_of(code) != refmod._code_of(changed)

@@ -1,7 +1,7 @@
 """Shared helpers for the scripts that run INSIDE the MaxText reference env (Python 3.12, maxtext 0.2.4 or 0.2.5).
 
-These scripts are invoked as ``python tests/maxtext_ref/<script>.py --model '<json>' ...`` by
-``tests/reference.py``. They must not import rayconv: the model is passed as a JSON dict with the
+These scripts are invoked as ``python tools/maxtext_ref/<script>.py --model '<json>' ...`` by
+``tools/maxtext_ref/reference.py``. They must not import rayconv: the model is passed as a JSON dict with the
 SyntheticModel fields plus the derived ``head_dim`` and ``ffn_dim``.
 
 Environment: ``RAYCONV_MAXTEXT_PATH`` (the ``pip install --no-deps --target`` dir of the maxtext version to run)
@@ -242,7 +242,7 @@ def is_array(leaf) -> bool:
 
 
 def leaf_summary(leaf) -> dict:
-  """shape, dtype, sha256 of the native bytes (same as tests/reference.py leaf_checksum), sum."""
+  """shape, dtype, sha256 of the native bytes (same as tools/maxtext_ref/reference.py leaf_checksum), sum."""
   import hashlib  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 

@@ -21,9 +21,8 @@ logits use 0.2.5's MaxEngine.
 Every MaxText run costs ~10-15 s and ~1.8 GB RSS just to import torch/TF/jax, so all outputs are cached
 under ``cache_dir``, keyed by a hash of the model spec, the script sources (``tools/maxtext_ref/*.py``, by file
 name and contents, never by path: editing a script invalidates its entries, moving it does not) and the installed
-maxtext version. (The scripts still name their old home ``tests/maxtext_ref/`` in comments: rewording them would
-change every key and rerun MaxText for every cached entry.) Entries are built in a temp dir and renamed
-into place; a file lock per entry makes concurrent test processes share one run,
+maxtext version; only what the code does counts, not its comments or docstrings (``_code_of``).
+Entries are built in a temp dir and renamed into place; a file lock per entry makes concurrent test processes share one run,
 and a global lock keeps at most one MaxText process running at a time (2-core machine).
 
 ``MaxTextReference(..., fork_server=True)`` (the tests) runs each script as an ``os.fork()`` of a per-version server
@@ -61,6 +60,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import ast
 import hashlib
 import json
 import os
@@ -204,11 +204,23 @@ def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _code_of(source: bytes) -> str:
+    """What a script *does*: its syntax tree without comments (ast drops them) and without docstrings, so rewording
+    a comment or a docstring keeps every cached run valid while any change to the code invalidates it."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
 def script_hash(*names: str) -> str:
     digest = hashlib.sha256()
     for name in ("_common.py",) + names:
         digest.update(name.encode())
-        digest.update((SCRIPTS_DIR / name).read_bytes())
+        digest.update(_code_of((SCRIPTS_DIR / name).read_bytes()).encode())
     return digest.hexdigest()
 
 
