@@ -169,7 +169,7 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
 
 def export_options(fn: Callable) -> Callable:
     """``rayconv export``: a MaxText checkpoint in, a Hugging Face directory out, with convert's engine flags."""
-    return _stack(fn, [
+    return _stack(engine_options(fn), [
         option("--input_directory", required=True,
                help="The MaxText checkpoint: its items directory (…/0/items, what load_parameters_path takes) or the "
                     "step directory holding it; local or gs://. Scanned or unscanned, linen or nnx trees, bf16 or a "
@@ -185,17 +185,6 @@ def export_options(fn: Callable) -> Callable:
         option("--tokenizer_from", default=None,
                help="Copy the tokenizer files (tokenizer.json, tokenizer_config.json, …) from this directory."),
         option("--restart", is_flag=True, help="Discard a partial or earlier export at the destination and start over."),
-        option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
-               help="ray: worker actors on local or existing Ray; local: this process, one unit at a time."),
-        option("--address", default=None, help="Ray cluster address (e.g. auto inside a Ray job). "
-                                                "Default: start Ray locally."),
-        option("--num_workers", type=int, default=None, help="Worker actors (default: CPUs / memory allow)."),
-        option("--worker_memory_gb", type=float, default=1.0, show_default=True,
-               help="Memory each worker actor reserves; the planner cuts tensors into row blocks that fit it."),
-        option("--storage_timeout_s", type=float, default=None, callback=_seconds,
-               help="Seconds one Cloud Storage request may take (retries included). Default 60."),
-        option("--worker_start_timeout", type=float, default=600.0, show_default=True,
-               help="Seconds to wait for worker actors to be scheduled."),
         option("--no_progress", is_flag=True, help="No progress bar / status lines."),
         click.option("--verbose", "-v", is_flag=True),
     ])

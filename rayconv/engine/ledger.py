@@ -32,11 +32,11 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Sequence
 
-from rayconv import jsonio
 from rayconv.engine.identity import file_name, index_digest
 from rayconv.errors import OutputError
 from rayconv.plan import Plan, Unit
 from rayconv.progress import LOG
+from rayconv.records import Records, json_object
 from rayconv.leaves import TensorInfo
 from rayconv.storage import Location
 from rayconv.receipts import Receipt
@@ -47,31 +47,8 @@ if TYPE_CHECKING:
 COMMITTING, COMMITTED = "committing", "committed"
 
 
-# -- JSON loading that survives damaged files (helper D, issue 11 item 9; kept apart for merging) -----------
-
-
-def _json_object(data: bytes) -> dict[str, Any] | None:
-    """``data`` as a JSON object, or None when it is not one (torn write, garbage, another file, JSON nested too
-    deeply or with a 5000-digit number: the bounded reader's refusals)."""
-    try:
-        return jsonio.loads_object(data)
-    except jsonio.JSONError:
-        return None
-
-
-class Ledger:
-    def __init__(self, out: Location) -> None:
-        self.root = out.join(".rayconv")
-
-    def _load(self, key: str) -> dict[str, Any] | None:
-        data = self.root.read_bytes(key)
-        if data is None:
-            return None
-        value = _json_object(data)
-        if value is None:
-            raise OutputError(f"{self.root.join(key).uri} is damaged (not a rayconv ledger record); rerun with "
-                              "--restart to start this output over")
-        return value
+class Ledger(Records):
+    """The convert ledger: plan.json, receipts/, commits/, md5.json."""
 
     def plan_record(self) -> dict[str, Any] | None:
         record = self._load("plan.json")
@@ -177,7 +154,7 @@ class Ledger:
         identities (:func:`file_identities`). Read without the output lock: a wrong "no" only costs a hashing
         pass, and a record is only trusted when every file's identity matches."""
         data = self.root.read_bytes("md5.json")
-        recorded = (_json_object(data) or {}).get("files") if data is not None else None
+        recorded = (json_object(data) or {}).get("files") if data is not None else None
         return recorded == identities and all(identities.values())
 
     def record_md5(self, identities: dict[str, str]) -> None:

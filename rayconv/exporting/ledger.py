@@ -11,14 +11,12 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 
-from rayconv import jsonio
 from rayconv.errors import OutputError
 from rayconv.exporting.worker import ExportReceipt
 from rayconv.source.orbax import MaxTextCheckpoint
-from rayconv.storage import Location
+from rayconv.records import Records
 
 PLAN, RECEIPTS, FILES, COMPLETE = "export.json", "export-receipts/", "export-files/", "export-complete.json"
 
@@ -31,22 +29,13 @@ def source_digest(checkpoint: MaxTextCheckpoint) -> str:
     return digest.hexdigest()[:16]
 
 
-class ExportLedger:
-    def __init__(self, out: Location) -> None:
-        self.root = out.join(".rayconv")
+class ExportLedger(Records):
+    """The export's records (module docstring); a damaged one is one line and ``--restart``."""
 
-    def _load(self, key: str) -> dict[str, Any] | None:
-        data = self.root.read_bytes(key)
-        if data is None:
-            return None
-        try:
-            return jsonio.loads_object(data)
-        except jsonio.JSONError:
-            raise OutputError(f"{self.root.join(key).uri} is damaged (not a rayconv export record); rerun with "
-                              "--restart to start this export over") from None
+    kind = ("export", "export")
 
-    def _write(self, key: str, value: dict[str, Any]) -> None:
-        self.root.write_bytes(key, json.dumps(value, indent=1).encode())
+    def _write(self, key: str, value: dict[str, Any], indent: int | None = 1) -> None:
+        super()._write(key, value, indent)
 
     def record(self) -> dict[str, Any] | None:
         return self._load(PLAN)
