@@ -17,6 +17,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from helpers import ITEMS
+from rayconv import families
 from rayconv.errors import SpecError
 from rayconv.exporting import model as models
 from rayconv.exporting.plan import build_plan, piece_budget
@@ -72,8 +73,9 @@ def test_405b_model_name_is_maxtexts_config_with_llama31_rope():
             config["num_key_value_heads"], config["intermediate_size"], config["vocab_size"]) == (
         16384, 126, 128, 8, 53248, 128256)
     assert config["rope_parameters"]["rope_type"] == "llama3" and config["architectures"] == ["LlamaForCausalLM"]
-    for name in models.HF_CONFIGS:  # every table entry is a model the family's reader accepts
-        assert models.from_model_name(name).spec.maxtext_name == name
+    for family in families.FAMILIES.values():  # every table entry is a model the family's reader accepts
+        for name in family.hf_configs:
+            assert models.from_model_name(name).spec.maxtext_name == name
 
 
 def test_scanned_and_unscanned_told_apart_by_the_tree():

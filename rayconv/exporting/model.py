@@ -27,46 +27,6 @@ from rayconv.source.orbax import MaxTextCheckpoint
 #: The transformers version whose config.json / generation_config.json format is written (MaxText 0.2.5's
 #: exporter and the tests' transformers are 5.24.0); rayconv does not import transformers.
 TRANSFORMERS_VERSION = "5.24.0"
-_LLAMA3_ROPE = {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                "original_max_position_embeddings": 8192, "rope_theta": 500000.0, "rope_type": "llama3"}
-_LLAMA31_EOS = [128001, 128008, 128009]
-
-
-def _llama(vocab: int, dim: int, ffn: int, layers: int, heads: int, kv: int, positions: int, bos: int,
-           eos: int | list[int], rope: dict[str, Any], eps: float = 1e-5) -> dict[str, Any]:
-    return {"vocab_size": vocab, "hidden_size": dim, "intermediate_size": ffn, "num_hidden_layers": layers,
-            "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": dim // heads,
-            "max_position_embeddings": positions, "rms_norm_eps": eps, "bos_token_id": bos, "eos_token_id": eos,
-            "rope_parameters": rope, "model_type": "llama"}
-
-
-def _rope(theta: float) -> dict[str, Any]:
-    return {"rope_theta": theta, "rope_type": "default"}
-
-
-#: MaxText model name → the HF config fields that are not transformers' LlamaConfig defaults. llama3.1-8b/70b/405b
-#: are MaxText 0.2.5's ``hf_model_configs`` (to_huggingface.py writes these) except that 405b gets Llama 3.1's
-#: rope (MaxText's entry omits ``rope_scaling``, which would describe another model); the others are the Hub's
-#: config.json of the same model.
-HF_CONFIGS: dict[str, dict[str, Any]] = {
-    "llama2-7b": _llama(32000, 4096, 11008, 32, 32, 32, 4096, 1, 2, _rope(10000.0)),
-    "llama2-13b": _llama(32000, 5120, 13824, 40, 40, 40, 4096, 1, 2, _rope(10000.0)),
-    "llama2-70b": _llama(32000, 8192, 28672, 80, 64, 8, 4096, 1, 2, _rope(10000.0)),
-    "llama3-8b": _llama(128256, 4096, 14336, 32, 32, 8, 8192, 128000, 128001, _rope(500000.0)),
-    "llama3-70b": _llama(128256, 8192, 28672, 80, 64, 8, 8192, 128000, 128001, _rope(500000.0)),
-    "llama3.1-8b": _llama(128256, 4096, 14336, 32, 32, 8, 131072, 128000, 128001, _LLAMA3_ROPE),
-    "llama3.1-70b": _llama(128256, 8192, 28672, 80, 64, 8, 131072, 128000, _LLAMA31_EOS, _LLAMA3_ROPE),
-    "llama3.1-405b": _llama(128256, 16384, 53248, 126, 128, 8, 131072, 128000, 128001, _LLAMA3_ROPE),
-    "llama3.3-70b": _llama(128256, 8192, 28672, 80, 64, 8, 131072, 128000, _LLAMA31_EOS, _LLAMA3_ROPE),
-}
-
-#: transformers' ``LlamaConfig`` defaults as ``to_json_file`` writes them (the fields every config.json has).
-_LLAMA_DEFAULTS: dict[str, Any] = {
-    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "hidden_act": "silu",
-    "initializer_range": 0.02, "mlp_bias": False, "pad_token_id": None, "pretraining_tp": 1,
-    "tie_word_embeddings": False, "use_cache": True,
-}
-
 #: The spec field each HF config field states (what a mismatch message names).
 _FIELDS = {"dim": "hidden_size", "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads",
            "head_dim": "head_dim", "vocab_size": "vocab_size", "ffn_dim": "intermediate_size",
@@ -90,7 +50,8 @@ def _family_of_maxtext_name(name: str) -> tuple[Family, str]:
         for model_name, prefix in family.model_names.items():
             if name.startswith(prefix + "-"):
                 return family, model_name
-    raise SpecError(f"unknown --model_name {name!r} (MaxText's names: {', '.join(HF_CONFIGS)})")
+    known = (n for family in families.FAMILIES.values() for n in family.hf_configs)
+    raise SpecError(f"unknown --model_name {name!r} (MaxText's names: {', '.join(known)})")
 
 
 def _spec(family: Family, config: Mapping[str, Any], model_name: str | None, source: str) -> ModelSpec:
@@ -101,11 +62,10 @@ def _spec(family: Family, config: Mapping[str, Any], model_name: str | None, sou
 def from_model_name(name: str) -> ExportModel:
     """``--model_name`` as MaxText names it (``llama3.1-405b``)."""
     family, model_name = _family_of_maxtext_name(name)
-    config = HF_CONFIGS.get(name)
+    config = family.hf_configs.get(name)
     if config is None:
-        raise SpecError(f"--model_name {name}: no published size (MaxText's names: {', '.join(HF_CONFIGS)}); give "
-                        "the model's config.json with --config instead")
-    config = {**_LLAMA_DEFAULTS, **config}
+        raise SpecError(f"--model_name {name}: no published size (MaxText's names: {', '.join(family.hf_configs)}); "
+                        "give the model's config.json with --config instead")
     return ExportModel(name, family, _spec(family, config, model_name, f"--model_name {name}"), config)
 
 
@@ -119,7 +79,7 @@ def from_config_file(path: str, text: bytes) -> ExportModel:
     if family is None:
         raise SpecError(f"{path}: model_type {str(config.get('model_type'))[:40]!r} is not a family rayconv exports")
     # What save_pretrained adds (architectures) and what rayconv sets itself (dtype, the format's version).
-    config = {**_LLAMA_DEFAULTS, **{k: v for k, v in config.items()
+    config = {**family.hf_config_defaults, **{k: v for k, v in config.items()
                                     if k not in ("dtype", "torch_dtype", "transformers_version")}}
     return ExportModel(path, family, _spec(family, config, None, path), config)
 

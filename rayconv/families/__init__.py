@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from rayconv import catalog, mapping
 from rayconv.errors import SpecError
-from rayconv.families import llama, llama_spec
+from rayconv.families import llama, llama_hf, llama_spec
 from rayconv.mapping import Rule
 from rayconv.models import KnownSize, ModelSpec
 
@@ -39,11 +39,16 @@ class Family:
     spec_from_params: Callable[..., ModelSpec]
     #: config.json → spec: ``(config, *, model_name, model_path, kv_heads, source)``.
     spec_from_config: Callable[..., ModelSpec]
+    #: MaxText model name → the HF config.json fields ``rayconv export`` writes for it (``--model_name``).
+    hf_configs: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    #: Fields every config.json of the family has (``save_pretrained``'s defaults), under a user's ``--config``.
+    hf_config_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 LLAMA = Family(name="llama", model_names=llama.MODEL_NAMES, hf_model_types=llama.HF_MODEL_TYPES,
                known_sizes=llama.KNOWN_SIZES, rules=llama.rules, embedding_split_axis=llama.embedding_split_axis,
-               spec_from_params=llama_spec.spec_from_params, spec_from_config=llama_spec.spec_from_config)
+               spec_from_params=llama_spec.spec_from_params, spec_from_config=llama_spec.spec_from_config,
+               hf_configs=llama_hf.HF_CONFIGS, hf_config_defaults=llama_hf.HF_CONFIG_DEFAULTS)
 
 #: The registry: family name → family.
 FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA,)}
