@@ -164,3 +164,44 @@ def test_spec_json_round_trips_as_its_familys_class():
     assert set(llama.to_json()) == {f.name for f in dataclasses.fields(ModelSpec)}
     assert families.spec_from_json(llama.to_json()) == llama and type(families.spec_from_json(llama.to_json())) is \
         ModelSpec
+
+
+def _params(dim, layers, heads, kv, experts, width, vocab=151936, head_dim=128) -> int:
+    """Qwen3 MoE parameter count from its dims (untied): embedding + logits + final norm + per layer attention,
+    QK-norms, two norms, router and experts."""
+    attention = dim * head_dim * (2 * heads + 2 * kv) + 2 * head_dim + 2 * dim
+    return 2 * vocab * dim + dim + layers * (attention + experts * dim + experts * 3 * dim * width)
+
+
+@pytest.mark.parametrize("model_path,dims", [
+    ("qwen3-235b-a22b", (4096, 94, 64, 4, 128, 1536)),
+    ("Qwen/Qwen3-Coder-480B-A35B-Instruct", (6144, 62, 96, 8, 160, 2560)),
+])
+def test_plan_simulate_prints_pieces_memory_and_time_for_the_large_moe_models(model_path, dims):
+    from helpers import run_cli
+
+    result = run_cli("plan", "--simulate", "--json", "--model_path", model_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    plan = report["plan"]
+    assert plan["maxtext_layout"] == "to_maxtext" and plan["outputs"] == ["scanned", "unscanned"]
+    assert plan["input_bytes"] == 2 * _params(*dims)  # every tensor of the published model, read once
+    assert plan["largest_piece_bytes"] <= report["piece_budget_bytes"]  # 4.8-13 GB of experts per layer, cut
+    assert report["peak_memory_per_worker_bytes"] <= report["worker_memory_budget_gb"] * (1 << 30)
+    assert plan["pieces"] > dims[1] * 3 * dims[4] // 4 and all(e["estimated_seconds"] > 0 for e in report["estimates"])
+    table = run_cli("plan", "--simulate", "--model_path", model_path)
+    assert table.returncode == 0 and "units / pieces" in table.stdout and "memory per worker" in table.stdout
+    assert "estimated wall time" in table.stdout
+
+
+def test_qwen3_from_gs_input(tmp_path, fake_gcs, gcs_prefix, converted):
+    """The MoE fixture in a (fake) bucket converts to the same bytes as from a directory."""
+    src = checkpoint("qwen3-moe")
+    bucket_src = gcs_prefix.join("Qwen3-MoE-tiny")
+    for f in sorted(src.iterdir()):
+        bucket_src.write_bytes(f.name, f.read_bytes())
+    out = tmp_path / "out"
+    result = run_convert_cli("--input_directory", bucket_src.uri, "--output_directory", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    kinds = ("scanned", "unscanned")
+    assert output_leaves(out, kinds) == output_leaves(converted("qwen3-moe"), kinds)
