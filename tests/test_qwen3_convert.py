@@ -205,3 +205,11 @@ def test_qwen3_from_gs_input(tmp_path, fake_gcs, gcs_prefix, converted):
     assert result.returncode == 0, result.stderr[-3000:]
     kinds = ("scanned", "unscanned")
     assert output_leaves(out, kinds) == output_leaves(converted("qwen3-moe"), kinds)
+
+
+@pytest.mark.parametrize("name", list(FIXTURES))
+def test_rayconv_verify_checks_a_qwen3_output_against_its_source(name, converted):
+    from helpers import run_cli
+
+    result = run_cli("verify", str(checkpoint(name)), str(converted(name)))
+    assert result.returncode == 0 and "identical to the mapping" in result.stdout, result.stderr[-2000:]
