@@ -61,7 +61,9 @@ class ConvertOptions:
     compression: str | None = None
     kv_heads: int | None = None
     progress: bool = True
-    maxtext_layout: str | None = "linen"  # MaxText tree layout: linen (0.2.4 classic, JetStream) or nnx (0.2.5); rayconv.trees
+    #: MaxText tree layout (rayconv.trees): linen (0.2.4 classic, JetStream), nnx (0.2.5), to_maxtext; None: the
+    #: family's default (Llama: linen)
+    maxtext_layout: str | None = None
     #: Check the shards and params.json against the input's checklist.chk (if any) before converting.
     verify_md5: bool = False
     source_format: str = "auto"  # meta | hf | auto (see source/hf.detect_format)

@@ -101,6 +101,16 @@ class Rule:
         return template.format(layer=layer, **index) if self.indices else template
 
 
+#: The per-layer leaf axis a rule's ``{expert}`` index stacks its tensors on (``moe_block/wi_0`` ``[X, E, I]``;
+#: scanned ``[X, L, E, I]``): a piece of such a rule holds a range of experts, placed on this axis.
+EXPERT_AXIS = 0
+
+
+def per_expert(rule: Rule) -> bool:
+    """Whether the rule's source tensor is one per expert (``{expert}`` in its names)."""
+    return "expert" in rule.indices
+
+
 def source_format(spec: ModelSpec) -> str:
     """The source format a spec was read from ("meta" unless the spec says otherwise, see source/hf.py)."""
     return getattr(spec, "source_format", "meta")

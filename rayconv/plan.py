@@ -21,17 +21,22 @@ from typing import Any, Callable, Iterable, Sequence
 
 
 from rayconv import families, mapping, trees
+from rayconv.errors import SpecError
 from rayconv.leaves import ArraySpec, Read, TensorInfo
 from rayconv.mapping import Rule
 from rayconv.models import ModelSpec
 
-def block_region(rule: Rule, spec: ModelSpec, row0: int, row1: int) -> tuple[tuple[int, int], ...]:
-    """Region (start, stop per axis) of the per-layer array filled by rows [row0, row1) of G."""
+def block_region(rule: Rule, spec: ModelSpec, row0: int, row1: int,
+                 experts: tuple[int, int] | None = None) -> tuple[tuple[int, int], ...]:
+    """Region (start, stop per axis) of the per-layer array filled by rows [row0, row1) of G (of each of the
+    ``experts`` range, for an ``{expert}`` rule: placed on ``mapping.EXPERT_AXIS``)."""
     transform = rule.transform
     region = [(0, n) for n in transform.layer_shape(spec)]
     if transform.row_axis is not None:
         div = mapping.row_quantum(rule, spec)
         region[transform.row_axis] = (row0 // div, row1 // div)
+    if experts is not None:
+        region[mapping.EXPERT_AXIS] = experts
     return tuple(region)
 
 
@@ -43,8 +48,11 @@ class Piece:
     layer: int | None
     row0: int
     row1: int
-    reads: tuple[Read, ...]  # concatenated along axis 1 (dim-1 split) or a single read
+    reads: tuple[Read, ...]  # concatenated along axis 1 (dim-1 split), one per expert, or a single read
     duplicates: tuple[Read, ...] = ()  # repeated kv heads that must equal reads[0]
+    #: An ``{expert}`` rule's piece: experts [start, stop) of the layer, one read each (the same rows of each),
+    #: stacked [experts, rows, cols]. None for every other rule (so their plans and fingerprints are unchanged).
+    experts: tuple[int, int] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -77,6 +85,7 @@ class Plan:
     scale_files: tuple[str, ...] = ()  # FP8 SKU: fp8_scales_{r}.pt uri per shard
     layout: str = trees.DEFAULT_LAYOUT  # MaxText tree layout (rayconv.trees.LAYOUTS)
     target: Any = None  # the output format (rayconv.targets): its arrays, values, writer and commit
+    piece_experts: dict[int, int] = dataclasses.field(default_factory=dict)  # {expert} rule index → experts/piece
 
     @property
     def tree(self) -> trees.TreeLayout:
@@ -107,6 +116,8 @@ class Plan:
                 "rows": sorted(self.piece_rows.items()), "units": [(u.id, len(u.pieces)) for u in self.units]}
         if self.scale_files:
             work["fp8"] = True  # the same model from an FP8 source converts to different bytes
+        if self.piece_experts:
+            work["experts"] = sorted(self.piece_experts.items())  # only MoE plans have it: others' stay
         if self.layout != trees.DEFAULT_LAYOUT:
             work["layout"] = self.layout  # only non-default layouts, so linen fingerprints (and ledgers) stay
         payload = json.dumps(work, sort_keys=True)
@@ -147,17 +158,51 @@ def _layers(rule: Rule, spec: ModelSpec) -> Sequence[int | None]:
     return range(spec.n_layers) if rule.per_layer else (None,)
 
 
+def piece_experts(rule: Rule, spec: ModelSpec, rows: int, budget: int) -> int:
+    """Experts per piece of an ``{expert}`` rule: as many whole experts as divide the count and fit the budget when
+    one expert's tensor fits whole (``rows`` all of G), else one (its row blocks)."""
+    g_rows, width = mapping.global_shape(rule, spec)
+    if rows < g_rows:
+        return 1
+    return _divisor_rows(spec.n_experts, 1, g_rows * width * 2, budget)
+
+
+def _expert_pieces(rule: Rule, ri: int, spec: ModelSpec, locate: Locate, layer: int | None, rows: int,
+                   per_piece: int) -> Iterable[Piece]:
+    """(expert range × row block) pieces of one layer: one read per expert, each the same rows."""
+    g_rows = mapping.global_shape(rule, spec)[0]
+    source = mapping.source_format(spec)
+    for e0 in range(0, spec.n_experts, per_piece):
+        for row0 in range(0, g_rows, rows):
+            reads = tuple(_read(*locate(0, rule.source_key(source, layer, expert=e)), row0, row0 + rows)
+                          for e in range(e0, e0 + per_piece))
+            yield Piece(ri, layer, row0, row0 + rows, reads, experts=(e0, e0 + per_piece))
+
+
 def build_pieces(spec: ModelSpec, indexes: Sequence[dict[str, TensorInfo]], budget: int,
                  locate: Locate | None = None) -> tuple[dict[int, int], list[Piece]]:
-    """Cut every tensor of every layer into budget-sized row blocks of G."""
+    """Cut every tensor of every layer into budget-sized row blocks of G (an ``{expert}`` rule's: expert range ×
+    row block, within the budget whatever the expert count)."""
+    rows_by_rule, pieces, _ = _cut(spec, indexes, budget, locate)
+    return rows_by_rule, pieces
+
+
+def _cut(spec: ModelSpec, indexes: Sequence[dict[str, TensorInfo]], budget: int,
+         locate: Locate | None = None) -> tuple[dict[int, int], list[Piece], dict[int, int]]:
     locate = locate or shard_locator(indexes)
     rows_by_rule: dict[int, int] = {}
+    experts_by_rule: dict[int, int] = {}
     pieces: list[Piece] = []
     source = mapping.source_format(spec)
     for ri, rule in enumerate(families.rules(spec)):
         rows = piece_rows(rule, spec, budget)
         rows_by_rule[ri] = rows
         g_rows = mapping.global_shape(rule, spec)[0]
+        if mapping.per_expert(rule):
+            experts_by_rule[ri] = piece_experts(rule, spec, rows, budget)
+            for layer in _layers(rule, spec):
+                pieces.extend(_expert_pieces(rule, ri, spec, locate, layer, rows, experts_by_rule[ri]))
+            continue
         for layer in _layers(rule, spec):
             key = rule.source_key(source, layer)
             if rule.split is None:  # replicated: shard 0's copy (MaxText ignores the others)
@@ -166,7 +211,7 @@ def build_pieces(spec: ModelSpec, indexes: Sequence[dict[str, TensorInfo]], budg
                 continue
             for row0 in range(0, g_rows, rows):
                 pieces.append(_piece(rule, ri, spec, locate, layer, key, row0, row0 + rows))
-    return rows_by_rule, pieces
+    return rows_by_rule, pieces, experts_by_rule
 
 
 def _read(file: int, info: TensorInfo, r0: int, r1: int) -> Read:
@@ -196,7 +241,7 @@ def group_units(pieces: Iterable[Piece], unit_budget: int) -> tuple[Unit, ...]:
     def order(p: Piece) -> tuple:
         if len(p.reads) == 1:
             return (0, p.reads[0].shard, p.reads[0].offset)
-        return (1, p.layer if p.layer is not None else -1, p.rule, p.row0)
+        return (1, p.layer if p.layer is not None else -1, p.rule, p.experts or (0, 0), p.row0)
 
     units: list[Unit] = []
     current: list[Piece] = []
@@ -217,22 +262,27 @@ def group_units(pieces: Iterable[Piece], unit_budget: int) -> tuple[Unit, ...]:
 
 def build_plan(spec: ModelSpec, shards: Sequence[str], indexes: Sequence[dict[str, TensorInfo]], *,
                kinds: Sequence[Any], quantize_type: str | None, piece_budget: int,
-               unit_budget: int, target: Any, scales: Any = None, layout: str = trees.DEFAULT_LAYOUT,
+               unit_budget: int, target: Any, scales: Any = None, layout: str | None = trees.DEFAULT_LAYOUT,
                locate: Locate | None = None) -> Plan:
     """``kinds``: outputs of ``target`` (rayconv.targets), as objects or by name. ``scales`` (a rayconv.fp8.Scales)
     makes the float8 reads carry their row scales (FP8 SKU); ``locate`` says which file holds each shard's tensor
-    when that is not file = shard (a Hugging Face checkpoint)."""
-    tree = trees.get(layout)
+    when that is not file = shard (a Hugging Face checkpoint). ``layout`` None: the family's default (what the
+    MaxText tool that converts it writes)."""
+    family = families.family_of(spec)
+    tree = trees.get(layout or family.default_layout)
     kinds = target.resolve(kinds)
+    if family.no_quantized_output and any(kind.quantized for kind in kinds):
+        raise SpecError(f"--quantize_type {quantize_type}: {family.no_quantized_output}")
     target.check(kinds, quantize_type, tree)
-    rows, pieces = build_pieces(spec, indexes, piece_budget, locate)
+    rows, pieces, experts = _cut(spec, indexes, piece_budget, locate)
     if scales is not None:
         from rayconv import fp8
 
         pieces = fp8.attach_scales(pieces, scales)
     return Plan(spec=spec, shards=tuple(shards), kinds=tuple(kinds), quantize_type=quantize_type,
                 piece_rows=rows, units=group_units(pieces, unit_budget),
-                scale_files=tuple(scales.files) if scales is not None else (), layout=tree.name, target=target)
+                scale_files=tuple(scales.files) if scales is not None else (), layout=tree.name, target=target,
+                piece_experts=experts)
 
 
 def describe(plan: Plan) -> dict[str, Any]:

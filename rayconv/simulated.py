@@ -10,6 +10,7 @@ from rayconv import families, fp8, mapping
 from rayconv.families import Descriptor, family_of_name, resolve_spec
 from rayconv.models import ModelSpec
 from rayconv.source.checkpoint import MetaCheckpoint
+from rayconv.source.hf import HFCheckpoint, spec_from_config
 from rayconv.leaves import TensorInfo
 
 
@@ -52,12 +53,30 @@ def _published_params(descriptor: Descriptor) -> dict[str, Any]:
             "ffn_dim_multiplier": ffn[0], "multiple_of": ffn[1]}
 
 
-def simulated_checkpoint(model_name: str | None, model_path: str | None) -> MetaCheckpoint:
-    """A checkpoint with the descriptor's published dimensions and torch.save-shaped indexes (no file read)."""
+def simulated_hf_checkpoint(spec: ModelSpec) -> HFCheckpoint:
+    """Hugging Face files of the spec's tensors, laid out one after the other in one safetensors file (the plan does
+    not depend on how tensors are spread over files: a piece reads one tensor's rows)."""
+    offset, index = 8 + 4096, {}
+    for key, shape in families.expected_tensors(spec, "hf"):
+        nbytes = math.prod(shape) * 2
+        index[key] = TensorInfo(key, "bfloat16", shape, offset, nbytes)
+        offset += nbytes
+    return HFCheckpoint(spec=spec, shards=["model.safetensors"], indexes=[index], files={},
+                        where={key: (0, info) for key, info in index.items()})
+
+
+def simulated_checkpoint(model_name: str | None, model_path: str | None) -> MetaCheckpoint | HFCheckpoint:
+    """A checkpoint with the descriptor's (or a published HF model's, e.g. ``qwen3-235b-a22b``) published dimensions
+    and its files' indexes (no file read)."""
     if not model_path:
         from rayconv.errors import SpecError
 
-        raise SpecError("--simulate needs --model_path (e.g. Llama3.1-405B-Instruct:bf16-mp16)")
+        raise SpecError("--simulate needs --model_path (e.g. Llama3.1-405B-Instruct:bf16-mp16 or qwen3-235b-a22b)")
+    for family in families.FAMILIES.values():
+        config = family.published_config(model_path)
+        if config is not None:
+            return simulated_hf_checkpoint(spec_from_config(config, model_name=model_name, model_path=None,
+                                                            source=f"{model_path} (published config)"))
     descriptor = Descriptor.parse(model_path)
     spec = resolve_spec(_published_params(descriptor), n_shards=descriptor.shards or 1, vocab_size=None,
                         model_name=model_name, descriptor=descriptor)

@@ -1,7 +1,7 @@
 """The checkpoint *tree layouts*: which tree paths and which Orbax metadata each MaxText generation reads.
 
 rayconv computes the same numbers for every layout; a layout only decides where a leaf sits in the
-PyTree and what Orbax's JSON files around it say. Two layouts exist, one object each:
+PyTree and what Orbax's JSON files around it say. Three layouts exist, one object each:
 
 * ``linen`` (:data:`LINEN`) — MaxText 0.2.4 with its NNX switches off, the trees JetStream-MaxText and the GKE
   tutorial use: ``params/params/…`` plus ``step``/``opt_state`` (bf16), and the classic AQT tree
@@ -15,6 +15,9 @@ PyTree and what Orbax's JSON files around it say. Two layouts exist, one object 
   ``decoder/layers_0/mlp/wi_0/AqtDotGeneral_0/qrhs/frozen/value/{qvalue,scale/0,…}`` with the quantized kernels
   dropped (legacy handler, bare directory). MaxText 0.2.5 records ``custom_metadata {}`` for all three, so
   serving the unscanned tree needs ``scan_layers=false`` on its command line (as for 0.2.5's own output).
+* ``to_maxtext`` (:data:`TO_MAXTEXT`) — what MaxText 0.2.5's ``to_maxtext.py`` writes from Hugging Face files
+  (the default for the families it converts, e.g. Qwen3): the classic ``params/params`` TrainState tree for both
+  bf16 outputs, the v1 ``PyTreeHandler``, ``custom_metadata {"scan_layers": …}``.
 
 Adding a layout is adding one :class:`TreeLayout` to :data:`LAYOUTS`. This module does no I/O: the plan asks
 it for paths, the sink for the JSON it writes, ``rayconv verify`` for what a tree must hold.
@@ -226,7 +229,21 @@ NNX = _Nnx("nnx", bf16_handler=V1_PYTREE_HANDLER, aqt_handler=LEGACY_PYTREE_HAND
                                        "(its mixed-precision config needs the Linen module stack); use int8, or "
                                        "--maxtext_layout linen for JetStream-MaxText / MaxText 0.2.4")
 
-LAYOUTS: dict[str, TreeLayout] = {layout.name: layout for layout in (LINEN, NNX)}
+class _ToMaxText(_Linen):
+    """What MaxText 0.2.5's ``checkpoint_conversion/to_maxtext.py`` writes (Qwen3's default, docs/qwen3.md): the
+    classic TrainState tree for both outputs, through Orbax's v1 Checkpointer, ``custom_metadata
+    {"scan_layers": …}`` (no ``converter`` key). Its 16-device ``NamedSharding`` and chunking are not copied:
+    chunks stay rayconv's one-per-piece grid (the values and the tree are the compatibility standard)."""
+
+    def custom_metadata(self, kind: Kind) -> dict[str, Any]:
+        return {"scan_layers": kind.scanned}
+
+
+TO_MAXTEXT = _ToMaxText("to_maxtext", bf16_handler=V1_PYTREE_HANDLER, aqt_handler=LEGACY_PYTREE_HANDLER,
+                        unscanned_train_state=True, quantize_types=frozenset(),
+                        unsupported_quantize_reason="to_maxtext.py writes bf16 checkpoints only")
+
+LAYOUTS: dict[str, TreeLayout] = {layout.name: layout for layout in (LINEN, NNX, TO_MAXTEXT)}
 DEFAULT_LAYOUT = "linen"
 
 

@@ -74,12 +74,13 @@ def _read_into(read: Read, sources: Sources, crcs: list, out: np.ndarray | None 
 
 
 def read_block(piece: Piece, sources: Sources, crcs: list) -> mapping.Block:
-    """Rows [row0, row1) of G: one read, or the same rows of every shard side by side (mapping.SideBySide).
+    """Rows [row0, row1) of G: one read, the same rows of every shard side by side (mapping.SideBySide), or the
+    same rows of a range of experts stacked ``[experts, rows, cols]`` (an expert piece).
 
     Every range is read straight into its place: a multi-shard block is never concatenated, the transform
     places each shard's columns itself (or assembles them, for the transforms that keep rows as rows).
     """
-    if len(piece.reads) == 1:
+    if len(piece.reads) == 1 and piece.experts is None:
         block: mapping.Block = _read_into(piece.reads[0], sources, crcs)
     else:
         parts = np.empty((len(piece.reads), piece.row1 - piece.row0, piece.reads[0].shape[1]), dtype=mapping.BF16)
@@ -89,7 +90,9 @@ def read_block(piece: Piece, sources: Sources, crcs: list) -> mapping.Block:
             part = _read_into(read, sources, crcs, out=slot)
             if part is not slot:  # FP8: dequantized into a new array
                 slot[...] = part
-        block = mapping.SideBySide(parts)
+        # An expert piece's reads are its experts' same rows: stacked [experts, rows, cols] is the block the
+        # expert transforms take; other multi-read pieces are one matrix's shards side by side.
+        block = parts if piece.experts is not None else mapping.SideBySide(parts)
     whole = block.assemble() if piece.duplicates and isinstance(block, mapping.SideBySide) else block
     for dup in piece.duplicates:
         copy = _read_into(dup, sources, crcs)

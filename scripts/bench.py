@@ -4,6 +4,7 @@
     .venvs/main/bin/python scripts/bench.py                          # narrow 405B layout, ~2.1 GB (+ a 2x model)
     .venvs/main/bin/python scripts/bench.py --preset real-width      # one layer at the 405B's real tensor shapes
     .venvs/main/bin/python scripts/bench.py --preset narrow --maxtext-2x --out bench-results
+    .venvs/main/bin/python scripts/bench.py --preset qwen3-moe-real-width  # Qwen3-235B-A22B's shapes, vs to_maxtext.py
 
 Presets (both the 405B MP16 layout: 16 shards, 128 heads, 8 kv heads repeated on shard pairs):
 
@@ -403,7 +404,16 @@ def main() -> None:
     parser.add_argument("--efficiency-runs", type=int, default=3, help="runs of the efficiency row (min/median)")
     parser.add_argument("--plot-from", nargs="+", metavar="RESULTS_JSON",
                         help="only redraw the charts from saved results.json files into --out (scripts/bench_plots.py)")
-    args = parser.parse_args()
+    args, rest = parser.parse_known_args()
+    if args.preset == "qwen3-moe-real-width":  # HF files, to_maxtext.py side by side: scripts/bench_qwen3.py
+        from bench_qwen3 import main as qwen3_bench
+
+        qwen3_bench(["--out", args.out, *(["--scratch", args.scratch] if args.scratch else []),
+                     *(["--cache", args.cache] if args.cache else []), *(["--skip-maxtext"] if args.skip_maxtext
+                                                                          else []), *rest])
+        return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.plot_from:
         plot_from(args.plot_from, Path(args.out))
         return

@@ -250,7 +250,7 @@ def test_model_flags_and_config_json(tmp_path):
                                ("rms_norm_eps", None, "rms_norm_eps must be a number, got null"),
                                ("num_attention_heads", 7.5, "num_attention_heads must be an integer, got 7.5"),
                                ("head_dim", 64, "head_dim 64 is not hidden_size / num_attention_heads"),
-                               ("model_type", "qwen2", "not a Llama checkpoint")):
+                               ("model_type", "qwen2", "is not a model rayconv converts")):
         with pytest.raises(ConversionError, match=needle):
             spec_from_config(dict(config, **{key: value}), model_name=None, model_path=None)
 

@@ -27,7 +27,8 @@ import pytest
 
 from rayconv import families, mapping
 from rayconv.plan import Plan, block_region, build_plan
-from rayconv.simulated import simulated_checkpoint
+from rayconv.families import qwen3
+from rayconv.simulated import simulated_checkpoint, simulated_hf_checkpoint
 from rayconv.source.hf import HFModelSpec
 from rayconv.targets.maxtext import MAXTEXT
 from rayconv.targets.maxtext_kinds import OutputKind
@@ -53,6 +54,13 @@ DATA_SPECS = {
     "llama31-hd128": spec_of("llama-3.1", dim=256, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=64, n_shards=1),
     "llama3-hd128-hf": hf(spec_of("llama-3", dim=256, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=64,
                                   n_shards=1)),
+    # Qwen3: head_dim ≠ dim/heads, tied (no logits kernel); MoE: 4 experts, untied.
+    "qwen3-dense": qwen3.Qwen3Spec(maxtext_name="qwen3-0.6b", dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                   head_dim=32, ffn_dim=96, vocab_size=80, tie_embeddings=True, norm_eps=1e-6,
+                                   rope_theta=1e6),
+    "qwen3-moe": qwen3.Qwen3Spec(maxtext_name="qwen3-30b-a3b", dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                 head_dim=16, ffn_dim=0, vocab_size=80, tie_embeddings=False, norm_eps=1e-6,
+                                 rope_theta=1e6, n_experts=4, experts_per_token=2, moe_ffn_dim=48),
 }
 
 
@@ -97,8 +105,8 @@ def ref_out(g, spec):
     return np.ascontiguousarray(g.T).reshape(spec.n_heads, spec.head_dim, g.shape[0])
 
 
-#: transform name → (G's shape, the per-layer MaxText shape, the reference).
-REFERENCE = {
+#: Llama's transform name → (G's shape, the per-layer MaxText shape, the reference).
+LLAMA_REFERENCE = {
     "embedding": (lambda s: (s.vocab_size, s.dim), lambda s: (s.vocab_size, s.dim), lambda g, s: g),
     "logits": (lambda s: (s.vocab_size, s.dim), lambda s: (s.dim, s.vocab_size), lambda g, s: g.T),
     "query": (lambda s: (s.n_heads * s.head_dim, s.dim), lambda s: (s.dim, s.n_heads, s.head_dim), ref_query),
@@ -111,6 +119,46 @@ REFERENCE = {
     "wo": (lambda s: (s.dim, s.ffn_dim), lambda s: (s.ffn_dim, s.dim), lambda g, s: g.T),
     "norm": (lambda s: (s.dim,), lambda s: (s.dim,), lambda g, s: g),
 }
+
+
+def ref_experts_t(g, spec):
+    """[experts, rows, cols] → each expert's matrix transposed in its slot (param_mapping's reshape_expert_kernel)."""
+    return np.ascontiguousarray(g.transpose(0, 2, 1))
+
+
+def ref_qwen3_heads(g, spec):
+    return np.ascontiguousarray(g.T).reshape(g.shape[1], g.shape[0] // spec.head_dim, spec.head_dim)
+
+
+#: Qwen3's (param_mapping.py's reshape_kernel = x.T.reshape, no rope permutation, no query scaling). For an
+#: ``{expert}`` rule G's shape is one expert's; the reference takes every expert's, stacked.
+QWEN3_REFERENCE = {
+    "embedding": LLAMA_REFERENCE["embedding"],
+    "logits": LLAMA_REFERENCE["logits"],
+    "query": (lambda s: (s.n_heads * s.head_dim, s.dim), lambda s: (s.dim, s.n_heads, s.head_dim), ref_qwen3_heads),
+    "kv": (lambda s: (s.n_kv_heads * s.head_dim, s.dim), lambda s: (s.dim, s.n_kv_heads, s.head_dim),
+           ref_qwen3_heads),
+    "out": (lambda s: (s.dim, s.n_heads * s.head_dim), lambda s: (s.n_heads, s.head_dim, s.dim), ref_out),
+    "wi": LLAMA_REFERENCE["wi"],
+    "wo": LLAMA_REFERENCE["wo"],
+    "norm": LLAMA_REFERENCE["norm"],
+    "qk_norm": (lambda s: (s.head_dim,), lambda s: (s.head_dim,), lambda g, s: g),
+    "router": (lambda s: (s.n_experts, s.dim), lambda s: (s.dim, s.n_experts), lambda g, s: g.T),
+    "expert_wi": (lambda s: (s.moe_ffn_dim, s.dim), lambda s: (s.n_experts, s.dim, s.moe_ffn_dim), ref_experts_t),
+    "expert_wo": (lambda s: (s.dim, s.moe_ffn_dim), lambda s: (s.n_experts, s.moe_ffn_dim, s.dim), ref_experts_t),
+}
+#: family → its transforms' references (the same transform name may mean different things in two families).
+REFERENCES = {"llama": LLAMA_REFERENCE, "qwen3": QWEN3_REFERENCE}
+
+
+def reference_of(spec, rule):
+    return REFERENCES[families.family_of(spec).name][rule.transform.name]
+
+
+def source_shape(spec, rule) -> tuple[int, ...]:
+    """What ``apply`` takes for a whole layer: G, or for an ``{expert}`` rule every expert's G stacked."""
+    g = mapping.global_shape(rule, spec)
+    return ((spec.n_experts,) + g) if mapping.per_expert(rule) else g
 
 
 def weights(rng, shape):
@@ -135,29 +183,35 @@ def all_rules():
 
 def test_every_registered_family_is_tested():
     tested = {families.family_of(spec).name for spec in DATA_SPECS.values()}
-    assert tested == set(families.FAMILIES)
+    assert tested == set(families.FAMILIES) == set(REFERENCES)
     for family in families.FAMILIES.values():  # and every transform a family uses has a reference here
         names = {rule.transform.name for spec in DATA_SPECS.values() if families.family_of(spec) is family
                  for rule in family.rules(spec)}
-        assert names <= set(REFERENCE), names - set(REFERENCE)
+        assert names <= set(REFERENCES[family.name]), names - set(REFERENCES[family.name])
 
 
 @pytest.mark.parametrize("spec,rule", list(all_rules()))
 def test_shapes_and_apply_equal_the_reference(spec, rule):
-    g_shape, layer_shape, reference = REFERENCE[rule.transform.name]
+    g_shape, layer_shape, reference = reference_of(spec, rule)
     assert mapping.global_shape(rule, spec) == g_shape(spec)
     assert mapping.layer_shape(rule, spec) == layer_shape(spec)
     rng = np.random.default_rng(zlib.crc32(rule.name.encode()))
-    g = weights(rng, g_shape(spec)) if rule.transform.name == "query" else any_bits(rng, g_shape(spec))
+    shape = source_shape(spec, rule)
+    g = weights(rng, shape) if rule.transform.name == "query" else any_bits(rng, shape)
     whole = mapping.to_layer_block(rule, g, spec)
     assert whole.dtype == BF16 and whole.shape == layer_shape(spec)
     assert bits(whole) == bits(reference(g, spec))
     if rule.transform.row_axis is None:
         return
     q = mapping.row_quantum(rule, spec)
-    row0, row1 = q, 3 * q if g.shape[0] >= 3 * q else 2 * q
-    region = block_region(rule, spec, row0, row1)
-    part = mapping.to_layer_block(rule, g[row0:row1], spec)
+    rows = g.shape[-2]
+    row0, row1 = q, 3 * q if rows >= 3 * q else 2 * q
+    if mapping.per_expert(rule):  # the same rows of experts [1, 3): a piece of an expert rule
+        region = block_region(rule, spec, row0, row1, (1, 3))
+        part = mapping.to_layer_block(rule, g[1:3, row0:row1], spec)
+    else:
+        region = block_region(rule, spec, row0, row1)
+        part = mapping.to_layer_block(rule, g[row0:row1], spec)
     # Every transform is elementwise or a permutation (the query's division too), so a block equals its region.
     assert bits(part) == bits(whole[tuple(slice(a, b) for a, b in region)])
 
@@ -165,7 +219,7 @@ def test_shapes_and_apply_equal_the_reference(spec, rule):
 @pytest.mark.parametrize("spec,rule", list(all_rules()))
 def test_invert_undoes_apply_bit_for_bit(spec, rule):
     rng = np.random.default_rng(zlib.crc32(rule.name.encode()) + 1)
-    g_shape = mapping.global_shape(rule, spec)
+    g_shape = source_shape(spec, rule)
     query = rule.transform.name == "query"
     g = weights(rng, g_shape) if query else any_bits(rng, g_shape)
     back = mapping.from_layer_block(rule, mapping.to_layer_block(rule, g, spec), spec)
@@ -175,7 +229,8 @@ def test_invert_undoes_apply_bit_for_bit(spec, rule):
     assert bits(back) == bits(g)
     if rule.transform.row_axis is not None:  # a row block of whole heads/rows comes back as itself too
         rows = slice(0, mapping.row_quantum(rule, spec))
-        assert bits(mapping.from_layer_block(rule, mapping.to_layer_block(rule, g[rows], spec), spec)) == bits(g[rows])
+        block = g[:, rows] if mapping.per_expert(rule) else g[rows]
+        assert bits(mapping.from_layer_block(rule, mapping.to_layer_block(rule, block, spec), spec)) == bits(block)
 
 
 def test_query_inverse_at_head_dim_128_is_within_one_ulp():
@@ -209,7 +264,7 @@ def chunk_writers(plan: Plan, kind: OutputKind) -> dict[tuple[str, ...], Counter
     for unit in plan.units:
         for piece in unit.pieces:
             rule = rules[piece.rule]
-            region = block_region(rule, spec, piece.row0, piece.row1)
+            region = block_region(rule, spec, piece.row0, piece.row1, piece.experts)
             if kind.scanned and rule.per_layer:
                 # the layer axis is axis 1 of a scanned array (mapping.scanned_shape)
                 targets = [(plan.tree.leaf_path(rule, 0, kind), region[:1] + ((piece.layer, piece.layer + 1),) + region[1:])]
@@ -268,4 +323,34 @@ def test_hf_plan_tiles_every_output_array_once():
     plan = build_plan(spec, ["model.safetensors"], [index], kinds=("scanned", "unscanned", "int8"),
                       quantize_type="int8", piece_budget=4 << 10, unit_budget=16 << 10, target=MAXTEXT)
     assert {r.tensor for u in plan.units for p in u.pieces for r in p.reads} == set(index)
+    assert_tiled_once(plan)
+
+
+@pytest.mark.parametrize("budget", [1 << 10, 4 << 10, 16 << 10, 1 << 30], ids=lambda b: f"piece{b}")
+@pytest.mark.parametrize("name", ["qwen3-dense", "qwen3-moe"])
+def test_qwen3_plan_tiles_every_output_array_once(name, budget):
+    """Expert tensors (6 KiB each) are cut into (expert range × row block) pieces: all four (1 GiB), two (16 KiB),
+    row blocks of one (4 KiB, 1 KiB); every chunk of every output array still has exactly one writer."""
+    checkpoint = simulated_hf_checkpoint(DATA_SPECS[name])
+    plan = build_plan(checkpoint.spec, checkpoint.shards, checkpoint.indexes, kinds=("scanned", "unscanned"),
+                      quantize_type=None, piece_budget=budget, unit_budget=4 * budget, target=MAXTEXT,
+                      locate=checkpoint.locate, layout=None)
+    assert plan.tree.name == "to_maxtext"
+    assert {r.tensor for u in plan.units for p in u.pieces for r in p.reads} == set(checkpoint.where)
+    assert all(p.nbytes <= budget for u in plan.units for p in u.pieces if p.experts is not None)
+    assert_tiled_once(plan)
+
+
+def test_qwen3_235b_plan_at_real_widths_tiles_every_output_array_once():
+    """Qwen3-235B-A22B's published dims (94 layers, 128 experts of 1536): one layer's experts are ~4.8 GB, yet no
+    expert piece is over the 47 MB budget of a 1 GiB worker writing to GCS."""
+    checkpoint = simulated_checkpoint(None, "qwen3-235b-a22b")
+    budget = 47 << 20
+    plan = build_plan(checkpoint.spec, checkpoint.shards, checkpoint.indexes, kinds=("scanned",), quantize_type=None,
+                      piece_budget=budget, unit_budget=1 << 30, target=MAXTEXT, locate=checkpoint.locate, layout=None)
+    spec = plan.spec
+    assert (spec.n_experts, spec.moe_ffn_dim, spec.n_layers) == (128, 1536, 94)
+    experts = [p for u in plan.units for p in u.pieces if p.experts is not None]
+    assert experts and max(p.nbytes for p in experts) <= budget
+    assert sum(p.nbytes for p in experts) == 94 * 128 * 3 * 4096 * 1536 * 2
     assert_tiled_once(plan)

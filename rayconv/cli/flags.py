@@ -17,7 +17,8 @@ from rayconv.trees import LAYOUTS
 DEFAULT_OUTPUT = "rayconv-output"
 MAXTEXT_LAYOUT_HELP = ("MaxText tree layout: linen (MaxText 0.2.4 classic trees, JetStream-MaxText; default for "
                        "--inference_server jetstream-maxtext) or nnx (what MaxText >= 0.2.5 writes and loads; default "
-                       "for --inference_server maxtext).")
+                       "for --inference_server maxtext) or to_maxtext (what MaxText 0.2.5's to_maxtext.py "
+                       "writes; default for Qwen3).")
 
 
 def option(name: str, *args: Any, **kwargs: Any) -> Callable:
@@ -98,8 +99,9 @@ def output_options(fn: Callable) -> Callable:
     return _stack(fn, [
         option("--bucket_name", default=None, help="GCS bucket; output defaults to gs://<bucket>/<model>."),
         option("--output_directory", default=None, help=f"Output root (local or gs://). Default ./{DEFAULT_OUTPUT}."),
-        option("--inference_server", default="jetstream-maxtext", show_default=True,
-               help="Target server: jetstream-maxtext (classic trees) or maxtext (MaxText >= 0.2.5, NNX trees)."),
+        option("--inference_server", default=None,
+               help="Target server: jetstream-maxtext (classic trees; the default for Llama) or maxtext (MaxText >= "
+                    "0.2.5, NNX trees). Not given: the family's default tree (Qwen3: to_maxtext.py's)."),
         option("--maxtext_layout", type=click.Choice(list(LAYOUTS)), default=None, help=MAXTEXT_LAYOUT_HELP),
         option("--quantize_type", default=None, help="int8 (AQT weights + dynamic activations), int8w or int4w."),
         option("--quantize_weights", type=click.BOOL, default=None, help="True to also write <out>/int8."),

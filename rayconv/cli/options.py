@@ -19,7 +19,6 @@ from rayconv import targets
 from rayconv.cli.flags import DEFAULT_OUTPUT
 from rayconv.errors import ConversionError, SpecError
 from rayconv.progress import LOG
-from rayconv.trees import DEFAULT_LAYOUT
 
 #: ``rayconv plan --simulate`` without an output plans for ``gs://BUCKET/<model>``: the 405B goes to a bucket, and
 #: the plan (pieces, commit batches, worker memory) and the estimate must agree on where (rayconv.job).
@@ -144,10 +143,11 @@ def build_options(flags: dict[str, Any], *, for_plan: bool = False, simulate: bo
 
     check_flag_combinations(flags)
     inference_server = flags["inference_server"]
-    if inference_server not in SERVER_LAYOUTS:
+    if inference_server is not None and inference_server not in SERVER_LAYOUTS:
         raise SpecError(f"unsupported --inference_server {inference_server!r} (supported: "
                         f"{', '.join(sorted(SERVER_LAYOUTS))})")
-    maxtext_layout = flags["maxtext_layout"] or SERVER_LAYOUTS.get(inference_server, DEFAULT_LAYOUT)
+    # Neither flag: None, the plan takes the family's default layout (Llama: linen; Qwen3: to_maxtext's).
+    maxtext_layout = flags["maxtext_layout"] or SERVER_LAYOUTS.get(inference_server)
     kinds, quantize_type = output_kinds(flags["quantize_type"], flags["quantize_weights"], flags["skip_scanned"])
     trees.get(maxtext_layout).check_quantize_type(quantize_type)  # before any download or write
     meta_url, bucket_name = flags["meta_url"], flags["bucket_name"]

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from rayconv import catalog, mapping
 from rayconv.errors import SpecError
-from rayconv.families import llama, llama_hf, llama_spec
+from rayconv.families import llama, llama_hf, llama_spec, qwen3
 from rayconv.mapping import Rule
 from rayconv.models import KnownSize, ModelSpec
 
@@ -39,6 +39,15 @@ class Family:
     spec_from_params: Callable[..., ModelSpec]
     #: config.json → spec: ``(config, *, model_name, model_path, kv_heads, source)``.
     spec_from_config: Callable[..., ModelSpec]
+    #: The spec class (its ``from_json`` reads what ``to_json`` wrote: plan.json, the ledger's record).
+    spec_type: type = ModelSpec
+    #: The MaxText tree layout (rayconv.trees) written when neither --maxtext_layout nor --inference_server says
+    #: one: what the MaxText tool that converts this family writes.
+    default_layout: str = "linen"
+    #: Why MaxText has no quantized (AQT) checkpoint of this family (one line); empty: it has.
+    no_quantized_output: str = ""
+    #: A published model's name → its config.json (``rayconv plan --simulate`` of HF-only families), or None.
+    published_config: Callable[[str | None], Mapping[str, Any] | None] = lambda name: None
     #: MaxText model name → the HF config.json fields ``rayconv export`` writes for it (``--model_name``).
     hf_configs: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     #: Fields every config.json of the family has (``save_pretrained``'s defaults), under a user's ``--config``.
@@ -49,9 +58,14 @@ LLAMA = Family(name="llama", model_names=llama.MODEL_NAMES, hf_model_types=llama
                known_sizes=llama.KNOWN_SIZES, rules=llama.rules, embedding_split_axis=llama.embedding_split_axis,
                spec_from_params=llama_spec.spec_from_params, spec_from_config=llama_spec.spec_from_config,
                hf_configs=llama_hf.HF_CONFIGS, hf_config_defaults=llama_hf.HF_CONFIG_DEFAULTS)
+QWEN3 = Family(name=qwen3.NAME, model_names=qwen3.MODEL_NAMES, hf_model_types=qwen3.HF_MODEL_TYPES,
+               known_sizes=qwen3.KNOWN_SIZES, rules=qwen3.rules, embedding_split_axis=qwen3.embedding_split_axis,
+               spec_from_params=qwen3.spec_from_params, spec_from_config=qwen3.spec_from_config,
+               spec_type=qwen3.Qwen3Spec, default_layout=qwen3.DEFAULT_LAYOUT,
+               no_quantized_output=qwen3.NO_QUANTIZED_OUTPUT, published_config=qwen3.published_config)
 
 #: The registry: family name → family.
-FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA,)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, QWEN3)}
 
 
 def model_names() -> tuple[str, ...]:
@@ -82,6 +96,14 @@ def family_of(spec: ModelSpec) -> Family:
     return family_of_name(spec.family)
 
 
+def spec_from_json(data: Mapping[str, Any]) -> ModelSpec:
+    """The spec ``spec.to_json()`` wrote (plan.json, a ledger record), as its family's spec class."""
+    family = for_model_name(data.get("family"))
+    if family is None:
+        raise SpecError(f"unknown model family {str(data.get('family'))[:40]!r} in a recorded spec")
+    return family.spec_type.from_json(data)
+
+
 def rules(spec: ModelSpec) -> tuple[Rule, ...]:
     """The spec's family's rules, in plan order."""
     return family_of(spec).rules(spec)
@@ -96,12 +118,18 @@ def expected_tensors(spec: ModelSpec, source: str) -> Iterator[tuple[str, tuple[
     for rule in rules(spec):
         shape = mapping.shard_shape(rule, spec)
         for layer in (range(spec.n_layers) if rule.per_layer else (None,)):
-            yield rule.source_key(source, layer), shape
+            for expert in experts(rule, spec):
+                yield rule.source_key(source, layer, **({} if expert is None else {"expert": expert})), shape
+
+
+def experts(rule: Rule, spec: ModelSpec) -> range | tuple[None]:
+    """The values of the rule's ``{expert}`` index (one tensor per expert), or ``(None,)`` for other rules."""
+    return range(spec.n_experts) if mapping.per_expert(rule) else (None,)
 
 
 def tensor_count(spec: ModelSpec) -> int:
     """How many tensors ``expected_tensors`` yields (without building them)."""
-    return sum(spec.n_layers if rule.per_layer else 1 for rule in rules(spec))
+    return sum((spec.n_layers if rule.per_layer else 1) * len(experts(rule, spec)) for rule in rules(spec))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -38,6 +38,12 @@ MODEL_NAMES = {NAME: "qwen3"}
 MODEL_TYPES = {"qwen3": False, "qwen3_moe": True}
 HF_MODEL_TYPES = tuple(MODEL_TYPES)
 ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+#: The tree layout written by default (rayconv.trees.TO_MAXTEXT): what MaxText 0.2.5's to_maxtext.py writes for Qwen3.
+DEFAULT_LAYOUT = "to_maxtext"
+#: Why there is no int8 Qwen3 (Family.no_quantized_output): to_maxtext.py writes bf16 only, and MaxText 0.2.5's
+#: layerwise_quantization.py says "Currently, it supports DeepSeek-family models only" — nothing to be equal to.
+NO_QUANTIZED_OUTPUT = ("MaxText 0.2.5 writes no quantized Qwen3 checkpoint (to_maxtext.py writes bf16; "
+                       "layerwise_quantization supports DeepSeek models only): convert without --quantize_type")
 #: Far above the largest published Qwen3 MoE (Qwen3-Coder-480B: 160 experts); MaxText's mapping needs ≥ 2.
 MAX_EXPERTS = 1 << 12
 
@@ -131,6 +137,30 @@ def known_size(spec: Qwen3Spec) -> Size | None:
                  == (spec.dim, spec.n_layers, spec.n_heads, spec.n_kv_heads, mlp, spec.tie_embeddings, spec.n_experts)
                  and k.rope_theta == spec.rope_theta and spec.head_dim == 128 and spec.vocab_size == 151936
                  and spec.experts_per_token in (0, 8)), None)
+
+
+#: Other names of a MaxText size (the Hub's Qwen3-Coder is MaxText's ``qwen3-480b-a35b``).
+ALIASES = {"qwen3-coder-480b-a35b": "qwen3-480b-a35b"}
+
+
+def published_config(name: str | None) -> dict[str, Any] | None:
+    """The config.json of a published Qwen3 (``qwen3-235b-a22b``, ``Qwen/Qwen3-235B-A22B``, ``qwen3-coder-480b-a35b``),
+    from MaxText's dims: what ``rayconv plan --simulate`` plans; None for a name that is no Qwen3 size."""
+    key = (name or "").rsplit("/", 1)[-1].lower().removesuffix("-instruct")
+    size = next((k for k in SIZES if k.name == ALIASES.get(key, key)), None)
+    if size is None:
+        return None
+    moe = size.n_experts > 0
+    config: dict[str, Any] = {
+        "model_type": "qwen3_moe" if moe else "qwen3", "hidden_size": size.dim, "num_hidden_layers": size.n_layers,
+        "num_attention_heads": size.n_heads, "num_key_value_heads": size.n_kv_heads, "head_dim": 128,
+        "vocab_size": 151936, "tie_word_embeddings": size.tie, "rope_theta": size.rope_theta, "rms_norm_eps": 1e-6}
+    if moe:
+        config.update(num_experts=size.n_experts, num_experts_per_tok=8, moe_intermediate_size=size.ffn_dim,
+                      norm_topk_prob=True, intermediate_size=size.ffn_dim * 8)
+    else:
+        config["intermediate_size"] = size.ffn_dim
+    return config
 
 
 # ------------------------------------------------------------------------------------------------ spec
@@ -229,7 +259,7 @@ def spec_from_config(config: Mapping[str, Any], *, model_name: str | None = None
 # ``layer_shape`` has the expert axis first (:data:`EXPERT_AXIS`) and ``row_axis`` counts it.
 
 #: The per-layer leaf axis ``{expert}`` indexes (``moe_block/wi_0`` ``[X, E, I]``; scanned ``[X, L, E, I]``).
-EXPERT_AXIS = 0
+EXPERT_AXIS = mapping.EXPERT_AXIS
 
 
 def _heads(block: np.ndarray, spec: Qwen3Spec) -> np.ndarray:
@@ -286,9 +316,7 @@ TRANSFORMS: dict[str, Transform] = {t.name: t for t in (
 # ------------------------------------------------------------------------------------------------ rules
 
 
-def per_expert(rule: Rule) -> bool:
-    """Whether the rule's tensor is one per expert (its leaf stacks them on :data:`EXPERT_AXIS`)."""
-    return "expert" in rule.indices
+per_expert = mapping.per_expert  # whether the rule's tensor is one per expert (stacked on EXPERT_AXIS)
 
 
 _L = "model.layers.{layer}."

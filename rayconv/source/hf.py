@@ -1,4 +1,4 @@
-"""A Hugging Face Llama checkpoint as a whole: config.json, the safetensors files, and their consistency.
+"""A Hugging Face checkpoint (Llama, Qwen3) as a whole: config.json, the safetensors files, and their consistency.
 
 What people download from the Hub (``huggingface-cli download meta-llama/Llama-3.1-405B-Instruct``):
 ``config.json``, ``model-0000k-of-0000n.safetensors`` and ``model.safetensors.index.json`` (plus, under
@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 from rayconv import jsonio
 from rayconv.errors import SourceError, SpecError
-from rayconv.families import expected_tensors, for_hf_model_type
+from rayconv.families import FAMILIES, expected_tensors, for_hf_model_type
 from rayconv.models import ModelSpec
 from rayconv.progress import LOG
 from rayconv.source.bytesource import open_source
@@ -132,7 +132,7 @@ def detect_format(files: Mapping[str, str], source_format: str, display: str, *,
 
 
 def spec_from_config(config: Mapping[str, Any], *, model_name: str | None, model_path: str | None,
-                     kv_heads: int | None = None, source: str = CONFIG) -> HFModelSpec:
+                     kv_heads: int | None = None, source: str = CONFIG) -> ModelSpec:
     """config.json → the ModelSpec the Meta path would build, read by the family its ``model_type`` names.
 
     What is refused here is refused for every family: another model type, and a quantized variant.
@@ -140,7 +140,9 @@ def spec_from_config(config: Mapping[str, Any], *, model_name: str | None, model
     model_type = config.get("model_type", "llama")
     family = for_hf_model_type(model_type) if isinstance(model_type, str) else None
     if family is None:
-        raise SpecError(f"{source}: model_type {config.get('model_type')!r} is not a Llama checkpoint")
+        known = ", ".join(t for f in FAMILIES.values() for t in f.hf_model_types)
+        raise SpecError(f"{source}: model_type {str(config.get('model_type'))[:40]!r} is not a model rayconv converts "
+                        f"(model types: {known})")
     quantization = config.get("quantization_config")
     if quantization is not None:  # e.g. meta-llama/Llama-3.1-405B-Instruct-FP8 (fbgemm_fp8: float8 MLP weights)
         method = quantization.get("quant_method") if isinstance(quantization, Mapping) else quantization
@@ -149,7 +151,9 @@ def spec_from_config(config: Mapping[str, Any], *, model_name: str | None, model
                         "consolidated.NN.pth + fp8_scales_*.pt files")
     spec = family.spec_from_config(config, model_name=model_name, model_path=model_path, kv_heads=kv_heads,
                                    source=source)
-    return HFModelSpec(**dataclasses.asdict(spec))
+    # A Meta-shaped spec (Llama's) is marked as read from HF files (half-split q/k rows); a family with its own
+    # spec class (Qwen3Spec) already says its source format.
+    return HFModelSpec(**dataclasses.asdict(spec)) if type(spec) is ModelSpec else spec
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,5 +316,5 @@ def _check(spec: ModelSpec, names: list[str], indexes: list[dict[str, TensorInfo
     unexpected = sorted(k for k in set(located) - set(where) if not IGNORED.match(k))
     if unexpected:
         raise SourceError(f"{names[located[unexpected[0]]]} holds unexpected tensor {unexpected[0]} ({CONFIG} says "
-                          f"{spec.n_layers} layers; is this a Llama checkpoint?)")
+                          f"{spec.n_layers} layers; is this a {spec.maxtext_name} checkpoint?)")
     return where

@@ -25,8 +25,8 @@ def _layers(rule: Rule, spec: ModelSpec) -> Sequence[int | None]:
     return range(spec.n_layers) if rule.per_layer else (None,)
 
 
-def _layer_chunks(rule: Rule, spec: ModelSpec, rows: int) -> tuple[int, ...]:
-    region = block_region(rule, spec, 0, rows)
+def _layer_chunks(rule: Rule, spec: ModelSpec, rows: int, experts: int | None = None) -> tuple[int, ...]:
+    region = block_region(rule, spec, 0, rows, None if experts is None else (0, experts))
     return tuple(stop - start for start, stop in region)
 
 
@@ -51,7 +51,7 @@ def output_arrays(plan: Plan, kind: OutputKind) -> list[ArraySpec]:
     arrays: list[ArraySpec] = []
     for ri, rule in enumerate(plan.rules):
         shape = mapping.layer_shape(rule, spec)
-        chunks = _layer_chunks(rule, spec, plan.piece_rows[ri])
+        chunks = _layer_chunks(rule, spec, plan.piece_rows[ri], plan.piece_experts.get(ri))
         if kind.scanned and rule.per_layer:
             arrays.append(ArraySpec(leaf_paths(rule, 0, kind, tree), mapping.scanned_shape(shape, spec.n_layers),
                                     "bfloat16", mapping.scanned_shape(chunks, 1)))
@@ -81,7 +81,7 @@ def piece_outputs(ctx: JobContext, rule: Rule, piece: Piece, block: mapping.Bloc
     spec = ctx.spec
     tree = trees.get(ctx.layout)
     array = mapping.to_layer_block(rule, block, spec)
-    region = _slices(block_region(rule, spec, piece.row0, piece.row1))
+    region = _slices(block_region(rule, spec, piece.row0, piece.row1, piece.experts))
     for kind in ctx.kinds:
         if kind.scanned:
             if rule.per_layer:
