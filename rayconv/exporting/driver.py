@@ -161,10 +161,8 @@ def export(options: ExportOptions) -> ExportResult:
     model = resolve_model(options)
     models.check_checkpoint(checkpoint, model)
     spec = model.spec
-    LOG.info("%s %s checkpoint%s of %s: %d layers, dim %d, %d heads, %d kv heads, ffn %d, vocab %d",
-             checkpoint.tree, "scanned" if checkpoint.scanned else "unscanned",
-             " (training: params only)" if checkpoint.training else "", model.name, spec.n_layers, spec.dim,
-             spec.n_heads, spec.n_kv_heads, spec.ffn_dim, spec.vocab_size)
+    LOG.info("%s of %s: %d layers, dim %d, %d heads, %d kv heads, ffn %d, vocab %d", checkpoint.describe(),
+             model.name, spec.n_layers, spec.dim, spec.n_heads, spec.n_kv_heads, spec.ffn_dim, spec.vocab_size)
     tokenizer = _tokenizer_files(options.tokenizer_from)
     out = Location.parse(options.output)
     plan = build_plan(checkpoint, spec, dtype=options.dtype, max_shard_size=options.max_shard_size,

@@ -79,6 +79,11 @@ class MaxTextCheckpoint:
     leaves: dict[str, Leaf]  # model path → leaf (params only)
     ignored: tuple[str, ...]  # arrays not exported (optimizer state), as "/"-joined tree paths
 
+    def describe(self) -> str:
+        """What the tree is, for the log: ``linen checkpoint, layers stacked (training: params only)``."""
+        form = "layers stacked (scan_layers)" if self.scanned else "one subtree per layer"
+        return f"{self.tree} checkpoint, {form}" + (" (training: params only)" if self.training else "")
+
     def _database(self) -> dict[str, Any]:
         return {"driver": "ocdbt", "base": self.location.kvstore_spec()}
 
