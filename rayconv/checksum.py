@@ -141,7 +141,7 @@ def crc_check(checkpoint: Checkpoint, receipts: Sequence[Receipt],
     verified, gap_bytes = 0, 0
     failed: list[tuple[int, str]] = []
     for (shard, (start, nbytes, expected)), parts in segments.items():
-        uri = checkpoint.shards[shard] if shard >= 0 else checkpoint.scales.files[-1 - shard]
+        uri = checkpoint.tensor_files[shard] if shard >= 0 else checkpoint.scales.files[-1 - shard]
 
         def gap(offset: int, length: int, uri: str = uri, start: int = start) -> int:
             nonlocal gap_bytes
@@ -161,7 +161,7 @@ def crc_error(checkpoint: Checkpoint, failed: Sequence[tuple[int, str]],
                hint: str = "corrupt shard; re-download it") -> SourceError:
     shard, tensor = failed[0]
     # shard -1-r: the row scales in fp8_scales_{r}.pt of an FP8 checkpoint (see worker._read_fp8).
-    uri = checkpoint.shards[shard] if shard >= 0 else checkpoint.scales.files[-1 - shard]
+    uri = checkpoint.tensor_files[shard] if shard >= 0 else checkpoint.scales.files[-1 - shard]
     name = uri.split("?", 1)[0]
     return SourceError(f"{name}: tensor {tensor} fails its CRC-32 check ({hint})")
 

@@ -183,12 +183,12 @@ def attach_scales(pieces: list, scales: Scales) -> list:
     def with_scale(read):  # noqa: ANN001, ANN202
         if not _FFN.match(read.tensor):
             return read
-        key = scale_key(read.tensor, read.shard)
-        info = scales.indexes[read.shard].get(key)
+        key = scale_key(read.tensor, read.file)
+        info = scales.indexes[read.file].get(key)
         if info is None:
             return read
         r0, r1 = read.rows
-        scale = ScaleRead(file=read.shard, key=key, offset=info.offset + 4 * r0, length=4 * (r1 - r0))
+        scale = ScaleRead(file=read.file, key=key, offset=info.offset + 4 * r0, length=4 * (r1 - r0))
         return dataclasses.replace(read, scale=scale)
 
     out = []

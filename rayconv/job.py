@@ -157,7 +157,7 @@ def open_checkpoint(options: ConvertOptions) -> Checkpoint:
 
 
 def make_plan(checkpoint: Checkpoint, options: ConvertOptions) -> Plan:
-    return build_plan(checkpoint.spec, checkpoint.shards, checkpoint.indexes, kinds=options.kinds,
+    return build_plan(checkpoint.spec, checkpoint.tensor_files, checkpoint.indexes, kinds=options.kinds,
                       target=targets.get(), quantize_type=options.quantize_type, piece_budget=piece_budget(options),
                       unit_budget=max(options.unit_budget, piece_budget(options)), scales=checkpoint.scales,
                       layout=options.maxtext_layout, locate=checkpoint.locate)

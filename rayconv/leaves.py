@@ -72,7 +72,7 @@ class ScaleRead:
 class Read:
     """One contiguous byte range of one source file: rows [row0, row1) of a tensor."""
 
-    shard: int  # file index: into Plan.shards, a consolidated.NN.pth or a .safetensors file
+    file: int  # file index into Plan.tensor_files: a consolidated.NN.pth (Meta shard s is file s) or a .safetensors file
     tensor: str  # the tensor's name in that file
     offset: int
     length: int

@@ -77,7 +77,7 @@ class Unit:
 @dataclasses.dataclass(frozen=True)
 class Plan:
     spec: ModelSpec
-    shards: tuple[str, ...]  # source uri per file index (Read.shard)
+    tensor_files: tuple[str, ...]  # source uri per file index (Read.file)
     kinds: tuple[Any, ...]  # the target's output kinds (objects with a .name: rayconv.targets)
     quantize_type: str | None
     piece_rows: dict[int, int]  # rule index → rows per piece
@@ -240,7 +240,7 @@ def group_units(pieces: Iterable[Piece], unit_budget: int) -> tuple[Unit, ...]:
     """
     def order(p: Piece) -> tuple:
         if len(p.reads) == 1:
-            return (0, p.reads[0].shard, p.reads[0].offset)
+            return (0, p.reads[0].file, p.reads[0].offset)
         return (1, p.layer if p.layer is not None else -1, p.rule, p.experts or (0, 0), p.row0)
 
     units: list[Unit] = []
@@ -279,7 +279,7 @@ def build_plan(spec: ModelSpec, shards: Sequence[str], indexes: Sequence[dict[st
         from rayconv import fp8
 
         pieces = fp8.attach_scales(pieces, scales)
-    return Plan(spec=spec, shards=tuple(shards), kinds=tuple(kinds), quantize_type=quantize_type,
+    return Plan(spec=spec, tensor_files=tuple(shards), kinds=tuple(kinds), quantize_type=quantize_type,
                 piece_rows=rows, units=group_units(pieces, unit_budget),
                 scale_files=tuple(scales.files) if scales is not None else (), layout=tree.name, target=target,
                 piece_experts=experts)
@@ -290,7 +290,7 @@ def describe(plan: Plan) -> dict[str, Any]:
     largest = max((p.nbytes for u in plan.units for p in u.pieces), default=0)
     return {
         "model": plan.spec.maxtext_name,
-        "shards": len(plan.shards),
+        "shards": len(plan.tensor_files),
         "outputs": [k.name for k in plan.kinds],
         "maxtext_layout": plan.layout,
         "units": len(plan.units),

@@ -27,7 +27,7 @@ class JobContext:
     """What every worker needs besides its unit; shipped once per worker."""
 
     spec: ModelSpec
-    shards: tuple[str, ...]
+    tensor_files: tuple[str, ...]  # source uri per file index (Read.file)
     kinds: tuple[Any, ...]  # the target's output kinds to write (objects; see rayconv.targets)
     quantize_type: str | None
     arrays: dict[Any, dict[tuple[str, ...], ArraySpec]]  # kind → path → array
@@ -47,7 +47,7 @@ class JobContext:
                batch_bytes: int = 0) -> "JobContext":
         return cls(
             spec=plan.spec,
-            shards=plan.shards,
+            tensor_files=plan.tensor_files,
             kinds=plan.kinds,
             quantize_type=plan.quantize_type,
             arrays={k: {a.path: a for a in plan.arrays(k)} for k in plan.kinds},
@@ -70,7 +70,7 @@ class Receipt:
     bytes_read: int
     bytes_written: int
     seconds: float
-    crcs: list[tuple[int, str, int, int, int]]  # (shard, tensor, file offset, length, crc32)
+    crcs: list[tuple[int, str, int, int, int]]  # (file index, tensor, file offset, length, crc32)
     worker: str = ""
     peak_rss: int = 0
     node: str = ""  # Ray node id, when run on Ray

@@ -61,7 +61,7 @@ def simulated_hf_checkpoint(spec: ModelSpec) -> HFCheckpoint:
         nbytes = math.prod(shape) * 2
         index[key] = TensorInfo(key, "bfloat16", shape, offset, nbytes)
         offset += nbytes
-    return HFCheckpoint(spec=spec, shards=["model.safetensors"], indexes=[index], files={},
+    return HFCheckpoint(spec=spec, tensor_files=["model.safetensors"], indexes=[index], files={},
                         where={key: (0, info) for key, info in index.items()})
 
 
@@ -82,6 +82,6 @@ def simulated_checkpoint(model_name: str | None, model_path: str | None) -> Meta
                         model_name=model_name, descriptor=descriptor)
     fp8_sku = descriptor.sku == "fp8"
     indexes = simulated_indexes(spec, fp8_sku)
-    return MetaCheckpoint(spec=spec, shards=[f"consolidated.{i:02d}.pth" for i in range(spec.n_shards)],
+    return MetaCheckpoint(spec=spec, tensor_files=[f"consolidated.{i:02d}.pth" for i in range(spec.n_shards)],
                           indexes=indexes, files={},
                           scales=simulated_scales(indexes, spec.n_layers) if fp8_sku else None)

@@ -137,7 +137,7 @@ def verify(options: ConvertOptions, output: str) -> VerifyReport:
                 raise _store_error(kind, present[kind], path, exc) from None
         return stores[(kind, path)]
 
-    sources = Sources(plan.shards, plan.scale_files)
+    sources = Sources(plan.tensor_files, plan.scale_files)
     rules = families.rules(plan.spec)
     crcs: list = []
     regions = compared = 0

@@ -25,7 +25,7 @@ from rayconv.source.bytesource import ByteSource, open_source
 
 
 class Sources:
-    """Opened shard sources, one per shard, reused across the unit's reads."""
+    """The opened source files (Meta shards, safetensors files), one per file index, reused across the unit's reads."""
 
     def __init__(self, uris: tuple[str, ...], scale_uris: tuple[str, ...] = ()) -> None:
         self._uris = uris
@@ -33,10 +33,10 @@ class Sources:
         self._open: dict[int, ByteSource] = {}
         self._scales: dict[int, ByteSource] = {}
 
-    def __getitem__(self, shard: int) -> ByteSource:
-        if shard not in self._open:
-            self._open[shard] = open_source(self._uris[shard])
-        return self._open[shard]
+    def __getitem__(self, file: int) -> ByteSource:
+        if file not in self._open:
+            self._open[file] = open_source(self._uris[file])
+        return self._open[file]
 
     def scale_name(self, index: int) -> str:
         return self._scale_uris[index].split("?", 1)[0]
@@ -51,8 +51,8 @@ class Sources:
 def _read_fp8(read: Read, sources: Sources, crcs: list) -> np.ndarray:
     """float8 rows and their float32 row scales (two range reads), dequantized to bf16 (rayconv.fp8)."""
     raw = np.empty(read.shape, dtype=fp8.FP8)
-    sources[read.shard].readinto(read.offset, memoryview(raw.reshape(-1).view(np.uint8)))
-    crcs.append((read.shard, read.tensor, read.offset, read.length, zlib.crc32(raw.reshape(-1).view(np.uint8))))
+    sources[read.file].readinto(read.offset, memoryview(raw.reshape(-1).view(np.uint8)))
+    crcs.append((read.file, read.tensor, read.offset, read.length, zlib.crc32(raw.reshape(-1).view(np.uint8))))
     scale = np.empty(read.scale.length // 4, dtype="<f4")
     sources.scale_file(read.scale.file).readinto(read.scale.offset, memoryview(scale.view(np.uint8)))
     # Scale files are receipted as shard -1-r so the driver checks their records' CRC-32 too (verify_crcs).
@@ -68,8 +68,8 @@ def _read_into(read: Read, sources: Sources, crcs: list, out: np.ndarray | None 
         return _read_fp8(read, sources, crcs)
     buffer = np.empty(read.shape, dtype=mapping.BF16) if out is None else out
     raw = buffer.reshape(-1).view(np.uint8)
-    sources[read.shard].readinto(read.offset, memoryview(raw))
-    crcs.append((read.shard, read.tensor, read.offset, read.length, zlib.crc32(raw)))
+    sources[read.file].readinto(read.offset, memoryview(raw))
+    crcs.append((read.file, read.tensor, read.offset, read.length, zlib.crc32(raw)))
     return buffer
 
 
@@ -98,8 +98,8 @@ def read_block(piece: Piece, sources: Sources, crcs: list) -> mapping.Block:
         copy = _read_into(dup, sources, crcs)
         if not np.array_equal(copy.view(np.uint16), whole.view(np.uint16)):
             raise SourceError(
-                f"{piece.reads[0].tensor}: the kv-head copy in shard {dup.shard:02d} differs from shard "
-                f"{piece.reads[0].shard:02d}; shards that should repeat kv heads do not (wrong --model_path "
+                f"{piece.reads[0].tensor}: the kv-head copy in shard {dup.file:02d} differs from shard "
+                f"{piece.reads[0].file:02d}; shards that should repeat kv heads do not (wrong --model_path "
                 "or corrupt shard)")
     return block
 
@@ -117,7 +117,7 @@ def run_unit(ctx: JobContext, unit: Unit) -> Receipt:
     """Execute one unit; raises ConversionError on bad input. Safe to run again."""
     start = time.monotonic()
     rules = families.rules(ctx.spec)
-    sources = Sources(ctx.shards, ctx.scale_files)
+    sources = Sources(ctx.tensor_files, ctx.scale_files)
     target = ctx.target
     writer = target.writer(ctx, unit)
     crcs: list = []

@@ -236,7 +236,7 @@ def _units_reading(src: Path, shard: int, tensor: str | None = None) -> tuple[in
     options = ConvertOptions(files=list_input(str(src)), input_display=str(src), output="", model_path=DESCRIPTOR,
                              kinds=KINDS, quantize_type="int8")
     plan = make_plan(open_checkpoint(options), options)
-    hit = [u for u in plan.units if any(r.shard == shard and (tensor is None or r.tensor == tensor)
+    hit = [u for u in plan.units if any(r.file == shard and (tensor is None or r.tensor == tensor)
                                         for p in u.pieces for r in (*p.reads, *p.duplicates))]
     return len(hit), len(plan.units)
 
@@ -354,7 +354,7 @@ def test_reuploaded_gcs_shard_is_reread_and_the_rest_resumes(src, uninterrupted,
     options = ConvertOptions(files=list_input(bucket_src.uri), input_display=bucket_src.uri, output="",
                              model_name=MODEL.family, kinds=KINDS, quantize_type="int8")
     plan = make_plan(open_checkpoint(options), options)
-    reading = [u for u in plan.units if any(r.shard == 1 for p in u.pieces for r in (*p.reads, *p.duplicates))]
+    reading = [u for u in plan.units if any(r.file == 1 for p in u.pieces for r in (*p.reads, *p.duplicates))]
     assert 0 < len(reading) < len(plan.units)
     result = run_convert(bucket_src.uri, out, model_name=MODEL.family, kinds=KINDS, quantize_type="int8",
                          executor="local")

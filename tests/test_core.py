@@ -54,7 +54,7 @@ BUDGETS = [(1 << 30, 1 << 30), (16 << 10, 64 << 10), (8 << 10, 8 << 10)]
 
 
 def checkpoint_of(spec) -> MetaCheckpoint:
-    return MetaCheckpoint(spec=spec, shards=[f"consolidated.{i:02d}.pth" for i in range(spec.n_shards)],
+    return MetaCheckpoint(spec=spec, tensor_files=[f"consolidated.{i:02d}.pth" for i in range(spec.n_shards)],
                           indexes=simulated_indexes(spec), files={})
 
 
@@ -87,7 +87,7 @@ def test_units_and_pieces_respect_their_budgets(name, budget):
             assert piece.nbytes <= piece_budget_ or piece.row1 - piece.row0 == quantum, (rule.name, piece.nbytes)
             assert sum(r.length for r in piece.reads) == piece.nbytes
     # No source byte is read twice (kv-head copies are compared, not converted: they are duplicates, not reads).
-    ranges = sorted((r.shard, r.offset, r.offset + r.length) for u in plan.units for p in u.pieces for r in p.reads)
+    ranges = sorted((r.file, r.offset, r.offset + r.length) for u in plan.units for p in u.pieces for r in p.reads)
     for (shard, _, end), (next_shard, start, _) in zip(ranges, ranges[1:]):
         assert shard != next_shard or start >= end, (shard, start, end)
 
@@ -143,7 +143,7 @@ def test_crc_check_combines_receipts_and_names_the_damaged_tensor():
     data = {name: rng.randbytes(4096) for name in ("a", "b")}
     index = {name: TensorInfo(name, "bfloat16", (16, 128), 1000 * i, 4096, zlib.crc32(raw))
              for i, (name, raw) in enumerate(data.items())}
-    checkpoint = MetaCheckpoint(spec=SPECS["llama3-mp1"], shards=["gs://b/consolidated.00.pth?sig=x"],
+    checkpoint = MetaCheckpoint(spec=SPECS["llama3-mp1"], tensor_files=["gs://b/consolidated.00.pth?sig=x"],
                                 indexes=[index], files={})
 
     def receipt(unit: str, name: str, start: int, stop: int, flip: bool = False) -> Receipt:
@@ -186,7 +186,7 @@ def test_ledger_records_reloads_forgets_and_commits(tmp_path):
     assert Ledger(out).plan_record() == record  # a fresh Ledger (a rerun) sees it
 
     receipts = [Receipt(u.id, {"scanned": f"db-{u.id}"}, u.read_bytes, 7, 0.5,
-                        [(r.shard, r.tensor, r.offset, r.length, 99) for p in u.pieces for r in p.reads])
+                        [(r.file, r.tensor, r.offset, r.length, 99) for p in u.pieces for r in p.reads])
                 for u in plan.units[:3]]
     for receipt in receipts:
         ledger.record(receipt, {k: f"id{k}" for k in unit_sources(plan.units[0])})
@@ -304,7 +304,7 @@ def test_every_reader_offers_the_checkpoint_protocol():
 
     members = set(protocol.Checkpoint.__annotations__) | {
         name for name in vars(protocol.Checkpoint) if not name.startswith("_")}
-    assert {"spec", "shards", "locate", "describe_files", "checklist_note"} <= members
+    assert {"spec", "tensor_files", "locate", "describe_files", "checklist_note"} <= members
     for reader in (MetaCheckpoint, HFCheckpoint):
         fields = {f.name for f in dataclasses.fields(reader)}
         assert not {m for m in members if m not in fields and not hasattr(reader, m)}, reader

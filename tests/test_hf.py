@@ -178,7 +178,7 @@ def test_hub_snapshot_root_hf_by_default_original_with_meta(tmp_path):
         (cached / f.name).symlink_to(f)
     assert open_checkpoint(_options(cached)).nbytes == open_checkpoint(_options(snap)).nbytes
     meta = open_checkpoint(_options(snap, source_format="meta", model_name="llama-3.1"))
-    assert isinstance(meta, MetaCheckpoint) and meta.shards[0].endswith("original/consolidated.00.pth")
+    assert isinstance(meta, MetaCheckpoint) and meta.tensor_files[0].endswith("original/consolidated.00.pth")
     # `huggingface-cli download --include "original/*"`: only original/ is there.
     only = tmp_path / "only-original"
     shutil.copytree(synthetic_checkpoint(model), only / "original")
@@ -222,7 +222,7 @@ def test_405b_snapshot_original_holds_two_layouts(tmp_path):
         (snap / "original").mkdir(exist_ok=True)
         (snap / "original" / layout).symlink_to(synthetic_checkpoint(model), target_is_directory=True)
     meta = open_checkpoint(_options(snap, source_format="meta", model_path=descriptor))
-    assert meta.spec.n_shards == 16 and "/original/mp16/" in meta.shards[0]
+    assert meta.spec.n_shards == 16 and "/original/mp16/" in meta.tensor_files[0]
     with pytest.raises(ConversionError, match="original holds Meta checkpoints in mp16, mp8"):
         open_checkpoint(_options(snap, source_format="meta", model_name="llama-3.1"))
 

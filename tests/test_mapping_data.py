@@ -304,7 +304,7 @@ def test_pieces_tile_every_output_array_once(name, budget):
 def test_pieces_tile_every_output_array_once_at_real_widths(model_path, layout):
     """The published dimensions (405B MP16: 126 layers, 8 kv heads stored twice over 16 shards), 1 GiB pieces."""
     checkpoint = simulated_checkpoint(None, model_path)
-    plan = build_plan(checkpoint.spec, checkpoint.shards, checkpoint.indexes, kinds=("scanned", "unscanned", "int8"),
+    plan = build_plan(checkpoint.spec, checkpoint.tensor_files, checkpoint.indexes, kinds=("scanned", "unscanned", "int8"),
                       quantize_type="int8", piece_budget=1 << 30, unit_budget=4 << 30, layout=layout,
                       target=MAXTEXT)
     assert_tiled_once(plan)
@@ -332,7 +332,7 @@ def test_qwen3_plan_tiles_every_output_array_once(name, budget):
     """Expert tensors (6 KiB each) are cut into (expert range × row block) pieces: all four (1 GiB), two (16 KiB),
     row blocks of one (4 KiB, 1 KiB); every chunk of every output array still has exactly one writer."""
     checkpoint = simulated_hf_checkpoint(DATA_SPECS[name])
-    plan = build_plan(checkpoint.spec, checkpoint.shards, checkpoint.indexes, kinds=("scanned", "unscanned"),
+    plan = build_plan(checkpoint.spec, checkpoint.tensor_files, checkpoint.indexes, kinds=("scanned", "unscanned"),
                       quantize_type=None, piece_budget=budget, unit_budget=4 * budget, target=MAXTEXT,
                       locate=checkpoint.locate, layout=None)
     assert plan.tree.name == "to_maxtext"
@@ -346,7 +346,7 @@ def test_qwen3_235b_plan_at_real_widths_tiles_every_output_array_once():
     expert piece is over the 47 MB budget of a 1 GiB worker writing to GCS."""
     checkpoint = simulated_checkpoint(None, "qwen3-235b-a22b")
     budget = 47 << 20
-    plan = build_plan(checkpoint.spec, checkpoint.shards, checkpoint.indexes, kinds=("scanned",), quantize_type=None,
+    plan = build_plan(checkpoint.spec, checkpoint.tensor_files, checkpoint.indexes, kinds=("scanned",), quantize_type=None,
                       piece_budget=budget, unit_budget=1 << 30, target=MAXTEXT, locate=checkpoint.locate, layout=None)
     spec = plan.spec
     assert (spec.n_experts, spec.moe_ffn_dim, spec.n_layers) == (128, 1536, 94)

@@ -41,7 +41,7 @@ def test_the_drivers_tunables_reach_ray_workers_and_the_committer(ray_session):
     previous = tunables.current()
     tunables.install(knobs)  # what the driver does with ConvertOptions.tunables
     try:
-        ctx = JobContext(spec=None, shards=(), kinds=(), quantize_type=None, arrays={}, items={})  # type: ignore
+        ctx = JobContext(spec=None, tensor_files=(), kinds=(), quantize_type=None, arrays={}, items={})  # type: ignore
         executor = RayExecutor(address=None, num_workers=1, worker_memory_gb=0.25)
         try:
             executor.start(ctx)

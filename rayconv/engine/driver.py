@@ -132,7 +132,7 @@ def _check_md5(checkpoint: Checkpoint, options: ConvertOptions) -> Md5Gate | Non
 
     out = Location.parse(options.output)
     out.check_writable()  # fail fast, before a long md5 pass
-    read = set(checkpoint.shards)
+    read = set(checkpoint.tensor_files)
     files = checkpoint.files  # the folder actually opened (a Hub snapshot's original/, say)
     names = ["params.json", *(name for name, uri in files.items() if uri in read)]
     if CHECKLIST not in files:

@@ -49,7 +49,7 @@ def index_digest(index: Mapping[str, TensorInfo]) -> str:
 
 def file_name(plan: Plan, key: str) -> str:
     """A ledger name (shard ``"3"``, scale file ``"scale:3"``) → the file's name, for messages."""
-    uri = plan.scale_files[int(key[6:])] if key.startswith("scale:") else plan.shards[int(key)]
+    uri = plan.scale_files[int(key[6:])] if key.startswith("scale:") else plan.tensor_files[int(key)]
     return uri.split("?", 1)[0].rsplit("/", 1)[-1]
 
 
@@ -79,7 +79,7 @@ def content_identities(checkpoint: Checkpoint, identities: Mapping[str, str]) ->
     """Every file the plan reads, by ledger name → content identity. ``identities``: the byte identities as
     :func:`rayconv.engine.ledger.read_identities` gives them (``<index digest>/<byte identity>`` for shards)."""
     out = {str(i): content_identity(uri, index, identities[str(i)].split("/", 1)[-1])
-           for i, (uri, index) in enumerate(zip(checkpoint.shards, checkpoint.indexes))}
+           for i, (uri, index) in enumerate(zip(checkpoint.tensor_files, checkpoint.indexes))}
     if checkpoint.scales is not None:
         for i, (uri, index) in enumerate(zip(checkpoint.scales.files, checkpoint.scales.indexes)):
             out[f"scale:{i}"] = content_identity(uri, index, identities.get(f"scale:{i}", ""))

@@ -185,7 +185,7 @@ def unit_sources(unit: Unit) -> set[str]:
     keys: set[str] = set()
     for piece in unit.pieces:
         for read in (*piece.reads, *piece.duplicates):
-            keys.add(str(read.shard))
+            keys.add(str(read.file))
             if read.scale is not None:
                 keys.add(f"scale:{read.scale.file}")
     return keys
@@ -226,7 +226,7 @@ def file_identities(files: dict[Any, str]) -> dict[Any, str]:
 
 def source_identities(checkpoint: Checkpoint) -> list[str]:
     """Per shard, ``<index digest>/<byte identity>``: what a receipt records for each shard it read."""
-    identities = file_identities(dict(enumerate(checkpoint.shards))).values()
+    identities = file_identities(dict(enumerate(checkpoint.tensor_files))).values()
     return [f"{index_digest(index)}/{ident}" for index, ident in zip(checkpoint.indexes, identities)]
 
 

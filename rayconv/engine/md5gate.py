@@ -60,5 +60,5 @@ class Md5Gate:
     def _units_reading(plan: Plan, uri: str) -> list[str]:
         """Units whose output depends on ``uri``: those reading it as a shard; all of them for params.json (the
         model's shape and rope settings come from it)."""
-        keys = {str(i) for i, shard in enumerate(plan.shards) if shard == uri}
+        keys = {str(i) for i, shard in enumerate(plan.tensor_files) if shard == uri}
         return [u.id for u in plan.units if not keys or unit_sources(u) & keys]

@@ -105,7 +105,7 @@ def _index_untrusted(uri: str) -> dict[str, TensorInfo]:
 @dataclasses.dataclass
 class MetaCheckpoint:
     spec: ModelSpec
-    shards: list[str]
+    tensor_files: list[str]  # consolidated.NN.pth uri per shard (file index = shard)
     indexes: list[dict[str, TensorInfo]]
     files: dict[str, str]
     scales: Any = None  # rayconv.fp8.Scales of Meta's FP8 SKU; None for bf16 checkpoints
@@ -138,7 +138,7 @@ class MetaCheckpoint:
         vocab = tok.shape[0] * (1 if family and family.embedding_split_axis(name) == 1 else len(shards))
         spec = resolve_spec(params, n_shards=len(shards), vocab_size=vocab, model_name=model_name,
                             descriptor=descriptor, kv_heads_override=kv_heads, source=f"{display}/params.json")
-        checkpoint = cls(spec=spec, shards=shards, indexes=indexes, files=dict(files))
+        checkpoint = cls(spec=spec, tensor_files=shards, indexes=indexes, files=dict(files))
         if fp8.detect(files, indexes) or (descriptor is not None and descriptor.sku == "fp8"):
             checkpoint.scales = _open_fp8(files, shards, indexes, spec, display, descriptor)
         checkpoint.check_shapes()
@@ -150,13 +150,13 @@ class MetaCheckpoint:
         # Bound what is built below by what the shards hold, so params.json cannot make it grow: when it names
         # more tensors than a shard has, one of the first len(index) + 1 names is missing, found lazily.
         count = tensor_count(spec)
-        for uri, index in zip(self.shards, self.indexes):
+        for uri, index in zip(self.tensor_files, self.indexes):
             if count > len(set(index) - IGNORED_KEYS):
                 missing = next(key for key, _ in expected_tensors(spec, "meta") if key not in index)
                 raise SourceError(f"{_display_name(uri)} has no tensor {missing} (params.json says "
                                   f"{spec.n_layers} layers)")
         expected = dict(expected_tensors(spec, "meta"))
-        for shard, (uri, index) in enumerate(zip(self.shards, self.indexes)):
+        for shard, (uri, index) in enumerate(zip(self.tensor_files, self.indexes)):
             name = _display_name(uri)
             for key, shape in expected.items():
                 info = index.get(key)

@@ -224,7 +224,7 @@ class HFCheckpoint:
     """config.json + safetensors headers; the planner sees one logical shard located across files."""
 
     spec: HFModelSpec
-    shards: list[str]  # uri per safetensors file: Read.shard indexes this
+    tensor_files: list[str]  # uri per safetensors file: Read.file indexes this
     indexes: list[dict[str, TensorInfo]]  # per file: {HF name: TensorInfo}
     files: dict[str, str]
     where: dict[str, tuple[int, TensorInfo]]  # HF name → (file index, TensorInfo)
@@ -248,7 +248,7 @@ class HFCheckpoint:
             indexes = list(pool.map(read, range(len(uris))))
         located = _locate_all(names, indexes, index, display)
         where = _check(spec, names, indexes, located, config, display)
-        return cls(spec=spec, shards=uris, indexes=indexes, files=dict(files), where=where)
+        return cls(spec=spec, tensor_files=uris, indexes=indexes, files=dict(files), where=where)
 
     def locate(self, shard: int, key: str) -> tuple[int, TensorInfo]:
         """plan.Locate: the one logical shard's tensor ``key`` (its HF name) → (file index, TensorInfo)."""
@@ -264,7 +264,7 @@ class HFCheckpoint:
     checklist_note = "Hugging Face checkpoint: no checklist.chk to check md5 against, and safetensors have no CRCs"
 
     def describe_files(self) -> str:
-        return f"{len(self.shards)} safetensors files"
+        return f"{len(self.tensor_files)} safetensors files"
 
 
 def _locate_all(names: list[str], indexes: list[dict[str, TensorInfo]], index: Mapping[str, Any] | None,

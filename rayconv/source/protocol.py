@@ -19,8 +19,8 @@ class Checkpoint(Protocol):
     """An opened input checkpoint (detected and indexed; no tensor bytes read)."""
 
     spec: ModelSpec
-    #: Source file uri per file index (``Read.shard``): consolidated.NN.pth shards, or safetensors files.
-    shards: list[str]
+    #: Source file uri per file index (``Read.file``): consolidated.NN.pth shards, or safetensors files.
+    tensor_files: list[str]
     #: Per file: tensor name (the format's own) → where its bytes are.
     indexes: list[dict[str, TensorInfo]]
     #: Every input file name → uri (params.json / config.json, checklist.chk, …).
