@@ -21,7 +21,7 @@ from rayconv import families, jsonio, mapping
 from rayconv.errors import SpecError
 from rayconv.families import Family
 from rayconv.models import ModelSpec
-from rayconv.source.hf import HFModelSpec
+from rayconv.source import hf
 from rayconv.source.orbax import MaxTextCheckpoint
 
 #: The transformers version whose config.json / generation_config.json format is written (MaxText 0.2.5's
@@ -30,7 +30,7 @@ TRANSFORMERS_VERSION = "5.24.0"
 #: The spec field each HF config field states (what a mismatch message names).
 _FIELDS = {"dim": "hidden_size", "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads",
            "head_dim": "head_dim", "vocab_size": "vocab_size", "ffn_dim": "intermediate_size",
-           "n_layers": "num_hidden_layers"}
+           "n_layers": "num_hidden_layers", "n_experts": "num_experts", "moe_ffn_dim": "moe_intermediate_size"}
 #: Largest config.json read (the Hub's are ~1 KB).
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -54,9 +54,10 @@ def _family_of_maxtext_name(name: str) -> tuple[Family, str]:
     raise SpecError(f"unknown --model_name {name!r} (MaxText's names: {', '.join(known)})")
 
 
-def _spec(family: Family, config: Mapping[str, Any], model_name: str | None, source: str) -> ModelSpec:
-    spec = family.spec_from_config(config, model_name=model_name, model_path=None, kv_heads=None, source=source)
-    return HFModelSpec(**dataclasses.asdict(spec))
+def _spec(config: Mapping[str, Any], model_name: str | None, source: str) -> ModelSpec:
+    """The family's config.json reader, through the HF source's (a Meta-shaped spec marked as read from HF files:
+    q/k rows half-split; a family with its own spec type says its source format itself)."""
+    return hf.spec_from_config(config, model_name=model_name, model_path=None, kv_heads=None, source=source)
 
 
 def from_model_name(name: str) -> ExportModel:
@@ -66,7 +67,7 @@ def from_model_name(name: str) -> ExportModel:
     if config is None:
         raise SpecError(f"--model_name {name}: no published size (MaxText's names: {', '.join(family.hf_configs)}); "
                         "give the model's config.json with --config instead")
-    return ExportModel(name, family, _spec(family, config, model_name, f"--model_name {name}"), config)
+    return ExportModel(name, family, _spec(config, model_name, f"--model_name {name}"), config)
 
 
 def from_config_file(path: str, text: bytes) -> ExportModel:
@@ -81,7 +82,7 @@ def from_config_file(path: str, text: bytes) -> ExportModel:
     # What save_pretrained adds (architectures) and what rayconv sets itself (dtype, the format's version).
     config = {**family.hf_config_defaults, **{k: v for k, v in config.items()
                                     if k not in ("dtype", "torch_dtype", "transformers_version")}}
-    return ExportModel(path, family, _spec(family, config, None, path), config)
+    return ExportModel(path, family, _spec(config, None, path), config)
 
 
 def _json(value: Any) -> bytes:
@@ -134,7 +135,7 @@ def _differences(rule: mapping.Rule, spec: ModelSpec, have: tuple[int, ...], sca
     names = types.SimpleNamespace(**{field: field for field in _FIELDS})
     try:
         symbolic = mapping.layer_shape(rule, names)  # type: ignore[arg-type]
-    except TypeError:  # a shape computed from several fields: no single name per axis
+    except (TypeError, AttributeError):  # a shape computed from several fields: no single name per axis
         return {}
     if rule.per_layer and scanned:
         symbolic = mapping.scanned_shape(tuple(symbolic), "n_layers")  # type: ignore[arg-type]

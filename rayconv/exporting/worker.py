@@ -100,6 +100,8 @@ def piece_rows(checkpoint: MaxTextCheckpoint, spec: ModelSpec, rule: mapping.Rul
     scanned = checkpoint.scanned and piece.layer is not None
     block, nbytes = read_piece(checkpoint, piece.leaf, piece.region, scanned, dtype)
     rows = mapping.from_layer_block(rule, block, spec)
+    if mapping.per_expert(rule):  # one expert's slot: its tensor's rows, without the expert axis
+        rows = rows[(slice(None),) * mapping.EXPERT_AXIS + (0,)]
     if rows.nbytes != piece.nbytes:
         raise AssertionError(f"{piece.tensor} rows {piece.rows}: {rows.nbytes} bytes, planned {piece.nbytes}")
     return rows, nbytes
