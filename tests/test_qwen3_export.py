@@ -113,7 +113,7 @@ def test_export_equals_to_huggingface(name, scanned, split, converted, reference
 def test_round_trip_is_bit_equal(name, scanned, converted, tmp_path):
     """HF (transformers) → rayconv convert → rayconv export: every tensor back, bit for bit, and no other (the tied
     model writes no lm_head.weight, as transformers did not). Pieces smaller than one expert's tensor (row blocks
-    of one expert's slot) give the same bytes."""
+    of one expert's slot) give the same bytes; ``rayconv verify`` recomputes the export from the checkpoint."""
     original = hf_tensors(checkpoint(name))
     assert ("lm_head.weight" in original) != spec_of(name).tie_embeddings
     run_export(converted(name) / ITEMS[KINDS[scanned]], tmp_path / "hf", name, piece_budget=1024)
@@ -124,6 +124,8 @@ def test_round_trip_is_bit_equal(name, scanned, converted, tmp_path):
         assert back[key].tobytes() == value.tobytes(), key
     if spec_of(name).moe:
         assert "model.layers.1.mlp.experts.7.down_proj.weight" in back and "model.layers.0.mlp.gate.weight" in back
+    result = run_cli("verify", str(converted(name) / ITEMS[KINDS[scanned]]), str(tmp_path / "hf"))
+    assert result.returncode == 0 and f"verified {len(original)} tensors" in result.stdout, result.stderr[-2000:]
 
 
 @pytest.mark.parametrize("name", list(FIXTURES))

@@ -2,10 +2,10 @@
 
 A MaxText checkpoint does not say which model it is: its leaves give shapes, not the rope, the context length or
 the token ids. ``rayconv export`` therefore takes the model the way MaxText's ``to_huggingface.py`` does — a
-MaxText model name (``--model_name llama3.1-405b``), whose HF config is a table here (MaxText 0.2.5's
-``hf_model_configs`` for the names it registers, the Hub's config.json for the other Llama sizes) — or the
+MaxText model name (``--model_name llama3.1-405b``, ``qwen3-30b-a3b``), whose HF config is its family's table
+(``Family.hf_configs``: MaxText 0.2.5's ``hf_model_configs`` for the names it registers) — or the
 user's own HF ``config.json`` (``--config``). Either becomes a spec through the family's own config.json reader
-(``Family.spec_from_config``), so the planner's rules and shapes are the ones convert uses; the checkpoint's
+(``Family.spec_from_config``, through ``hf.spec_from_config``), so the planner's rules and shapes are the ones convert uses; the checkpoint's
 leaves must then have exactly the shapes the spec's rules give (:func:`check_checkpoint`), before anything is
 written. A mismatch is one line naming the HF fields that differ (layers, heads, vocabulary, …).
 """
@@ -37,7 +37,7 @@ MAX_CONFIG_BYTES = 1 << 20
 
 @dataclasses.dataclass(frozen=True)
 class ExportModel:
-    """The model an export writes: its family, spec (HF source format: q/k rows half-split) and config.json."""
+    """The model an export writes: its family, spec (HF source format; Llama's q/k rows half-split), config.json."""
 
     name: str  # what the user named it: a MaxText model name, or the config.json path
     family: Family
