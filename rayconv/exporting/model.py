@@ -5,9 +5,9 @@ the token ids. ``rayconv export`` therefore takes the model the way MaxText's ``
 MaxText model name (``--model_name llama3.1-405b``, ``qwen3-30b-a3b``), whose HF config is its family's table
 (``Family.hf_configs``: MaxText 0.2.5's ``hf_model_configs`` for the names it registers) — or the
 user's own HF ``config.json`` (``--config``). Either becomes a spec through the family's own config.json reader
-(``Family.spec_from_config``, through ``hf.spec_from_config``), so the planner's rules and shapes are the ones convert uses; the checkpoint's
-leaves must then have exactly the shapes the spec's rules give (:func:`check_checkpoint`), before anything is
-written. A mismatch is one line naming the HF fields that differ (layers, heads, vocabulary, …).
+(``Family.spec_from_config``, through ``hf.spec_from_config``), so the planner's rules and shapes are the ones
+convert uses; the checkpoint's leaves must then have exactly the shapes the spec's rules give
+(:func:`check_checkpoint`), before anything is written. A mismatch is one line naming the HF fields that differ (layers, heads, vocabulary, …).
 """
 
 from __future__ import annotations
