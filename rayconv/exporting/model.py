@@ -7,7 +7,8 @@ MaxText model name (``--model_name llama3.1-405b``, ``qwen3-30b-a3b``), whose HF
 user's own HF ``config.json`` (``--config``). Either becomes a spec through the family's own config.json reader
 (``Family.spec_from_config``, through ``hf.spec_from_config``), so the planner's rules and shapes are the ones
 convert uses; the checkpoint's leaves must then have exactly the shapes the spec's rules give
-(:func:`check_checkpoint`), before anything is written. A mismatch is one line naming the HF fields that differ (layers, heads, vocabulary, …).
+(:func:`check_checkpoint`), before anything is written. A mismatch is one line naming the HF fields that differ
+(layers, heads, vocabulary, …).
 """
 
 from __future__ import annotations
