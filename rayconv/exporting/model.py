@@ -62,13 +62,15 @@ def _spec(config: Mapping[str, Any], model_name: str | None, source: str) -> Mod
 
 
 def from_model_name(name: str) -> ExportModel:
-    """``--model_name`` as MaxText names it (``llama3.1-405b``)."""
+    """``--model_name`` as MaxText names it (``llama3.1-405b``, ``qwen3-30b-a3b``)."""
     family, model_name = _family_of_maxtext_name(name)
     config = family.hf_configs.get(name)
     if config is None:
         raise SpecError(f"--model_name {name}: no published size (MaxText's names: {', '.join(family.hf_configs)}); "
                         "give the model's config.json with --config instead")
-    return ExportModel(name, family, _spec(config, model_name, f"--model_name {name}"), config)
+    # The name given, not the first of identical twins the reader names by dims (qwen3-1.7b-base → qwen3-1.7b).
+    spec = dataclasses.replace(_spec(config, model_name, f"--model_name {name}"), maxtext_name=name)
+    return ExportModel(name, family, spec, config)
 
 
 def from_config_file(path: str, text: bytes) -> ExportModel:
