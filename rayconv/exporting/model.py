@@ -2,12 +2,13 @@
 
 A MaxText checkpoint does not say which model it is: its leaves give shapes, not the rope, the context length or
 the token ids. ``rayconv export`` therefore takes the model the way MaxText's ``to_huggingface.py`` does — a
-MaxText model name (``--model_name llama3.1-405b``), whose HF config is a table here (MaxText 0.2.5's
-``hf_model_configs`` for the names it registers, the Hub's config.json for the other Llama sizes) — or the
+MaxText model name (``--model_name llama3.1-405b``, ``qwen3-30b-a3b``), whose HF config is its family's table
+(``Family.hf_configs``: MaxText 0.2.5's ``hf_model_configs`` for the names it registers) — or the
 user's own HF ``config.json`` (``--config``). Either becomes a spec through the family's own config.json reader
-(``Family.spec_from_config``), so the planner's rules and shapes are the ones convert uses; the checkpoint's
-leaves must then have exactly the shapes the spec's rules give (:func:`check_checkpoint`), before anything is
-written. A mismatch is one line naming the HF fields that differ (layers, heads, vocabulary, …).
+(``Family.spec_from_config``, through ``hf.spec_from_config``), so the planner's rules and shapes are the ones
+convert uses; the checkpoint's leaves must then have exactly the shapes the spec's rules give
+(:func:`check_checkpoint`), before anything is written. A mismatch is one line naming the HF fields that differ
+(layers, heads, vocabulary, …).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from rayconv import families, jsonio, mapping
 from rayconv.errors import SpecError
 from rayconv.families import Family
 from rayconv.models import ModelSpec
-from rayconv.source.hf import HFModelSpec
+from rayconv.source import hf
 from rayconv.source.orbax import MaxTextCheckpoint
 
 #: The transformers version whose config.json / generation_config.json format is written (MaxText 0.2.5's
@@ -30,14 +31,14 @@ TRANSFORMERS_VERSION = "5.24.0"
 #: The spec field each HF config field states (what a mismatch message names).
 _FIELDS = {"dim": "hidden_size", "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads",
            "head_dim": "head_dim", "vocab_size": "vocab_size", "ffn_dim": "intermediate_size",
-           "n_layers": "num_hidden_layers"}
+           "n_layers": "num_hidden_layers", "n_experts": "num_experts", "moe_ffn_dim": "moe_intermediate_size"}
 #: Largest config.json read (the Hub's are ~1 KB).
 MAX_CONFIG_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
 class ExportModel:
-    """The model an export writes: its family, spec (HF source format: q/k rows half-split) and config.json."""
+    """The model an export writes: its family, spec (HF source format; Llama's q/k rows half-split), config.json."""
 
     name: str  # what the user named it: a MaxText model name, or the config.json path
     family: Family
@@ -54,19 +55,22 @@ def _family_of_maxtext_name(name: str) -> tuple[Family, str]:
     raise SpecError(f"unknown --model_name {name!r} (MaxText's names: {', '.join(known)})")
 
 
-def _spec(family: Family, config: Mapping[str, Any], model_name: str | None, source: str) -> ModelSpec:
-    spec = family.spec_from_config(config, model_name=model_name, model_path=None, kv_heads=None, source=source)
-    return HFModelSpec(**dataclasses.asdict(spec))
+def _spec(config: Mapping[str, Any], model_name: str | None, source: str) -> ModelSpec:
+    """The family's config.json reader, through the HF source's (a Meta-shaped spec marked as read from HF files:
+    q/k rows half-split; a family with its own spec type says its source format itself)."""
+    return hf.spec_from_config(config, model_name=model_name, model_path=None, kv_heads=None, source=source)
 
 
 def from_model_name(name: str) -> ExportModel:
-    """``--model_name`` as MaxText names it (``llama3.1-405b``)."""
+    """``--model_name`` as MaxText names it (``llama3.1-405b``, ``qwen3-30b-a3b``)."""
     family, model_name = _family_of_maxtext_name(name)
     config = family.hf_configs.get(name)
     if config is None:
         raise SpecError(f"--model_name {name}: no published size (MaxText's names: {', '.join(family.hf_configs)}); "
                         "give the model's config.json with --config instead")
-    return ExportModel(name, family, _spec(family, config, model_name, f"--model_name {name}"), config)
+    # The name given, not the first of identical twins the reader names by dims (qwen3-1.7b-base → qwen3-1.7b).
+    spec = dataclasses.replace(_spec(config, model_name, f"--model_name {name}"), maxtext_name=name)
+    return ExportModel(name, family, spec, config)
 
 
 def from_config_file(path: str, text: bytes) -> ExportModel:
@@ -81,7 +85,7 @@ def from_config_file(path: str, text: bytes) -> ExportModel:
     # What save_pretrained adds (architectures) and what rayconv sets itself (dtype, the format's version).
     config = {**family.hf_config_defaults, **{k: v for k, v in config.items()
                                     if k not in ("dtype", "torch_dtype", "transformers_version")}}
-    return ExportModel(path, family, _spec(family, config, None, path), config)
+    return ExportModel(path, family, _spec(config, None, path), config)
 
 
 def _json(value: Any) -> bytes:
@@ -134,7 +138,7 @@ def _differences(rule: mapping.Rule, spec: ModelSpec, have: tuple[int, ...], sca
     names = types.SimpleNamespace(**{field: field for field in _FIELDS})
     try:
         symbolic = mapping.layer_shape(rule, names)  # type: ignore[arg-type]
-    except TypeError:  # a shape computed from several fields: no single name per axis
+    except (TypeError, AttributeError):  # a shape computed from several fields: no single name per axis
         return {}
     if rule.per_layer and scanned:
         symbolic = mapping.scanned_shape(tuple(symbolic), "n_layers")  # type: ignore[arg-type]

@@ -1,13 +1,14 @@
 """The export plan, pure: which rows of which HF tensor come from which region of which leaf, and land where.
 
-Every HF tensor of a Llama is a rule's global matrix G (the family's rules, read with an HF-format spec: q/k rows
+Every HF tensor is a rule's global matrix G (the family's rules, read with an HF-format spec: Llama's q/k rows
 half-split), and ``Transform.invert`` turns a block of the per-layer MaxText array into the rows of G it holds.
 Cutting G into row blocks is cutting the per-layer array along ``Transform.row_axis`` (whole heads for q/k/v:
 ``mapping.row_quantum``), so a *piece* is
 
 * the HF tensor, its rule and layer, the rows ``[a, b)`` of G;
-* the source: the leaf and the region of it (the layer axis at 1 for a scanned leaf: one layer), which is all a
-  worker reads — tensorstore fetches only the zarr chunks the region touches;
+* the source: the leaf and the region of it (the layer axis at 1 for a scanned leaf: one layer; an ``{expert}``
+  rule's tensor is one expert's slot on ``mapping.EXPERT_AXIS`` of the stacked leaf), which is all a worker
+  reads — tensorstore fetches only the zarr chunks the region touches;
 * the destination: the file and the absolute byte range of those rows (:meth:`PlannedTensor.rows`), fixed by
   :func:`rayconv.targets.safetensors_files.plan_files` before any worker starts.
 
@@ -102,13 +103,16 @@ def piece_budget(worker_memory_gb: float) -> int:
     return max(1 << 20, int((worker_memory_gb * GiB - WORKER_BASE_BYTES) / MEMORY_PER_PIECE_BYTE))
 
 
-def tensors(spec: ModelSpec) -> list[tuple[str, mapping.Rule, int, int | None, tuple[int, ...]]]:
-    """[(HF name, rule, rule index, layer, G shape)] of every tensor the spec's family writes."""
+def tensors(spec: ModelSpec) -> list[tuple[str, mapping.Rule, int, int | None, int | None, tuple[int, ...]]]:
+    """[(HF name, rule, rule index, layer, expert, G shape)] of every tensor the spec's family writes; an
+    ``{expert}`` rule's leaf holds one tensor per expert (its slot on ``mapping.EXPERT_AXIS``), others None."""
     out = []
     for index, rule in enumerate(families.rules(spec)):
         shape = mapping.global_shape(rule, spec)
         for layer in (range(spec.n_layers) if rule.per_layer else (None,)):
-            out.append((rule.source_key("hf", layer), rule, index, layer, shape))
+            for expert in families.experts(rule, spec):
+                names = {} if expert is None else {"expert": expert}
+                out.append((rule.source_key("hf", layer, **names), rule, index, layer, expert, shape))
     return out
 
 
@@ -134,7 +138,7 @@ def output_dtype(dtype: str) -> np.dtype:
 
 def plan_output_files(spec: ModelSpec, dtype: str, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> SafetensorsPlan:
     """MaxText's files for the spec's tensors in ``dtype`` (its split, the safetensors library's headers)."""
-    return plan_files([(name, output_dtype(dtype), shape) for name, _, _, _, shape in tensors(spec)],
+    return plan_files([(name, output_dtype(dtype), shape) for name, _, _, _, _, shape in tensors(spec)],
                       max_shard_size=max_shard_size, style="maxtext")
 
 
@@ -148,7 +152,7 @@ def build_plan(checkpoint: MaxTextCheckpoint, spec: ModelSpec, *, dtype: str = "
     listed = tensors(spec)
     files = files or plan_output_files(spec, dtype, max_shard_size)
     pieces: list[Piece] = []
-    for name, rule, index, layer, shape in listed:
+    for name, rule, index, layer, expert, shape in listed:
         leaf = checkpoint.leaves[leaf_name(rule, layer, checkpoint.scanned)]
         in_size = np.dtype(np.float32).itemsize if leaf.dtype == "float32" else 2
         axis = rule.transform.row_axis
@@ -163,6 +167,8 @@ def build_plan(checkpoint: MaxTextCheckpoint, spec: ModelSpec, *, dtype: str = "
             region = [(0, n) for n in mapping.layer_shape(rule, spec)]
             if axis is not None:
                 region[axis] = (begin // quantum, end // quantum)
+            if expert is not None:  # the expert's slot of the stacked leaf: one HF tensor
+                region[mapping.EXPERT_AXIS] = (expert, expert + 1)
             if scanned:
                 region.insert(1, (layer, layer + 1))
             pieces.append(Piece(name, index, layer, (begin, end), leaf.name, tuple(region), planned.file,

@@ -106,7 +106,7 @@ def verify_export(source: str, output: str) -> ExportReport:
     if len(tags) != 1 or next(iter(tags)) not in _NAMES:
         raise OutputError(f"{out.uri}: tensors in {sorted(tags)}; an export is all bfloat16 or all float32")
     dtype = _NAMES[tags.pop()]
-    want = {name: shape for name, _, _, _, shape in tensors(model.spec)}
+    want = {name: shape for name, _, _, _, _, shape in tensors(model.spec)}
     have = {name: t.shape for name, t in files.tensors.items()}
     if want != have:
         odd = sorted(set(want) ^ set(have)) or sorted(n for n in want if want[n] != have[n])

@@ -99,6 +99,7 @@ def piece_rows(checkpoint: MaxTextCheckpoint, spec: ModelSpec, rule: mapping.Rul
     """(the piece's rows of its HF tensor, source bytes read): what the export writes at ``piece.span``."""
     scanned = checkpoint.scanned and piece.layer is not None
     block, nbytes = read_piece(checkpoint, piece.leaf, piece.region, scanned, dtype)
+    # An {expert} piece's block is one expert's slot: its rows keep that axis of length 1 (the same bytes).
     rows = mapping.from_layer_block(rule, block, spec)
     if rows.nbytes != piece.nbytes:
         raise AssertionError(f"{piece.tensor} rows {piece.rows}: {rows.nbytes} bytes, planned {piece.nbytes}")

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from rayconv import catalog, mapping
 from rayconv.errors import SpecError
-from rayconv.families import llama, llama_hf, llama_spec, qwen3
+from rayconv.families import llama, llama_hf, llama_spec, qwen3, qwen3_hf
 from rayconv.mapping import Rule
 from rayconv.models import KnownSize, ModelSpec
 
@@ -62,7 +62,8 @@ QWEN3 = Family(name=qwen3.NAME, model_names=qwen3.MODEL_NAMES, hf_model_types=qw
                known_sizes=qwen3.KNOWN_SIZES, rules=qwen3.rules, embedding_split_axis=qwen3.embedding_split_axis,
                spec_from_params=qwen3.spec_from_params, spec_from_config=qwen3.spec_from_config,
                spec_type=qwen3.Qwen3Spec, default_layout=qwen3.DEFAULT_LAYOUT,
-               no_quantized_output=qwen3.NO_QUANTIZED_OUTPUT, published_config=qwen3.published_config)
+               no_quantized_output=qwen3.NO_QUANTIZED_OUTPUT, published_config=qwen3.published_config,
+               hf_configs=qwen3_hf.HF_CONFIGS, hf_config_defaults=qwen3_hf.HF_CONFIG_DEFAULTS)
 
 #: The registry: family name → family.
 FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, QWEN3)}

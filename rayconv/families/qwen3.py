@@ -77,6 +77,11 @@ class Qwen3Spec:
     def moe(self) -> bool:
         return self.n_experts > 0
 
+    @property
+    def params_kv_heads(self) -> int:
+        """``ModelSpec``'s field for Meta's params.json kv heads (the convert log compares it): no params.json here."""
+        return self.n_kv_heads
+
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -370,7 +370,7 @@ FORK_SERVER_GRACE = 60.0
 #: output (importing maxtext.checkpoint_conversion.to_huggingface after the fork), while the same run as a plain
 #: subprocess succeeds; train.py imports the trainer's modules, which the server never preloads, likewise untested
 #: forked.
-PLAIN_SCRIPTS = frozenset({"to_hf.py", "train.py"})
+PLAIN_SCRIPTS = frozenset({"to_hf.py", "to_hf_hf.py", "train.py"})
 
 #: Env vars that can matter while the server imports jax/torch/maxtext: if any changes, the server restarts.
 _IMPORT_ENV_PREFIXES = ("JAX_", "XLA_", "TF_", "PYTHON", "LD_", "CUDA", "TPU_", "OMP_", "MKL_", "TORCH",
@@ -906,6 +906,27 @@ class MaxTextReference:
             (tmp / "run.txt").write_text(out)
 
         return self._cached(entry, build, "to_hf.py") / "out"
+
+    def to_huggingface_hf(self, hf_dir: str | Path, model_name: str, items: str | Path, *, scanned: bool,
+                          max_shard_size: int | None = None) -> Path:
+        """maxtext 0.2.5's ``to_huggingface.py`` on a checkpoint of the HF-sourced model in ``hf_dir`` (Qwen3): its
+        config.json registered as ``model_name``'s HF config, the dims as overrides, as ``to_maxtext`` registers it
+        (to_hf_hf.py); returns the directory of config.json and the safetensors files."""
+        if self.maxtext != "0.2.5":
+            raise ValueError("to_huggingface.py is maxtext 0.2.5's (use with_maxtext('0.2.5'))")
+        hf_dir, items = Path(hf_dir).resolve(), Path(items).resolve()
+        entry = self._entry("to-hf-hf", {"name": model_name, "config": (hf_dir / "config.json").read_text(),
+                                         "ckpt": content_fingerprint(items), "scanned": scanned,
+                                         "max_shard_size": max_shard_size,
+                                         "scripts": script_hash("to_hf_hf.py", "to_maxtext_hf.py")})
+
+        def build(tmp: Path) -> None:
+            extra = [] if max_shard_size is None else ["--max-shard-size", max_shard_size]
+            out = self._run("to_hf_hf.py", ["--src", hf_dir, "--name", model_name, "--items", items, "--scan-layers",
+                                            "true" if scanned else "false", "--out", tmp / "out", *extra], tmp)
+            (tmp / "run.txt").write_text(out)
+
+        return self._cached(entry, build, "to_hf_hf.py") / "out"
 
     # ---------------------------------------------------------------- MaxText loading
     def load_check(self, model: Any, path: str | Path, kind: str) -> dict:
