@@ -59,6 +59,8 @@ PREPARED = ".bench-export-complete"
 MAXTEXT_BYTES_FACTOR = 2.1
 MAXTEXT_BASE_BYTES = 2.0e9
 HASH_BLOCK = 16 << 20
+MAXTEXT, DEFAULT, LOCAL = ("MaxText 0.2.5 to_huggingface.py", "rayconv export, default settings",
+                           "rayconv export, --executor local")
 
 CLOSING = re.compile(r"Done in ([\d.]+) s: read ([^,]+), wrote ([^,]+), (\d+) units \((\d+) resumed\), "
                      r"(\d+) workers, worker peak RSS (.+?)\s*$", re.M)
@@ -143,7 +145,7 @@ def maxtext_export(model: SyntheticModel, items: Path, out: Path, scratch: Path,
     drop_cache(files_of(items))
     run = measure(cmd, env=reference.child_env("0.2.5"), cwd=str(scratch), log=logs / "maxtext-to_huggingface.log",
                   check=False)
-    run.name = "MaxText 0.2.5 to_huggingface.py"
+    run.name = MAXTEXT
     return run
 
 
@@ -206,6 +208,14 @@ def table(results: dict) -> str:
         lines.append(f"| {r['name']} | {r['seconds']:.1f} | {r['peak_rss'] / 1e9:.2f} | {r['peak_pss'] / 1e9:.2f} | "
                      f"{ratio} | {note} |")
     lines.append("")
+    runs = {r["name"]: r for r in results["runs"]}
+    mx = runs.get(MAXTEXT)
+    for name in (DEFAULT, LOCAL):
+        r = runs.get(name)
+        if r and mx and not r.get("failed") and not mx.get("failed"):
+            lines.append(f"* {name} vs MaxText: **{mx['seconds'] / r['seconds']:.1f}x faster**, peak RSS of the tree "
+                         f"**{r['peak_rss'] / mx['peak_rss']:.2f}** of MaxText's.")
+    lines.append("")
     lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".")
     return "\n".join(lines)
 
@@ -244,7 +254,7 @@ def main() -> None:
             if free < need:
                 why = (f"not run: {free / 1e9:.1f} GB of memory available, MaxText's exporter needs ~{need / 1e9:.0f} "
                        f"GB for {in_bytes / 1e9:.1f} GB of weights")
-                runs.append(Run("MaxText 0.2.5 to_huggingface.py", 0.0, 0, 0, failed=why))
+                runs.append(Run(MAXTEXT, 0.0, 0, 0, failed=why))
             else:
                 print("MaxText 0.2.5 to_huggingface.py", flush=True)
                 run = maxtext_export(model, items, scratch / "mx", scratch, logs)
@@ -256,8 +266,7 @@ def main() -> None:
             print(f"  {runs[-1].name}: {runs[-1].seconds:.1f} s, peak RSS {runs[-1].peak_rss / 1e9:.2f} GB"
                   + (f" — {runs[-1].failed}" if runs[-1].failed else ""), flush=True)
         export_bytes, export_files = 0, 0
-        for label, extra in (("rayconv export, default settings", ()), ("rayconv export, --executor local",
-                                                                         ("--executor", "local"))):
+        for label, extra in ((DEFAULT, ()), (LOCAL, ("--executor", "local"))):
             print(label, flush=True)
             run = rayconv_export(items, scratch / "r", config, logs, label, *extra)
             if not run.failed:
