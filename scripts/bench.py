@@ -35,6 +35,9 @@ processes share library pages):
 * efficiency: MB of input per CPU-second of one local-executor process writing to tmpfs from a warm input
   (scripts/bench_efficiency.py; ``--efficiency-only`` runs just that).
 
+The export (MaxText 0.2.5's to_huggingface.py vs ``rayconv export`` vs the write floor, same presets) has its own
+entry point, scripts/bench_export.py, built on this module's measure, drop_cache and io_floor.
+
 Writes <out>/results.json, <out>/benchmarks.md (the table), <out>/benchmarks.png (the bars, with their values)
 and <out>/benchmarks-growth.png (time and memory against the input size; ``--plot-from`` redraws both from
 saved results, e.g. a narrow and a real-width run together).
@@ -292,10 +295,12 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def io_floor(src: Path, write_bytes: int, scratch: Path, sync_every: int | None = None) -> Run:
+def io_floor(src: Path, write_bytes: int, scratch: Path, sync_every: int | None = None,
+             files: list[Path] | None = None) -> Run:
     """Read each input file once, cold; write write_bytes in 64 MiB blocks, fdatasync at the end (and every
-    ``sync_every`` bytes if given). ``steps`` holds the read and the write times."""
-    files = sorted(src.iterdir())
+    ``sync_every`` bytes if given). ``steps`` holds the read and the write times. ``files``: the input's files when
+    ``src`` is not flat (a MaxText checkpoint's items)."""
+    files = files or sorted(src.iterdir())
     drop_cache(files)
     buf = bytearray(BLOCK)
     start = time.monotonic()
