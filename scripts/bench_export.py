@@ -44,7 +44,8 @@ sys.path.insert(0, str(REPO / "tests"))  # hf_checkpoints.hf_config: the synthet
 sys.path.insert(0, str(REPO / "tools" / "maxtext_ref"))
 sys.path.insert(0, str(REPO))
 
-from bench import BENCH_PRESETS, Run, dir_bytes, drop_cache, io_floor, load, measure  # noqa: E402
+from bench import BENCH_PRESETS  # noqa: E402
+from bench_measure import Run, dir_bytes, drop_cache, io_floor, load, measure  # noqa: E402
 
 from rayconv.synthetic import PRESETS, SyntheticModel, ensure_checkpoint  # noqa: E402
 

@@ -138,7 +138,7 @@ def ensure_checkpoint(dims: dict, cache: Path) -> Path:
 
 def to_maxtext_run(src: Path, name: str, scanned: bool, work: Path, logs: Path):
     import reference
-    from bench import measure
+    from bench_measure import measure
 
     cmd = [str(reference.ref_python()), str(reference.SCRIPTS_DIR / "to_maxtext_hf.py"), "--src", str(src),
            "--name", name, "--scan", "true" if scanned else "false", "--out", str(work)]
@@ -149,7 +149,7 @@ def to_maxtext_run(src: Path, name: str, scanned: bool, work: Path, logs: Path):
 
 
 def rayconv_run(src: Path, out: Path, logs: Path, label: str, *extra: str):
-    from bench import drop_cache, measure, parse_closing_line, run_log
+    from bench_measure import drop_cache, measure, parse_closing_line, run_log
 
     cmd = [sys.executable, "-m", "rayconv.cli", "convert", "--input_directory", str(src), "--output_directory",
            str(out), "--no_progress", "--restart", *extra]
@@ -164,7 +164,7 @@ def rayconv_run(src: Path, out: Path, logs: Path, label: str, *extra: str):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bench import dir_bytes, drop_cache, io_floor
+    from bench_measure import dir_bytes, drop_cache, io_floor
 
     from rayconv.families import qwen3
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "tools" / "maxtext_ref"))
 sys.path.insert(0, str(REPO))
 
-from bench import Run, measure, rayconv_run, run_log  # noqa: E402
+from bench_measure import Run, measure, rayconv_run, run_log  # noqa: E402
 from fp8_checkpoints import ensure_dequantized  # noqa: E402
 from hf_checkpoints import ensure_hf_checkpoint  # noqa: E402
 from rayconv.synthetic import PRESETS, ensure_checkpoint  # noqa: E402
