@@ -135,13 +135,17 @@ def run_log(logs: Path, label: str) -> Path:
     return logs / f"{label.replace(' ', '_').replace(',', '')}.log"
 
 
-def rayconv_run(src: Path, out: Path, descriptor: str | None, logs: Path, label: str, *extra: str) -> Run:
-    """``rayconv convert`` writing all three outputs from a cold page cache (``descriptor`` None: an HF source
-    names its model itself)."""
+#: The outputs the Llama benchmarks ask for besides the bf16 ones (a family without AQT output passes ``()``).
+INT8 = ("--quantize_type", "int8", "--quantize_weights", "True")
+
+
+def rayconv_run(src: Path, out: Path, descriptor: str | None, logs: Path, label: str, *extra: str,
+                outputs: tuple[str, ...] = INT8) -> Run:
+    """``rayconv convert`` writing its outputs (bf16 and, by default, int8) from a cold page cache (``descriptor``
+    None: an HF source names its model itself)."""
     model = ["--model_path", descriptor] if descriptor else []
     cmd = [sys.executable, "-m", "rayconv.cli", "convert", "--input_directory", str(src), "--output_directory",
-           str(out), *model, "--quantize_type", "int8", "--quantize_weights", "True",
-           "--no_progress", "--restart", "--skip_md5", *extra]
+           str(out), *model, *outputs, "--no_progress", "--restart", "--skip_md5", *extra]
     env = dict(os.environ, JAX_PLATFORMS="cpu", RAY_USAGE_STATS_ENABLED="0",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     drop_cache([p for p in sorted(src.iterdir()) if p.is_file()])

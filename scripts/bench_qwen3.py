@@ -148,23 +148,8 @@ def to_maxtext_run(src: Path, name: str, scanned: bool, work: Path, logs: Path):
     return run
 
 
-def rayconv_run(src: Path, out: Path, logs: Path, label: str, *extra: str):
-    from bench_measure import drop_cache, measure, parse_closing_line, run_log
-
-    cmd = [sys.executable, "-m", "rayconv.cli", "convert", "--input_directory", str(src), "--output_directory",
-           str(out), "--no_progress", "--restart", *extra]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", RAY_USAGE_STATS_ENABLED="0",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    drop_cache([p for p in sorted(src.iterdir()) if p.is_file()])
-    log = run_log(logs, label)
-    run = measure(cmd, env=env, log=log)
-    run.name = label
-    run.phases, run.worker_mb_s = parse_closing_line(log.read_text())
-    return run
-
-
 def main(argv: list[str] | None = None) -> None:
-    from bench_measure import dir_bytes, drop_cache, io_floor
+    from bench_measure import dir_bytes, drop_cache, io_floor, rayconv_run
 
     from rayconv.families import qwen3
 
@@ -195,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  {runs[-1].name}: {runs[-1].seconds:.1f} s, peak RSS {runs[-1].peak_rss / 1e9:.2f} GB"
                       + (f" — FAILED: {runs[-1].failed}" if runs[-1].failed else ""), flush=True)
         for label, extra in (("rayconv, default settings", ()), ("rayconv, 1 worker", ("--num_workers", "1"))):
-            runs.append(rayconv_run(src, scratch / "r", logs, label, *extra))
+            runs.append(rayconv_run(src, scratch / "r", None, logs, label, *extra, outputs=()))
             out_bytes = dir_bytes(scratch / "r")
             shutil.rmtree(scratch / "r")
             print(f"  {label}: {runs[-1].seconds:.1f} s, peak RSS {runs[-1].peak_rss / 1e9:.2f} GB; "

@@ -115,3 +115,24 @@ def run_convert(src: Path, out: Path, *, model_name=None, model_path=None, kinds
         report = verify_output(options, str(out))
         assert set(report.outputs) == set(kinds), report
     return result
+
+
+@pytest.fixture(scope="session")
+def qwen3_converted(tmp_path_factory):
+    """Qwen3 fixture name → ``rayconv convert``'s output for it (default flags), converted once for the whole run
+    (tests/test_qwen3_convert.py and tests/test_qwen3_export.py share it)."""
+    from helpers import run_convert_cli
+    from qwen3_checkpoints import ensure_qwen3_checkpoint
+
+    done: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in done:
+            out = tmp_path_factory.mktemp(name) / "out"
+            src = ensure_qwen3_checkpoint(name, CACHE / "qwen3-hf")
+            result = run_convert_cli("--input_directory", str(src), "--output_directory", str(out))
+            assert result.returncode == 0, result.stderr[-3000:]
+            done[name] = out
+        return done[name]
+
+    return get

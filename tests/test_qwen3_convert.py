@@ -41,20 +41,9 @@ def spec_of(name: str) -> qwen3.Qwen3Spec:
     return qwen3.spec_from_config(json.loads((checkpoint(name) / "config.json").read_text()))
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """name → rayconv's output directory for that fixture (``rayconv convert`` with default flags, converted once)."""
-    done: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in done:
-            out = tmp_path_factory.mktemp(name) / "out"
-            result = run_convert_cli("--input_directory", str(checkpoint(name)), "--output_directory", str(out))
-            assert result.returncode == 0, result.stderr[-3000:]
-            done[name] = out
-        return done[name]
-
-    return get
+@pytest.fixture
+def converted(qwen3_converted):
+    return qwen3_converted  # conftest: each fixture converted once per run
 
 
 @pytest.mark.parametrize("scanned", [True, False], ids=["scanned", "unscanned"])

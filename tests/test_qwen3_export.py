@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from conftest import CACHE
-from helpers import ITEMS, one_error, run_cli, run_convert_cli
+from helpers import ITEMS, one_error, run_cli
 from qwen3_checkpoints import FIXTURES, ensure_qwen3_checkpoint, hf_tensors
 from rayconv.exporting import model as export_model
 from rayconv.exporting.driver import ExportOptions, export
@@ -45,20 +45,9 @@ def spec_of(name: str) -> qwen3.Qwen3Spec:
     return qwen3.spec_from_config(json.loads((checkpoint(name) / "config.json").read_text()))
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """name → rayconv convert's output directory for that fixture (default flags, converted once)."""
-    done: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in done:
-            out = tmp_path_factory.mktemp(name) / "out"
-            result = run_convert_cli("--input_directory", str(checkpoint(name)), "--output_directory", str(out))
-            assert result.returncode == 0, result.stderr[-3000:]
-            done[name] = out
-        return done[name]
-
-    return get
+@pytest.fixture
+def converted(qwen3_converted):
+    return qwen3_converted  # conftest: each fixture converted once per run
 
 
 def run_export(items: Path, out: Path, name: str, **kwargs):
