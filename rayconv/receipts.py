@@ -19,7 +19,7 @@ from rayconv.tunables import Tunables
 from rayconv.tunables import current as current_tunables
 
 if TYPE_CHECKING:
-    from rayconv.sink.layout import OutputLayout
+    from rayconv.sink.places import OutputPlace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +43,7 @@ class JobContext:
     target: Any = None  # the plan's target (rayconv.targets): the values for a piece, the writer
 
     @classmethod
-    def create(cls, plan: Plan, layouts: dict[str, OutputLayout], compression: str | None,
+    def create(cls, plan: Plan, places: dict[str, OutputPlace], compression: str | None,
                batch_bytes: int = 0) -> "JobContext":
         return cls(
             spec=plan.spec,
@@ -51,7 +51,7 @@ class JobContext:
             kinds=plan.kinds,
             quantize_type=plan.quantize_type,
             arrays={k: {a.path: a for a in plan.arrays(k)} for k in plan.kinds},
-            items={k: layouts[k].item(staging=True).uri for k in plan.kinds},
+            items={k: places[k].item(staging=True).uri for k in plan.kinds},
             compression=compression,
             batch_bytes=batch_bytes,
             scale_files=plan.scale_files,

@@ -20,7 +20,7 @@ from rayconv.errors import ConversionError
 from rayconv.job import ConvertOptions, make_plan, open_checkpoint
 from rayconv.leaves import ArraySpec
 from rayconv.receipts import JobContext, Receipt
-from rayconv.sink.layout import ocdbt_kvstore
+from rayconv.sink.places import ocdbt_kvstore
 from rayconv.storage import Location
 from rayconv.targets import Target, get as get_target
 from rayconv.worker import Sources, read_block
@@ -123,8 +123,8 @@ def verify(options: ConvertOptions, output: str) -> VerifyReport:
     for kind in kinds:
         _check_tree(kind, present[kind], plan.arrays(kind), plan.tree)
 
-    layouts = target.layouts(out, quantize_type, plan.tree)
-    ctx = JobContext.create(plan, layouts, None)
+    places = target.places(out, quantize_type, plan.tree)
+    ctx = JobContext.create(plan, places, None)
     stores: dict[tuple[Any, tuple[str, ...]], ts.TensorStore] = {}
     arrays = {k: {a.path: a for a in plan.arrays(k)} for k in kinds}
 

@@ -136,15 +136,15 @@ def test_databases_no_receipt_names_are_removed_before_the_markers(src, uninterr
     references it, so it is storage nobody reads — on GCS, inside the final checkpoint. The commit removes it."""
     from rayconv import trees
     from rayconv.engine.ledger import Ledger
-    from rayconv.sink.layout import DB_PREFIX
+    from rayconv.sink.places import DB_PREFIX
     from rayconv.targets.maxtext import MAXTEXT
 
     out = Location.parse(str(tmp_path / "out")) if where == "local" else request.getfixturevalue("gcs_prefix")
     killed = cli(src, out.uri, stop="units:1")
     assert killed.returncode == STOP_EXIT_CODE, killed.stderr[-3000:]
-    layouts = {kind.name: layout for kind, layout in MAXTEXT.layouts(out, "int8", trees.LINEN).items()}
+    places = {kind.name: layout for kind, layout in MAXTEXT.places(out, "int8", trees.LINEN).items()}
     for kind in KINDS:  # a complete database under a name no receipt has: the worst case, it looks legitimate
-        item = layouts[kind].item(staging=True)
+        item = places[kind].item(staging=True)
         real = next(name for name in item.list_folders() if name.startswith(DB_PREFIX))
         for key in item.join(real).list_keys():
             item.join(f"{DB_PREFIX}stale{kind}").write_bytes(key, item.join(real).read_bytes(key))

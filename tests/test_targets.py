@@ -72,10 +72,10 @@ def test_names_are_the_boundary_and_resolve_to_the_same_objects():
                                                              ("int4w", "int4w", "int4")])
 def test_aqt_output_directory_and_dtype_come_from_the_quantize_type(tmp_path, quantize_type, directory, qvalue):
     out = Location.parse(str(tmp_path))
-    layouts = MAXTEXT.layouts(out, quantize_type)
-    assert layouts[INT8].final_root == out.join(directory) and layouts[INT8].items_path == out.join(directory)
-    assert layouts[SCANNED].items_path == out.join("bf16", "scanned", "0", "items")
-    assert layouts[UNSCANNED].items_path == out.join("bf16", "unscanned", "checkpoints", "0", "items")
+    places = MAXTEXT.places(out, quantize_type)
+    assert places[INT8].final_root == out.join(directory) and places[INT8].items_path == out.join(directory)
+    assert places[SCANNED].items_path == out.join("bf16", "scanned", "0", "items")
+    assert places[UNSCANNED].items_path == out.join("bf16", "unscanned", "checkpoints", "0", "items")
     plan = plan_for((INT8,), quantize_type)
     stored = {a.dtype for a in plan.arrays(INT8) if a.path[-1] == "qvalue"}
     assert stored == {qvalue}
@@ -126,8 +126,8 @@ def test_layouts_decide_train_state_and_handler_from_the_kind():
 
 def test_target_and_kinds_survive_the_trip_to_a_worker():
     plan = plan_for((SCANNED, INT8), "int8")
-    layouts = MAXTEXT.layouts(Location.parse("/tmp/unused"), plan.quantize_type, plan.tree)
-    ctx = pickle.loads(pickle.dumps(JobContext.create(plan, layouts, None)))
+    places = MAXTEXT.places(Location.parse("/tmp/unused"), plan.quantize_type, plan.tree)
+    ctx = pickle.loads(pickle.dumps(JobContext.create(plan, places, None)))
     assert ctx.target is MAXTEXT  # the worker's own module instance
     assert set(ctx.arrays) == {SCANNED, INT8} and set(ctx.items) == {SCANNED, INT8}
 

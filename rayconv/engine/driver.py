@@ -81,7 +81,7 @@ def _make_executor(options: ConvertOptions):
                        worker_memory_gb=options.worker_memory_gb, start_timeout=options.worker_start_timeout)
 
 
-def _prepare_output(out: Location, ledger: Ledger, layouts: dict[Any, Any], plan: Plan, restart: bool,
+def _prepare_output(out: Location, ledger: Ledger, places: dict[Any, Any], plan: Plan, restart: bool,
                     summary: dict[str, Any], started_ns: int, fields: dict[str, Any],
                     content: dict[str, str]) -> dict[str, Any]:
     """Restart or resume: the ledger must describe this conversion, and storage must agree with it. An output that
@@ -93,32 +93,32 @@ def _prepare_output(out: Location, ledger: Ledger, layouts: dict[Any, Any], plan
         except OutputError:
             previous = None
         ledger.clear()
-        for location in restart_targets(out, plan, layouts, previous):
+        for location in restart_targets(out, plan, places, previous):
             remove_output(location)
     record = ledger.plan_record()
     if record is None:
         for kind in plan.kinds:
-            if occupied(layouts[kind].final_root):
-                raise OutputError(f"{layouts[kind].final_root.uri} already exists and was not written by this "
+            if occupied(places[kind].final_root):
+                raise OutputError(f"{places[kind].final_root.uri} already exists and was not written by this "
                                   "conversion; choose another --output_directory or pass --restart to replace it")
         for kind in plan.kinds:  # rayconv's temporaries with no ledger to resume them: nothing may reuse them
-            if layouts[kind].staging_root != layouts[kind].final_root:
-                remove_output(layouts[kind].staging_root)
+            if places[kind].staging_root != places[kind].final_root:
+                remove_output(places[kind].staging_root)
     record = ledger.start(plan.fingerprint(), summary, started_ns, **fields)
     for kind in plan.kinds:
-        layout, state = layouts[kind], ledger.commit_state(kind.name)
-        if state == COMMITTED and not target.is_complete(layout):
+        place, state = places[kind], ledger.commit_state(kind.name)
+        if state == COMMITTED and not target.is_complete(place):
             raise OutputError(f"the ledger says the {kind.name} checkpoint was committed, but "
-                              f"{target.completion_mark(layout).uri} is missing (moved or deleted?); rerun with "
+                              f"{target.completion_mark(place).uri} is missing (moved or deleted?); rerun with "
                               "--restart to write it again")
-        if state is not None and target.is_complete(layout):
+        if state is not None and target.is_complete(place):
             why = changed_sources(plan, ledger.commit_sources(kind.name), content)
             if why is not None:
-                raise OutputError(f"{layout.final_root.uri} is a finished {kind.name} checkpoint, but {why}; rerun "
+                raise OutputError(f"{place.final_root.uri} is a finished {kind.name} checkpoint, but {why}; rerun "
                                   "with --restart to convert again, or choose another --output_directory")
         if state is None:
-            if target.is_foreign(layout):
-                raise OutputError(f"{layout.final_root.uri} holds a checkpoint this conversion did not commit; move "
+            if target.is_foreign(place):
+                raise OutputError(f"{place.final_root.uri} holds a checkpoint this conversion did not commit; move "
                                   "it away or rerun with --restart to replace it")
     return record
 
@@ -204,7 +204,7 @@ def _convert_locked(options: ConvertOptions, checkpoint: Checkpoint, out: Locati
              summary["pieces"], human_bytes(summary["largest_piece_bytes"]), ", ".join(summary["outputs"]))
 
     target = plan.target
-    layouts = target.layouts(out, plan.quantize_type, plan.tree)
+    places = target.places(out, plan.quantize_type, plan.tree)
     shard_identities = source_identities(checkpoint)
     identities = read_identities(plan, shard_identities)
     content = content_identities(checkpoint, identities)
@@ -212,16 +212,16 @@ def _convert_locked(options: ConvertOptions, checkpoint: Checkpoint, out: Locati
     scale_indexes = checkpoint.scales.indexes if checkpoint.scales is not None else ()
     fields = {"source": source_digest(shard_identities, scale_indexes), "piece_budget": piece_bytes,
               "unit_budget": unit_bytes, "quantize_type": plan.quantize_type, "compression": options.compression,
-              "outputs": {k.name: relative(out, layouts[k].final_root) for k in plan.kinds}}
-    record = _prepare_output(out, ledger, layouts, plan, options.restart, summary, started_ns, fields, content)
+              "outputs": {k.name: relative(out, places[k].final_root) for k in plan.kinds}}
+    record = _prepare_output(out, ledger, places, plan, options.restart, summary, started_ns, fields, content)
     if md5 is not None:
         md5.poll(ledger, plan)  # records the md5 memo once every file matched (at once if checked already)
     started_ns = record.get("started_ns", started_ns)
     committed = [k for k in plan.kinds if ledger.commit_state(k.name) == COMMITTED]
     pending = [k for k in plan.kinds if k not in committed]
     # Outputs whose commit finished before an interruption need no units; the rest are built.
-    to_build = [k for k in pending if not target.is_complete(layouts[k])]
-    done = resumable(ledger, plan, identities, layouts, to_build) if to_build else {}
+    to_build = [k for k in pending if not target.is_complete(places[k])]
+    done = resumable(ledger, plan, identities, places, to_build) if to_build else {}
     todo = [u for u in plan.units if u.id not in done] if to_build else []
     if done:
         LOG.info("Resuming: %d of %d units already done", len(done), len(plan.units))
@@ -238,11 +238,11 @@ def _convert_locked(options: ConvertOptions, checkpoint: Checkpoint, out: Locati
                         done_units=len(receipts), enabled=options.progress)
     try:
         for kind in rebuild:  # new databases or bytes: a complete staging area must be rebuilt, not kept
-            target.reset_staging(layouts[kind])
+            target.reset_staging(places[kind])
         if todo:
             LOG.info("Converting %s with %d %s worker(s)", human_bytes(sum(u.read_bytes for u in todo)),
                      executor.workers, executor.name)
-            ctx = JobContext.create(dataclasses.replace(plan, kinds=tuple(to_build)), layouts, options.compression,
+            ctx = JobContext.create(dataclasses.replace(plan, kinds=tuple(to_build)), places, options.compression,
                                     batch_bytes=commit_batch_bytes(options))
             units = {u.id: u for u in todo}
             executor.start(ctx)
@@ -271,11 +271,11 @@ def _convert_locked(options: ConvertOptions, checkpoint: Checkpoint, out: Locati
         timer.lap("verify")
 
         by_unit = {r.unit: r for r in receipts}
-        outputs = {kind: layouts[kind].items_path.uri for kind in committed}
+        outputs = {kind: places[kind].items_path.uri for kind in committed}
         lock.check()
         for kind in pending:  # the intent, with the bytes it is built from (checked for visible outputs above)
             if kind in to_build or ledger.commit_state(kind.name) != COMMITTING:
-                ledger.set_commit_state(kind.name, COMMITTING, layouts[kind].items_path.uri, content)
+                ledger.set_commit_state(kind.name, COMMITTING, places[kind].items_path.uri, content)
         if pending:
             stop_point("intent")
         calls, results = [], {}
@@ -284,12 +284,12 @@ def _convert_locked(options: ConvertOptions, checkpoint: Checkpoint, out: Locati
             if kind not in to_build:  # only to be checked and recorded: no need for a committer
                 LOG.info("Found the %s checkpoint committed by an interrupted run; checking and recording it",
                          kind.name)
-                results[kind] = target.commit(layouts[kind], plan.arrays(kind), None, **kwargs)
+                results[kind] = target.commit(places[kind], plan.arrays(kind), None, **kwargs)
                 continue
             written = [by_unit[u.id].dbs for u in plan.units]  # what each unit's writer returned
             LOG.info("Committing %s checkpoint (%d arrays from %d databases)", kind.name, len(plan.arrays(kind)),
                      len(written))
-            calls.append((target.commit, (layouts[kind], plan.arrays(kind), written), kwargs))
+            calls.append((target.commit, (places[kind], plan.arrays(kind), written), kwargs))
         results.update(zip([k for k in pending if k in to_build], executor.call_all(calls) if calls else []))
         failure: Exception | None = None
         for kind in pending:

@@ -242,7 +242,7 @@ def source_digest(identities: list[str], scales: Sequence[dict[str, TensorInfo]]
 # Resume and restart ----------------------------------------------------------------------
 
 
-def resumable(ledger: Ledger, plan: Plan, identities: dict[str, str], layouts: dict[Any, Any],
+def resumable(ledger: Ledger, plan: Plan, identities: dict[str, str], places: dict[Any, Any],
               to_build: Sequence[Any]) -> dict[str, Receipt]:
     """Recorded receipts still valid: every file the unit read (:func:`read_identities`) is the same bytes (else
     it is run again — a re-downloaded shard or scale file is re-read), and what it wrote is still there for the
@@ -266,12 +266,12 @@ def resumable(ledger: Ledger, plan: Plan, identities: dict[str, str], layouts: d
         LOG.info("%d finished unit(s) read files that changed since (%s%s): running them again", rerun, names,
                  ", …" if len(changed) > 3 else "")
     for kind in to_build:
-        lost = plan.target.lost_units(layouts[kind], {unit: r.dbs for unit, r in done.items()})
+        lost = plan.target.lost_units(places[kind], {unit: r.dbs for unit, r in done.items()})
         for unit in lost:
             done.pop(unit, None)
         if lost:
             LOG.info("%d finished unit(s) have no %s database under %s: running them again",
-                     len(lost), kind.name, layouts[kind].item(staging=True).uri)
+                     len(lost), kind.name, places[kind].item(staging=True).uri)
     return done
 
 
@@ -286,20 +286,20 @@ def remove_output(location: Location) -> None:
         location.delete_all()
 
 
-def restart_targets(out: Location, plan: Plan, layouts: dict[Any, Any],
+def restart_targets(out: Location, plan: Plan, places: dict[Any, Any],
                     previous: dict[str, Any] | None) -> list[Location]:
     """What ``--restart`` removes: every output this plan writes, every output the previous
     conversion of this directory recorded (a stale ``int8/`` next to new bf16 outputs), and rayconv's
     staging directories (the plan's target knows them all). Anything else under the output directory is left
     alone."""
     target = plan.target
-    targets = [layouts[k].final_root for k in plan.kinds]
+    targets = [places[k].final_root for k in plan.kinds]
     if previous:
         recorded = previous.get("outputs")
         if isinstance(recorded, dict):
             targets += [out.join(str(rel)) for rel in recorded.values() if rel and ".." not in str(rel).split("/")]
         else:  # ledgers written before outputs were recorded: their kinds' directories (the AQT one's default)
-            old = {kind.name: layout for kind, layout in target.layouts(out).items()}
+            old = {kind.name: place for kind, place in target.places(out).items()}
             summary = previous.get("summary")
             kinds_before = summary.get("outputs", []) if isinstance(summary, dict) else []
             targets += [old[k].final_root for k in kinds_before if isinstance(k, str) and k in old]

@@ -34,12 +34,12 @@ import tensorstore as ts
 
 from rayconv import jsonio
 from rayconv.leaves import ArraySpec
-from rayconv.sink.layout import DB_PREFIX, OutputLayout, array_spec, ocdbt_kvstore
+from rayconv.sink.places import DB_PREFIX, OutputPlace, array_spec, ocdbt_kvstore
 from rayconv.errors import OutputError, one_line_reason
 from rayconv.progress import LOG
 from rayconv.storage import Location, output_errors
 
-# Tree paths and Orbax's JSON depend on the MaxText layout: see rayconv.trees (OutputLayout.tree).
+# Tree paths and Orbax's JSON depend on the MaxText layout: see rayconv.trees (OutputPlace.tree).
 MARKER = "commit_success.txt"
 
 #: The steps of a commit, in order ("intent" and "ledger" are the driver's). For tests,
@@ -122,15 +122,15 @@ def missing_databases(item: Location, dbs: Iterable[str]) -> list[str]:
     return [db for db, ok in zip(dbs, present) if not ok]
 
 
-def marker_dir(layout: OutputLayout, staging: bool) -> Location:
+def marker_dir(place: OutputPlace, staging: bool) -> Location:
     """Where the *last* marker of an output goes: the step directory, or the item for a bare item."""
     # A step directory for bf16; for int8 the root *is* the item.
-    return layout.staging_root if staging else layout.final_root
+    return place.staging_root if staging else place.final_root
 
 
-def is_complete(layout: OutputLayout, staging: bool = False) -> bool:
+def is_complete(place: OutputPlace, staging: bool = False) -> bool:
     """The output carries its last ``commit_success.txt`` (what Orbax takes as finished)."""
-    return marker_dir(layout, staging).exists(MARKER)
+    return marker_dir(place, staging).exists(MARKER)
 
 
 def occupied(location: Location) -> bool:
@@ -140,16 +140,16 @@ def occupied(location: Location) -> bool:
     return location.exists()
 
 
-def check_committed(layout: OutputLayout, arrays: list[ArraySpec]) -> Location:
+def check_committed(place: OutputPlace, arrays: list[ArraySpec]) -> Location:
     """A cheap check that a final output with its markers is the tree this conversion writes: the
     same ``_METADATA`` and a root database. (Its data is this conversion's when the ledger recorded
     ``committing`` for it: nothing else writes there while the lock is held.)"""
-    item = layout.item(staging=False)
+    item = place.item(staging=False)
     try:
         stored = jsonio.loads(item.read_bytes("_METADATA") or b"null")
     except jsonio.JSONError:
         stored = None
-    expected = json.loads(json.dumps(layout.tree.tree_metadata(layout.kind, arrays)))
+    expected = json.loads(json.dumps(place.tree.tree_metadata(place.kind, arrays)))
     if stored != expected:
         raise OutputError(f"{item.uri} carries {MARKER} but its _METADATA is not the tree this conversion writes "
                           "(another model or rayconv version?); rerun with --restart to replace it")
@@ -159,29 +159,29 @@ def check_committed(layout: OutputLayout, arrays: list[ArraySpec]) -> Location:
     return item
 
 
-def _write_markers(layout: OutputLayout, *, item_done: bool = False) -> None:
-    item, final_item = layout.item(staging=True), layout.item(staging=False)
+def _write_markers(place: OutputPlace, *, item_done: bool = False) -> None:
+    item, final_item = place.item(staging=True), place.item(staging=False)
     if not item_done:
         item.write_bytes(MARKER, f"Checkpoint commit was successful to {final_item.uri}".encode())
-        stop_point("item_marker", layout.kind.name)
-    if layout.has_step:
-        layout.staging_root.write_bytes(MARKER, f"Checkpoint commit was successful to {layout.final_root.uri}"
+        stop_point("item_marker", place.kind.name)
+    if place.has_step:
+        place.staging_root.write_bytes(MARKER, f"Checkpoint commit was successful to {place.final_root.uri}"
                                         .encode())
-        stop_point("step_marker", layout.kind.name)
+        stop_point("step_marker", place.kind.name)
 
 
-def _build(layout: OutputLayout, arrays: list[ArraySpec], dbs: list[str], *, compression: str | None,
+def _build(place: OutputPlace, arrays: list[ArraySpec], dbs: list[str], *, compression: str | None,
            custom_metadata: dict[str, Any] | None, started_ns: int) -> None:
     """Steps 1-3 into the staging location (which is the final one on GCS)."""
-    item = layout.item(staging=True)
-    kind = layout.kind
-    tree = layout.tree
+    item = place.item(staging=True)
+    kind = place.kind
+    tree = place.tree
     with output_errors(item):
         missing = missing_databases(item, dbs)
         if missing:
             raise OutputError(f"{item.uri}/{DB_PREFIX}{missing[0]} is missing ({len(missing)} of the units' "
                               "databases are): rerun to redo those units")
-        merge_databases(item, arrays, dbs, with_step=layout.step_leaf, compression=compression)
+        merge_databases(item, arrays, dbs, with_step=place.step_leaf, compression=compression)
         stale = drop_unreferenced(item, dbs)
         if stale:
             LOG.info("%s: removed %d database(s) of unit attempts no receipt names (retried or interrupted units)",
@@ -190,45 +190,45 @@ def _build(layout: OutputLayout, arrays: list[ArraySpec], dbs: list[str], *, com
     item.write_bytes("_METADATA", json.dumps(tree.tree_metadata(kind, arrays)).encode())
     item.write_bytes("_sharding", json.dumps(tree.sharding_file(arrays)).encode())
     item.write_bytes("array_metadatas/process_0", json.dumps(tree.array_metadatas(arrays)).encode())
-    if layout.has_step:
-        layout.staging_root.write_bytes("_CHECKPOINT_METADATA", json.dumps(
+    if place.has_step:
+        place.staging_root.write_bytes("_CHECKPOINT_METADATA", json.dumps(
             tree.checkpoint_metadata(kind, True, custom_metadata, started_ns)).encode())
     else:
         item.write_bytes("_CHECKPOINT_METADATA", json.dumps(
             tree.checkpoint_metadata(kind, False, custom_metadata, started_ns)).encode())
     stop_point("metadata", kind.name)
-    _write_markers(layout)
+    _write_markers(place)
 
 
-def commit_output(layout: OutputLayout, arrays: list[ArraySpec], dbs: list[str], *, compression: str | None,
+def commit_output(place: OutputPlace, arrays: list[ArraySpec], dbs: list[str], *, compression: str | None,
                   custom_metadata: dict[str, Any] | None, started_ns: int) -> Location:
     """Steps 1-4 for one output, resumed from whatever state storage shows; returns the final item
     location (what MaxText loads). Never deletes or rewrites an output that carries its last marker.
 
-    ``custom_metadata`` None: what the layout's MaxText writer records (``layout.tree``)."""
-    if is_complete(layout, staging=False):
-        return check_committed(layout, arrays)
+    ``custom_metadata`` None: what the tree layout's MaxText writer records (``place.tree``)."""
+    if is_complete(place, staging=False):
+        return check_committed(place, arrays)
     kwargs = {"compression": compression, "custom_metadata": custom_metadata, "started_ns": started_ns}
-    if layout.staging_root == layout.final_root:  # GCS: built in place, the markers are the last writes
-        if layout.has_step and layout.item(staging=True).exists(MARKER):
-            check_committed(layout, arrays)  # interrupted between the item marker and the step marker
-            _write_markers(layout, item_done=True)
+    if place.staging_root == place.final_root:  # GCS: built in place, the markers are the last writes
+        if place.has_step and place.item(staging=True).exists(MARKER):
+            check_committed(place, arrays)  # interrupted between the item marker and the step marker
+            _write_markers(place, item_done=True)
         else:
-            _build(layout, arrays, dbs, **kwargs)
-        return layout.item(staging=False)
+            _build(place, arrays, dbs, **kwargs)
+        return place.item(staging=False)
     # Local: built under the temporary name, then renamed into place (never over anything).
-    if occupied(layout.final_root):
-        raise OutputError(f"{layout.final_root.uri} exists but is not a checkpoint this conversion committed (no "
+    if occupied(place.final_root):
+        raise OutputError(f"{place.final_root.uri} exists but is not a checkpoint this conversion committed (no "
                           f"{MARKER}); move it away or rerun with --restart to replace it")
-    if not is_complete(layout, staging=True):
-        _build(layout, arrays, dbs, **kwargs)
+    if not is_complete(place, staging=True):
+        _build(place, arrays, dbs, **kwargs)
     try:
-        layout.staging_root.rename(layout.final_root)
+        place.staging_root.rename(place.final_root)
     except OSError as exc:
-        raise OutputError(f"cannot move {layout.staging_root.uri} to {layout.final_root.uri}: "
+        raise OutputError(f"cannot move {place.staging_root.uri} to {place.final_root.uri}: "
                           f"{one_line_reason(exc)}") from None
-    stop_point("rename", layout.kind.name)
-    return layout.item(staging=False)
+    stop_point("rename", place.kind.name)
+    return place.item(staging=False)
 
 
 def commit_or_error(*args: Any, **kwargs: Any) -> Location | OutputError:

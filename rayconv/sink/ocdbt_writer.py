@@ -14,7 +14,7 @@ import tensorstore as ts
 
 from rayconv.plan import Unit
 from rayconv.receipts import JobContext
-from rayconv.sink.layout import array_kvstore, array_schema, ocdbt_kvstore
+from rayconv.sink.places import array_kvstore, array_schema, ocdbt_kvstore
 from rayconv.storage import Location, output_errors
 from rayconv.trees import Kind
 

@@ -2,7 +2,7 @@
 
 Everything the rest of rayconv asks of an output format, for MaxText: its kinds (:mod:`.maxtext_kinds`), the
 arrays and chunk grid of each and the values a piece gives them (:mod:`.maxtext_arrays`), where each output
-lives (:class:`rayconv.sink.layout.OutputLayout`), the writer a unit writes with (OCDBT child databases,
+lives (:class:`rayconv.sink.places.OutputPlace`), the writer a unit writes with (OCDBT child databases,
 :mod:`rayconv.sink.ocdbt_writer`), and the commit protocol with its markers (:mod:`rayconv.sink.commit`). The
 driver, the ledger and ``rayconv verify`` reach Orbax only through this object.
 """
@@ -20,7 +20,7 @@ from rayconv.leaves import ArraySpec
 from rayconv.plan import Piece, Plan, Unit
 from rayconv.receipts import JobContext
 from rayconv.sink import commit as orbax_commit
-from rayconv.sink.layout import OutputLayout
+from rayconv.sink.places import OutputPlace
 from rayconv.sink.ocdbt_writer import OcdbtWriter
 from rayconv.storage import Location
 from rayconv.targets import maxtext_arrays, maxtext_kinds
@@ -66,73 +66,73 @@ class MaxTextTarget:
         return OcdbtWriter(ctx, unit, batch_bytes=ctx.batch_bytes)
 
     # ------------------------------------------------------------------ where outputs live
-    def layout(self, out: Location, kind: OutputKind, quantize_type: str | None = None,
-               tree: trees.TreeLayout = trees.LINEN) -> OutputLayout:
-        return OutputLayout(kind, out.join(*kind.directory(quantize_type)), kind.has_step, tree)
+    def place(self, out: Location, kind: OutputKind, quantize_type: str | None = None,
+               tree: trees.TreeLayout = trees.LINEN) -> OutputPlace:
+        return OutputPlace(kind, out.join(*kind.directory(quantize_type)), kind.has_step, tree)
 
-    def layouts(self, out: Location, quantize_type: str | None = None,
-                tree: trees.TreeLayout = trees.LINEN) -> dict[OutputKind, OutputLayout]:
+    def places(self, out: Location, quantize_type: str | None = None,
+                tree: trees.TreeLayout = trees.LINEN) -> dict[OutputKind, OutputPlace]:
         """Every kind's locations; the AQT checkpoint's directory is named after its type (``<out>/int4w``)."""
-        return {kind: self.layout(out, kind, quantize_type, tree) for kind in self.kinds}
+        return {kind: self.place(out, kind, quantize_type, tree) for kind in self.kinds}
 
-    def every_layout(self, out: Location) -> Iterator[tuple[str | None, OutputLayout]]:
-        """(quantize type, layout) of every output any conversion could write under ``out`` (each AQT type)."""
+    def every_place(self, out: Location) -> Iterator[tuple[str | None, OutputPlace]]:
+        """(quantize type, place) of every output any conversion could write under ``out`` (each AQT type)."""
         for kind in self.kinds:
             for qtype in (tuple(quantize.QUANT_TYPES) if kind.quantized else (None,)):
-                yield qtype, self.layout(out, kind, qtype)
+                yield qtype, self.place(out, kind, qtype)
 
     def staging_roots(self, out: Location) -> list[Location]:
         """rayconv's staging directories of every output that could be under ``out`` (``--restart`` removes them)."""
-        return [layout.staging_root for _, layout in self.every_layout(out) if layout.staging_root != layout.final_root]
+        return [place.staging_root for _, place in self.every_place(out) if place.staging_root != place.final_root]
 
     def present(self, out: Location) -> tuple[dict[OutputKind, Location], str | None]:
         """Committed (or, locally, fully written) outputs under ``out`` (items), and the AQT type if any."""
         found: dict[OutputKind, Location] = {}
         quantize_type = None
-        for qtype, layout in self.every_layout(out):
-            item = layout.item(staging=False)
-            if layout.kind in found:
+        for qtype, place in self.every_place(out):
+            item = place.item(staging=False)
+            if place.kind in found:
                 continue
             if item.read_bytes(orbax_commit.MARKER) is not None or (item.is_local and item.exists("_METADATA")):
-                found[layout.kind] = item
-                quantize_type = qtype if layout.kind.quantized else quantize_type
+                found[place.kind] = item
+                quantize_type = qtype if place.kind.quantized else quantize_type
         return {k: found[k] for k in self.kinds if k in found}, quantize_type
 
     # ------------------------------------------------------------------ commit
-    def is_complete(self, layout: OutputLayout) -> bool:
+    def is_complete(self, place: OutputPlace) -> bool:
         """The output carries its last marker in its final location (what Orbax and MaxText take as finished)."""
-        return orbax_commit.is_complete(layout)
+        return orbax_commit.is_complete(place)
 
-    def completion_mark(self, layout: OutputLayout) -> Location:
+    def completion_mark(self, place: OutputPlace) -> Location:
         """Where that last marker is (named when a committed output has lost it)."""
-        return layout.final_root.join(orbax_commit.MARKER)
+        return place.final_root.join(orbax_commit.MARKER)
 
-    def is_foreign(self, layout: OutputLayout) -> bool:
+    def is_foreign(self, place: OutputPlace) -> bool:
         """Something this conversion did not commit (no ledger record) is where the output goes."""
-        if layout.final_root != layout.staging_root:
-            return orbax_commit.occupied(layout.final_root)
-        return orbax_commit.is_complete(layout) or layout.item().exists(orbax_commit.MARKER)
+        if place.final_root != place.staging_root:
+            return orbax_commit.occupied(place.final_root)
+        return orbax_commit.is_complete(place) or place.item().exists(orbax_commit.MARKER)
 
-    def reset_staging(self, layout: OutputLayout) -> None:
+    def reset_staging(self, place: OutputPlace) -> None:
         """Drop the staging markers, so a staging area built from other bytes is rebuilt, never renamed into place
         (locally) or completed with its step marker (GCS, where a to-build bf16 output has none: not visible)."""
-        layout.staging_root.delete(orbax_commit.MARKER)
-        layout.item(staging=True).delete(orbax_commit.MARKER)
+        place.staging_root.delete(orbax_commit.MARKER)
+        place.item(staging=True).delete(orbax_commit.MARKER)
 
-    def lost_units(self, layout: OutputLayout, written: dict[str, dict[str, str]]) -> list[str]:
+    def lost_units(self, place: OutputPlace, written: dict[str, dict[str, str]]) -> list[str]:
         """Units (of ``written``: unit → what its writer returned) whose part of this output is not in storage."""
-        name = layout.kind.name
+        name = place.kind.name
         by_db = {dbs[name]: unit for unit, dbs in written.items() if name in dbs}
-        lost = orbax_commit.missing_databases(layout.item(staging=True), by_db)
+        lost = orbax_commit.missing_databases(place.item(staging=True), by_db)
         return [by_db[db] for db in lost] + [unit for unit, dbs in written.items() if name not in dbs]
 
-    def commit(self, layout: OutputLayout, arrays: list[ArraySpec], written: list[dict[str, str]] | None, *,
+    def commit(self, place: OutputPlace, arrays: list[ArraySpec], written: list[dict[str, str]] | None, *,
                compression: str | None, started_ns: int) -> Location | OutputError:
         """Commit one output from what the units' writers returned (None: only check and keep an output an
         interrupted run committed); returns the final item, or a user-facing failure (the other outputs go on)."""
-        dbs = [w[layout.kind.name] for w in written] if written is not None else []
-        return orbax_commit.commit_or_error(layout, arrays, dbs, compression=compression, started_ns=started_ns,
-                                            custom_metadata=layout.tree.custom_metadata(layout.kind))
+        dbs = [w[place.kind.name] for w in written] if written is not None else []
+        return orbax_commit.commit_or_error(place, arrays, dbs, compression=compression, started_ns=started_ns,
+                                            custom_metadata=place.tree.custom_metadata(place.kind))
 
     # ------------------------------------------------------------------ the closing lines
     def completion_lines(self, plan: Plan, outputs: dict[OutputKind, str]) -> list[str]:

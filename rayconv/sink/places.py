@@ -1,7 +1,7 @@
 """Where an output lives (staging, final, items), and the tensorstore specs of its arrays.
 
 Which output goes where is the MaxText target's (:mod:`rayconv.targets.maxtext`, from each kind's directory);
-the three outputs use the layouts MaxText and JetStream read:
+the three outputs use the directories MaxText and JetStream read:
 
 * ``<out>/bf16/scanned/0/items`` and ``<out>/bf16/unscanned/checkpoints/0/items``: an Orbax
   CheckpointManager step (``_CHECKPOINT_METADATA`` + ``commit_success.txt`` in the step dir, the
@@ -11,7 +11,7 @@ the three outputs use the layouts MaxText and JetStream read:
 
 Each item is an OCDBT database of zarr3 arrays keyed by the dotted tree path (``params.params.decoder…/``
 in the ``linen`` layout, ``decoder.layers_0….kernel.value/`` in ``nnx``; :mod:`rayconv.trees` decides). The
-directory structure is the same in both layouts: MaxText 0.2.5 also saves bf16 outputs as CheckpointManager
+directory structure is the same in both tree layouts: MaxText 0.2.5 also saves bf16 outputs as CheckpointManager
 steps and int8 as a bare PyTreeCheckpointer directory. Workers write
 chunks into their own child databases (``items/ocdbt.process_<db>/``); the committer merges them
 into the root database, as Orbax's own multi-host finalize does.
@@ -48,7 +48,7 @@ OCDBT_CONFIG: dict[str, Any] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class OutputLayout:
+class OutputPlace:
     """Final and staging locations of one output (``kind``: an output kind of the MaxText target)."""
 
     kind: trees.Kind
