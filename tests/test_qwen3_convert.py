@@ -57,9 +57,11 @@ def test_convert_writes_what_to_maxtext_writes(name, scanned, converted, referen
     assert n == 1 + len(qwen3.rules(spec)) + (0 if scanned else (spec.n_layers - 1) * per_layer)  # step + leaves
 
 
-@pytest.mark.parametrize("name", list(FIXTURES))
+@pytest.mark.parametrize("name", ["qwen3-moe"])
 def test_maxtext_serves_rayconvs_unscanned_output_as_its_own(name, converted, reference_025):
-    """MaxText 0.2.5's MaxEngine loads rayconv's unscanned output; its logits equal those of to_maxtext's output."""
+    """MaxText 0.2.5's MaxEngine loads rayconv's unscanned output; its logits equal those of to_maxtext's output.
+    The MoE fixture only (two MaxEngine runs, ~65 s): the dense outputs' leaves and tree are bit-equal to
+    to_maxtext's above, and the MoE model exercises every rule the dense one has plus the experts and router."""
     spec = spec_of(name)
     theirs = reference_025.to_maxtext(checkpoint(name), spec.maxtext_name, scanned=False)
     ours = converted(name) / ITEMS["unscanned"]

@@ -67,7 +67,9 @@ def assert_same_files(ours: Path, theirs: Path) -> list[str]:
     return names
 
 
-CASES = [(name, scanned, split) for name in FIXTURES for scanned, split in ((True, None), (False, SPLIT))]
+#: One form per fixture against MaxText's exporter (each is a ~70 s MaxText run from a cold cache): the dense model
+#: scanned in one file, the MoE unscanned and split; every other form is checked by the round trip below.
+CASES = [("qwen3-dense", True, None), ("qwen3-moe", False, SPLIT)]
 
 
 @pytest.mark.parametrize("name,scanned,split", CASES,
