@@ -92,7 +92,9 @@ def _bits(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a).view(np.uint16)
 
 
-CASES = [("linen", "unscanned"), ("linen", "scanned"), ("nnx", "unscanned")]
+#: The forms whose MaxText export tests/test_export.py needs too (the reference runs are shared through the cache;
+#: linen unscanned is compared there, split into files).
+CASES = [("linen", "scanned"), ("nnx", "unscanned"), ("nnx", "scanned")]
 
 
 @pytest.mark.parametrize("layout,kind", CASES, ids=[f"{a}-{b}" for a, b in CASES])
@@ -117,7 +119,7 @@ def test_reference_export_is_the_inverse_transform(reference_025, rayconv_output
 
 
 def test_reference_config_json(reference_025, rayconv_outputs):
-    out = reference_025.to_huggingface(MODEL, rayconv_outputs["linen"] / ITEMS["unscanned"], scanned=False)
+    out = reference_025.to_huggingface(MODEL, rayconv_outputs["linen"] / ITEMS["scanned"], scanned=True)
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
     assert {k: config[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
@@ -134,10 +136,11 @@ def test_reference_config_json(reference_025, rayconv_outputs):
     assert "dtype" not in config and "torch_dtype" not in config
 
 
-@pytest.mark.parametrize("max_shard_size", [None, 150_000])
-def test_our_files_equal_maxtexts(reference_025, rayconv_outputs, tmp_path, max_shard_size):
-    """The safetensors target's plan (style maxtext) and writer give MaxText's files and index, byte for byte."""
-    out = reference_025.to_huggingface(MODEL, rayconv_outputs["linen"] / ITEMS["unscanned"], scanned=False,
+@pytest.mark.parametrize("kind,max_shard_size", [("scanned", None), ("unscanned", 150_000)])
+def test_our_files_equal_maxtexts(reference_025, rayconv_outputs, tmp_path, kind, max_shard_size):
+    """The safetensors target's plan (style maxtext) and writer give MaxText's files and index, byte for byte
+    (the two MaxText runs tests/test_export.py also compares with)."""
+    out = reference_025.to_huggingface(MODEL, rayconv_outputs["linen"] / ITEMS[kind], scanned=kind == "scanned",
                                        max_shard_size=max_shard_size)
     files = sorted(out.glob("*.safetensors"))
     tensors = {k: v for f in files for k, v in load_file(str(f)).items()}
