@@ -117,20 +117,34 @@ def run_convert(src: Path, out: Path, *, model_name=None, model_path=None, kinds
     return result
 
 
+def qwen3_checkpoint(name: str) -> Path:
+    """The transformers-written Qwen3 fixture ``name`` (tests/qwen3_checkpoints.py), written once into the cache."""
+    from qwen3_checkpoints import ensure_qwen3_checkpoint
+
+    return ensure_qwen3_checkpoint(name, CACHE / "qwen3-hf")
+
+
+def qwen3_spec(name: str):
+    """The Qwen3 spec rayconv reads from that fixture's config.json."""
+    import json
+
+    from rayconv.families import qwen3
+
+    return qwen3.spec_from_config(json.loads((qwen3_checkpoint(name) / "config.json").read_text()))
+
+
 @pytest.fixture(scope="session")
 def qwen3_converted(tmp_path_factory):
     """Qwen3 fixture name → ``rayconv convert``'s output for it (default flags), converted once for the whole run
     (tests/test_qwen3_convert.py and tests/test_qwen3_export.py share it)."""
     from helpers import run_convert_cli
-    from qwen3_checkpoints import ensure_qwen3_checkpoint
 
     done: dict[str, Path] = {}
 
     def get(name: str) -> Path:
         if name not in done:
             out = tmp_path_factory.mktemp(name) / "out"
-            src = ensure_qwen3_checkpoint(name, CACHE / "qwen3-hf")
-            result = run_convert_cli("--input_directory", str(src), "--output_directory", str(out))
+            result = run_convert_cli("--input_directory", str(qwen3_checkpoint(name)), "--output_directory", str(out))
             assert result.returncode == 0, result.stderr[-3000:]
             done[name] = out
         return done[name]

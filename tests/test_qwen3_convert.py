@@ -24,21 +24,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CACHE
+from conftest import qwen3_checkpoint, qwen3_spec
 from helpers import ITEMS, assert_one_line, assert_same_checkpoint, output_leaves, run_convert_cli
-from qwen3_checkpoints import FIXTURES, ensure_qwen3_checkpoint
+from qwen3_checkpoints import FIXTURES
 from rayconv import mapping
 from rayconv.families import qwen3
 
 KINDS = {True: "scanned", False: "unscanned"}
 
 
-def checkpoint(name: str) -> Path:
-    return ensure_qwen3_checkpoint(name, CACHE / "qwen3-hf")
-
-
-def spec_of(name: str) -> qwen3.Qwen3Spec:
-    return qwen3.spec_from_config(json.loads((checkpoint(name) / "config.json").read_text()))
+checkpoint, spec_of = qwen3_checkpoint, qwen3_spec  # conftest: the fixtures both Qwen3 test files use
 
 
 @pytest.fixture

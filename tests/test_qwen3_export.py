@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CACHE
+from conftest import qwen3_checkpoint, qwen3_spec
 from helpers import ITEMS, one_error, run_cli
-from qwen3_checkpoints import FIXTURES, ensure_qwen3_checkpoint, hf_tensors
+from qwen3_checkpoints import FIXTURES, hf_tensors
 from rayconv.exporting import model as export_model
 from rayconv.exporting.driver import ExportOptions, export
 from rayconv.families import QWEN3, qwen3
@@ -37,12 +37,7 @@ SPLIT = 40_000
 TOKENS = [1, 17, 42, 99, 200, 255, 3, 128]
 
 
-def checkpoint(name: str) -> Path:
-    return ensure_qwen3_checkpoint(name, CACHE / "qwen3-hf")
-
-
-def spec_of(name: str) -> qwen3.Qwen3Spec:
-    return qwen3.spec_from_config(json.loads((checkpoint(name) / "config.json").read_text()))
+checkpoint, spec_of = qwen3_checkpoint, qwen3_spec  # conftest: the fixtures both Qwen3 test files use
 
 
 @pytest.fixture
