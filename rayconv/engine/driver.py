@@ -73,12 +73,9 @@ class ConvertResult:
 
 
 def _make_executor(options: ConvertOptions):
-    from rayconv.engine.executors import LocalExecutor, RayExecutor
+    from rayconv.engine.executors import make_executor  # ray and its actors only when units run
 
-    if options.executor == "local":
-        return LocalExecutor()
-    return RayExecutor(address=options.address, num_workers=options.num_workers,
-                       worker_memory_gb=options.worker_memory_gb, start_timeout=options.worker_start_timeout)
+    return make_executor(options)
 
 
 def _prepare_output(out: Location, ledger: Ledger, places: dict[Any, Any], plan: Plan, restart: bool,

@@ -369,3 +369,12 @@ class RayExecutor:
         for actor in self._actors + ([self._committer] if self._committer is not None else []):
             self._ray.kill(actor)
         self._actors, self._committer = [], None
+
+
+def make_executor(options: Any) -> LocalExecutor | RayExecutor:
+    """The executor a job's engine flags ask for (``--executor``, ``--address``, ``--num_workers``,
+    ``--worker_memory_gb``, ``--worker_start_timeout``): convert's and export's options carry the same fields."""
+    if options.executor == "local":
+        return LocalExecutor()
+    return RayExecutor(address=options.address, num_workers=options.num_workers,
+                       worker_memory_gb=options.worker_memory_gb, start_timeout=options.worker_start_timeout)

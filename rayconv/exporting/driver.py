@@ -110,12 +110,9 @@ def _tokenizer_files(directory: str | None) -> dict[str, bytes]:
 
 
 def _make_executor(options: ExportOptions):
-    from rayconv.engine.executors import LocalExecutor, RayExecutor
+    from rayconv.engine.executors import make_executor  # ray and its actors only when units run
 
-    if options.executor == "local":
-        return LocalExecutor()
-    return RayExecutor(address=options.address, num_workers=options.num_workers,
-                       worker_memory_gb=options.worker_memory_gb, start_timeout=options.worker_start_timeout)
+    return make_executor(options)
 
 
 def _sizes(out: Location, names: list[str]) -> dict[str, int | None]:
