@@ -13,9 +13,12 @@ model and generating a multi-GB checkpoint needs memory for one shard only.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
+import shutil
 import zlib
 from pathlib import Path
 from typing import Iterator
@@ -146,7 +149,11 @@ PRESETS: dict[str, SyntheticModel] = {
 
 
 def ensure_checkpoint(model: SyntheticModel, root: str | Path) -> Path:
-    """Write the checkpoint under ``root/<hash of the model>`` unless a complete copy is there."""
+    """Write the checkpoint under ``root/<hash of the model>`` unless a complete copy is there.
+
+    Safe when several processes ask for the same model at once (parallel test workers, two demos): one writes,
+    under an exclusive ``flock`` on ``root/.<key>.lock``, into a temporary directory renamed into place; the
+    others wait for the lock and find it complete."""
     # fp8=False and zero_channel=False are left out of the key so checkpoints cached before those fields existed
     # keep their names.
     text = repr(model).replace(", zero_channel=False)", ")").replace(", fp8=False)", ")")
@@ -154,14 +161,24 @@ def ensure_checkpoint(model: SyntheticModel, root: str | Path) -> Path:
     out = Path(root) / key
     if (out / "checklist.chk").exists():
         return out
-    tmp = Path(root) / f".{key}.partial"
-    import shutil
-
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_checkpoint(model, tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with cache_lock(Path(root) / f".{key}.lock"):
+        if (out / "checklist.chk").exists():
+            return out
+        tmp = Path(root) / f".{key}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_checkpoint(model, tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
     return out
+
+
+@contextlib.contextmanager
+def cache_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created) while the block runs: one builder per cache entry per host."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def _rng(model: SyntheticModel, *key: object) -> np.random.Generator:

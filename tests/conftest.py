@@ -7,7 +7,9 @@ Everything here starts real services from the tests themselves; nothing is mocke
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,14 @@ pytest_plugins = ["conftest_storage"]
 CACHE = Path(os.environ.get("RAYCONV_TEST_CACHE", REPO / ".cache"))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+if os.environ.get("PYTEST_XDIST_WORKER") and "RAY_TMPDIR" not in os.environ:
+    # Parallel workers (scripts/test.sh runs two): each Ray a worker starts keeps its sessions, sockets and the
+    # address a ray.cluster_utils.Cluster records (ray_current_cluster) in the worker's own short temp dir.
+    os.environ["RAY_TMPDIR"] = _WORKER_RAY_TMP = tempfile.mkdtemp(prefix=f"ray-{os.environ['PYTEST_XDIST_WORKER']}-",
+                                                                  dir="/tmp")
+
+    def pytest_unconfigure(config):
+        shutil.rmtree(_WORKER_RAY_TMP, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +42,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
                  logging_level="WARNING", runtime_env={"env_vars": {"JAX_PLATFORMS": "cpu"}})
     yield ray
     ray.shutdown()

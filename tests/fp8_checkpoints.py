@@ -40,11 +40,7 @@ def write_dequantized(src: Path, dst: Path) -> Path:
 
 def ensure_dequantized(src: Path, root: Path) -> Path:
     """Cached :func:`write_dequantized` of ``src`` under ``root`` (built in a temp dir, renamed into place)."""
-    out = Path(root) / f"deq-{src.name}"
-    if (out / "params.json").exists():
-        return out
-    tmp = Path(root) / f".deq-{src.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_dequantized(src, tmp)
-    tmp.rename(out)
-    return out
+    from hf_checkpoints import cached_checkpoint
+
+    return cached_checkpoint(Path(root) / f"deq-{src.name}", lambda tmp: write_dequantized(src, tmp),
+                             marker="params.json")

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from rayconv.synthetic import SyntheticModel, shard_tensors
+from rayconv.synthetic import SyntheticModel, cache_lock, shard_tensors
 
 #: Meta key → (HF key, split axis of Meta's shards, None = replicated).
 _META_TO_HF = {
@@ -116,10 +116,20 @@ def ensure_hf_checkpoint(model: SyntheticModel, root: str | Path, max_shard_size
     return cached_checkpoint(Path(root) / f"hf-{key}", lambda tmp: write_hf_checkpoint(model, tmp, max_shard_size))
 
 
-def cached_checkpoint(out: Path, write: Callable[[Path], object]) -> Path:
-    """``out`` once it holds a ``config.json``; else ``write(tmp)`` fills a temp dir next to it, renamed into place."""
-    if (out / "config.json").exists():
+def cached_checkpoint(out: Path, write: Callable[[Path], object], marker: str = "config.json") -> Path:
+    """``out`` once it holds ``marker``; else ``write(tmp)`` fills a temp dir next to it, renamed into place, under
+    a lock (rayconv.synthetic.cache_lock) so that parallel test workers build each entry once."""
+    if (out / marker).exists():
         return out
+    with cache_lock(out.parent / f".{out.name}.lock"):
+        if (out / marker).exists():
+            return out
+        tmp = out.parent / f".{out.name}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    return out
     tmp = out.parent / f".{out.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
