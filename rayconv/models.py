@@ -61,6 +61,11 @@ class ModelSpec:
         return self.dim // self.n_heads
 
     @property
+    def mlp_summary(self) -> str:
+        """The feed-forward shape as the convert log prints it."""
+        return f"ffn {self.ffn_dim}"
+
+    @property
     def kv_step(self) -> int:
         """Shard stride for wk/wv: 405B MP16 stores each kv head twice (shards 2j, 2j+1)."""
         return max(1, self.n_shards // self.n_kv_heads)

@@ -156,6 +156,7 @@ def qwen3_converted(tmp_path_factory):
             out = tmp_path_factory.mktemp(name) / "out"
             result = run_convert_cli("--input_directory", str(qwen3_checkpoint(name)), "--output_directory", str(out))
             assert result.returncode == 0, result.stderr[-3000:]
+            (out.parent / "convert.log").write_text(result.stderr)  # the run's log lines, for the tests to read
             done[name] = out
         return done[name]
 

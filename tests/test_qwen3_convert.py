@@ -52,6 +52,14 @@ def test_convert_writes_what_to_maxtext_writes(name, scanned, converted, referen
     assert n == 1 + len(qwen3.rules(spec)) + (0 if scanned else (spec.n_layers - 1) * per_layer)  # step + leaves
 
 
+@pytest.mark.parametrize("name,mlp", [("qwen3-dense", "ffn 96,"), ("qwen3-moe", "8 experts of 32, 2 per token,")])
+def test_the_model_line_names_the_feed_forward_the_model_has(name, mlp, converted):
+    """An MoE model's log line gives its experts, not config.json's dense intermediate_size (96, unused)."""
+    log = (converted(name).parent / "convert.log").read_text()
+    line = next(ln for ln in log.splitlines() if f"Model {spec_of(name).maxtext_name}:" in ln)
+    assert mlp in line, line
+
+
 @pytest.mark.parametrize("name", ["qwen3-moe"])
 def test_maxtext_serves_rayconvs_unscanned_output_as_its_own(name, converted, reference_025):
     """MaxText 0.2.5's MaxEngine loads rayconv's unscanned output; its logits equal those of to_maxtext's output.

@@ -165,8 +165,8 @@ def convert(options: ConvertOptions) -> ConvertResult:
         md5 = _check_md5(checkpoint, options)
         timer.lap("md5")
     kv = "" if spec.params_kv_heads == spec.n_kv_heads else f" (params.json says {spec.params_kv_heads})"
-    LOG.info("Model %s: %d layers, dim %d, %d heads, %d kv heads%s, ffn %d, vocab %d, %s, %s",
-             spec.maxtext_name, spec.n_layers, spec.dim, spec.n_heads, spec.n_kv_heads, kv, spec.ffn_dim,
+    LOG.info("Model %s: %d layers, dim %d, %d heads, %d kv heads%s, %s, vocab %d, %s, %s",
+             spec.maxtext_name, spec.n_layers, spec.dim, spec.n_heads, spec.n_kv_heads, kv, spec.mlp_summary,
              spec.vocab_size, checkpoint.describe_files(), human_bytes(checkpoint.nbytes))
     if checkpoint.fp8:
         LOG.info("Source is Meta's FP8 SKU: FFN weights of layers 1..%d are float8 with row scales, dequantized to "

@@ -78,6 +78,13 @@ class Qwen3Spec:
         return self.n_experts > 0
 
     @property
+    def mlp_summary(self) -> str:
+        """The feed-forward shape as the convert log prints it: an MoE model's experts, not its unused dense width."""
+        if self.moe:
+            return f"{self.n_experts} experts of {self.moe_ffn_dim}, {self.experts_per_token} per token"
+        return f"ffn {self.ffn_dim}"
+
+    @property
     def params_kv_heads(self) -> int:
         """``ModelSpec``'s field for Meta's params.json kv heads (the convert log compares it): no params.json here."""
         return self.n_kv_heads
