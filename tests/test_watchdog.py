@@ -45,10 +45,33 @@ def test_a_process_orphaned_between_snapshots_is_reaped(tmp_path: Path):
     proc = psutil.Process(pid)
     created = proc.create_time()
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60  # a loaded machine (two test workers on 2 cores) is slow to reap
         while _alive(pid, created) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not _alive(pid, created), "the orphaned grandchild outlived its driver and the watchdog"
     finally:
         if _alive(pid, created):  # ours: started by the driver this test ran
             proc.kill()
+
+
+def test_a_driver_dead_before_its_watchdog_looked_still_has_its_marked_processes_reaped():
+    """On a loaded machine the driver (and the child that started the orphan) can exit before the watchdog's
+    interpreter has even imported psutil: the watchdog finds no driver to snapshot, and the mark alone must
+    still find what the driver started."""
+    from rayconv.engine import watchdog
+
+    since, token = time.time(), "dead-driver-test-token"
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True,
+                              env={**cli_env(), watchdog.MARK: token})
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs: the driver
+    created = psutil.Process(orphan.pid).create_time()
+    try:
+        subprocess.run([sys.executable, "-m", "rayconv.engine.watchdog", str(gone.pid), repr(since), token],
+                       stdin=subprocess.DEVNULL, env=cli_env(), check=True, timeout=60)
+        orphan.wait(timeout=10)
+        assert not _alive(orphan.pid, created), "the watchdog left the dead driver's marked process running"
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()

@@ -122,13 +122,16 @@ def main(argv: list[str]) -> int:
     driver_pid, since = int(argv[1]), float(argv[2])
     token = argv[3] if len(argv) > 3 else ""
     try:
-        driver = psutil.Process(driver_pid)
+        driver: psutil.Process | None = psutil.Process(driver_pid)
     except psutil.Error:
-        return 0
+        # The driver died before this process got here (a loaded machine, a kill right after the start): nothing
+        # to snapshot, but what it started carries the mark, so the sweep below still runs.
+        driver = None
     known: dict[int, float] = {}
     while True:
         readable, _, _ = select.select([sys.stdin], [], [], SNAPSHOT_SECONDS)
-        known.update(_descendants(driver, since, os.getpid()))
+        if driver is not None:
+            known.update(_descendants(driver, since, os.getpid()))
         if readable and not os.read(sys.stdin.fileno(), 4096):
             break  # EOF: the driver has exited
     if token:
