@@ -219,3 +219,34 @@ def test_verify_proves_an_export_and_names_a_damaged_tensor(outputs, tmp_path):
     damaged.write_bytes(bytes(data))
     bad = run_cli("verify", str(items), str(tmp_path / "hf"))
     assert "differ from the inverse transform" in one_error(bad) and damaged.name in one_error(bad)
+
+
+def test_killed_gcs_export_resumes_to_the_same_bytes(outputs, tmp_path, gcs_prefix):
+    """gs:// to gs://, killed after nine of 17 files were composed: the bucket holds no index (nothing looks
+    complete), the resume composes only the rest (the nine keep their generations) and ends with the local
+    export's bytes and no staging objects."""
+    from rayconv.gcs_api import object_info
+
+    items = outputs["linen"] / ITEMS["scanned"]
+    source = gcs_prefix.join("items")
+    for path in items.rglob("*"):
+        if path.is_file():
+            source.write_bytes(str(path.relative_to(items)), path.read_bytes())
+    run_export(items, tmp_path / "local", outputs["config"], max_shard_size=SPLIT)
+    target = gcs_prefix.join("hf")
+    args = ["export", "--executor", "local", "--no_progress", "--input_directory", source.uri, "--output_directory",
+            target.uri, "--config", str(outputs["config"]), "--max_shard_size", str(SPLIT)]
+    killed = run_cli(*args, env={"RAYCONV_TEST_STOP_AFTER": "export_file:model-00009-of-00017.safetensors"})
+    assert killed.returncode == STOP_EXIT_CODE, killed.stderr[-2000:]
+    published = {k: object_info(target.bucket, target.join(k).path)["generation"]
+                 for k in target.list_keys() if k.endswith(".safetensors")}
+    assert len(published) == 9 and INDEX_FILE not in target.list_keys()
+    resumed = run_cli(*args)
+    assert resumed.returncode == 0 and "Resuming" in resumed.stderr, resumed.stderr[-2000:]
+    assert all(object_info(target.bucket, target.join(k).path)["generation"] == g for k, g in published.items())
+    copy_down(target, tmp_path / "gcs")
+    local = sorted(p.name for p in (tmp_path / "local").iterdir() if p.is_file())
+    assert sorted(p.name for p in (tmp_path / "gcs").iterdir() if p.is_file()) == local
+    for name in local:
+        assert (tmp_path / "gcs" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+    assert not any(k.startswith(".rayconv-staging") for k in target.list_keys())
