@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import os
 import time
-import zlib
 
 import numpy as np
 
 from rayconv import families, fp8, mapping
+from rayconv.checksum import crc32
 from rayconv.errors import SourceError
 from rayconv.leaves import Read
 from rayconv.plan import Piece, Unit
@@ -52,12 +52,12 @@ def _read_fp8(read: Read, sources: Sources, crcs: list) -> np.ndarray:
     """float8 rows and their float32 row scales (two range reads), dequantized to bf16 (rayconv.fp8)."""
     raw = np.empty(read.shape, dtype=fp8.FP8)
     sources[read.file].readinto(read.offset, memoryview(raw.reshape(-1).view(np.uint8)))
-    crcs.append((read.file, read.tensor, read.offset, read.length, zlib.crc32(raw.reshape(-1).view(np.uint8))))
+    crcs.append((read.file, read.tensor, read.offset, read.length, crc32(raw.reshape(-1).view(np.uint8))))
     scale = np.empty(read.scale.length // 4, dtype="<f4")
     sources.scale_file(read.scale.file).readinto(read.scale.offset, memoryview(scale.view(np.uint8)))
     # Scale files are receipted as shard -1-r so the driver checks their records' CRC-32 too (verify_crcs).
     crcs.append((-1 - read.scale.file, read.scale.key, read.scale.offset, read.scale.length,
-                 zlib.crc32(scale.view(np.uint8))))
+                 crc32(scale.view(np.uint8))))
     name = sources.scale_name(read.scale.file)
     fp8.check_scales(scale, f"{name}: {read.scale.key}", read.rows[0])
     return fp8.dequantize(raw, scale)
@@ -69,7 +69,7 @@ def _read_into(read: Read, sources: Sources, crcs: list, out: np.ndarray | None 
     buffer = np.empty(read.shape, dtype=mapping.BF16) if out is None else out
     raw = buffer.reshape(-1).view(np.uint8)
     sources[read.file].readinto(read.offset, memoryview(raw))
-    crcs.append((read.file, read.tensor, read.offset, read.length, zlib.crc32(raw)))
+    crcs.append((read.file, read.tensor, read.offset, read.length, crc32(raw)))
     return buffer
 
 
