@@ -13,7 +13,6 @@ model and generating a multi-GB checkpoint needs memory for one shard only.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -21,7 +20,7 @@ import json
 import shutil
 import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -149,36 +148,33 @@ PRESETS: dict[str, SyntheticModel] = {
 
 
 def ensure_checkpoint(model: SyntheticModel, root: str | Path) -> Path:
-    """Write the checkpoint under ``root/<hash of the model>`` unless a complete copy is there.
-
-    Safe when several processes ask for the same model at once (parallel test workers, two demos): one writes,
-    under an exclusive ``flock`` on ``root/.<key>.lock``, into a temporary directory renamed into place; the
-    others wait for the lock and find it complete."""
+    """Write the checkpoint under ``root/<hash of the model>`` unless a complete copy is there."""
     # fp8=False and zero_channel=False are left out of the key so checkpoints cached before those fields existed
     # keep their names.
     text = repr(model).replace(", zero_channel=False)", ")").replace(", fp8=False)", ")")
     key = hashlib.sha256(text.encode()).hexdigest()[:12]
-    out = Path(root) / key
-    if (out / "checklist.chk").exists():
+    return cached_directory(Path(root) / key, "checklist.chk", lambda tmp: write_checkpoint(model, tmp))
+
+
+def cached_directory(out: Path, marker: str, write: Callable[[Path], object]) -> Path:
+    """``out`` once it holds ``marker`` (the file written last); else ``write(tmp)`` fills a temporary directory
+    beside it, renamed into place.
+
+    Safe when several processes ask for the same entry at once (parallel test workers, two demos): one builds it
+    under an exclusive ``flock`` on ``.<name>.lock`` beside it; the others wait for the lock and find it complete."""
+    if (out / marker).exists():
         return out
-    with cache_lock(Path(root) / f".{key}.lock"):
-        if (out / "checklist.chk").exists():
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if (out / marker).exists():
             return out
-        tmp = Path(root) / f".{key}.partial"
+        tmp = out.parent / f".{out.name}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
-        write_checkpoint(model, tmp)
+        write(tmp)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     return out
-
-
-@contextlib.contextmanager
-def cache_lock(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (created) while the block runs: one builder per cache entry per host."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 def _rng(model: SyntheticModel, *key: object) -> np.random.Generator:

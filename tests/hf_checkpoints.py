@@ -11,13 +11,12 @@ weights are assigned, and ``save_pretrained(max_shard_size=…)`` writes several
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from rayconv.synthetic import SyntheticModel, cache_lock, shard_tensors
+from rayconv.synthetic import SyntheticModel, cached_directory, shard_tensors
 
 #: Meta key → (HF key, split axis of Meta's shards, None = replicated).
 _META_TO_HF = {
@@ -117,22 +116,6 @@ def ensure_hf_checkpoint(model: SyntheticModel, root: str | Path, max_shard_size
 
 
 def cached_checkpoint(out: Path, write: Callable[[Path], object], marker: str = "config.json") -> Path:
-    """``out`` once it holds ``marker``; else ``write(tmp)`` fills a temp dir next to it, renamed into place, under
-    a lock (rayconv.synthetic.cache_lock) so that parallel test workers build each entry once."""
-    if (out / marker).exists():
-        return out
-    with cache_lock(out.parent / f".{out.name}.lock"):
-        if (out / marker).exists():
-            return out
-        tmp = out.parent / f".{out.name}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        write(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-    return out
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    """``out`` once it holds ``marker``; else ``write(tmp)`` builds it (rayconv.synthetic.cached_directory: built
+    once under a lock, so parallel test workers share it)."""
+    return cached_directory(out, marker, write)
