@@ -175,22 +175,32 @@ def test_other_export_into_the_same_directory_is_refused(outputs, tmp_path):
     assert (tmp_path / "other" / "config.json").read_text() == "{}"
 
 
-def test_gcs_input_and_output_equal_local(outputs, tmp_path, gcs_prefix):
-    """A gs:// checkpoint exported to gs:// (parts composed into each file) gives the local export's bytes."""
-    items = outputs["linen"] / ITEMS["scanned"]
-    source = gcs_prefix.join("items")
+def _upload(items: Path, source):
+    """Every file of a local checkpoint under the gs:// Location ``source``."""
     for path in items.rglob("*"):
         if path.is_file():
             source.write_bytes(str(path.relative_to(items)), path.read_bytes())
+    return source
+
+
+def _assert_bucket_holds(target, local: Path, down: Path) -> None:
+    """The gs:// export ``target`` holds the local export's files byte for byte, and no staging objects."""
+    copy_down(target, down)
+    names = sorted(p.name for p in local.iterdir() if p.is_file())
+    assert sorted(p.name for p in down.iterdir() if p.is_file()) == names
+    for name in names:
+        assert (down / name).read_bytes() == (local / name).read_bytes(), name
+    assert not any(k.startswith(".rayconv-staging") for k in target.list_keys())
+
+
+def test_gcs_input_and_output_equal_local(outputs, tmp_path, gcs_prefix):
+    """A gs:// checkpoint exported to gs:// (parts composed into each file) gives the local export's bytes."""
+    items = outputs["linen"] / ITEMS["scanned"]
+    source = _upload(items, gcs_prefix.join("items"))
     run_export(items, tmp_path / "local", outputs["config"], max_shard_size=SPLIT)
     target = gcs_prefix.join("hf")
     run_export(source.uri, target.uri, outputs["config"], max_shard_size=SPLIT)
-    copy_down(target, tmp_path / "gcs")
-    local = sorted(p.name for p in (tmp_path / "local").iterdir() if p.is_file())
-    assert sorted(p.name for p in (tmp_path / "gcs").iterdir() if p.is_file()) == local
-    for name in local:
-        assert (tmp_path / "gcs" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
-    assert not any(k.startswith(".rayconv-staging") for k in target.list_keys())
+    _assert_bucket_holds(target, tmp_path / "local", tmp_path / "gcs")
 
 
 def test_ray_executor_with_small_workers(outputs, tmp_path, ray_session):
@@ -228,10 +238,7 @@ def test_killed_gcs_export_resumes_to_the_same_bytes(outputs, tmp_path, gcs_pref
     from rayconv.gcs_api import object_info
 
     items = outputs["linen"] / ITEMS["scanned"]
-    source = gcs_prefix.join("items")
-    for path in items.rglob("*"):
-        if path.is_file():
-            source.write_bytes(str(path.relative_to(items)), path.read_bytes())
+    source = _upload(items, gcs_prefix.join("items"))
     run_export(items, tmp_path / "local", outputs["config"], max_shard_size=SPLIT)
     target = gcs_prefix.join("hf")
     args = ["export", "--executor", "local", "--no_progress", "--input_directory", source.uri, "--output_directory",
@@ -244,9 +251,4 @@ def test_killed_gcs_export_resumes_to_the_same_bytes(outputs, tmp_path, gcs_pref
     resumed = run_cli(*args)
     assert resumed.returncode == 0 and "Resuming" in resumed.stderr, resumed.stderr[-2000:]
     assert all(object_info(target.bucket, target.join(k).path)["generation"] == g for k, g in published.items())
-    copy_down(target, tmp_path / "gcs")
-    local = sorted(p.name for p in (tmp_path / "local").iterdir() if p.is_file())
-    assert sorted(p.name for p in (tmp_path / "gcs").iterdir() if p.is_file()) == local
-    for name in local:
-        assert (tmp_path / "gcs" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
-    assert not any(k.startswith(".rayconv-staging") for k in target.list_keys())
+    _assert_bucket_holds(target, tmp_path / "local", tmp_path / "gcs")
