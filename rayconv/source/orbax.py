@@ -42,6 +42,8 @@ from rayconv.storage import Location, bounded, open_kvstore
 #: Far above a 405B training checkpoint's ``_METADATA`` (~2 MB); a larger one is refused unread.
 MAX_METADATA_BYTES = 64 << 20
 MAX_ZARR_JSON_BYTES = 1 << 20
+#: The OCDBT database's root (Orbax's single-file manifest): without it the database reads as empty.
+MANIFEST = "manifest.ocdbt"
 #: Tree roots that hold a trainer's state besides the params (measured on maxtext 0.2.5's train.py: ``step``, the
 #: optimizer's ``opt_state/0/{mu,nu}/params/…`` and ``count``s, the NNX model's RNG state ``nnx_aux/…/rngs/…``): never
 #: exported. Optimizer state is what makes a checkpoint a *training* one.
@@ -212,6 +214,9 @@ def _zarr_leaf(database: ts.KvStore, location: Location, name: str, path: tuple[
     except ValueError as exc:  # a damaged database (manifest, b-tree node)
         raise SourceError(f"{where}: cannot read {param}/zarr.json: {_read_error(exc)}") from None
     if result.state != "value":
+        if location.size(MANIFEST) is None:  # an empty database, not one missing array: say which file is gone
+            raise SourceError(f"{where} has no {MANIFEST}: the OCDBT database holding its arrays is missing (an "
+                              "incomplete copy?)")
         raise SourceError(f"{where}: leaf {name} is in _METADATA but its array {param} is missing")
     if len(result.value) > MAX_ZARR_JSON_BYTES:
         raise SourceError(f"{where}: {param}/zarr.json is {len(result.value)} bytes (not an array's metadata)")
