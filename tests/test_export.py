@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,7 @@ def test_training_checkpoint_exports(reference_025, outputs, tmp_path):
     ("vocab_size", 1024, "vocab_size 512 (checkpoint) vs 1024"),
     ("num_key_value_heads", 4, "num_key_value_heads 8 (checkpoint) vs 4"),
     ("--model_name", "llama3.9-8b", "unknown --model_name"),
+    ("--config", "/", "--config / is a directory, not a file"),
 ])
 def test_wrong_model_is_one_line_and_nothing_written(outputs, tmp_path, flag, value, needle):
     if flag.startswith("--"):
@@ -121,6 +123,48 @@ def test_wrong_model_is_one_line_and_nothing_written(outputs, tmp_path, flag, va
                      str(outputs["linen"] / ITEMS["scanned"]), "--output_directory", str(tmp_path / "hf"), *model)
     assert needle in one_error(result)
     assert not (tmp_path / "hf").exists()
+
+
+DAMAGED_LEAF = "params.params.decoder.layers.mlp.wi_0.kernel"
+DAMAGES = [("chunk missing", f"chunk {{0, 0, 0}} stored at \"{DAMAGED_LEAF}/c/0/0/0\" is missing (NOT_FOUND)"),
+           ("chunk short", f"Error reading \"{DAMAGED_LEAF}/c/0/0/0\": Not enough data"),
+           ("chunk_shape beyond the shape", f"{DAMAGED_LEAF}/zarr.json: chunk_shape [1099511627776, "),
+           ("data file missing", "zarr.json: Error reading Byte range [0, ")]
+
+
+def _damage(items: Path, case: str) -> None:
+    """One kind of damage to the OCDBT database of ``items`` (tensorstore writes into it, as Orbax's do)."""
+    import tensorstore as ts
+
+    database = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{items}/"}).result()
+    meta = json.loads(bytes(database.read(f"{DAMAGED_LEAF}/zarr.json").result().value))
+    chunk = f"{DAMAGED_LEAF}/c/" + "/".join("0" * len(meta["shape"]))
+    if case == "chunk missing":  # Orbax writes every chunk (store_array_data_equal_to_fill_value): not zeros
+        database.delete_range(ts.KvStore.KeyRange(chunk, chunk + "\0")).result()
+    elif case == "chunk short":
+        database.write(chunk, b"\0" * 100).result()
+    elif case == "chunk_shape beyond the shape":  # was a std::bad_alloc abort in tensorstore's chunk decode
+        meta["chunk_grid"]["configuration"]["chunk_shape"][0] = 1 << 40
+        database.write(f"{DAMAGED_LEAF}/zarr.json", json.dumps(meta).encode()).result()
+    else:  # the root's data files, which every zarr.json is behind
+        for path in (items / "d").iterdir():
+            path.unlink()
+
+
+@pytest.mark.parametrize("case,needle", DAMAGES, ids=[c for c, _ in DAMAGES])
+def test_damaged_checkpoint_is_one_line_naming_the_damage_and_nothing_published(outputs, tmp_path, case, needle):
+    """A chunk gone, short or described beyond its array, a data file gone: one line naming the key or file, and
+    no published file (at most partial ones, under their partial names)."""
+    items = tmp_path / "items"
+    shutil.copytree(outputs["linen"] / ITEMS["scanned"], items)
+    _damage(items, case)
+    out = tmp_path / "hf"
+    result = run_cli("export", "--executor", "local", "--no_progress", "--input_directory", str(items),
+                     "--output_directory", str(out), "--config", str(outputs["config"]))
+    error = one_error(result)
+    assert needle in error and str(items) in error, error
+    assert not out.exists() or not [p for p in out.iterdir() if not p.name.endswith(PARTIAL_SUFFIX)
+                                    and not p.name.startswith(".")], sorted(out.iterdir())
 
 
 STOPS = [("export_units:5", "some units, no file published"), ("export_file:model-00009-of-00017.safetensors",

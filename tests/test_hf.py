@@ -291,6 +291,16 @@ def _offsets_out_of_range(src: Path) -> None:
     _rewrite_header(path, header)
 
 
+def _offsets_overlap(src: Path) -> None:
+    """A file's second tensor starts 2 bytes inside its first (same length: only the layout check sees it)."""
+    path, header = next((p, h) for p in sorted(src.glob("model-*.safetensors")) for h in [_header(p)[0]]
+                        if len(h.keys() - {"__metadata__"}) > 1)
+    second = sorted(header.keys() - {"__metadata__"}, key=lambda k: header[k]["data_offsets"][0])[1]
+    begin, end = header[second]["data_offsets"]
+    header[second]["data_offsets"] = [begin - 2, end - 2]
+    _rewrite_header(path, header)
+
+
 def _listed_twice(src: Path) -> None:
     """The second file's header also claims a tensor of the first (a stale or mixed-up shard)."""
     files = sorted(src.glob("model-*.safetensors"))
@@ -350,6 +360,7 @@ def _fp8_variant(src: Path) -> None:
 BAD = {
     "missing file": (_missing_file, "is missing from"),
     "offsets out of range": (_offsets_out_of_range, "gap at byte"),
+    "offsets overlap": (_offsets_overlap, "overlaps the tensor before it"),
     "tensor listed twice": (_listed_twice, "is listed twice"),
     "wrong dtype": (_wrong_dtype, "is float16; rayconv converts bf16 checkpoints"),
     "config disagrees": (_config_disagrees, "config.json disagrees with the tensors"),

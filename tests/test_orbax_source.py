@@ -176,6 +176,14 @@ def test_leaf_missing_from_the_database(outputs, tmp_path):
         open_checkpoint(str(items))
 
 
+def test_database_without_its_manifest_says_so(outputs, tmp_path):
+    """No manifest.ocdbt: the database reads as empty, and the line names the manifest, not the first leaf."""
+    items = _copy(outputs["linen"] / ITEMS["unscanned"], tmp_path)
+    (items / "manifest.ocdbt").unlink()
+    with pytest.raises(SourceError, match="has no manifest.ocdbt: the OCDBT database holding its arrays is missing"):
+        open_checkpoint(str(items))
+
+
 def test_mixed_or_foreign_trees_refused(outputs, tmp_path):
     items = _copy(outputs["linen"] / ITEMS["unscanned"], tmp_path)
     _edit_metadata(items, lambda meta: meta.update(use_zarr3=False))

@@ -140,6 +140,44 @@ def test_unknown_families_and_unsupported_variants_are_one_line(name, changes, n
     assert_one_line(result, needle, out)
 
 
+EXPERT = "model.layers.0.mlp.experts.3.gate_proj.weight"
+
+
+def _damage_expert(src: Path, case: str) -> None:
+    """Rewrite the file holding :data:`EXPERT` (and the index) with that expert gone, doubled or reshaped."""
+    from safetensors.numpy import load_file, save_file
+
+    index_path = src / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    path = src / index["weight_map"][EXPERT]
+    tensors = load_file(str(path))
+    if case == "missing":
+        del tensors[EXPERT], index["weight_map"][EXPERT]
+    elif case == "beyond num_experts":  # an expert 8 of 8 (0…7), in the file and the index
+        tensors[EXPERT.replace(".3.", ".8.")] = tensors[EXPERT]
+        index["weight_map"][EXPERT.replace(".3.", ".8.")] = path.name
+    else:
+        tensors[EXPERT] = tensors[EXPERT][:16]
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("missing", f"has no tensor {EXPERT}"),
+    ("beyond num_experts", "holds unexpected tensor model.layers.0.mlp.experts.8.gate_proj.weight"),
+    ("wrong shape", f"{EXPERT} has shape [16, 64], but config.json implies [32, 64]"),
+])
+def test_one_experts_tensor_gone_extra_or_misshapen_is_one_line(case, needle, tmp_path):
+    """Every expert of every layer is checked against config.json, as the dense tensors are, before anything is
+    written."""
+    src = _variant(tmp_path, "qwen3-moe")
+    _damage_expert(src, case)
+    out = tmp_path / "out"
+    result = run_convert_cli("--input_directory", str(src), "--output_directory", str(out))
+    assert_one_line(result, needle, out)
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_quantized_output_is_refused_for_qwen3_in_one_line(tmp_path):
     out = tmp_path / "out"
     result = run_convert_cli("--input_directory", str(checkpoint("qwen3-moe")), "--output_directory", str(out),

@@ -18,6 +18,7 @@ written when it is about the input or the model.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -83,6 +84,8 @@ def _read_small(uri: str, what: str) -> bytes:
     location = Location.parse(uri)
     parent, name = location.parent, location.name
     size = parent.size(name)
+    if size is None and location.is_local and os.path.isdir(location.path):
+        raise SpecError(f"{what} {uri} is a directory, not a file")
     if size is None:
         raise SpecError(f"{what} {uri} does not exist")
     if size > MAX_SMALL_FILE_BYTES:

@@ -16,8 +16,10 @@ Leaves are keyed by their *model path*: the tree path without the ``params/param
 ``value`` (``decoder/layers_0/mlp/wi_0/kernel``), the same in both trees. :meth:`MaxTextCheckpoint.read` reads one
 region of a leaf through tensorstore (OCDBT + zarr), i.e. only the chunks the region touches, every request bounded
 by the storage timeout (:func:`rayconv.storage.bounded`). Anything that is not such a checkpoint — no
-``_METADATA``, hostile JSON, a quantized (AQT) tree, a leaf the metadata promises but the database lacks — is one
-:class:`~rayconv.errors.SourceError` line naming the directory.
+``_METADATA``, hostile JSON, a quantized (AQT) tree, a leaf the metadata promises but the database lacks, a
+``zarr.json`` whose chunks exceed its array — is one :class:`~rayconv.errors.SourceError` line naming the directory;
+so is a read that finds a chunk missing (where ``_METADATA`` says Orbax stored every chunk, its restore refuses
+one missing too, rather than reading zeros) or not decoding as its ``zarr.json`` says, naming the chunk's key.
 """
 
 from __future__ import annotations
@@ -33,13 +35,15 @@ import numpy as np
 import tensorstore as ts
 
 from rayconv import jsonio
-from rayconv.errors import ConversionError, SourceError, one_line_reason
+from rayconv.errors import ConversionError, SourceError
 from rayconv.process_local import per_process
 from rayconv.storage import Location, bounded, open_kvstore
 
 #: Far above a 405B training checkpoint's ``_METADATA`` (~2 MB); a larger one is refused unread.
 MAX_METADATA_BYTES = 64 << 20
 MAX_ZARR_JSON_BYTES = 1 << 20
+#: The OCDBT database's root (Orbax's single-file manifest): without it the database reads as empty.
+MANIFEST = "manifest.ocdbt"
 #: Tree roots that hold a trainer's state besides the params (measured on maxtext 0.2.5's train.py: ``step``, the
 #: optimizer's ``opt_state/0/{mu,nu}/params/…`` and ``count``s, the NNX model's RNG state ``nnx_aux/…/rngs/…``): never
 #: exported. Optimizer state is what makes a checkpoint a *training* one.
@@ -53,6 +57,10 @@ _DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.floa
 
 #: Per process: opened arrays, keyed by (database spec, param name); tensorstore handles do not survive a fork.
 _arrays = per_process(lambda: ({}, threading.Lock()))
+#: tensorstore's ``in OCDBT database at local file "/…/items/"``: the directory each message names already.
+_DATABASE_AT = re.compile(r' in OCDBT database at [^"]*"[^"]*"')
+#: tensorstore's ``[source locations='…']`` / ``[os_error_code=…]`` suffixes.
+_STATUS_SUFFIX = re.compile(r" \[[a-z_ ]+=.*$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +86,9 @@ class MaxTextCheckpoint:
     n_layers: int
     leaves: dict[str, Leaf]  # model path → leaf (params only)
     ignored: tuple[str, ...]  # arrays not exported (optimizer state), as "/"-joined tree paths
+    #: ``_METADATA``'s ``store_array_data_equal_to_fill_value``: Orbax wrote every chunk, even all-zero ones, so a
+    #: missing chunk is damage, not zeros (Orbax's restore raises on it then; else it reads the fill value).
+    every_chunk_stored: bool = False
 
     def describe(self) -> str:
         """What the tree is, for the log: ``linen checkpoint, layers stacked (training: params only)``."""
@@ -95,10 +106,11 @@ class MaxTextCheckpoint:
         if store is None:
             database = open_kvstore(self._database(), SourceError)
             try:
-                store = bounded(ts.open({"driver": "zarr3"}, kvstore=database / (leaf.param_name + "/"),
-                                        open=True, read=True), self.location.kvstore_spec(), SourceError)
+                store = bounded(ts.open({"driver": "zarr3", "fill_missing_data_reads": not self.every_chunk_stored},
+                                        kvstore=database / (leaf.param_name + "/"), open=True, read=True),
+                                self.location.kvstore_spec(), SourceError)
             except ValueError as exc:
-                raise SourceError(f"{self.location.uri}: cannot open {leaf.name}: {one_line_reason(exc)}") from None
+                raise SourceError(f"{self.location.uri}: cannot open {leaf.name}: {_read_error(exc)}") from None
             with lock:
                 stores[key] = store
         return store
@@ -114,8 +126,23 @@ class MaxTextCheckpoint:
         try:
             value = bounded(view.read(), self.location.kvstore_spec(), SourceError)
         except ValueError as exc:
-            raise SourceError(f"{self.location.uri}: cannot read {name}: {one_line_reason(exc)}") from None
+            raise SourceError(f"{self.location.uri}: cannot read {name}: {_read_error(exc)}") from None
         return np.asarray(value)
+
+
+def _read_error(exc: BaseException) -> str:
+    """Why tensorstore could not read from the checkpoint, on one line, naming the key or file that failed.
+
+    :func:`~rayconv.errors.one_line_reason` keeps the innermost cause, right for a full disk but, for a chunk that
+    does not decode as its ``zarr.json`` says, a bare ``16384; at byte 16384``, and it cuts ``Byte range [0, 3512)
+    of local file "…/d/…"`` at its bracket. Here the whole sentence is kept, less the database's location.
+    """
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    text = _STATUS_SUFFIX.sub("", " ".join(lines[0].split())) if lines else type(exc).__name__
+    status, _, rest = text.partition(": ")
+    if status.isupper() and status.replace("_", "").isalpha() and rest:
+        text = f"{_DATABASE_AT.sub('', rest)} ({status})"
+    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def _tree_entries(metadata: dict[str, Any], where: str) -> list[tuple[tuple[str, ...], dict[str, Any]]]:
@@ -185,8 +212,11 @@ def _zarr_leaf(database: ts.KvStore, location: Location, name: str, path: tuple[
     try:
         result = bounded(database.read(f"{param}/zarr.json"), location.kvstore_spec(), SourceError)
     except ValueError as exc:  # a damaged database (manifest, b-tree node)
-        raise SourceError(f"{where}: cannot read {param}/zarr.json: {one_line_reason(exc)}") from None
+        raise SourceError(f"{where}: cannot read {param}/zarr.json: {_read_error(exc)}") from None
     if result.state != "value":
+        if location.size(MANIFEST) is None:  # an empty database, not one missing array: say which file is gone
+            raise SourceError(f"{where} has no {MANIFEST}: the OCDBT database holding its arrays is missing (an "
+                              "incomplete copy?)")
         raise SourceError(f"{where}: leaf {name} is in _METADATA but its array {param} is missing")
     if len(result.value) > MAX_ZARR_JSON_BYTES:
         raise SourceError(f"{where}: {param}/zarr.json is {len(result.value)} bytes (not an array's metadata)")
@@ -201,6 +231,11 @@ def _zarr_leaf(database: ts.KvStore, location: Location, name: str, path: tuple[
             and isinstance(chunks, list) and len(chunks) == len(shape) and all(type(n) is int and n > 0 for n in chunks)):
         raise SourceError(f"{where}: {param}/zarr.json is not a zarr3 array rayconv reads (shape {shape!r}, "
                           f"data_type {dtype!r})")
+    if any(c > max(n, 1) for c, n in zip(chunks, shape)):
+        # Orbax's chunks are at most the array (its write_shape); a larger one is decoded whole, and a chunk of
+        # 2**40 rows aborts the process in tensorstore's allocation instead of failing.
+        raise SourceError(f"{where}: {param}/zarr.json: chunk_shape {chunks} exceeds the array's shape {shape} "
+                          "(not a chunking Orbax writes: a damaged zarr.json)")
     return Leaf(name, path, param, tuple(shape), dtype, tuple(chunks))
 
 
@@ -231,8 +266,9 @@ def open_checkpoint(uri: str | Location) -> MaxTextCheckpoint:
     try:
         database = open_kvstore({"driver": "ocdbt", "base": location.kvstore_spec()}, SourceError)
     except ValueError as exc:
-        raise SourceError(f"{where}: cannot open its OCDBT database: {one_line_reason(exc)}") from None
+        raise SourceError(f"{where}: cannot open its OCDBT database: {_read_error(exc)}") from None
     leaves = {name: _zarr_leaf(database, location, name, path) for name, path in sorted(model.items())}
     scanned, n_layers = _layers(leaves, where)
     training = any(path.split("/")[0] in OPTIMIZER_ROOTS for path in ignored)
-    return MaxTextCheckpoint(location, tree, scanned, training, n_layers, leaves, tuple(sorted(ignored)))
+    return MaxTextCheckpoint(location, tree, scanned, training, n_layers, leaves, tuple(sorted(ignored)),
+                             metadata.get("store_array_data_equal_to_fill_value") is True)
