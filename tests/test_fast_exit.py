@@ -34,9 +34,12 @@ def test_convert_with_local_ray_exits_at_once_and_leaves_nothing_running(tmp_pat
         while not done.is_set():
             try:
                 for child in psutil.Process(proc.pid).children(recursive=True):
-                    if child.pid not in seen:
-                        seen[child.pid], names[child.pid] = child.create_time(), child.name()
-                        commands[child.pid] = " ".join(child.cmdline())
+                    created = child.create_time()
+                    if seen.setdefault(child.pid, created) != created:
+                        continue  # a reused pid
+                    # Read again at every sight: a child first seen between its fork and its exec still bears its
+                    # parent's name and command line (the raylet was once recorded as "python" on a loaded machine).
+                    names[child.pid], commands[child.pid] = child.name(), " ".join(child.cmdline())
             except psutil.Error:
                 pass
             done.wait(0.1)
