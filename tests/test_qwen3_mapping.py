@@ -11,23 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import CACHE
-from qwen3_checkpoints import FIXTURES, ensure_qwen3_checkpoint, hf_tensors
+from conftest import qwen3_checkpoint as checkpoint
+from qwen3_checkpoints import FIXTURES, hf_tensors
 from rayconv import mapping
 from rayconv.errors import SpecError
 from rayconv.families import qwen3
 from reference import metadata_tree, read_leaves
 
 V1_HANDLER = "orbax.checkpoint.experimental.v1._src.handlers.pytree_handler.PyTreeHandler"
-
-
-def checkpoint(name: str) -> Path:
-    return ensure_qwen3_checkpoint(name, CACHE / "qwen3-hf")
 
 
 def config(name: str) -> dict:

@@ -9,14 +9,12 @@ overrides, and its prefill logits match transformers' own float32 forward of the
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 
-from conftest import CACHE
-from qwen3_checkpoints import FIXTURES, ensure_qwen3_checkpoint
-from rayconv.families import qwen3
+from conftest import qwen3_checkpoint, qwen3_spec
+from qwen3_checkpoints import FIXTURES
 from reference import DEFAULT_TOKENS
 
 #: Relative L2 error bound of MaxText's bf16 logits against transformers' float32 ones.
@@ -42,8 +40,7 @@ def relative(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.parametrize("name", list(FIXTURES))
 def test_maxtext_serves_its_own_qwen3_conversion_as_transformers_runs_it(name, reference_025):
-    path = ensure_qwen3_checkpoint(name, CACHE / "qwen3-hf")
-    spec = qwen3.spec_from_config(json.loads((path / "config.json").read_text()))
+    path, spec = qwen3_checkpoint(name), qwen3_spec(name)
     theirs = hf_logits(path)
     for scanned in (False, True):
         items = reference_025.to_maxtext(path, spec.maxtext_name, scanned=scanned)
